@@ -1,0 +1,28 @@
+"""diffusers-accel: learned feature caching (and, next, sparse attention and cache-aware quantization) for
+diffusers pipelines, through one front door::
+
+    import accel
+    handle = accel.apply(pipe, accel.caching.CacheConfig(schedule=...))
+    images = pipe(prompts, num_inference_steps=20).images
+    print(handle.stats())
+    handle.remove()
+"""
+
+from accel import caching  # noqa: E402  (registers the caching technique)
+from accel.adapters import BlockStack, Component, ModelSpec, register_model, supported_models
+from accel.api import ApplyHandle, Handle, apply, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApplyHandle",
+    "BlockStack",
+    "Component",
+    "Handle",
+    "ModelSpec",
+    "apply",
+    "caching",
+    "register",
+    "register_model",
+    "supported_models",
+]

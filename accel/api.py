@@ -1,0 +1,176 @@
+"""The front door: ``accel.apply(pipe_or_transformer, *configs) -> Handle``.
+
+Each technique registers one apply function for its frozen config class with :func:`register`;
+:func:`apply` dispatches on ``type(config)``. Every apply function returns a :class:`Handle` that removes
+exactly what it added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from accel.adapters import ModelSpec, spec_for
+from accel.context import StepTracker, tracker_for
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a technique's apply function works on.
+
+    Attributes:
+        transformer: the denoiser module being accelerated.
+        spec: its adapter spec (blocks and components).
+        tracker: the shared step tracker of the transformer.
+        pipeline: the diffusers pipeline it came from, or ``None`` for a bare transformer.
+    """
+
+    transformer: torch.nn.Module
+    spec: ModelSpec
+    tracker: StepTracker
+    pipeline: Any | None = None
+
+
+class Handle:
+    """Undo handle returned by every apply function; also a context manager.
+
+    Subclasses implement :meth:`_remove`, and may override :meth:`stats` and :meth:`reset`.
+    """
+
+    def __init__(self):
+        self._removed = False
+
+    @property
+    def removed(self) -> bool:
+        """Whether :meth:`remove` has run."""
+        return self._removed
+
+    def remove(self) -> None:
+        """Undo everything the technique added. Idempotent."""
+        if not self._removed:
+            self._removed = True
+            self._remove()
+
+    def _remove(self) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> Any:
+        """What the technique did so far (technique-specific object)."""
+        return None
+
+    def reset(self) -> None:
+        """Drop all per-trajectory state, as at the start of a pipeline call."""
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+
+class ApplyHandle(Handle):
+    """The handle :func:`apply` returns: one technique handle per config, removed in reverse order."""
+
+    def __init__(self, target: Target, parts: dict[type, Handle]):
+        super().__init__()
+        self.target = target
+        self.parts = parts
+
+    def _remove(self) -> None:
+        for config_type, part in reversed(list(self.parts.items())):
+            part.remove()
+            self.target.tracker.active.pop(config_type, None)
+            self.target.tracker.release()
+
+    def stats(self) -> Any:
+        """The technique's stats if one config was applied, else ``{config class name: stats}``."""
+        if len(self.parts) == 1:
+            return next(iter(self.parts.values())).stats()
+        return {config_type.__name__: part.stats() for config_type, part in self.parts.items()}
+
+    def reset(self) -> None:
+        """Reset every technique's per-trajectory state."""
+        for part in self.parts.values():
+            part.reset()
+
+
+Applier = Callable[[Target, Any], Handle]
+_APPLIERS: dict[type, Applier] = {}
+
+
+def register(config_type: type) -> Callable[[Applier], Applier]:
+    """Decorator registering ``fn(target, config) -> Handle`` as the apply function for ``config_type``."""
+
+    def decorator(fn: Applier) -> Applier:
+        _APPLIERS[config_type] = fn
+        return fn
+
+    return decorator
+
+
+def resolve(pipe_or_transformer: Any, spec: ModelSpec | None = None) -> Target:
+    """Find the transformer (a pipeline's ``.transformer``, or the module itself), its spec and tracker."""
+    pipeline = None
+    transformer = pipe_or_transformer
+    if not isinstance(transformer, torch.nn.Module):
+        transformer = getattr(pipe_or_transformer, "transformer", None)
+        pipeline = pipe_or_transformer
+        if not isinstance(transformer, torch.nn.Module):
+            raise TypeError(
+                "accel.apply needs a diffusers pipeline with a `.transformer` or a transformer nn.Module, "
+                f"got {type(pipe_or_transformer).__name__}"
+            )
+    model_spec = spec_for(transformer, spec)
+    tracker = tracker_for(transformer, model_spec.timestep_arg)
+    if pipeline is not None:
+        tracker.watch_scheduler(getattr(pipeline, "scheduler", None))
+    return Target(transformer=transformer, spec=model_spec, tracker=tracker, pipeline=pipeline)
+
+
+def apply(pipe_or_transformer: Any, *configs: Any, spec: ModelSpec | None = None) -> ApplyHandle:
+    """Apply acceleration techniques to a diffusers pipeline or transformer.
+
+    Args:
+        pipe_or_transformer: a pipeline with a ``.transformer`` attribute, or the transformer itself.
+        *configs: one frozen config per technique, e.g. ``accel.caching.CacheConfig(...)``.
+        spec: describe the model's blocks by hand when it has no registered adapter.
+
+    Returns:
+        An :class:`ApplyHandle`; ``handle.remove()`` (or leaving a ``with`` block) restores the model.
+
+    Raises:
+        TypeError: a config of an unknown type.
+        ValueError: no configs, an unsupported model, or a technique applied twice to the same model.
+    """
+    if not configs:
+        raise ValueError("accel.apply needs at least one config, e.g. accel.caching.CacheConfig(...)")
+    for config in configs:
+        if type(config) not in _APPLIERS:
+            known = ", ".join(sorted(cls.__name__ for cls in _APPLIERS))
+            raise TypeError(f"No technique registered for {type(config).__name__}; known configs: {known}")
+    if len({type(config) for config in configs}) != len(configs):
+        raise ValueError("accel.apply got two configs of the same type; pass one per technique")
+    target = resolve(pipe_or_transformer, spec)
+    parts: dict[type, Handle] = {}
+    handle = ApplyHandle(target, parts)
+    target.tracker.acquire()  # held while applying, so a failure below unwraps a fresh tracker
+    try:
+        for config in configs:
+            if type(config) in target.tracker.active:
+                raise ValueError(
+                    f"{type(config).__name__} is already applied to this {type(target.transformer).__name__}; "
+                    "call remove() on the earlier handle first"
+                )
+            part = _APPLIERS[type(config)](target, config)
+            target.tracker.acquire()
+            parts[type(config)] = part
+            target.tracker.active[type(config)] = part
+    except BaseException:
+        handle.remove()
+        raise
+    finally:
+        target.tracker.release()
+    return handle

@@ -1,0 +1,169 @@
+"""Step and branch tracking, shared by every technique applied to one transformer.
+
+Many pipelines (PixArt, SD3, Sana, DiT) do not tell their transformer which step it is at. The tracker
+works it out itself: it wraps the transformer's ``forward`` and the pipeline scheduler's ``set_timesteps``
+(per instance), and derives from the timesteps the transformer receives
+
+* ``step``: a new step starts whenever the timestep changes;
+* ``branch``: the n-th transformer call within one step (pipelines that run the conditional and
+  unconditional branch as separate calls get branch 0 and 1, so their caches never mix);
+* a new trajectory (all state reset) at every ``set_timesteps`` call, or, for a bare transformer, whenever
+  the timestep goes up instead of down.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from accel.hooks import MethodWrapper, wrap_forward, wrap_method
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where the denoising loop is during one transformer call.
+
+    Attributes:
+        step: 0-based index of the denoising step within the current trajectory.
+        branch: 0-based index of this call among the calls made at the same step.
+        num_steps: steps of the current trajectory when known (from the scheduler), else ``None``.
+        trajectory: how many trajectories (pipeline calls) the tracker has started, counting from 1.
+    """
+
+    step: int
+    branch: int
+    num_steps: int | None
+    trajectory: int
+
+
+def _timestep_key(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().mean())
+    return float(value)
+
+
+def _count_steps(timesteps: Any) -> int | None:
+    """Number of runs of equal consecutive values, i.e. the steps this tracker will count."""
+    if timesteps is None or len(timesteps) == 0:
+        return None
+    values = torch.as_tensor(timesteps).detach().float().flatten()
+    return int((values[1:] != values[:-1]).sum()) + 1
+
+
+class StepTracker:
+    """Knows the step and branch of every call of one transformer; see the module docstring.
+
+    Use :func:`tracker_for` to get the shared instance of a transformer rather than building one.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, timestep_arg: str = "timestep"):
+        self.transformer = transformer
+        self.current: StepContext | None = None
+        self.num_steps: int | None = None
+        self.active: dict[type, Any] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._timestep_arg = timestep_arg
+        self._timestep_position = self._position_of(transformer, timestep_arg)
+        self._wrappers: list[MethodWrapper] = [wrap_forward(transformer, self._forward)]
+        self._schedulers: set[int] = set()
+        self._last_key: float | None = None
+        self._step = -1
+        self._branch = 0
+        self._trajectory = 0
+        self._users = 0
+
+    @staticmethod
+    def _position_of(module: torch.nn.Module, name: str) -> int | None:
+        parameters = list(inspect.signature(module.forward).parameters)
+        return parameters.index(name) if name in parameters else None
+
+    def watch_scheduler(self, scheduler: Any) -> None:
+        """Start a new trajectory whenever ``scheduler.set_timesteps`` is called (once per scheduler)."""
+        if scheduler is None or id(scheduler) in self._schedulers or not hasattr(scheduler, "set_timesteps"):
+            return
+        self._schedulers.add(id(scheduler))
+
+        def set_timesteps(inner, *args, **kwargs):
+            result = inner(*args, **kwargs)
+            self.reset(num_steps=_count_steps(getattr(scheduler, "timesteps", None)))
+            return result
+
+        self._wrappers.append(wrap_method(scheduler, "set_timesteps", set_timesteps))
+
+    def add_reset_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` at the start of every trajectory."""
+        self._listeners.append(fn)
+
+    def remove_reset_listener(self, fn: Callable[[], None]) -> None:
+        """Stop calling ``fn`` on resets."""
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def reset(self, num_steps: int | None = None) -> None:
+        """Start a new trajectory: the next call is step 0, and every listener drops its state."""
+        self.num_steps = num_steps
+        self._last_key = None
+        self._step = -1
+        self._branch = 0
+        for fn in list(self._listeners):
+            fn()
+
+    def _advance(self, key: float | None) -> None:
+        if self._step >= 0 and key is not None and key == self._last_key:
+            self._branch += 1
+            return
+        if self._step >= 0 and key is not None and self._last_key is not None and key > self._last_key:
+            self.reset()  # the noise level went up: a new trajectory on a bare transformer
+        if self._step < 0:
+            self._trajectory += 1
+        self._step += 1
+        self._branch = 0
+        self._last_key = key
+
+    def _timestep(self, args: tuple, kwargs: dict) -> Any:
+        if self._timestep_arg in kwargs:
+            return kwargs[self._timestep_arg]
+        position = self._timestep_position
+        return args[position] if position is not None and position < len(args) else None
+
+    def _forward(self, inner, *args, **kwargs):
+        if self.current is not None:  # re-entrant call (e.g. a technique calling the model): no new step
+            return inner(*args, **kwargs)
+        self._advance(_timestep_key(self._timestep(args, kwargs)))
+        self.current = StepContext(self._step, self._branch, self.num_steps, self._trajectory)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            self.current = None
+
+    def acquire(self) -> None:
+        """Count one more technique using this tracker."""
+        self._users += 1
+
+    def release(self) -> None:
+        """Count one technique fewer; the last one out unwraps everything."""
+        self._users -= 1
+        if self._users <= 0:
+            for wrapper in reversed(self._wrappers):
+                wrapper.remove()
+            self._wrappers.clear()
+            _TRACKERS.pop(self.transformer, None)
+
+
+_TRACKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tracker_for(transformer: torch.nn.Module, timestep_arg: str = "timestep") -> StepTracker:
+    """The step tracker of ``transformer``, created on first use (nothing is stored on the module)."""
+    tracker = _TRACKERS.get(transformer)
+    if tracker is None:
+        tracker = StepTracker(transformer, timestep_arg)
+        _TRACKERS[transformer] = tracker
+    return tracker

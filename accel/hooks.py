@@ -1,0 +1,73 @@
+"""Per-instance method wrapping, undone exactly by a handle.
+
+``wrap_forward(module, fn)`` makes ``module(...)`` call ``fn(original_forward, *args, **kwargs)``. Only the
+instance changes (an instance attribute ``forward``), never its class. Removing the wrapper restores the
+previous attribute; if no instance attribute existed before, it is deleted again, so the object is exactly as
+it was. Wrappers stack: if another wrapper was added on top later, removing an inner one turns it into a
+pass-through instead of breaking the chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_MISSING = object()
+
+WrapperFn = Callable[..., Any]
+
+
+class MethodWrapper:
+    """Handle for an instance-level wrap of one method; :meth:`remove` (idempotent) undoes it."""
+
+    def __init__(self, obj: Any, name: str, fn: WrapperFn):
+        self.obj, self.name = obj, name
+        self._fn: WrapperFn | None = fn
+        self._previous = obj.__dict__.get(name, _MISSING)
+        inner = getattr(obj, name)  # the bound method, or an earlier instance-level wrapper
+
+        def method(*args, **kwargs):
+            if self._fn is None:
+                return inner(*args, **kwargs)
+            return self._fn(inner, *args, **kwargs)
+
+        method.__wrapped__ = inner  # keeps inspect.signature pointing at the real signature
+        self._method = method
+        setattr(obj, name, method)
+
+    @property
+    def active(self) -> bool:
+        """Whether the wrapper still intercepts calls."""
+        return self._fn is not None
+
+    def remove(self) -> None:
+        """Undo the wrapping. Safe to call more than once."""
+        if self._fn is None:
+            return
+        self._fn = None
+        if self.obj.__dict__.get(self.name) is self._method:
+            if self._previous is _MISSING:
+                delattr(self.obj, self.name)
+            else:
+                setattr(self.obj, self.name, self._previous)
+        # else: something wrapped on top of us; we stay in its chain as a pass-through.
+
+
+def wrap_method(obj: Any, name: str, fn: WrapperFn) -> MethodWrapper:
+    """Make ``obj.name(*args, **kwargs)`` call ``fn(original_method, *args, **kwargs)`` on this instance only."""
+    return MethodWrapper(obj, name, fn)
+
+
+def wrap_forward(module: torch.nn.Module, fn: WrapperFn) -> MethodWrapper:
+    """Make ``module(*args, **kwargs)`` call ``fn(original_forward, *args, **kwargs)``.
+
+    Args:
+        module: the module instance to intercept.
+        fn: called with the forward it replaces followed by the call's arguments; returns the output.
+
+    Returns:
+        A :class:`MethodWrapper` whose ``remove()`` restores the module.
+    """
+    return MethodWrapper(module, "forward", fn)

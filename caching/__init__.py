@@ -1,0 +1,33 @@
+"""Feature caching: schedules of what to recompute or reuse at each step, and the engine that runs them.
+
+Typical use::
+
+    import accel
+    layout = accel.caching.layout_of(pipe)
+    handle = accel.apply(pipe, accel.caching.CacheConfig(schedule=accel.caching.fora(layout, steps=20)))
+"""
+
+from accel.caching import engine as _engine  # noqa: F401  (registers CacheConfig with accel.apply)
+from accel.caching.config import CacheConfig, load_policy
+from accel.caching.engine import CacheHandle
+from accel.caching.heuristics import compute_all, delta_dit, fora, tgate
+from accel.caching.policy import FirstBlockPolicy
+from accel.caching.schedule import Schedule, ScheduleLayout, layout_of
+from accel.caching.state import FeatureCache
+from accel.caching.stats import CacheStats
+
+__all__ = [
+    "CacheConfig",
+    "CacheHandle",
+    "CacheStats",
+    "FeatureCache",
+    "FirstBlockPolicy",
+    "Schedule",
+    "ScheduleLayout",
+    "compute_all",
+    "delta_dit",
+    "fora",
+    "layout_of",
+    "load_policy",
+    "tgate",
+]

@@ -1,0 +1,99 @@
+"""Schedule generators from the literature: baselines and seeds for the search.
+
+Each returns a :class:`~accel.caching.schedule.Schedule` for a :class:`ScheduleLayout` (see
+:func:`accel.caching.layout_of`) and a step count, with its parameters recorded as provenance.
+
+* :func:`compute_all`: every component at every step (the reference, and the overhead check).
+* :func:`fora`: FORA (Selvaraju et al. 2024), recompute every ``interval`` steps, reuse in between.
+* :func:`delta_dit`: Delta-DiT (Chen et al. 2024), cache the rear blocks in the early (outline) phase and the
+  front blocks in the late (detail) phase, refreshing every ``interval`` steps.
+* :func:`tgate`: T-GATE (Zhang et al. 2024), cross-attention computed up to ``gate_step`` and frozen after.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from accel.caching.schedule import Reuse, Schedule, ScheduleLayout
+
+
+def _full(layout: ScheduleLayout, steps: int) -> np.ndarray:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return np.ones((steps, layout.num_blocks, len(layout.components)), dtype=bool)
+
+
+def _schedule(
+    layout: ScheduleLayout, mask: np.ndarray, reuse: Reuse, forecast_order: int, **provenance
+) -> Schedule:
+    return Schedule(
+        mask=mask,
+        components=layout.components,
+        model_class=layout.model_class,
+        reuse=reuse,
+        forecast_order=forecast_order,
+        provenance=provenance,
+    )
+
+
+def compute_all(layout: ScheduleLayout, steps: int) -> Schedule:
+    """Compute everything at every step: output equals the unaccelerated model."""
+    return _schedule(layout, _full(layout, steps), "residual", 0, generator="compute_all")
+
+
+def fora(
+    layout: ScheduleLayout, steps: int, interval: int = 2, reuse: Reuse = "residual", forecast_order: int = 0
+) -> Schedule:
+    """FORA: compute all components every ``interval`` steps (0, N, 2N, ...) and reuse them in between."""
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    mask = _full(layout, steps)
+    mask[np.arange(steps) % interval != 0] = False
+    return _schedule(layout, mask, reuse, forecast_order, generator="fora", interval=interval)
+
+
+def delta_dit(
+    layout: ScheduleLayout,
+    steps: int,
+    interval: int = 2,
+    cached_blocks: float = 0.5,
+    boundary: float = 0.5,
+    reuse: Reuse = "residual",
+) -> Schedule:
+    """Delta-DiT: before ``boundary`` (a fraction of the steps) the rear ``cached_blocks`` fraction of blocks
+    is reused between refreshes every ``interval`` steps; after it, the front fraction."""
+    if not 0 < cached_blocks <= 1 or not 0 <= boundary <= 1:
+        raise ValueError("cached_blocks must be in (0, 1] and boundary in [0, 1]")
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    mask = _full(layout, steps)
+    count = max(1, round(cached_blocks * layout.num_blocks))
+    switch = round(boundary * steps)
+    for step in range(steps):
+        if step % interval == 0:
+            continue
+        blocks = slice(layout.num_blocks - count, None) if step < switch else slice(0, count)
+        mask[step, blocks] = False
+    return _schedule(
+        layout,
+        mask,
+        reuse,
+        0,
+        generator="delta_dit",
+        interval=interval,
+        cached_blocks=cached_blocks,
+        boundary=boundary,
+    )
+
+
+def tgate(layout: ScheduleLayout, steps: int, gate_step: int | None = None) -> Schedule:
+    """T-GATE: cross-attention computed for steps ``< gate_step`` (default: 40% of the steps), then reused."""
+    if "cross_attn" not in layout.components:
+        raise ValueError(
+            f"T-GATE needs a cross-attention component; {layout.model_class} has {layout.components}"
+        )
+    gate = max(1, round(0.4 * steps)) if gate_step is None else gate_step
+    if not 1 <= gate <= steps:
+        raise ValueError(f"gate_step must be in 1..{steps}, got {gate}")
+    mask = _full(layout, steps)
+    mask[gate:, :, layout.components.index("cross_attn")] = False
+    return _schedule(layout, mask, "output", 0, generator="tgate", gate_step=gate)

@@ -1,0 +1,95 @@
+"""Dynamic caching policies: decisions made per sample from the features themselves.
+
+:class:`FirstBlockPolicy` is the first-block-residual rule (as in ParaAttention's and diffusers'
+FirstBlockCache), decided per sample rather than per batch: the first block always runs; a sample reuses the
+cached residuals of all later blocks when its first-block residual changed, relative to the last step at
+which the sample was computed, by less than ``threshold``. The decision functions are pure, so the search and
+the tests can evaluate them without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+POLICY_TYPE = "accel.caching.FirstBlockPolicy"
+POLICY_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class FirstBlockPolicy:
+    """Per-sample first-block-residual caching.
+
+    Attributes:
+        threshold: relative L1 change of the first block's residual below which a sample reuses.
+        warmup_steps: the first steps always compute (at least 1: nothing is cached before step 0).
+        final_steps: the last steps always compute (needs the step count, known inside a pipeline call).
+        max_consecutive_reuse: a sample is recomputed after this many reused steps in a row (None: no cap).
+    """
+
+    threshold: float = 0.08
+    warmup_steps: int = 1
+    final_steps: int = 0
+    max_consecutive_reuse: int | None = None
+
+    def __post_init__(self):
+        if not self.threshold >= 0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        if self.warmup_steps < 1:
+            raise ValueError(
+                f"warmup_steps must be >= 1 (step 0 has nothing cached), got {self.warmup_steps}"
+            )
+        if self.final_steps < 0:
+            raise ValueError(f"final_steps must be >= 0, got {self.final_steps}")
+        if self.max_consecutive_reuse is not None and self.max_consecutive_reuse < 1:
+            raise ValueError(f"max_consecutive_reuse must be >= 1 or None, got {self.max_consecutive_reuse}")
+
+    def to_dict(self) -> dict:
+        """Versioned JSON-ready form."""
+        return {"type": POLICY_TYPE, "version": POLICY_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FirstBlockPolicy:
+        """Parse :meth:`to_dict` output."""
+        if data.get("type") != POLICY_TYPE or data.get("version") != POLICY_VERSION:
+            raise ValueError(f"not a {POLICY_TYPE} version {POLICY_VERSION} object")
+        fields = {k: v for k, v in data.items() if k not in ("type", "version")}
+        try:
+            return cls(**fields)
+        except TypeError as error:
+            raise ValueError(f"bad {POLICY_TYPE}: {error}") from None
+
+
+def relative_change(current: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-sample ``mean|current - previous| / mean|previous|``; shape ``(batch,)``. None if no previous."""
+    if previous is None or previous.shape != current.shape:
+        return None
+    dims = tuple(range(1, current.ndim))
+    difference = (current.float() - previous.float()).abs().mean(dim=dims)
+    scale = previous.float().abs().mean(dim=dims).clamp_min(1e-12)
+    return difference / scale
+
+
+def first_block_decision(
+    policy: FirstBlockPolicy,
+    step: int,
+    num_steps: int | None,
+    change: torch.Tensor | None,
+    consecutive_reuse: torch.Tensor | None,
+    batch: int,
+) -> torch.Tensor:
+    """Which samples compute the remaining blocks at ``step``: bool ``(batch,)``, True = compute.
+
+    Args:
+        change: :func:`relative_change` of each sample's first-block residual, or None (no history).
+        consecutive_reuse: int ``(batch,)`` steps each sample has reused in a row, or None.
+    """
+    if change is None or step < policy.warmup_steps:
+        return torch.ones(batch, dtype=torch.bool)
+    if num_steps is not None and step >= num_steps - policy.final_steps:
+        return torch.ones(batch, dtype=torch.bool)
+    compute = (change >= policy.threshold).cpu()
+    if policy.max_consecutive_reuse is not None and consecutive_reuse is not None:
+        compute |= consecutive_reuse.cpu() >= policy.max_consecutive_reuse
+    return compute

@@ -1,0 +1,149 @@
+"""Pure cache state: stored features and their reuse or extrapolation. Plain tensor maths, no hooks.
+
+A feature is a tensor or a tuple of tensors (``None`` entries allowed), e.g. a joint attention's
+``(hidden_states, encoder_hidden_states)``.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+Feature = Union[torch.Tensor, tuple]
+
+
+def map_feature(fn, *features: Feature) -> Feature:
+    """Apply ``fn`` leaf-wise over tensors (or tuples of tensors) of the same structure; ``None`` stays."""
+    first = features[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return fn(*features)
+    return tuple(map_feature(fn, *parts) for parts in zip(*features))
+
+
+def feature_bytes(feature: Feature) -> int:
+    """Memory held by the tensors of ``feature``."""
+    if feature is None:
+        return 0
+    if isinstance(feature, torch.Tensor):
+        return feature.numel() * feature.element_size()
+    return sum(feature_bytes(part) for part in feature)
+
+
+def _first_tensor(feature: Feature) -> torch.Tensor:
+    if isinstance(feature, torch.Tensor):
+        return feature
+    return next(_first_tensor(part) for part in feature if part is not None)
+
+
+def _same_structure(a: Feature, b: Feature) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+    return len(a) == len(b) and all(_same_structure(x, y) for x, y in zip(a, b))
+
+
+class FeatureCache:
+    """The last few computed values of one feature, and their reuse at later steps.
+
+    With ``order == 0`` :meth:`predict` returns the last stored value. With ``order == k`` it extrapolates a
+    degree-``k`` polynomial in the step index through the last ``k + 1`` stored values (Newton divided
+    differences; first order with ``k == 1``, TaylorSeer-style with ``k >= 2``), using fewer points while
+    fewer are stored.
+
+    Args:
+        order: extrapolation order.
+        dtype: storage dtype (e.g. ``torch.bfloat16`` to bound memory); values are returned in their original
+            dtype. ``None`` stores as given.
+    """
+
+    def __init__(self, order: int = 0, dtype: torch.dtype | None = None):
+        self.order = order
+        self.dtype = dtype
+        self._steps: list[int] = []
+        self._values: list[Feature] = []
+        self._out_dtype: torch.dtype | None = None
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the stored values."""
+        return sum(feature_bytes(value) for value in self._values)
+
+    def reset(self) -> None:
+        """Forget everything."""
+        self._steps.clear()
+        self._values.clear()
+
+    def _store(self, value: Feature) -> Feature:
+        if self.dtype is None:
+            return map_feature(lambda t: t.detach(), value)
+        return map_feature(lambda t: t.detach().to(self.dtype), value)
+
+    def update(self, step: int, value: Feature) -> None:
+        """Store the value computed at ``step``; keeps the last ``order + 1`` values."""
+        self._out_dtype = _first_tensor(value).dtype
+        if self._steps and self._steps[-1] == step:
+            self._steps.pop()
+            self._values.pop()
+        self._steps.append(step)
+        self._values.append(self._store(value))
+        del self._steps[: -(self.order + 1)]
+        del self._values[: -(self.order + 1)]
+
+    def update_rows(self, step: int, value: Feature, rows: torch.Tensor) -> None:
+        """Store ``value`` only for the batch rows where ``rows`` (bool, ``(batch,)``) is True (order 0 only)."""
+        if not self._values or bool(rows.all()):
+            self.update(step, value)
+            return
+
+        def merge(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+            keep = rows.view(-1, *([1] * (new.ndim - 1))).to(new.device)
+            return torch.where(keep, new.detach().to(old.dtype), old)
+
+        self._values[-1] = map_feature(merge, value, self._values[-1])
+        self._steps[-1] = step
+
+    @property
+    def batch_size(self) -> int | None:
+        """Leading dimension of the stored value, or None if nothing is stored."""
+        return _first_tensor(self._values[-1]).shape[0] if self._values else None
+
+    def matches(self, like: Feature) -> bool:
+        """Whether the stored value has the structure and shapes of ``like`` (e.g. same batch size)."""
+        return bool(self._values) and _same_structure(self._values[-1], like)
+
+    def predict(self, step: int) -> Feature:
+        """The value at ``step`` from the stored ones; raises ``LookupError`` if nothing is stored."""
+        if not self._values:
+            raise LookupError("FeatureCache is empty")
+        if len(self._values) == 1 or self.order == 0:
+            result = self._values[-1]
+        else:
+            result = self._extrapolate(step)
+        if self.dtype is None:
+            return result
+        return map_feature(lambda t: t.to(self._out_dtype), result)
+
+    def _extrapolate(self, step: int) -> Feature:
+        # Newton form on the points newest-first: f(x) = sum_i c_i * prod_{j<i} (x - x_j).
+        xs = [float(s) for s in reversed(self._steps)]
+        coefficients = list(reversed(self._values))
+        coefficients = [map_feature(lambda t: t.float(), c) for c in coefficients]
+        for level in range(1, len(xs)):
+            for i in range(len(xs) - 1, level - 1, -1):
+                span = xs[i] - xs[i - level]
+                coefficients[i] = map_feature(
+                    lambda a, b, s=span: (a - b) / s, coefficients[i], coefficients[i - 1]
+                )
+        # Evaluate with Horner's scheme around the newest points.
+        result = coefficients[-1]
+        for i in range(len(xs) - 2, -1, -1):
+            factor = float(step) - xs[i]
+            result = map_feature(lambda c, r, f=factor: c + f * r, coefficients[i], result)
+        return map_feature(lambda r, ref: r.to(ref.dtype), result, self._values[-1])
