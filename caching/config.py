@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
+
 from accel.caching.policy import POLICY_TYPE, FirstBlockPolicy
 from accel.caching.schedule import SCHEDULE_TYPE, Schedule
 
 CONFIG_TYPE = "accel.caching.CacheConfig"
 CONFIG_VERSION = 1
 
-CachePolicy = Union[Schedule, FirstBlockPolicy]
+CachePolicy = Schedule | FirstBlockPolicy
 
 _CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -42,9 +42,7 @@ class CacheConfig:
                 f"or a FirstBlockPolicy, got {type(self.schedule).__name__}"
             )
         if self.cache_dtype is not None and self.cache_dtype not in _CACHE_DTYPES.values():
-            raise ValueError(
-                f"cache_dtype must be one of {list(_CACHE_DTYPES)} or None, got {self.cache_dtype}"
-            )
+            raise ValueError(f"cache_dtype must be one of {list(_CACHE_DTYPES)} or None, got {self.cache_dtype}")
 
     def to_dict(self) -> dict:
         """Versioned JSON-ready form."""

@@ -13,15 +13,15 @@ from functools import partial
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from accel.adapters import BlockStack
+from accel.api import Handle, Target, register
 from accel.caching.config import CacheConfig
 from accel.caching.policy import FirstBlockPolicy, first_block_decision, relative_change
 from accel.caching.schedule import Schedule, layout_of
 from accel.caching.state import Feature, FeatureCache, map_feature
 from accel.caching.stats import CacheStats
-from torch.utils.flop_counter import FlopCounterMode
-
-from accel.adapters import BlockStack
-from accel.api import Handle, Target, register
 from accel.hooks import MethodWrapper, wrap_forward
 
 
@@ -82,9 +82,7 @@ class CacheEngine:
                 self._wrappers.append(wrap_forward(block.module, partial(self._block_forward, block)))
                 for c in block.present:
                     module = getattr(block.module, self._module_name(block.stack, c))
-                    self._wrappers.append(
-                        wrap_forward(module, partial(self._component_forward, block, int(c)))
-                    )
+                    self._wrappers.append(wrap_forward(module, partial(self._component_forward, block, int(c))))
         except BaseException:
             self.detach()
             raise
@@ -241,9 +239,7 @@ class CacheEngine:
             return inner(*args, **kwargs)
         state, step, _, row, store = active
         name = self.components[component]
-        key = (
-            ("component", block.stack.path, name, _shape_key(args, kwargs)) if self.config.count_macs else ()
-        )
+        key = ("component", block.stack.path, name, _shape_key(args, kwargs)) if self.config.count_macs else ()
         cache = state.components.get((block.index, component))
         if not row[component] and cache is not None and len(cache) and _same_batch(cache, args, kwargs):
             self.stats_data.reused[name] += 1
@@ -253,9 +249,7 @@ class CacheEngine:
         self.stats_data.computed[name] += 1
         if store[component]:
             if cache is None:
-                cache = state.components[(block.index, component)] = self._new_cache(
-                    self.policy.forecast_order
-                )
+                cache = state.components[(block.index, component)] = self._new_cache(self.policy.forecast_order)
             cache.update(step, output)
         return output
 
@@ -274,9 +268,7 @@ class CacheEngine:
         if rows is None or cache is None or not cache.matches(inputs) or bool(rows.all()):
             output = self._run(block, key, state, ctx.step, all_rows, no_store, inner, args, kwargs)
             if skippable:
-                state.blocks.setdefault(block.index, self._new_cache()).update(
-                    ctx.step, _residual(output, inputs)
-                )
+                state.blocks.setdefault(block.index, self._new_cache()).update(ctx.step, _residual(output, inputs))
             return output
         residual = cache.predict(ctx.step)
         if not bool(rows.any()):
@@ -284,9 +276,7 @@ class CacheEngine:
         output = self._run(block, key, state, ctx.step, all_rows, no_store, inner, args, kwargs)
         cache.update_rows(ctx.step, _residual(output, inputs), rows)
         reused = map_feature(lambda r, x: x + r.to(x.dtype), residual, inputs)
-        merged = map_feature(
-            lambda new, old: torch.where(_rows_like(rows, new), new, old), _as_tuple(output), reused
-        )
+        merged = map_feature(lambda new, old: torch.where(_rows_like(rows, new), new, old), _as_tuple(output), reused)
         return merged[0] if len(merged) == 1 else merged
 
     def _decide(self, state: _BranchState, ctx, first_residual: torch.Tensor) -> None:
@@ -295,9 +285,7 @@ class CacheEngine:
         batch = first_residual.shape[0]
         if state.consecutive_reuse is None or state.consecutive_reuse.shape[0] != batch:
             state.consecutive_reuse = torch.zeros(batch, dtype=torch.long)
-        rows = first_block_decision(
-            self.policy, ctx.step, ctx.num_steps, change, state.consecutive_reuse, batch
-        )
+        rows = first_block_decision(self.policy, ctx.step, ctx.num_steps, change, state.consecutive_reuse, batch)
         if state.first_residual is None or change is None:
             state.first_residual = self._new_cache()
             state.first_residual.update(ctx.step, first_residual)

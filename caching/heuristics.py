@@ -13,6 +13,7 @@ Each returns a :class:`~accel.caching.schedule.Schedule` for a :class:`ScheduleL
 from __future__ import annotations
 
 import numpy as np
+
 from accel.caching.schedule import Reuse, Schedule, ScheduleLayout
 
 
@@ -22,9 +23,7 @@ def _full(layout: ScheduleLayout, steps: int) -> np.ndarray:
     return np.ones((steps, layout.num_blocks, len(layout.components)), dtype=bool)
 
 
-def _schedule(
-    layout: ScheduleLayout, mask: np.ndarray, reuse: Reuse, forecast_order: int, **provenance
-) -> Schedule:
+def _schedule(layout: ScheduleLayout, mask: np.ndarray, reuse: Reuse, forecast_order: int, **provenance) -> Schedule:
     return Schedule(
         mask=mask,
         components=layout.components,
@@ -88,9 +87,7 @@ def delta_dit(
 def tgate(layout: ScheduleLayout, steps: int, gate_step: int | None = None) -> Schedule:
     """T-GATE: cross-attention computed for steps ``< gate_step`` (default: 40% of the steps), then reused."""
     if "cross_attn" not in layout.components:
-        raise ValueError(
-            f"T-GATE needs a cross-attention component; {layout.model_class} has {layout.components}"
-        )
+        raise ValueError(f"T-GATE needs a cross-attention component; {layout.model_class} has {layout.components}")
     gate = max(1, round(0.4 * steps)) if gate_step is None else gate_step
     if not 1 <= gate <= steps:
         raise ValueError(f"gate_step must be in 1..{steps}, got {gate}")

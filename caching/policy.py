@@ -37,9 +37,7 @@ class FirstBlockPolicy:
         if not self.threshold >= 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold}")
         if self.warmup_steps < 1:
-            raise ValueError(
-                f"warmup_steps must be >= 1 (step 0 has nothing cached), got {self.warmup_steps}"
-            )
+            raise ValueError(f"warmup_steps must be >= 1 (step 0 has nothing cached), got {self.warmup_steps}")
         if self.final_steps < 0:
             raise ValueError(f"final_steps must be >= 0, got {self.final_steps}")
         if self.max_consecutive_reuse is not None and self.max_consecutive_reuse < 1:

@@ -86,9 +86,7 @@ class Schedule:
         if mask.shape[0] < 1 or mask.shape[1] < 1:
             raise ValueError(f"Schedule mask needs at least one step and one block, got shape {mask.shape}")
         if mask.shape[2] != len(self.components):
-            raise ValueError(
-                f"mask has {mask.shape[2]} components but {len(self.components)} names were given"
-            )
+            raise ValueError(f"mask has {mask.shape[2]} components but {len(self.components)} names were given")
         if not mask[0].all():
             raise ValueError("step 0 must compute every component: nothing is cached before it")
         if self.reuse not in ("output", "residual"):
@@ -152,9 +150,7 @@ class Schedule:
         if self.num_blocks != layout.num_blocks:
             problems.append(f"it has {self.num_blocks} blocks, the model has {layout.num_blocks}")
         if self.components != layout.components:
-            problems.append(
-                f"its components are {list(self.components)}, the model's are {list(layout.components)}"
-            )
+            problems.append(f"its components are {list(self.components)}, the model's are {list(layout.components)}")
         if problems:
             raise ValueError("Schedule does not fit this model: " + "; ".join(problems))
 
@@ -198,14 +194,10 @@ class Schedule:
         for step, row in enumerate(rows):
             blocks = row.split() if isinstance(row, str) else None
             if blocks is None or len(blocks) != data["num_blocks"]:
-                raise ValueError(
-                    f"schedule mask step {step}: expected {data['num_blocks']} space-separated blocks"
-                )
+                raise ValueError(f"schedule mask step {step}: expected {data['num_blocks']} space-separated blocks")
             for block, bits in enumerate(blocks):
                 if len(bits) != len(components) or set(bits) - {"0", "1"}:
-                    raise ValueError(
-                        f"schedule mask step {step} block {block}: expected {len(components)} 0/1 digits"
-                    )
+                    raise ValueError(f"schedule mask step {step} block {block}: expected {len(components)} 0/1 digits")
                 mask[step, block] = [bit == "1" for bit in bits]
         return cls(
             mask=mask,

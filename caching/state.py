@@ -6,11 +6,9 @@ A feature is a tensor or a tuple of tensors (``None`` entries allowed), e.g. a j
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 
-Feature = Union[torch.Tensor, tuple]
+Feature = torch.Tensor | tuple | None
 
 
 def map_feature(fn, *features: Feature) -> Feature:
@@ -138,9 +136,7 @@ class FeatureCache:
         for level in range(1, len(xs)):
             for i in range(len(xs) - 1, level - 1, -1):
                 span = xs[i] - xs[i - level]
-                coefficients[i] = map_feature(
-                    lambda a, b, s=span: (a - b) / s, coefficients[i], coefficients[i - 1]
-                )
+                coefficients[i] = map_feature(lambda a, b, s=span: (a - b) / s, coefficients[i], coefficients[i - 1])
         # Evaluate with Horner's scheme around the newest points.
         result = coefficients[-1]
         for i in range(len(xs) - 2, -1, -1):

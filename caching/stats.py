@@ -67,14 +67,10 @@ class CacheStats:
         lines += [f"{name:<14}{self.computed[name]:>10}{self.reused[name]:>10}" for name in self.computed]
         lines.append(f"blocks skipped whole: {self.blocks_skipped} of {self.block_calls}")
         if self.samples_computed or self.samples_reused:
-            lines.append(
-                f"per-sample decisions: {self.samples_computed} compute, {self.samples_reused} reuse"
-            )
+            lines.append(f"per-sample decisions: {self.samples_computed} compute, {self.samples_reused} reuse")
         lines.append(
             f"MACs saved: {self.macs_saved / 1e9:.3f} G of {self.macs_blocks / 1e9:.3f} G in blocks "
             f"({100 * self.macs_saved_fraction:.1f}%)"
         )
-        lines.append(
-            f"cache memory: {self.cache_bytes / 2**20:.2f} MiB (peak {self.peak_cache_bytes / 2**20:.2f} MiB)"
-        )
+        lines.append(f"cache memory: {self.cache_bytes / 2**20:.2f} MiB (peak {self.peak_cache_bytes / 2**20:.2f} MiB)")
         return "\n".join(lines)
