@@ -79,6 +79,12 @@ class ApplyHandle(Handle):
         self.target = target
         self.parts = parts
 
+    def __getitem__(self, config_type: type) -> Handle:
+        """The handle of one technique, e.g. ``handle[CacheConfig].decision_log``."""
+        if config_type not in self.parts:
+            raise KeyError(f"no {getattr(config_type, '__name__', config_type)} was applied with this handle")
+        return self.parts[config_type]
+
     def _remove(self) -> None:
         for config_type, part in reversed(list(self.parts.items())):
             part.remove()

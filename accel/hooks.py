@@ -34,6 +34,7 @@ class MethodWrapper:
             return self._fn(inner, *args, **kwargs)
 
         method.__wrapped__ = inner  # keeps inspect.signature pointing at the real signature
+        method._accel_wrapper = self
         self._method = method
         setattr(obj, name, method)
 
@@ -48,10 +49,13 @@ class MethodWrapper:
             return
         self._fn = None
         if self.obj.__dict__.get(self.name) is self._method:
-            if self._previous is _MISSING:
+            previous = self._previous
+            while getattr(previous, "_accel_wrapper", None) is not None and not previous._accel_wrapper.active:
+                previous = previous._accel_wrapper._previous  # unwind inner wrappers removed earlier
+            if previous is _MISSING:
                 delattr(self.obj, self.name)
             else:
-                setattr(self.obj, self.name, self._previous)
+                setattr(self.obj, self.name, previous)
         # else: something wrapped on top of us; we stay in its chain as a pass-through.
 
 

@@ -132,7 +132,7 @@ class FeatureCache:
         # Newton form on the points newest-first: f(x) = sum_i c_i * prod_{j<i} (x - x_j).
         xs = [float(s) for s in reversed(self._steps)]
         coefficients = list(reversed(self._values))
-        coefficients = [map_feature(lambda t: t.float(), c) for c in coefficients]
+        coefficients = [map_feature(lambda t: t.to(torch.promote_types(t.dtype, torch.float32)), c) for c in coefficients]
         for level in range(1, len(xs)):
             for i in range(len(xs) - 1, level - 1, -1):
                 span = xs[i] - xs[i - level]

@@ -1,0 +1,70 @@
+"""Shared fixtures: seeded tiny models and a tiny stock diffusers PixArt pipeline built offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "a the red green blue cat dog apple face smiling car tree house star moon sun".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=16
+    )
+
+
+def build_tiny_pixart_pipeline(num_layers: int = 4):
+    """A stock ``PixArtAlphaPipeline`` with tiny random T5, VAE and transformer; no download."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        caption_channels=16,
+        cross_attention_dim=16,
+        patch_size=2,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    )
+    scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    pipe = PixArtAlphaPipeline(
+        tokenizer=_word_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for module in (text_encoder, vae, transformer):
+        module.eval().requires_grad_(False)
+    return pipe
+
+
+@pytest.fixture
+def tiny_pixart_pipeline():
+    return build_tiny_pixart_pipeline()
