@@ -36,6 +36,10 @@ def _first_tensor(feature: Feature) -> torch.Tensor:
     return next(_first_tensor(part) for part in feature if part is not None)
 
 
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def _same_structure(a: Feature, b: Feature) -> bool:
     if a is None or b is None:
         return a is None and b is None
@@ -131,8 +135,7 @@ class FeatureCache:
     def _extrapolate(self, step: int) -> Feature:
         # Newton form on the points newest-first: f(x) = sum_i c_i * prod_{j<i} (x - x_j).
         xs = [float(s) for s in reversed(self._steps)]
-        coefficients = list(reversed(self._values))
-        coefficients = [map_feature(lambda t: t.to(torch.promote_types(t.dtype, torch.float32)), c) for c in coefficients]
+        coefficients = [map_feature(_at_least_float32, value) for value in reversed(self._values)]
         for level in range(1, len(xs)):
             for i in range(len(xs) - 1, level - 1, -1):
                 span = xs[i] - xs[i - level]

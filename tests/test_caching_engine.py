@@ -106,8 +106,9 @@ def test_fora2_halves_component_calls_and_meets_error_bound(tiny_pixart_pipeline
     reference = generate(pipe, steps=10)
     calls = Counter()
     for name, module in pipe.transformer.named_modules():
-        if name.split(".")[-1] in ("attn1", "attn2", "ff"):
-            module.register_forward_hook(lambda m, a, o, key=name.split(".")[-1]: calls.update([key]))
+        short = name.split(".")[-1]
+        if short in ("attn1", "attn2", "ff"):
+            module.register_forward_hook(lambda m, a, o, key=short: calls.update([key]))
     generate(pipe, steps=10)
     full_calls = Counter(calls)
     calls.clear()
