@@ -40,9 +40,13 @@ def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def _same_structure(a: Feature, b: Feature) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
+def _same_structure(stored: Feature, like: Feature) -> bool:
+    """Whether ``like`` fits ``stored``; a stored ``None`` (an output the block does not return) fits anything."""
+    a, b = stored, like
+    if a is None:
+        return True
+    if b is None:
+        return False
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
     return len(a) == len(b) and all(_same_structure(x, y) for x, y in zip(a, b))

@@ -113,12 +113,8 @@ def test_fora_2_computes_half_the_components(tiny, reuse):
     assert sum(stats.reused.values()) == sum(cached.values())
 
 
-def test_fora_2_residual_skips_every_block_at_reuse_steps(tiny, request):
-    if tiny.name == "sd3":
-        # SD3's last block (context_pre_only) returns (None, hidden_states). The engine stores its residual as
-        # (None, r) and FeatureCache.matches compares that with the inputs (context, hidden_states), so the
-        # block never counts as cached and runs with component reuse instead of being skipped whole.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="engine: a None block output blocks skipping"))
+def test_fora_2_residual_skips_every_block_at_reuse_steps(tiny):
+    # SD3's last block (context_pre_only) returns (None, hidden_states): it must be skipped like the others.
     model = tiny.build()
     with accel.apply(model, CacheConfig(schedule=fora(layout_of(model), STEPS, interval=2))) as handle:
         denoise(model, tiny, PROMPTS, STEPS, cfg=True)
