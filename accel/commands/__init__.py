@@ -1,0 +1,1 @@
+"""Core subcommands of the ``accel`` CLI (see :mod:`accel.cli`)."""

@@ -1,0 +1,31 @@
+"""List supported models and what accel knows about one."""
+
+from __future__ import annotations
+
+import argparse
+
+from accel.adapters import spec_for, supported_models
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``accel info``."""
+    parser.add_argument("--model", help="pipeline folder or hub id; omitted: the bundled default model")
+    parser.add_argument("--list", action="store_true", help="only list the supported transformer classes")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the supported classes, then the blocks and components of the chosen model."""
+    print("Supported transformer classes:", ", ".join(supported_models()))
+    if args.list:
+        return 0
+    from accel.caching import layout_of
+    from accel.pipelines.loading import load_pipeline
+
+    pipe = load_pipeline(args.model)
+    layout = layout_of(pipe)
+    spec = spec_for(pipe.transformer)
+    print(f"model: {layout.model_class}, {layout.num_blocks} blocks, components {', '.join(layout.components)}")
+    for stack in spec.stacks:
+        parts = ", ".join(f"{c.name}={c.module}" for c in stack.components)
+        print(f"  {stack.path}: {parts}; returns {stack.outputs}")
+    return 0
