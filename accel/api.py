@@ -98,7 +98,8 @@ class ApplyHandle(Handle):
         return {config_type.__name__: part.stats() for config_type, part in self.parts.items()}
 
     def reset(self) -> None:
-        """Reset every technique's per-trajectory state."""
+        """Start a new trajectory: the next transformer call is step 0 and every technique drops its state."""
+        self.target.tracker.reset()
         for part in self.parts.values():
             part.reset()
 

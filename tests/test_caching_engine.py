@@ -264,3 +264,17 @@ def test_first_order_forecast_is_exact_on_linear_features(reuse):
         errors = [float((o - r).abs().max()) for o, r in zip(outputs, reference)]
         # steps 4, 5, 7, 8 reuse with two computed points (0, 3 or 3, 6) behind them
         assert all((errors[s] < 1e-10) == exact for s in (4, 5, 7, 8)), errors
+
+
+def test_reset_restores_step_zero_behaviour():
+    toy = Toy().requires_grad_(False)
+    x = torch.randn(2, 5, 4)
+    t = torch.tensor([500.0, 500.0])
+    schedule = fora(layout_of(toy, TOY_SPEC), 4, 2)
+    with accel.apply(toy, CacheConfig(schedule=schedule), spec=TOY_SPEC) as handle:
+        toy(x, t)  # step 0: computes
+        toy(x, t - 100)  # step 1: reuses
+        assert handle.stats().reused["ffn"] == 3
+        handle.reset()
+        toy(x, t - 200)  # a new trajectory even though the timestep went down: step 0 again
+        assert handle.stats().computed["ffn"] == 6 and handle.stats().reused["ffn"] == 3
