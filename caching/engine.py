@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +24,22 @@ from accel.caching.schedule import Schedule, layout_of
 from accel.caching.state import Feature, FeatureCache, map_feature
 from accel.caching.stats import CacheStats
 from accel.hooks import MethodWrapper, wrap_forward
+
+
+class Decision(NamedTuple):
+    """One per-sample decision of a dynamic policy.
+
+    Attributes:
+        step: denoising step.
+        branch: transformer call within the step.
+        compute: per sample, whether the later blocks were computed.
+        change: per sample, the relative change of the first block's residual (None without history).
+    """
+
+    step: int
+    branch: int
+    compute: tuple[bool, ...]
+    change: tuple[float, ...] | None
 
 
 @dataclass
@@ -71,7 +88,7 @@ class CacheEngine:
             for i, (stack, module) in enumerate(target.spec.block_list(target.transformer))
         ]
         self.stats_data = CacheStats.empty(self.components)
-        self.decision_log: list[tuple[int, int, tuple[bool, ...]]] = []
+        self.decision_log: list[Decision] = []
         self._branches: dict[int, _BranchState] = {}
         self._plans: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._macs: dict[tuple, float] = {}
@@ -293,7 +310,8 @@ class CacheEngine:
             state.first_residual.update_rows(ctx.step, first_residual, rows)
         state.consecutive_reuse = torch.where(rows, 0, state.consecutive_reuse + 1)
         state.compute_rows = rows
-        self.decision_log.append((ctx.step, ctx.branch, tuple(bool(r) for r in rows)))
+        changes = None if change is None else tuple(float(c) for c in change)
+        self.decision_log.append(Decision(ctx.step, ctx.branch, tuple(bool(r) for r in rows), changes))
         self.stats_data.samples_computed += int(rows.sum())
         self.stats_data.samples_reused += int((~rows).sum())
 
@@ -345,8 +363,8 @@ class CacheHandle(Handle):
         self.engine.decision_log.clear()
 
     @property
-    def decision_log(self) -> list[tuple[int, int, tuple[bool, ...]]]:
-        """Dynamic policies: ``(step, branch, compute flag per sample)`` for every decision made."""
+    def decision_log(self) -> list[Decision]:
+        """Dynamic policies: every :class:`Decision` made, in order."""
         return list(self.engine.decision_log)
 
 

@@ -2,8 +2,9 @@
 
 For each model: a compute-all schedule changes nothing (bit for bit); ``remove()`` restores the model exactly;
 FORA-2 runs exactly half of the component computations; caching keeps the samples of a batch independent
-(a batch of two prompts matches each prompt alone as closely as the unaccelerated model does); and a schedule
-made for 20 steps drives a 30-step run.
+(a batch of two prompts matches each prompt alone as closely as the unaccelerated model does); a schedule
+made for 20 steps drives a 30-step run; the first-block policy decides per sample; a schedule made for
+another model is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tiny_models import TINY_MODELS, TinyModel, denoise
 
 import accel
 from accel.adapters import spec_for
-from accel.caching import CacheConfig, compute_all, fora, layout_of
+from accel.caching import CacheConfig, FirstBlockPolicy, compute_all, fora, layout_of
 
 TINY = list(TINY_MODELS.values())
 STEPS = 6
@@ -161,3 +162,34 @@ def test_20_step_schedule_runs_30_steps(tiny):
         column = layout.components.index(name)
         wanted = sum(int(expected[:, b, column].sum()) for b, present in enumerate(per_block) if column in present)
         assert counts[name] == wanted, f"{name}: computed {counts[name]} times, the resampled schedule says {wanted}"
+
+
+def test_first_block_policy_decides_per_sample(tiny):
+    """Two samples of one batch decide differently, and each decides as it would alone."""
+    model = tiny.build()
+    probe = FirstBlockPolicy(threshold=0.0)  # computes everything, logging each sample's change
+    with accel.apply(model, CacheConfig(schedule=probe)) as handle:
+        denoise(model, tiny, PROMPTS, STEPS, cfg=False)
+        first_changes = handle[CacheConfig].decision_log[1].change  # step 1: change relative to step 0
+    assert first_changes[0] != first_changes[1]
+    policy = FirstBlockPolicy(threshold=sum(first_changes) / 2)  # between the two: one reuses, one computes
+    decisions, outputs = {}, {}
+    for key, prompts in {"batch": PROMPTS, "first": PROMPTS[:1], "second": PROMPTS[1:]}.items():
+        with accel.apply(model, CacheConfig(schedule=policy)) as handle:
+            outputs[key] = denoise(model, tiny, prompts, STEPS, cfg=False)
+            decisions[key] = [decision.compute for decision in handle[CacheConfig].decision_log]
+    assert decisions["batch"][1][0] != decisions["batch"][1][1]
+    assert [d[0] for d in decisions["batch"]] == [d[0] for d in decisions["first"]]
+    assert [d[1] for d in decisions["batch"]] == [d[0] for d in decisions["second"]]
+    tolerance = (denoise(model, tiny, PROMPTS, STEPS, cfg=False) - _separately(model, tiny, False)).abs().max()
+    alone = torch.cat([outputs["first"], outputs["second"]])
+    assert (outputs["batch"] - alone).abs().max() <= max(10 * float(tolerance), 1e-5)
+
+
+def test_schedule_for_another_model_is_refused(tiny):
+    model = tiny.build()
+    other = TINY_MODELS["dit" if tiny.name != "dit" else "pixart"].build()
+    schedule = fora(layout_of(other), STEPS, interval=2)
+    with pytest.raises(ValueError, match="Schedule does not fit this model"):
+        accel.apply(model, CacheConfig(schedule=schedule))
+    assert _forward_overrides(model) == []

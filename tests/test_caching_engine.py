@@ -211,7 +211,7 @@ def test_first_block_policy_decides_per_sample():
     for key, batch in {"both": seeds, "first": seeds[:1], "second": seeds[1:]}.items():
         with accel.apply(model, CacheConfig(schedule=FirstBlockPolicy(threshold=threshold))) as handle:
             outputs[key] = denoise(model, tiny, batch, steps=12, cfg=False)
-            logs[key] = [flags for _, _, flags in handle[CacheConfig].decision_log]
+            logs[key] = [decision.compute for decision in handle[CacheConfig].decision_log]
     together = logs["both"]
     assert [flags[0] for flags in together] == [flags[0] for flags in logs["first"]]
     assert [flags[1] for flags in together] == [flags[0] for flags in logs["second"]]
