@@ -1,0 +1,1 @@
+"""The evaluation subcommands of the ``accel`` CLI: ``generate``, ``eval`` and ``demo`` (see :mod:`accel.cli`)."""

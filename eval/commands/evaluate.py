@@ -1,0 +1,66 @@
+"""Score methods for quality vs speed and write a report."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from accel.eval.config import EvalConfig, add_config_arguments, config_from_args, read_prompts
+from accel.eval.methods import usage
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``accel eval``: one per :class:`~accel.eval.config.EvalConfig` field, plus files and output."""
+    parser.add_argument("--prompts", dest="prompts_file", help="prompts: a text file (one per line) or a JSON list")
+    parser.add_argument("--config", dest="config_file", help="EvalConfig JSON; flags given override it")
+    parser.add_argument("--out", default="report", help="output folder (an interrupted run there resumes)")
+    parser.add_argument("--list-methods", action="store_true", help="print the method grammar and exit")
+    add_config_arguments(parser, EvalConfig)
+    parser.epilog = "methods:\n" + usage()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def config_of(args: argparse.Namespace) -> EvalConfig:
+    """The :class:`EvalConfig` the flags describe."""
+    base = {}
+    if args.config_file:
+        path = Path(args.config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        base = json.loads(path.read_text())
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        base["prompts"] = list(read_prompts(path))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        base["prompts_source"] = f"{path} (file sha256 {digest})"
+    return config_from_args(args, base)
+
+
+def summarize(results: dict) -> str:
+    """The summary table and the Pareto fronts, as text."""
+    from accel.eval.report import fronts, summary_rows, text_table
+
+    lines = [text_table(*summary_rows(results)), ""]
+    lines += [f"Pareto front, speedup vs {name}: {' -> '.join(front)}" for name, front in fronts(results).items()]
+    unsupported = [t for t in results["trials"] if t.get("status") != "ok"]
+    lines += [f"unsupported {t['method']}: {t['reason']}" for t in unsupported]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, write ``results.json``, ``report.md`` and ``report.html``, print the summary."""
+    if args.list_methods:
+        print(usage())
+        return 0
+    from accel.eval.harness import run_evaluation
+
+    results = run_evaluation(config_of(args), args.out)
+    if results is not None:
+        print(summarize(results))
+        print(f"\nreport: {Path(args.out) / 'report.html'} (data: {Path(args.out) / 'results.json'})")
+    return 0

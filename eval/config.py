@@ -1,0 +1,186 @@
+"""What an evaluation run does, as one frozen config, and the CLI flags derived from it.
+
+:class:`EvalConfig` holds every setting; ``accel eval`` builds its flags from the config's fields (their
+``metadata["help"]``) with :func:`add_config_arguments` and reads them back with :func:`config_from_args`, so
+a setting added here appears on the command line by itself. ``--config FILE.json`` loads the same fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from accel.eval.cost import TimingConfig
+from accel.eval.methods import parse_methods
+from accel.eval.metrics import METRICS, MetricWeights
+
+#: prompts of ``accel demo``: emoji names, the captions the bundled model was trained on
+BUILTIN_PROMPTS = (
+    "grinning face",
+    "red apple",
+    "cat face",
+    "sun with face",
+    "pile of poo",
+    "ghost",
+    "rocket",
+    "four leaf clover",
+    "slice of pizza",
+    "heavy black heart",
+    "dog face",
+    "snowman",
+    "hot beverage",
+    "crescent moon",
+    "smiling face with sunglasses",
+    "tangerine",
+)
+
+DEFAULT_METHODS = ("full", "steps-10", "fora-2", "fora-3", "delta-dit", "tgate", "fbc-0.08", "diffusers-pab")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """One evaluation: which model, methods, prompts and metrics, and how to time them."""
+
+    model: str | None = field(default=None, metadata=_help("pipeline folder or hub id; omitted: the bundled model"))
+    methods: tuple[str, ...] = field(
+        default=DEFAULT_METHODS, metadata=_help("comma-separated methods (see `accel eval --list-methods`)")
+    )
+    prompts: tuple[str, ...] = field(default=BUILTIN_PROMPTS, metadata={"cli": False})
+    prompts_source: str = field(default="built-in", metadata={"cli": False})
+    seed: int = field(default=0, metadata=_help("sample i is generated with seed + i"))
+    steps: int = field(default=20, metadata=_help("denoising steps of the full-compute reference"))
+    guidance_scale: float = field(default=4.5, metadata=_help("classifier-free guidance scale"))
+    batch_size: int = field(default=4, metadata=_help("prompts per pipeline call while generating"))
+    metrics: tuple[str, ...] = field(default=tuple(METRICS), metadata=_help("comma-separated metric keys"))
+    real_images: str | None = field(
+        default=None, metadata=_help("FID/KID reference set (.npz with 'images' or a folder); default: full-compute")
+    )
+    pipeline_kwargs: dict = field(default_factory=dict, metadata=_help("extra pipeline call arguments, as JSON"))
+    device: str = field(default="cpu", metadata=_help("torch device"))
+    dtype: str = field(default="float32", metadata=_help("weights dtype: float32, float16 or bfloat16"))
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    weights: MetricWeights = field(default_factory=MetricWeights)
+
+    def __post_init__(self):
+        parse_methods(self.methods)  # raises with the valid forms
+        if not self.prompts:
+            raise ValueError("no prompts")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        object.__setattr__(self, "pipeline_kwargs", dict(self.pipeline_kwargs))
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """One seed per prompt."""
+        return tuple(self.seed + i for i in range(len(self.prompts)))
+
+    @property
+    def prompts_sha256(self) -> str:
+        """Hash of the prompt list (one prompt per line)."""
+        return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+def read_prompts(path: str | Path) -> tuple[str, ...]:
+    """Prompts from a text file (one per line; blank lines and ``#`` comments skipped) or a JSON list."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".json":
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{path}: expected a JSON list of strings")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path} has no prompts")
+    return tuple(prompts)
+
+
+# -- flags from the dataclass --------------------------------------------------------------------------------
+
+
+def _base_type(annotation) -> type:
+    """``str | None`` -> str, ``tuple[str, ...]`` -> tuple, ``int`` -> int."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _base_type(next(a for a in typing.get_args(annotation) if a is not type(None)))
+    return origin or annotation
+
+
+def _fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        kind = _base_type(hints[f.name])
+        if dataclasses.is_dataclass(kind):
+            rows += _fields(kind, f"{prefix}{f.name}.")
+        elif f.metadata.get("cli", True):
+            rows.append((prefix + f.name, f, kind))
+    return rows
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = EvalConfig, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field of ``cls`` (nested configs as ``--timing-repeats``); defaults left unset, so
+    :func:`config_from_args` knows what was given."""
+    for name, f, kind in _fields(cls):
+        if name in skip:
+            continue
+        flag = "--" + name.replace(".", "-").replace("_", "-")
+        help_text = f.metadata.get("help") or f"{name} ({kind.__name__})"
+        parse = {tuple: str, dict: json.loads}.get(kind, kind)
+        parser.add_argument(flag, dest=name, type=parse, default=None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, base: dict | None = None, cls: type = EvalConfig) -> EvalConfig:
+    """An :class:`EvalConfig` from ``base`` (e.g. a ``--config`` file) overridden by the flags given."""
+    values = json.loads(json.dumps(base or {}))
+    for name, _, kind in _fields(cls):
+        given = getattr(args, name, None)
+        if given is None:
+            continue
+        if kind is tuple:
+            given = [part.strip() for part in given.split(",") if part.strip()]
+        target = values
+        *parents, leaf = name.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = given
+    return build_config(values, cls)
+
+
+def build_config(values: dict, cls: type = EvalConfig):
+    """A config from plain JSON values (lists become tuples, nested dicts nested configs)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        kind = _base_type(hints[name])
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            value = build_config(value, kind)
+        elif kind is tuple and isinstance(value, (list, tuple)):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)

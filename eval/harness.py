@@ -1,0 +1,303 @@
+"""The evaluation harness: every method on the same prompts and seeds, scored against full compute.
+
+``run_evaluation(config, out)`` writes, under ``out``:
+
+* ``images/<method>-<key>/<index>.png``: every generated image, named by prompt index;
+* ``trials/<method>-<key>.json``: one finished trial (status, config as applied, metrics, latency samples,
+  MACs, memory). ``key`` hashes the model's weights, the method (and a JSON method's file content), the
+  prompts, seeds, step count, guidance scale and pipeline arguments, so an interrupted run started again
+  skips every finished trial and every image already on disk;
+* ``results.json``: the run's provenance and all trials (data first), then ``report.md`` and ``report.html``.
+
+Several processes (``torchrun --nproc_per_node N -m accel.cli eval ...``) split the prompts with accelerate's
+``PartialState().split_between_processes``; each writes its images, and the main process scores them, times
+the methods and writes the report. Timing and memory come from the main process only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from accel.eval.config import EvalConfig
+from accel.eval.cost import MACS_HOW, count_macs, latency, peak_memory
+from accel.eval.generation import call_kwargs, generate, load_image_set, load_pngs, save_png, weights_checksum
+from accel.eval.methods import Method, UnsupportedMethod, apply_method, parse_methods
+from accel.eval.metrics import MetricInputs, MetricSuite
+
+logger = logging.getLogger(__name__)
+
+RESULTS_TYPE = "accel.eval.Results"
+RESULTS_VERSION = 1
+
+
+@dataclass
+class RunContext:
+    """Everything the trials of one run share."""
+
+    config: EvalConfig
+    out: Path
+    pipe: Any
+    state: Any  # accelerate.PartialState
+    kwargs: dict
+    model_fingerprint: dict
+    reference: torch.Tensor | None = None
+    suite: MetricSuite | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+
+def versions() -> dict:
+    """Versions of everything that shapes the numbers."""
+    import accelerate
+    import diffusers
+    import transformers
+
+    import accel
+
+    found = {
+        "accel": accel.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": sys.version.split()[0],
+    }
+    try:
+        import torchmetrics
+
+        found["torchmetrics"] = torchmetrics.__version__
+    except ImportError:
+        pass
+    return found
+
+
+def describe_device(device: torch.device) -> str:
+    """E.g. ``"cuda: NVIDIA H100 80GB HBM3"`` or ``"cpu: x86_64, 2 threads"``."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"{device.type}: {platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def trial_key(context: RunContext, method: Method) -> str:
+    """Hash of what determines a trial's outputs (see the module docstring)."""
+    config = context.config
+    material = {
+        "model": context.model_fingerprint,
+        "method": method.fingerprint(),
+        "prompts_sha256": config.prompts_sha256,
+        "seeds": list(config.seeds),
+        "steps": config.steps,
+        "guidance_scale": config.guidance_scale,
+        "pipeline_kwargs": context.kwargs,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.part")
+    partial.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    partial.replace(path)
+
+
+def _image_paths(directory: Path, count: int) -> list[Path]:
+    return [directory / f"{index:05d}.png" for index in range(count)]
+
+
+def generate_shard(context: RunContext, method: Method, directory: Path) -> str | None:
+    """This process's share of the method's images, skipping those on disk; the reason if unsupported."""
+    config = context.config
+    paths = _image_paths(directory, len(config.prompts))
+    with context.state.split_between_processes(list(range(len(paths)))) as shard:
+        todo = [i for i in shard if not paths[i].exists()]
+    batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
+    if not batches:
+        return None
+    try:
+        with apply_method(method, context.pipe, config.steps) as applied:
+            bar = tqdm(
+                batches, desc=f"{method.name}: images", unit="batch", disable=not context.state.is_local_main_process
+            )
+            for batch in bar:
+                applied.reset()
+                prompts = [config.prompts[i] for i in batch]
+                seeds = [config.seeds[i] for i in batch]
+                images = generate(context.pipe, prompts, seeds, applied.steps, config.guidance_scale, context.kwargs)
+                for index, image in zip(batch, images):
+                    save_png(image, paths[index])
+    except UnsupportedMethod as error:
+        return str(error)
+    return None
+
+
+def measure_cost(context: RunContext, method: Method) -> dict:
+    """Latency (interleaved with full compute), MACs, peak memory and technique statistics of the method."""
+    config, timing = context.config, context.config.timing
+    prompts = [config.prompts[i % len(config.prompts)] for i in range(timing.batch)]
+    seeds = [config.seeds[i % len(config.seeds)] for i in range(timing.batch)]
+
+    def run(steps: int) -> torch.Tensor:
+        return generate(context.pipe, prompts, seeds, steps, config.guidance_scale, context.kwargs)
+
+    with apply_method(method, context.pipe, config.steps, instrument=True) as applied:
+        applied.reset()
+        macs = count_macs(lambda: run(applied.steps))
+        stats, applied_config, steps = applied.stats(), applied.config, applied.steps
+    with apply_method(method, context.pipe, config.steps) as applied:
+        memory = peak_memory(lambda: run(applied.steps), context.pipe.device)
+
+    @contextmanager
+    def around():
+        with apply_method(method, context.pipe, config.steps):
+            yield
+
+    baseline = None if method.kind == "full" else (lambda: run(config.steps))
+    timed = latency(lambda: run(steps), around, baseline, timing)
+    return {
+        "config": applied_config,
+        "steps": steps,
+        "latency": timed,
+        "macs": {"per_call": macs, "per_image": macs / timing.batch, "how": MACS_HOW},
+        "memory": memory,
+        "technique_stats": stats,
+    }
+
+
+def score(context: RunContext, method: Method, directory: Path) -> dict:
+    """Every metric on the method's images (all processes' shares), against the full-compute images."""
+    images = load_pngs(_image_paths(directory, len(context.config.prompts)))
+    if method.kind == "full":
+        context.reference = images
+    inputs = MetricInputs(images=images, reference=context.reference, prompts=context.config.prompts)
+    return context.suite.compute(inputs)
+
+
+def run_trial(context: RunContext, method: Method) -> dict:
+    """One method, start to finish, or its saved result if a previous run finished it."""
+    key = trial_key(context, method)
+    name = f"{method.slug}-{key}"
+    path, directory = context.out / "trials" / f"{name}.json", context.out / "images" / name
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if method.kind == "full" and record["status"] == "ok" and context.is_main:
+            context.reference = load_pngs(_image_paths(directory, len(context.config.prompts)))
+        logger.info("%s: finished in an earlier run, skipped (%s)", method.name, path)
+        return record
+    reason = generate_shard(context, method, directory)
+    context.state.wait_for_everyone()
+    record = {"method": method.name, "kind": method.kind, "params": method.params, "key": key}
+    if context.is_main:
+        if reason is None:
+            try:
+                cost = measure_cost(context, method)
+            except UnsupportedMethod as error:
+                reason = str(error)
+        if reason is not None:
+            record.update(status="unsupported", reason=reason)
+            logger.warning("%s: unsupported: %s", method.name, reason)
+        else:
+            record.update(status="ok", images=str(directory.relative_to(context.out)), **cost)
+            record["metrics"] = score(context, method, directory)
+        _write_json(path, record)
+    context.state.wait_for_everyone()
+    return json.loads(path.read_text())
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext:
+    """Load the pipeline (unless given) on this process's device and prepare the metrics."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=config.device == "cpu")
+    device = (
+        state.device if config.device.startswith("cuda") and state.num_processes > 1 else torch.device(config.device)
+    )
+    if pipe is None:
+        from accel.pipelines.loading import load_pipeline
+
+        pipe = load_pipeline(config.model, torch_dtype=_dtype(config.dtype), device=str(device))
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    fingerprint = {
+        "model": config.model or "bundled-default",
+        "pipeline_class": type(pipe).__name__,
+        "weights": weights_checksum(pipe),
+        "dtype": config.dtype,
+    }
+    real = load_image_set(config.real_images) if config.real_images else None
+    suite = MetricSuite(config.metrics, config.weights, real=real, real_label=config.real_images or "")
+    context = RunContext(
+        config=config,
+        out=out,
+        pipe=pipe,
+        state=state,
+        kwargs=call_kwargs(pipe, config.pipeline_kwargs),
+        model_fingerprint=fingerprint,
+        suite=suite,
+    )
+    return context
+
+
+def provenance(context: RunContext) -> dict:
+    """What the run was: model, settings, prompts, seeds, versions, device."""
+    config = context.config
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": context.model_fingerprint,
+        "transformer_class": type(getattr(context.pipe, "transformer", None)).__name__,
+        "config": config.to_dict(),
+        "pipeline_call_kwargs": context.kwargs,
+        "prompts_source": config.prompts_source,
+        "prompts_sha256": config.prompts_sha256,
+        "seeds": list(config.seeds),
+        "versions": versions(),
+        "device": describe_device(torch.device(context.pipe.device)),
+        "num_processes": context.state.num_processes,
+    }
+
+
+def run_evaluation(config: EvalConfig, out: str | Path, pipe: Any = None) -> dict | None:
+    """Evaluate every method of ``config``; write trials, ``results.json``, ``report.md``, ``report.html``.
+
+    Args:
+        config: what to evaluate.
+        out: output folder (created; an earlier run's finished trials there are reused).
+        pipe: an already-loaded pipeline instead of ``config.model``.
+
+    Returns:
+        The results (the content of ``results.json``) on the main process, None on the others.
+    """
+    from accel.eval.report import write_reports
+
+    out = Path(out)
+    context = build_context(config, out, pipe)
+    methods = parse_methods(config.methods)
+    trials = []
+    bar = tqdm(methods, desc="methods", unit="method", disable=not context.is_main)
+    for method in bar:
+        bar.set_postfix_str(method.name)
+        trials.append(run_trial(context, method))
+    if not context.is_main:
+        return None
+    results = {"type": RESULTS_TYPE, "version": RESULTS_VERSION, "run": provenance(context), "trials": trials}
+    _write_json(out / "results.json", results)
+    write_reports(results, out)
+    logger.info("wrote %s, %s and %s", out / "results.json", out / "report.md", out / "report.html")
+    return results

@@ -1,0 +1,214 @@
+"""``report.html``: one self-contained page (inline CSS, inline SVG plots, images as data URIs).
+
+Sections: the run, the summary table, one Pareto plot per quality metric (speedup on x, the metric on y,
+the front highlighted and joined), image grids (one row per prompt and seed, full compute first), the
+unsupported methods with their reasons, what each metric computed, and provenance.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+from accel.eval.metrics import PSNR_CAP_DB
+from accel.eval.report import fronts, metric_info, metric_names, ok_trials, run_summary, summary_rows
+
+GRID_PROMPTS = 8
+THUMBNAIL = 128
+
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1150px; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; font-family: monospace; }
+tr.front td:first-child { font-weight: bold; } tr.unsupported td { color: #999; }
+.plots { display: flex; flex-wrap: wrap; gap: 12px; }
+.plots svg { border: 1px solid #ddd; background: #fff; }
+.grid td, .grid th { border: none; padding: 2px; text-align: center; font-size: 12px; }
+.grid img { width: 96px; height: 96px; image-rendering: pixelated; display: block; }
+.grid td.prompt { text-align: left; max-width: 140px; }
+code, .mono { font-family: monospace; font-size: 12px; } .muted { color: #777; }
+"""
+
+
+def _ticks(low: float, high: float, count: int = 4) -> list[float]:
+    step = (high - low) / count if high > low else 1.0
+    magnitude = 10 ** math.floor(math.log10(step))
+    step = min((m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= step), default=step)
+    start = math.ceil(low / step) * step
+    return [start + i * step for i in range(int((high - start) / step + 1e-9) + 1)]
+
+
+def _range(values: list[float]) -> tuple[float, float]:
+    low, high = min(values), max(values)
+    pad = (high - low) * 0.08 or abs(high) * 0.05 or 1.0
+    return low - pad, high + pad
+
+
+def pareto_svg(name: str, points: list[tuple[str, float, float]], front: list[str], better: str) -> str:
+    """Scatter of ``(method, speedup, value)`` with the front in red, joined in speedup order."""
+    width, height, left, right, top, bottom = 360, 270, 52, 16, 28, 40
+    capped = [p for p in points if name == "PSNR" and p[2] >= PSNR_CAP_DB]
+    shown = [p for p in points if p not in capped] or points
+    x0, x1 = _range([p[1] for p in points])
+    y0, y1 = _range([p[2] for p in shown])
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(y: float) -> float:
+        return top + (1 - (min(y, y1) - y0) / (y1 - y0)) * (height - top - bottom)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">']
+    arrow = "↑" if better == "higher" else "↓"
+    parts.append(
+        f'<text x="{width / 2}" y="17" text-anchor="middle" font-size="13">{html.escape(name)} {arrow} '
+        "vs speedup</text>"
+    )
+    for tick in _ticks(x0, x1):
+        parts.append(f'<line x1="{sx(tick):.1f}" x2="{sx(tick):.1f}" y1="{top}" y2="{height - bottom}" stroke="#eee"/>')
+        parts.append(
+            f'<text x="{sx(tick):.1f}" y="{height - bottom + 14}" text-anchor="middle" font-size="10">{tick:g}x</text>'
+        )
+    for tick in _ticks(y0, y1):
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(tick):.1f}" y2="{sy(tick):.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 4}" y="{sy(tick) + 3:.1f}" text-anchor="end" font-size="10">{tick:.4g}</text>')
+    parts.append(
+        f'<text x="{width / 2}" y="{height - 6}" text-anchor="middle" font-size="11">speedup over full compute</text>'
+    )
+    by_name = {p[0]: p for p in points}
+    line = " ".join(f"{sx(by_name[n][1]):.1f},{sy(by_name[n][2]):.1f}" for n in front)
+    parts.append(f'<polyline points="{line}" fill="none" stroke="#d62728" stroke-width="1.5"/>')
+    for method, x, y in points:
+        color = "#d62728" if method in front else "#1f77b4"
+        cx, cy = sx(x), sy(y)
+        if (method, x, y) in capped:  # off the scale: a triangle at the top edge
+            parts.append(f'<path d="M{cx:.1f},{cy - 5:.1f} l5,9 h-10 z" fill="{color}"/>')
+        else:
+            parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{color}"/>')
+        label = html.escape(method + (" (identical)" if (method, x, y) in capped else ""))
+        parts.append(f'<text x="{cx + 6:.1f}" y="{cy - 5:.1f}" font-size="10">{label}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _thumbnail(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if max(image.size) > THUMBNAIL:
+            image.thumbnail((THUMBNAIL, THUMBNAIL))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_grid(results: dict, out: Path) -> str:
+    """One row per prompt and seed (the first few), one column per method that ran, full compute first."""
+    trials = ok_trials(results)
+    run = results["run"]
+    prompts = run["config"]["prompts"][:GRID_PROMPTS]
+    head = "".join(f"<th>{html.escape(t['method'])}</th>" for t in trials)
+    rows = [f"<tr><th>prompt / seed</th>{head}</tr>"]
+    for index, prompt in enumerate(prompts):
+        cells = []
+        for trial in trials:
+            path = out / trial["images"] / f"{index:05d}.png"
+            cell = (
+                f'<img src="{_thumbnail(path)}" alt="{html.escape(trial["method"])}">' if path.exists() else "missing"
+            )
+            cells.append(f"<td>{cell}</td>")
+        label = f"{html.escape(prompt)}<br><span class='muted'>seed {run['seeds'][index]}</span>"
+        rows.append(f"<tr><td class='prompt'>{label}</td>{''.join(cells)}</tr>")
+    return f"<table class='grid'>{''.join(rows)}</table>"
+
+
+def _table(results: dict, all_fronts: dict[str, list[str]]) -> str:
+    header, rows = summary_rows(results)
+    on_front = {name for front in all_fronts.values() for name in front}
+    statuses = {t["method"]: t.get("status") for t in results["trials"]}
+    body = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        css = "unsupported" if statuses[row[0]] != "ok" else ("front" if row[0] in on_front else "")
+        body.append(f"<tr class='{css}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    return f"<table>{''.join(body)}</table><p class='muted'>Bold: on the Pareto front of at least one metric.</p>"
+
+
+def _plots(results: dict, all_fronts: dict[str, list[str]]) -> str:
+    svgs = []
+    for name, front in all_fronts.items():
+        points = [
+            (t["method"], t["latency"]["speedup"], t["metrics"][name]["value"])
+            for t in ok_trials(results)
+            if t["metrics"].get(name, {}).get("value") is not None
+        ]
+        svgs.append(pareto_svg(name, points, front, metric_info(results, name).get("better", "higher")))
+    return f"<div class='plots'>{''.join(svgs)}</div>"
+
+
+def _details(results: dict) -> str:
+    items = []
+    for name in metric_names(results):
+        info = metric_info(results, name)
+        text = f"unavailable: {info['unavailable']}" if info.get("value") is None else info["computed"]
+        items.append(f"<li><b>{html.escape(name)}</b> ({info.get('better', '?')} is better): {html.escape(text)}</li>")
+    unsupported = [
+        f"<li><code>{html.escape(t['method'])}</code>: {html.escape(t['reason'])}</li>"
+        for t in results["trials"]
+        if t.get("status") != "ok"
+    ]
+    parts = ["<h2>Metrics</h2><ul>" + "".join(items) + "</ul>"]
+    if unsupported:
+        parts.insert(0, "<h2>Unsupported</h2><ul>" + "".join(unsupported) + "</ul>")
+    return "".join(parts)
+
+
+def _provenance(results: dict) -> str:
+    run = results["run"]
+    rows = {
+        **run["versions"],
+        "device": run["device"],
+        "processes": run["num_processes"],
+        "model": run["model"],
+        "prompts sha256": run["prompts_sha256"],
+        "pipeline call": run["pipeline_call_kwargs"],
+        "created": run["created"],
+    }
+    trial = next(iter(ok_trials(results)), None)
+    if trial:
+        rows["MACs"] = trial["macs"]["how"]
+        rows["peak memory"] = trial["memory"]["what"]
+    cells = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td class='mono' style='text-align:left'>{html.escape(str(v))}</td></tr>"
+        for k, v in rows.items()
+    )
+    return f"<h2>Provenance</h2><table>{cells}</table>"
+
+
+def html_report(results: dict, out: str | Path) -> str:
+    """The whole page; image files are read from ``out`` and embedded."""
+    all_fronts = fronts(results)
+    timing = results["run"]["config"]["timing"]
+    body = [
+        "<h1>Quality vs speed</h1>",
+        f"<p>{html.escape(run_summary(results))}</p>",
+        "<h2>Summary</h2>",
+        _table(results, all_fronts),
+        f"<p class='muted'>Speedup: median latency of full compute over the method's, timed interleaved in one process "
+        f"({timing['warmup']} warm-up, {timing['repeats']} timed rounds, batch {timing['batch']}).</p>",
+        "<h2>Pareto fronts</h2>",
+        _plots(results, all_fronts),
+        "<h2>Images: same prompt and seed across methods</h2>",
+        image_grid(results, Path(out)),
+        _details(results),
+        _provenance(results),
+    ]
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>accel: quality vs speed</title>"
+        f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"
+    )

@@ -1,0 +1,339 @@
+"""The methods the harness compares, named by a small grammar, in one registry.
+
+=========================  =====================================================================================
+form                       meaning
+=========================  =====================================================================================
+``full``                   every step computed: the reference all fidelity metrics compare against
+``steps-N``                ``N`` denoising steps, no caching (the cheap baseline every caching method must beat)
+``fora-N``                 FORA: recompute every ``N`` steps, reuse block residuals in between
+``delta-dit``              Delta-DiT (refresh interval 2); ``delta-dit-N`` sets the interval
+``tgate`` / ``tgate-K``    T-GATE: cross-attention frozen from step ``K`` (default 40% of the steps)
+``fbc-T``                  accel's per-sample first-block-residual policy with threshold ``T`` (e.g. ``fbc-0.08``)
+``PATH.json``              a Schedule JSON or a CacheConfig JSON (e.g. from ``accel schedule`` or ``accel search``)
+``diffusers-fbc-T``        diffusers' FirstBlockCache with threshold ``T``
+``diffusers-taylorseer``   diffusers' TaylorSeer cache (default config)
+``diffusers-pab``          diffusers' Pyramid Attention Broadcast (self-attention every 2nd step in t 100..800)
+``diffusers-fastercache``  diffusers' FasterCache (default config, image tensor layout)
+``diffusers-magcache``     diffusers' MagCache (needs magnitude ratios: diffusers ships them for Flux only)
+=========================  =====================================================================================
+
+:func:`parse_method` turns a name into a :class:`Method` (a frozen value); :func:`apply_method` applies it to
+a pipeline as a context manager yielding an :class:`Applied` (the exact config as JSON, the step count to
+run, a per-generation ``reset``), and undoes it on exit. A method that cannot run on a pipeline raises
+:class:`UnsupportedMethod` with the reason, which the harness records instead of crashing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class UnsupportedMethod(RuntimeError):
+    """A valid method that cannot run on this pipeline; ``str(error)`` says why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """One parsed method name.
+
+    Attributes:
+        name: the name as written, e.g. ``"fora-2"`` or ``"runs/best.json"``.
+        kind: its grammar form, a key of :data:`FORMS`.
+        params: the parsed parameters, JSON-ready.
+    """
+
+    name: str
+    kind: str
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in FORMS:
+            raise ValueError(f"unknown method kind {self.kind!r}; known: {sorted(FORMS)}")
+        object.__setattr__(self, "params", dict(self.params))
+
+    def fingerprint(self) -> dict:
+        """What identifies the method's output: name, kind, parameters, and a JSON file's content hash."""
+        data = {"name": self.name, "kind": self.kind, "params": self.params}
+        if self.kind == "json":
+            data["sha256"] = hashlib.sha256(Path(self.params["path"]).read_bytes()).hexdigest()
+        return data
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe form of the name."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name.replace("/", "_")).strip("_") or "method"
+
+
+@dataclass
+class Applied:
+    """A method in effect on a pipeline.
+
+    Attributes:
+        steps: denoising steps to run (the requested count, or the method's own, e.g. ``steps-10``).
+        config: the exact configuration applied, JSON-ready.
+        reset: call before every pipeline call, so no state leaks from one generation into the next.
+        stats: what the technique did (e.g. accel's ``CacheStats``), JSON-ready, or None.
+    """
+
+    steps: int
+    config: dict
+    reset: Callable[[], None] = lambda: None
+    stats: Callable[[], dict | None] = lambda: None
+
+
+Apply = Callable[[Any, dict, int, bool], AbstractContextManager[Applied]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodForm:
+    """One form of the grammar.
+
+    Attributes:
+        usage: how it is written, e.g. ``"fora-N"``.
+        pattern: full-match regular expression for the name.
+        parse: match -> parameters (raises ``ValueError`` for out-of-range values).
+        apply: ``(pipe, params, steps, instrument) -> context manager yielding Applied``; ``instrument`` asks for
+            technique statistics (slower), off while timing.
+        help: one line for error messages and ``--help``.
+    """
+
+    usage: str
+    pattern: re.Pattern
+    parse: Callable[[re.Match], dict]
+    apply: Apply
+    help: str
+
+
+def _positive_int(text: str, what: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{what} must be >= 1, got {value}")
+    return value
+
+
+# -- apply functions -----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _apply_full(pipe: Any, params: dict, steps: int, instrument: bool) -> Iterator[Applied]:
+    yield Applied(steps=steps, config={"type": "full"})
+
+
+@contextmanager
+def _apply_steps(pipe: Any, params: dict, steps: int, instrument: bool) -> Iterator[Applied]:
+    yield Applied(steps=params["steps"], config={"type": "steps", "steps": params["steps"]})
+
+
+def _cache_config(pipe: Any, kind: str, params: dict, steps: int, instrument: bool):
+    from accel.caching import CacheConfig, FirstBlockPolicy, Schedule, delta_dit, fora, layout_of, tgate
+
+    if kind == "json":
+        return _load_json_config(Path(params["path"]), instrument)
+    if kind == "fbc":
+        return CacheConfig(schedule=FirstBlockPolicy(threshold=params["threshold"]), count_macs=instrument)
+    layout = layout_of(pipe)
+    makers: dict[str, Callable[[], Schedule]] = {
+        "fora": lambda: fora(layout, steps, params["interval"]),
+        "delta-dit": lambda: delta_dit(layout, steps, params["interval"]),
+        "tgate": lambda: tgate(layout, steps, params.get("gate_step")),
+    }
+    return CacheConfig(schedule=makers[kind](), count_macs=instrument)
+
+
+def _load_json_config(path: Path, instrument: bool):
+    from dataclasses import replace
+
+    from accel.caching import CacheConfig, load_policy
+    from accel.caching.config import CONFIG_TYPE
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"method file not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"method file {path} is not valid JSON: {error}") from None
+    try:
+        if isinstance(data, dict) and data.get("type") == CONFIG_TYPE:
+            return replace(CacheConfig.from_dict(data), count_macs=instrument)
+        return CacheConfig(schedule=load_policy(data), count_macs=instrument)
+    except ValueError as error:
+        raise ValueError(f"method file {path}: {error} (expected a Schedule or a CacheConfig JSON)") from None
+
+
+def _apply_accel(kind: str) -> Apply:
+    @contextmanager
+    def apply(pipe: Any, params: dict, steps: int, instrument: bool) -> Iterator[Applied]:
+        import accel
+
+        config = _cache_config(pipe, kind, params, steps, instrument)
+        with accel.apply(pipe, config) as handle:
+            stats = handle.stats
+            yield Applied(
+                steps=steps,
+                config=config.to_dict(),
+                reset=handle.reset,
+                stats=lambda: stats().to_dict() if instrument and stats() is not None else None,
+            )
+
+    return apply
+
+
+def _apply_diffusers(kind: str) -> Apply:
+    def apply(pipe: Any, params: dict, steps: int, instrument: bool) -> AbstractContextManager[Applied]:
+        from accel.eval.diffusers_cache import apply_diffusers_cache
+
+        return apply_diffusers_cache(pipe, kind, params, steps)
+
+    return apply
+
+
+# -- the registry --------------------------------------------------------------------------------------------
+
+
+def _threshold(match: re.Match) -> dict:
+    value = float(match["t"])
+    if not value >= 0:
+        raise ValueError(f"threshold must be >= 0, got {value}")
+    return {"threshold": value}
+
+
+_NUMBER = r"(?P<t>\d+(?:\.\d*)?|\.\d+)"
+
+#: form name -> its grammar entry; the order is the order of the help text
+FORMS: dict[str, MethodForm] = {
+    "full": MethodForm(
+        usage="full", pattern=re.compile("full"), parse=lambda m: {}, apply=_apply_full, help="every step computed"
+    ),
+    "steps": MethodForm(
+        usage="steps-N",
+        pattern=re.compile(r"steps-(?P<n>\d+)"),
+        parse=lambda m: {"steps": _positive_int(m["n"], "steps-N: N")},
+        apply=_apply_steps,
+        help="N denoising steps, no caching",
+    ),
+    "fora": MethodForm(
+        usage="fora-N",
+        pattern=re.compile(r"fora-(?P<n>\d+)"),
+        parse=lambda m: {"interval": _positive_int(m["n"], "fora-N: N")},
+        apply=_apply_accel("fora"),
+        help="FORA, recompute every N steps",
+    ),
+    "delta-dit": MethodForm(
+        usage="delta-dit[-N]",
+        pattern=re.compile(r"delta-dit(?:-(?P<n>\d+))?"),
+        parse=lambda m: {"interval": _positive_int(m["n"] or "2", "delta-dit-N: N")},
+        apply=_apply_accel("delta-dit"),
+        help="Delta-DiT, refresh interval N (default 2)",
+    ),
+    "tgate": MethodForm(
+        usage="tgate[-K]",
+        pattern=re.compile(r"tgate(?:-(?P<k>\d+))?"),
+        parse=lambda m: {"gate_step": _positive_int(m["k"], "tgate-K: K")} if m["k"] else {},
+        apply=_apply_accel("tgate"),
+        help="T-GATE, cross-attention frozen from step K (default 40% of the steps)",
+    ),
+    "fbc": MethodForm(
+        usage="fbc-T",
+        pattern=re.compile(rf"fbc-{_NUMBER}"),
+        parse=_threshold,
+        apply=_apply_accel("fbc"),
+        help="accel's per-sample first-block cache, threshold T",
+    ),
+    "json": MethodForm(
+        usage="PATH.json",
+        pattern=re.compile(r"(?P<path>.+\.json)"),
+        parse=lambda m: {"path": m["path"]},
+        apply=_apply_accel("json"),
+        help="a Schedule or CacheConfig JSON file",
+    ),
+    "diffusers-fbc": MethodForm(
+        usage="diffusers-fbc-T",
+        pattern=re.compile(rf"diffusers-fbc-{_NUMBER}"),
+        parse=_threshold,
+        apply=_apply_diffusers("diffusers-fbc"),
+        help="diffusers' FirstBlockCache, threshold T",
+    ),
+    "diffusers-taylorseer": MethodForm(
+        usage="diffusers-taylorseer",
+        pattern=re.compile("diffusers-taylorseer"),
+        parse=lambda m: {},
+        apply=_apply_diffusers("diffusers-taylorseer"),
+        help="diffusers' TaylorSeer cache",
+    ),
+    "diffusers-pab": MethodForm(
+        usage="diffusers-pab",
+        pattern=re.compile("diffusers-pab"),
+        parse=lambda m: {},
+        apply=_apply_diffusers("diffusers-pab"),
+        help="diffusers' Pyramid Attention Broadcast",
+    ),
+    "diffusers-fastercache": MethodForm(
+        usage="diffusers-fastercache",
+        pattern=re.compile("diffusers-fastercache"),
+        parse=lambda m: {},
+        apply=_apply_diffusers("diffusers-fastercache"),
+        help="diffusers' FasterCache",
+    ),
+    "diffusers-magcache": MethodForm(
+        usage="diffusers-magcache",
+        pattern=re.compile("diffusers-magcache"),
+        parse=lambda m: {},
+        apply=_apply_diffusers("diffusers-magcache"),
+        help="diffusers' MagCache",
+    ),
+}
+
+
+def usage() -> str:
+    """Every valid form with its meaning, one per line."""
+    return "\n".join(f"  {form.usage:<24}{form.help}" for form in FORMS.values())
+
+
+def parse_method(name: str) -> Method:
+    """Parse one method name (see the module docstring).
+
+    Raises:
+        ValueError: a name matching no form, or a parameter out of range, with the list of valid forms.
+    """
+    text = name.strip()
+    for kind, form in FORMS.items():
+        match = form.pattern.fullmatch(text)
+        if match is None:
+            continue
+        try:
+            return Method(name=text, kind=kind, params=form.parse(match))
+        except ValueError as error:
+            raise ValueError(f"bad method {text!r}: {error}") from None
+    raise ValueError(f"unknown method {text!r}; valid forms:\n{usage()}")
+
+
+def parse_methods(text: str | list[str] | tuple[str, ...]) -> list[Method]:
+    """Parse a comma-separated list (or a list of names); ``full`` is put first, added if missing.
+
+    Raises:
+        ValueError: an unknown or repeated name, or an empty list.
+    """
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    if not names:
+        raise ValueError(f"no methods given; valid forms:\n{usage()}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"methods listed twice: {', '.join(repeated)}")
+    methods = [parse_method(n) for n in names]
+    return [parse_method("full")] + [m for m in methods if m.kind != "full"]
+
+
+def apply_method(method: Method, pipe: Any, steps: int, instrument: bool = False) -> AbstractContextManager[Applied]:
+    """Apply ``method`` to ``pipe`` for a ``steps``-step generation; a context manager yielding :class:`Applied`.
+
+    Raises:
+        UnsupportedMethod: the method cannot run on this pipeline (the message says why).
+    """
+    return FORMS[method.kind].apply(pipe, method.params, steps, instrument)

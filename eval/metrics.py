@@ -1,0 +1,292 @@
+"""Quality metrics, in a registry; each result names exactly what it computed.
+
+==========  ============================================================================================
+key         results
+==========  ============================================================================================
+``psnr``    ``PSNR``: mean per-image PSNR (dB) against the full-compute image with the same prompt and seed
+``ssim``    ``SSIM``: mean SSIM against the same full-compute images
+``lpips``   ``LPIPS-<net>``: torchmetrics LPIPS (needs torchvision and the backbone's ImageNet weights)
+``fid``     ``FID-<extractor>`` and ``KID-<extractor>``: Inception-V3 where its weights are on disk, else the
+            offline EfficientNet-Lite0 features of :mod:`accel.eval.fid` (the two are not comparable)
+``clip``    ``CLIPScore-<model>`` with a local open-clip checkpoint, else ``Alignment-<scorer>`` from the
+            bundled offline scorer of :mod:`accel.eval.alignment`
+==========  ============================================================================================
+
+All metrics read the images as saved (8-bit PNG). A result is a dict with ``value`` (None when the metric
+could not be computed), ``better`` (``"higher"`` or ``"lower"``), ``computed`` (a sentence) and, when
+``value`` is None, ``unavailable`` (why, and how to make it available). A weight file the user named that
+does not exist raises ``FileNotFoundError`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: PSNR of identical images is infinite; it is reported as this many dB (JSON has no infinity)
+PSNR_CAP_DB = 100.0
+
+LPIPS_BACKBONE_FILES = {
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricWeights:
+    """Where the metrics find weight files (all optional).
+
+    Attributes:
+        inception: torch-fidelity's ``pt_inception-2015-12-05-6726825d.pth``; None: its download location.
+        clip: an open-clip checkpoint file; None: use the bundled alignment scorer instead.
+        clip_model: the open-clip architecture of that checkpoint.
+        lpips_net: LPIPS backbone (its torchvision weights must be in ``<torch hub dir>/checkpoints``).
+    """
+
+    inception: str | None = None
+    clip: str | None = None
+    clip_model: str = "ViT-B-32"
+    lpips_net: str = "alex"
+
+    def __post_init__(self):
+        if self.lpips_net not in LPIPS_BACKBONE_FILES:
+            raise ValueError(f"lpips_net must be one of {sorted(LPIPS_BACKBONE_FILES)}, got {self.lpips_net!r}")
+        for name in ("inception", "clip"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{name} weights file not found: {path}")
+
+
+def result(value: float | None, *, better: str, computed: str, **details) -> dict:
+    """One metric's result (see the module docstring)."""
+    return {"value": None if value is None else float(value), "better": better, "computed": computed, **details}
+
+
+def unavailable(better: str, computed: str, reason: str) -> dict:
+    """A metric that could not be computed, and why."""
+    return result(None, better=better, computed=computed, unavailable=reason)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricInputs:
+    """What one trial's metrics see.
+
+    Attributes:
+        images: ``(N, 3, H, W)`` uint8, the method's images.
+        reference: ``(N, 3, H, W)`` uint8, the full-compute images of the same prompts and seeds.
+        prompts: the N prompts.
+    """
+
+    images: torch.Tensor
+    reference: torch.Tensor
+    prompts: tuple[str, ...]
+
+
+MetricFn = Callable[["MetricSuite", MetricInputs], dict[str, dict]]
+METRICS: dict[str, MetricFn] = {}
+
+
+def register_metric(key: str) -> Callable[[MetricFn], MetricFn]:
+    """Decorator adding a metric function ``fn(suite, inputs) -> {result name: result}`` under ``key``."""
+
+    def decorator(fn: MetricFn) -> MetricFn:
+        METRICS[key] = fn
+        return fn
+
+    return decorator
+
+
+class MetricSuite:
+    """The chosen metrics with their models loaded once and reused across trials.
+
+    Args:
+        keys: metric keys (see :data:`METRICS`).
+        weights: where to find weight files.
+        real: ``(M, 3, H, W)`` uint8 reference set for FID/KID; None: the full-compute images, which must then be
+            the same for every trial the suite scores (one suite per run).
+        real_label: how the report names that set.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        weights: MetricWeights = MetricWeights(),
+        real: torch.Tensor | None = None,
+        real_label: str = "",
+    ):
+        unknown = [k for k in keys if k not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; known: {sorted(METRICS)}")
+        self.keys, self.weights, self.real = tuple(keys), weights, real
+        self.real_label = real_label or "the full-compute images (same prompts and seeds)"
+        self.cache: dict = {}
+
+    def compute(self, inputs: MetricInputs) -> dict[str, dict]:
+        """Every chosen metric on one trial's images."""
+        results: dict[str, dict] = {}
+        for key in self.keys:
+            results.update(METRICS[key](self, inputs))
+        return results
+
+    def cached(self, name: str, build: Callable[[], object]) -> object:
+        """``build()`` once per suite; an exception is remembered and raised again on every later call."""
+        if name not in self.cache:
+            try:
+                self.cache[name] = build()
+            except (ImportError, FileNotFoundError, OSError, RuntimeError, ValueError) as error:
+                self.cache[name] = error
+        value = self.cache[name]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+
+def _floats(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255.0
+
+
+@register_metric("psnr")
+def psnr(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    per_image = peak_signal_noise_ratio(
+        _floats(inputs.images), _floats(inputs.reference), data_range=1.0, reduction="none", dim=(1, 2, 3)
+    )
+    per_image = per_image.clamp(max=PSNR_CAP_DB)
+    computed = (
+        f"mean over {len(per_image)} images of PSNR (dB, 8-bit images) against the full-compute image with the same "
+        f"prompt and seed; identical images count as {PSNR_CAP_DB:g} dB"
+    )
+    return {"PSNR": result(per_image.mean(), better="higher", computed=computed, min=float(per_image.min()))}
+
+
+@register_metric("ssim")
+def ssim(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    value = structural_similarity_index_measure(_floats(inputs.images), _floats(inputs.reference), data_range=1.0)
+    computed = "mean SSIM (torchmetrics, Gaussian 11x11) against the full-compute images, same prompts and seeds"
+    return {"SSIM": result(value, better="higher", computed=computed)}
+
+
+def _lpips_model(net: str):
+    try:
+        import torchvision  # noqa: F401
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+    except ImportError as error:
+        raise ImportError(f"LPIPS needs torchvision ({error}): pip install 'diffusers-accel[lpips]'") from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"LPIPS-{net} needs the torchvision ImageNet weights {path.name}; copy a local copy to {path} "
+            f"(from https://download.pytorch.org/models/{path.name})"
+        )
+    return LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True).eval()
+
+
+@register_metric("lpips")
+def lpips(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
+    net = suite.weights.lpips_net
+    name = f"LPIPS-{net}"
+    computed = f"mean LPIPS ({net} backbone, torchmetrics) against the full-compute images, same prompts and seeds"
+    try:
+        model = suite.cached("lpips", lambda: _lpips_model(net))
+        with torch.no_grad():
+            value = model(_floats(inputs.images), _floats(inputs.reference))
+    except (ImportError, FileNotFoundError, RuntimeError, ValueError) as error:
+        return {name: unavailable("lower", computed, str(error))}
+    return {name: result(value, better="lower", computed=computed)}
+
+
+def _feature_extractor(weights: MetricWeights) -> tuple[torch.nn.Module, str | None]:
+    """Inception-V3 where possible, else EfficientNet-Lite0 with the reason it fell back."""
+    from accel.eval.fid import EfficientNetLite0Features, load_inception_features
+
+    try:
+        return load_inception_features(weights.inception), None
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        if weights.inception is not None:
+            raise
+        return EfficientNetLite0Features(), f"Inception-V3 unavailable ({error})"
+
+
+@register_metric("fid")
+def fid(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
+    try:
+        from accel.eval.fid import FidKidConfig, extract_features, fid_kid_from_features
+
+        feature, fallback = suite.cached("fid-feature", lambda: _feature_extractor(suite.weights))
+    except (ImportError, FileNotFoundError, OSError) as error:
+        if isinstance(error, FileNotFoundError) and suite.weights.inception is not None:
+            raise
+        reason = f"no FID feature extractor: {error} (pip install 'diffusers-accel[eval]')"
+        return {"FID": unavailable("lower", "FID", reason), "KID": unavailable("lower", "KID", reason)}
+    suffix = feature.metric_suffix
+    real = suite.real if suite.real is not None else inputs.reference
+    real_features = suite.cached("fid-real", lambda: extract_features(real, feature))
+    fake_features = extract_features(inputs.images, feature)
+    what = f"between this method's {len(fake_features)} images and {suite.real_label} ({len(real_features)} images)"
+    notes = {"extractor": suffix, **({"fallback": fallback} if fallback else {})}
+    try:
+        values = fid_kid_from_features(real_features, fake_features, suffix, FidKidConfig())
+    except ValueError as error:
+        return {
+            f"FID-{suffix}": unavailable("lower", f"FID {what}", str(error)),
+            f"KID-{suffix}": unavailable("lower", f"KID {what}", str(error)),
+        }
+    kid_what = f"KID (mean of {FidKidConfig().kid_subsets} subsets of {values['kid_subset_size']}) {what}"
+    return {
+        f"FID-{suffix}": result(values[f"FID-{suffix}"], better="lower", computed=f"FID {what}", **notes),
+        f"KID-{suffix}": result(
+            values[f"KID-{suffix}"], better="lower", computed=kid_what, std=values[f"KID-{suffix}-std"], **notes
+        ),
+    }
+
+
+def _open_clip(weights: MetricWeights):
+    try:
+        import open_clip
+    except ImportError:
+        raise ImportError("CLIP score needs open-clip-torch: pip install 'diffusers-accel[open-clip]'") from None
+    model, _, _ = open_clip.create_model_and_transforms(weights.clip_model, pretrained=weights.clip)
+    return model.eval(), open_clip.get_tokenizer(weights.clip_model)
+
+
+@torch.no_grad()
+def _clip_score(model, tokenizer, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    size = model.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    x = torch.nn.functional.interpolate(_floats(images), size=tuple(size), mode="bicubic", antialias=True)
+    x = (x - torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    image_features = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+    text_features = torch.nn.functional.normalize(model.encode_text(tokenizer(list(prompts))), dim=-1)
+    return 100 * (image_features * text_features).sum(-1).clamp(min=0)
+
+
+@register_metric("clip")
+def clip(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
+    if suite.weights.clip is not None:
+        model, tokenizer = suite.cached("clip", lambda: _open_clip(suite.weights))
+        scores = _clip_score(model, tokenizer, inputs.images, inputs.prompts)
+        computed = f"mean CLIPScore (100 * max(cos, 0), open-clip {suite.weights.clip_model}, {suite.weights.clip})"
+        return {f"CLIPScore-{suite.weights.clip_model}": result(scores.mean(), better="higher", computed=computed)}
+    fallback = "no open-clip checkpoint given (--clip-weights PATH to use CLIPScore)"
+    computed = "mean prompt-image alignment score of the bundled offline scorer (accel.eval.alignment)"
+    try:
+        from accel.eval.alignment import load_alignment_scorer
+
+        scorer = suite.cached("alignment", load_alignment_scorer)
+    except (ImportError, FileNotFoundError, OSError) as error:
+        return {"Alignment": unavailable("higher", computed, f"{fallback}; bundled scorer unavailable: {error}")}
+    scores = torch.as_tensor(scorer.score(_floats(inputs.images), list(inputs.prompts))).float()
+    name = getattr(scorer, "name", "bundled")
+    return {f"Alignment-{name}": result(scores.mean(), better="higher", computed=computed, note=fallback)}

@@ -1,0 +1,182 @@
+"""From ``results.json`` to words: the summary table, Pareto fronts and ``report.md``.
+
+Everything here reads the results dict only (never the model), so a report can be rebuilt from a saved
+``results.json`` with :func:`write_reports`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def metric_names(results: dict) -> list[str]:
+    """Every metric name over the trials, in order of first appearance."""
+    names: list[str] = []
+    for trial in results["trials"]:
+        for name in trial.get("metrics", {}):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def metric_info(results: dict, name: str) -> dict:
+    """The first trial's result for ``name`` that has a value, else the first one (for ``better``, ``computed``,
+    ``unavailable``)."""
+    found = [t["metrics"][name] for t in results["trials"] if name in t.get("metrics", {})]
+    return next((r for r in found if r.get("value") is not None), found[0] if found else {})
+
+
+def ok_trials(results: dict) -> list[dict]:
+    """Trials that ran."""
+    return [t for t in results["trials"] if t.get("status") == "ok"]
+
+
+def pareto_front(points: list[tuple[str, float, float]], higher_is_better: bool) -> list[str]:
+    """Names of the points no other point beats on both speedup (higher) and quality, sorted by speedup.
+
+    Args:
+        points: ``(name, speedup, quality)``.
+        higher_is_better: the quality's direction.
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    front = []
+    for name, speed, quality in points:
+        dominated = any(
+            s >= speed and sign * q >= sign * quality and (s > speed or sign * q > sign * quality)
+            for other, s, q in points
+            if other != name
+        )
+        if not dominated:
+            front.append((speed, name))
+    return [name for _, name in sorted(front)]
+
+
+def fronts(results: dict) -> dict[str, list[str]]:
+    """Per metric with values, the Pareto front of speedup vs that metric."""
+    found = {}
+    for name in metric_names(results):
+        points = [
+            (t["method"], t["latency"]["speedup"], t["metrics"][name]["value"])
+            for t in ok_trials(results)
+            if t["metrics"].get(name, {}).get("value") is not None
+        ]
+        if points:
+            found[name] = pareto_front(points, metric_info(results, name).get("better") == "higher")
+    return found
+
+
+def _format_value(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if abs(value) >= 100:
+        return f"{value:.1f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.4f}"
+
+
+def summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary table: one row per trial, unsupported ones included."""
+    names = metric_names(results)
+    full = next((t for t in ok_trials(results) if t["kind"] == "full"), None)
+    full_macs = full["macs"]["per_image"] if full else None
+    header = ["method", "steps", "speedup", "s/image", "GMACs/image", "MACs vs full", "peak MiB", *names]
+    rows = []
+    for trial in results["trials"]:
+        if trial.get("status") != "ok":
+            rows.append([trial["method"], "unsupported", *[""] * (len(header) - 2)])
+            continue
+        timing, macs = trial["latency"], trial["macs"]["per_image"]
+        rows.append(
+            [
+                trial["method"],
+                str(trial["steps"]),
+                f"{timing['speedup']:.2f}x",
+                f"{timing['per_image_s']:.3f} ±{100 * timing['spread']:.0f}%",
+                f"{macs / 1e9:.3f}",
+                f"{macs / full_macs:.2f}" if full_macs else "n/a",
+                f"{trial['memory']['peak_bytes'] / 2**20:.1f}",
+                *[_format_value(trial["metrics"].get(n, {}).get("value")) for n in names],
+            ]
+        )
+    return header, rows
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Aligned plain-text table (for the terminal)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run_summary(results: dict) -> str:
+    """One sentence: model, prompts, steps, device."""
+    run = results["run"]
+    config = run["config"]
+    return (
+        f"{run['model']['model']} ({run['model']['pipeline_class']}, {run['transformer_class']}), "
+        f"{len(run['seeds'])} prompts ({run['prompts_source']}), {config['steps']} steps, guidance "
+        f"{config['guidance_scale']}, seeds {run['seeds'][0]}..{run['seeds'][-1]}, on {run['device']}, "
+        f"{run['num_processes']} process(es), {run['created']}"
+    )
+
+
+def markdown_report(results: dict) -> str:
+    """The whole ``report.md``."""
+    header, rows = summary_rows(results)
+    timing = results["run"]["config"]["timing"]
+    lines = [
+        "# Quality vs speed",
+        "",
+        run_summary(results) + ".",
+        "",
+        markdown_table(header, rows),
+        "",
+        f"Speedup: median latency of full compute / the method's, timed interleaved in one process "
+        f"({timing['warmup']} warm-up, {timing['repeats']} timed rounds, batch {timing['batch']}); ± is half the "
+        "range over the median. MACs: " + (ok_trials(results)[0]["macs"]["how"] if ok_trials(results) else "n/a") + ".",
+        "",
+        "## Pareto fronts (speedup vs quality)",
+        "",
+    ]
+    lines += [f"- {name}: {' → '.join(front)}" for name, front in fronts(results).items()]
+    unsupported = [t for t in results["trials"] if t.get("status") != "ok"]
+    if unsupported:
+        lines += ["", "## Unsupported", ""]
+        lines += [f"- `{t['method']}`: {t['reason']}" for t in unsupported]
+    lines += ["", "## Metrics", ""]
+    for name in metric_names(results):
+        info = metric_info(results, name)
+        detail = f"unavailable: {info['unavailable']}" if info.get("value") is None else info["computed"]
+        lines.append(f"- **{name}** ({info.get('better', '?')} is better): {detail}")
+    run = results["run"]
+    memory_how = next((t["memory"]["what"] for t in ok_trials(results)), "n/a")
+    lines += ["", f"Peak memory: {memory_how}.", "", "## Provenance", ""]
+    lines += [f"- {key}: {value}" for key, value in run["versions"].items()]
+    lines += [
+        f"- model fingerprint: {run['model']}",
+        f"- prompts sha256: {run['prompts_sha256']}",
+        f"- pipeline call: {run['pipeline_call_kwargs']}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(results: dict, out: str | Path) -> None:
+    """Write ``report.md`` and ``report.html`` next to ``results.json``."""
+    from accel.eval.html import html_report
+
+    out = Path(out)
+    (out / "report.md").write_text(markdown_report(results))
+    (out / "report.html").write_text(html_report(results, out))
