@@ -1,0 +1,157 @@
+"""Search caching schedules for a Pareto front of quality vs speed.
+
+``accel search --model PATH_OR_HUB_ID --steps 20 --prompts FILE --budget 30m --out schedules/`` writes one
+Schedule JSON per front member (measured metrics in ``metrics``) and ``front.json``, checkpoints every
+generation (rerun the same command to resume), and with ``--report`` asks the evaluation harness for the same
+report as ``accel eval``. ``--method dp`` returns the dynamic-programming schedules alone, in seconds.
+
+The flags come from :class:`SearchConfig` and its nested :class:`Constraints` and :class:`EvaluatorConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import types
+import typing
+from pathlib import Path
+
+from accel.caching.search.config import SearchConfig, parse_duration
+from accel.caching.search.evaluator import EvaluatorConfig
+from accel.caching.search.genome import Constraints
+
+logger = logging.getLogger(__name__)
+
+#: calibration prompts when no --prompts file is given
+DEFAULT_PROMPTS = (
+    "a red apple on a wooden table",
+    "a smiling face drawn in yellow",
+    "a blue car parked by a tree",
+    "a house under a starry night sky",
+    "a green tree on a hill at sunset",
+    "a cat sleeping on a sofa",
+    "the moon over the sea",
+    "a dog running on the beach",
+)
+
+#: flag names that differ from the field names
+_FLAG_NAMES = {"evaluation.num_steps": "steps", "budget_seconds": "budget", "evaluation.seed": "noise-seed"}
+_GROUPS = {"constraints": Constraints, "evaluation": EvaluatorConfig}
+
+
+def _fields(cls: type, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in _GROUPS and prefix == "":
+            yield from _fields(_GROUPS[f.name], f"{f.name}.")
+            continue
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = args[0]
+            args = list(typing.get_args(kind))
+        yield prefix + f.name, f, kind, args
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``accel search``."""
+    parser.add_argument("--model", help="pipeline folder or hub id; omitted: the bundled default model")
+    parser.add_argument("--prompts", help="calibration prompts: a text file (one per line) or a JSON list")
+    parser.add_argument("--out", required=True, help="output folder (front, schedules, checkpoint)")
+    parser.add_argument("--restart", action="store_true", help="discard a checkpoint in --out instead of resuming")
+    parser.add_argument("--max-sequence-length", type=int, help="text tokens (pipelines that take it)")
+    parser.add_argument("--report", action="store_true", help="also run `accel eval` on the front and baselines")
+    for name, f, kind, args in _fields(SearchConfig):
+        flag = "--" + _FLAG_NAMES.get(name, name.split(".")[-1]).replace("_", "-")
+        if name == "budget_seconds":
+            parser.add_argument(flag, dest=name, type=parse_duration, help="wall-clock limit, e.g. 30m, 2h, 90s")
+            continue
+        choices = list(args) if typing.get_origin(kind) is typing.Literal else None
+        parse = {bool: _parse_bool}.get(kind, str if choices else kind)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        parser.add_argument(flag, dest=name, type=parse, choices=choices, help=f"{name} (default {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    """The :class:`SearchConfig` of the given flags (unset flags keep the defaults)."""
+    values: dict = {group: {} for group in _GROUPS}
+    for name, *_ in _fields(SearchConfig):
+        given = getattr(args, name, None)
+        if given is None:
+            continue
+        if "." in name:
+            group, leaf = name.split(".")
+            values[group][leaf] = given
+        else:
+            values[name] = given
+    nested = {group: cls(**values.pop(group)) for group, cls in _GROUPS.items()}
+    return SearchConfig(**values, **nested)
+
+
+def read_prompts(path: str | None) -> list[str]:
+    """Prompts from a text file (one per line, ``#`` comments skipped) or a JSON list; built-ins if None."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompts file not found: {file}")
+    text = file.read_text()
+    if file.suffix == ".json":
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{file}: expected a JSON list of strings")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{file} has no prompts")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the pipeline, search, save the front (and optionally the report)."""
+    import torch
+
+    from accel.caching.search.runner import search
+    from accel.pipelines.loading import load_pipeline
+
+    config = config_from_args(args)
+    prompts = read_prompts(args.prompts)
+    torch.manual_seed(config.seed)
+    pipe = load_pipeline(args.model)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    call_kwargs = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
+    info = {"model": args.model or "default", "prompts_file": args.prompts}
+    front = search(pipe, prompts, config, args.out, resume=not args.restart, call_kwargs=call_kwargs, info=info)
+    print(front.table())
+    if args.report:
+        _report(args, front, pipe)
+    return 0
+
+
+def _report(args: argparse.Namespace, front, pipe) -> None:
+    """Run the evaluation harness on full compute, the heuristics and the front (when the harness exists)."""
+    try:
+        from accel.eval.config import build_config
+        from accel.eval.harness import run_evaluation
+    except ImportError as error:
+        logger.warning("no report: the evaluation harness is not available (%s)", error)
+        return
+    out = Path(args.out)
+    methods = ["full", "fora-2", "fora-3", "delta-dit", "tgate"]
+    methods += [str(out / f"schedule-{i:02d}.json") for i in range(len(front))]
+    values = {"methods": methods, "steps": front.info["num_steps"], "prompts": front.info["prompts"]}
+    if args.model:
+        values["model"] = args.model
+    run_evaluation(build_config(values), out / "report", pipe=pipe)
+    logger.info("report written to %s", out / "report")

@@ -1,0 +1,424 @@
+"""NSGA-II over compute masks with pymoo, checkpointed every generation so that a stopped run resumes exactly.
+
+The loop uses pymoo's ask/tell interface; this module supplies the problem (binary genome, two minimised
+objectives: cost and ``-psnr``), the constraint repair, a mutation that adds whole-step / whole-column moves
+to bit flips, and candidate evaluation with an archive: a genome is never run twice with the same prompt
+count. The checkpoint (``search_state.json`` + ``search_state.npz`` in the output folder, no pickle) holds the
+population with its ranks, the archive of every evaluation and pymoo's random generator state; a run resumed
+from it continues bit-identically to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from accel.caching.schedule import Schedule
+from accel.caching.search.config import SearchConfig
+from accel.caching.search.evaluator import Evaluator
+from accel.caching.search.genome import (
+    genome_length,
+    genome_to_mask,
+    genome_to_schedule,
+    mask_to_genome,
+    repair,
+    schedule_to_genome,
+)
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def _pymoo() -> SimpleNamespace:
+    """The pymoo classes the search uses (pymoo is an optional dependency, imported on first use)."""
+    try:
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+        from pymoo.core.evaluator import Evaluator as PymooEvaluator
+        from pymoo.core.mutation import Mutation
+        from pymoo.core.population import Population
+        from pymoo.core.problem import Problem
+        from pymoo.core.repair import Repair
+        from pymoo.operators.crossover.pntx import TwoPointCrossover
+        from pymoo.problems.static import StaticProblem
+    except ImportError as error:
+        raise ImportError("accel search needs pymoo: pip install 'diffusers-accel[search]'") from error
+    return SimpleNamespace(
+        NSGA2=NSGA2,
+        PymooEvaluator=PymooEvaluator,
+        Mutation=Mutation,
+        Population=Population,
+        Problem=Problem,
+        Repair=Repair,
+        TwoPointCrossover=TwoPointCrossover,
+        StaticProblem=StaticProblem,
+    )
+
+
+class Archive:
+    """Every evaluation so far: ``(genome, prompts) -> (objectives, metrics)``."""
+
+    def __init__(self):
+        self.entries: dict[tuple[bytes, int], tuple[np.ndarray, dict]] = {}
+        self.order: list[tuple[bytes, int]] = []
+
+    def get(self, genome: np.ndarray, prompts: int):
+        return self.entries.get((np.packbits(genome).tobytes(), prompts))
+
+    def add(self, genome: np.ndarray, prompts: int, objectives: np.ndarray, metrics: dict) -> None:
+        key = (np.packbits(genome).tobytes(), prompts)
+        if key not in self.entries:
+            self.order.append(key)
+        self.entries[key] = (np.asarray(objectives, dtype=np.float64), metrics)
+
+    def arrays(self, length: int) -> dict:
+        genomes = np.array([np.unpackbits(np.frombuffer(k[0], np.uint8))[:length] for k in self.order], dtype=bool)
+        return {
+            "archive_genomes": genomes.reshape(len(self.order), length),
+            "archive_prompts": np.array([k[1] for k in self.order], dtype=np.int64),
+            "archive_objectives": np.array([self.entries[k][0] for k in self.order]).reshape(-1, 2),
+        }
+
+    def metrics(self) -> list[dict]:
+        return [self.entries[k][1] for k in self.order]
+
+    @classmethod
+    def restore(cls, arrays, metrics: list[dict]) -> Archive:
+        archive = cls()
+        for genome, prompts, objectives, m in zip(
+            arrays["archive_genomes"], arrays["archive_prompts"], arrays["archive_objectives"], metrics
+        ):
+            archive.add(genome, int(prompts), objectives, m)
+        return archive
+
+
+class BudgetExhausted(Exception):
+    """The time budget ran out in the middle of a generation (what was evaluated is in the archive)."""
+
+
+class GeneticSearch:
+    """One NSGA-II search; :meth:`run` resumes from ``out_dir`` when it holds a checkpoint of the same search.
+
+    Args:
+        evaluator: scores schedules (its prompts, steps and pipeline define the search).
+        config: the search settings.
+        out_dir: where the checkpoint lives.
+        seeds: schedules for the initial population by name (heuristics, DP), repaired to the constraints.
+    """
+
+    def __init__(self, evaluator: Evaluator, config: SearchConfig, out_dir: str | Path, seeds: dict[str, Schedule]):
+        self.evaluator, self.config, self.out_dir = evaluator, config, Path(out_dir)
+        self.layout, self.steps = evaluator.layout, config.evaluation.num_steps
+        self.length = genome_length(self.layout, self.steps)
+        self.archive = Archive()
+        self.generation = 0
+        self.elapsed = 0.0
+        self.seeds = dict(seeds)
+        self.seed_names: dict[bytes, str] = {}
+        self.workers = _Workers()
+        self._algorithm = self._build()
+
+    # -- pymoo plumbing ----------------------------------------------------------------------------------
+
+    def _build(self):
+        p = _pymoo()
+        search = self
+
+        class ScheduleProblem(p.Problem):
+            def __init__(self):
+                super().__init__(n_var=search.length, n_obj=2, xl=0, xu=1, vtype=bool)
+
+        class ConstraintRepair(p.Repair):
+            def _do(self, problem, X, **kwargs):
+                return np.array([search.repair_genome(x) for x in X], dtype=bool)
+
+        class MaskMutation(p.Mutation):
+            def _do(self, problem, X, random_state=None, **kwargs):
+                return np.array([search.mutate(x, random_state) for x in X], dtype=bool)
+
+        self._problem = ScheduleProblem()
+        algorithm = p.NSGA2(
+            pop_size=self.config.population,
+            sampling=self.initial_genomes(),
+            crossover=p.TwoPointCrossover(),
+            mutation=MaskMutation(),
+            repair=ConstraintRepair(),
+            eliminate_duplicates=True,
+        )
+        algorithm.setup(self._problem, seed=self.config.seed, termination=("n_gen", 10**9), verbose=False)
+        return algorithm
+
+    def origin(self, genome: np.ndarray) -> str:
+        """The seed a genome is (e.g. ``"fora-2"``), or ``"evolved"``."""
+        return self.seed_names.get(np.packbits(genome).tobytes(), "evolved")
+
+    def repair_genome(self, genome: np.ndarray) -> np.ndarray:
+        """The genome with the constraints enforced."""
+        return mask_to_genome(repair(genome_to_mask(genome, self.layout, self.steps), self.config.constraints))
+
+    def mutate(self, genome: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Bit flips, plus with probability ``structured_mutation`` one flip of a whole step, block run or column."""
+        rate = self.config.mutation_rate or 2.0 / self.length
+        genome = genome ^ (rng.random(self.length) < rate)
+        if rng.random() < self.config.structured_mutation:
+            mask = genome_to_mask(genome, self.layout, self.steps)
+            step = int(rng.integers(1, self.steps))
+            move = int(rng.integers(3))
+            if move == 0:  # a whole step computes or reuses
+                mask[step] = not mask[step].mean() >= 0.5
+            elif move == 1:  # a run of blocks at one step flips
+                start = int(rng.integers(self.layout.num_blocks))
+                stop = int(rng.integers(start + 1, self.layout.num_blocks + 1))
+                mask[step, start:stop] = ~mask[step, start:stop]
+            else:  # one component over a run of steps
+                component, stop = int(rng.integers(mask.shape[2])), int(rng.integers(step + 1, self.steps + 1))
+                mask[step:stop, :, component] = not mask[step:stop, :, component].mean() >= 0.5
+            genome = mask_to_genome(mask)
+        return genome
+
+    def initial_genomes(self) -> np.ndarray:
+        """Seeds (repaired, deduplicated) then random masks of random density, ``population`` at least."""
+        rng = np.random.default_rng(self.config.seed)
+        genomes, seen = [], set()
+        candidates = [(name, schedule_to_genome(s, self.layout, self.steps)) for name, s in self.seeds.items()]
+        while len(genomes) < self.config.population or candidates:
+            if candidates:
+                name, genome = candidates.pop(0)
+                genome = self.repair_genome(genome)
+                self.seed_names.setdefault(np.packbits(genome).tobytes(), name)
+            else:
+                genome = self.repair_genome(rng.random(self.length) < rng.uniform(0.15, 0.9))
+            key = genome.tobytes()
+            if key not in seen:
+                seen.add(key)
+                genomes.append(genome)
+        return np.array(genomes, dtype=bool)
+
+    def _set_objectives(self, pop, objectives: np.ndarray) -> None:
+        p = _pymoo()
+        p.PymooEvaluator().eval(
+            p.StaticProblem(self._problem, F=objectives), pop, skip_already_evaluated=False, count_evals=False
+        )
+
+    # -- evaluation --------------------------------------------------------------------------------------
+
+    def evaluate(self, genomes: np.ndarray, prompts: int, deadline: float | None, progress=None) -> np.ndarray:
+        """Objectives ``(n, 2)`` of ``genomes`` on ``prompts`` prompts, from the archive where possible.
+
+        Raises:
+            BudgetExhausted: the deadline passed before all were evaluated.
+        """
+        missing = [g for g in genomes if self.archive.get(g, prompts) is None]
+        unique = list({g.tobytes(): g for g in missing}.values())
+
+        def score(genome: np.ndarray):
+            schedule = genome_to_schedule(genome, self.layout, self.steps)
+            metrics = self.evaluator.measure(schedule, prompts)
+            return self.evaluator.objectives(metrics), metrics
+
+        for genome, (objectives, metrics) in self.workers.map(score, unique, deadline, progress):
+            self.archive.add(genome, prompts, objectives, metrics)
+        if any(self.archive.get(g, prompts) is None for g in genomes):
+            raise BudgetExhausted
+        return np.array([self.archive.get(g, prompts)[0] for g in genomes])
+
+    # -- checkpoint --------------------------------------------------------------------------------------
+
+    def _paths(self) -> tuple[Path, Path]:
+        return self.out_dir / "search_state.json", self.out_dir / "search_state.npz"
+
+    def _fingerprint(self) -> dict:
+        fingerprint = {
+            "layout": asdict(self.layout),
+            "prompts": self.evaluator.prompts,
+            "search": self.config.fingerprint(),
+        }
+        return json.loads(json.dumps(fingerprint))  # as read back from JSON: tuples become lists
+
+    def save(self) -> None:
+        """Write the checkpoint atomically (npz first, then the json that names it)."""
+        if not self.workers.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        json_path, npz_path = self._paths()
+        algorithm = self._algorithm
+        pop = algorithm.pop
+        arrays = {**self.archive.arrays(self.length), "population": pop.get("X").astype(bool)}
+        arrays["population_objectives"] = pop.get("F")
+        arrays["population_rank"] = pop.get("rank").astype(np.int64)
+        arrays["population_crowding"] = pop.get("crowding").astype(np.float64)
+        tmp = npz_path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, npz_path)
+        state = {
+            "version": STATE_VERSION,
+            "fingerprint": self._fingerprint(),
+            "generation": self.generation,
+            "n_iter": algorithm.n_iter,
+            "elapsed_seconds": self.elapsed,
+            "random_state": algorithm.random_state.bit_generator.state,
+            "archive_metrics": self.archive.metrics(),
+        }
+        tmp = json_path.with_suffix(".tmp.json")
+        tmp.write_text(json.dumps(state, default=_json_default))
+        os.replace(tmp, json_path)
+
+    def load(self) -> bool:
+        """Restore from the checkpoint in ``out_dir``; False if there is none."""
+        json_path, npz_path = self._paths()
+        if not json_path.exists():
+            return False
+        state = json.loads(json_path.read_text())
+        if state.get("version") != STATE_VERSION or state.get("fingerprint") != self._fingerprint():
+            raise ValueError(
+                f"{self.out_dir} holds a search with other settings (model, prompts or search config); "
+                "pass another --out, or --restart to discard it"
+            )
+        p = _pymoo()
+        with np.load(npz_path) as data:
+            arrays = {key: data[key] for key in data.files}
+        self.archive = Archive.restore(arrays, state["archive_metrics"])
+        algorithm = self._algorithm
+        pop = p.Population.new(X=arrays["population"])
+        self._set_objectives(pop, arrays["population_objectives"])
+        pop.set("rank", arrays["population_rank"], "crowding", arrays["population_crowding"])
+        algorithm.pop, algorithm.is_initialized, algorithm.n_iter = pop, True, state["n_iter"]
+        algorithm.start_time = time.time()
+        algorithm._set_optimum()
+        algorithm.random_state.bit_generator.state = state["random_state"]
+        self.generation, self.elapsed = state["generation"], state["elapsed_seconds"]
+        logger.info(
+            "resumed %s at generation %d (%d evaluations)", self.out_dir, self.generation, len(self.archive.order)
+        )
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def _rescore_population(self, prompts: int, deadline: float | None, progress) -> None:
+        algorithm = self._algorithm
+        pop = algorithm.pop
+        self._set_objectives(pop, self.evaluate(pop.get("X").astype(bool), prompts, deadline, progress))
+        algorithm.pop = algorithm.survival.do(
+            self._problem, pop, n_survive=len(pop), algorithm=algorithm, random_state=algorithm.random_state
+        )
+
+    def step(self, deadline: float | None, progress=None) -> None:
+        """Run one generation (the first one evaluates the initial population) and checkpoint."""
+        algorithm, total = self._algorithm, len(self.evaluator.prompts)
+        prompts = self.config.prompts_at(self.generation, total)
+        if self.generation > 0 and prompts != self.config.prompts_at(self.generation - 1, total):
+            self._rescore_population(prompts, deadline, progress)
+        offspring = algorithm.ask()
+        objectives = self.evaluate(offspring.get("X").astype(bool), prompts, deadline, progress)
+        self._set_objectives(offspring, objectives)
+        algorithm.tell(infills=offspring)
+        self.generation += 1
+
+    def run(self, resume: bool = True) -> list[tuple[np.ndarray, dict]]:
+        """Search until the generation count or budget is reached; returns the final front as (genome, metrics)."""
+        from tqdm.auto import tqdm
+
+        if resume:
+            self.load()
+        started = time.perf_counter() - self.elapsed
+        budget = self.config.budget_seconds
+        deadline = None if budget is None else started + budget
+        progress = tqdm(desc="search", unit="candidate", disable=not self.workers.is_main)
+        try:
+            while self.config.generations is None or self.generation < self.config.generations:
+                if self.workers.agree(deadline is not None and time.perf_counter() >= deadline):
+                    break
+                progress.set_postfix(generation=self.generation)
+                try:
+                    self.step(deadline, progress)
+                except BudgetExhausted:
+                    break
+                finally:
+                    self.elapsed = time.perf_counter() - started
+                self.save()
+        finally:
+            progress.close()
+            self.elapsed = time.perf_counter() - started
+        if self.generation == 0:
+            raise ValueError("the budget ran out before the initial population was evaluated; give more time")
+        self.save()
+        return self.final_front(deadline=None)
+
+    def final_front(self, deadline: float | None) -> list[tuple[np.ndarray, dict]]:
+        """Non-dominated members of the last population, scored on all prompts, at most ``max_front``."""
+        from accel.caching.search.front import non_dominated
+
+        genomes = self._algorithm.pop.get("X").astype(bool)
+        objectives = self.evaluate(genomes, len(self.evaluator.prompts), deadline)
+        keep = non_dominated(objectives)
+        genomes, objectives = genomes[keep], objectives[keep]
+        order = np.argsort(objectives[:, 0])
+        if len(order) > self.config.max_front:
+            order = order[np.unique(np.linspace(0, len(order) - 1, self.config.max_front).round().astype(int))]
+        total = len(self.evaluator.prompts)
+        return [(genomes[i], self.archive.get(genomes[i], total)[1]) for i in order]
+
+
+def _json_default(value):
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+class _Workers:
+    """Maps candidate evaluation over the processes of an ``accelerate launch`` (or runs it locally).
+
+    Every process runs the same deterministic search; each evaluates its share of the candidates and the
+    results are gathered to all, so all processes keep identical archives. Only the main process writes.
+    """
+
+    def __init__(self):
+        self.num_processes, self.index, self._state = 1, 0, None
+        try:
+            from accelerate import PartialState
+
+            state = PartialState()
+            if state.num_processes > 1:
+                self._state, self.num_processes, self.index = state, state.num_processes, state.process_index
+        except ImportError:
+            pass
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def agree(self, flag: bool) -> bool:
+        """The main process's ``flag`` on every process (so that all stop at the same generation)."""
+        if self._state is None:
+            return flag
+        from accelerate.utils import broadcast_object_list
+
+        return bool(broadcast_object_list([flag], from_process=0)[0])
+
+    def map(self, fn, items: list, deadline: float | None, progress=None):
+        """Yield ``(item, fn(item))``; stops early (locally) when ``deadline`` passes."""
+        if self._state is None or not items:
+            for item in items:
+                if deadline is not None and time.perf_counter() >= deadline:
+                    return
+                result = fn(item)
+                if progress is not None:
+                    progress.update(1)
+                yield item, result
+            return
+        from accelerate.utils import gather_object
+
+        mine = [(i, fn(item)) for i, item in enumerate(items) if i % self.num_processes == self.index]
+        if progress is not None:
+            progress.update(len(items))
+        for i, result in sorted(gather_object(mine), key=lambda pair: pair[0]):
+            yield items[i], result

@@ -1,0 +1,136 @@
+"""The search as one call: calibrate, seed, search (NSGA-II or DP only), measure the front, save it.
+
+Typical use::
+
+    from accel.caching.search import SearchConfig, search, load_front
+    front = search(pipe, prompts, SearchConfig(budget_seconds=1800), "schedules/")
+    schedule = load_front("schedules/").pick(target_speedup=2.5)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from accel.caching.schedule import Schedule
+from accel.caching.search.config import SearchConfig
+from accel.caching.search.evaluator import Evaluator
+from accel.caching.search.front import Front, non_dominated
+from accel.caching.search.genome import genome_to_schedule
+from accel.caching.search.nsga import GeneticSearch
+from accel.caching.search.seeds import dp_schedules, heuristic_schedules
+
+logger = logging.getLogger(__name__)
+
+
+def seed_schedules(evaluator: Evaluator, config: SearchConfig) -> dict[str, Schedule]:
+    """Heuristic and DP schedules for this model and step count, by name."""
+    steps = config.evaluation.num_steps
+    seeds = heuristic_schedules(evaluator.layout, steps)
+    seeds.update(
+        dp_schedules(evaluator.layout, evaluator.change, config.constraints, evaluator.cost_model.component_macs)
+    )
+    return seeds
+
+
+def _dp_front(evaluator: Evaluator, config: SearchConfig) -> list[tuple[Schedule, dict]]:
+    layout, steps = evaluator.layout, config.evaluation.num_steps
+    schedules = dp_schedules(layout, evaluator.change, config.constraints, evaluator.cost_model.component_macs)
+    measured = [(s, evaluator.measure(s, images=True)) for s in schedules.values()]
+    objectives = np.array([evaluator.objectives(m) for _, m in measured])
+    keep = non_dominated(objectives)
+    logger.info(
+        "DP: %d schedules, %d on the front (%d steps, %d blocks)", len(measured), keep.sum(), steps, layout.num_blocks
+    )
+    return [pair for pair, k in zip(measured, keep) if k]
+
+
+def search(
+    pipe: Any,
+    prompts: list[str],
+    config: SearchConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = True,
+    call_kwargs: dict | None = None,
+    info: dict | None = None,
+    evaluator: Evaluator | None = None,
+) -> Front:
+    """Search caching schedules for ``pipe`` and save the front (and the checkpoint) in ``out_dir``.
+
+    Args:
+        pipe: a diffusers pipeline with a supported transformer.
+        prompts: calibration prompts.
+        config: search settings.
+        out_dir: output folder: ``front.json``, ``schedule-NN.json``, ``search_state.*``.
+        resume: continue from a checkpoint in ``out_dir`` (False starts over).
+        call_kwargs: extra pipeline arguments (see :class:`Evaluator`).
+        info: extra fields for ``front.json``'s ``info`` (e.g. the model id).
+        evaluator: reuse an :class:`Evaluator` already calibrated on ``pipe`` and ``prompts``.
+
+    Returns:
+        the :class:`Front`, each schedule with ``metrics`` measured on all prompts (``image_psnr`` included).
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    if evaluator is None:
+        evaluator = Evaluator(pipe, prompts, config.evaluation, call_kwargs)
+    if config.method == "dp":
+        members = _dp_front(evaluator, config)
+        generations, evaluations = 0, len(members)
+        search_seconds = time.perf_counter() - started
+    else:
+        if not resume:
+            for name in ("search_state.json", "search_state.npz"):
+                (out_dir / name).unlink(missing_ok=True)
+        seeds = seed_schedules(evaluator, config) if config.seed_schedules else {}
+        genetic = GeneticSearch(evaluator, config, out_dir, seeds)
+        found = genetic.run(resume=resume)
+        members = [
+            (genome_to_schedule(g, evaluator.layout, config.evaluation.num_steps, **_provenance(genetic, g)), m)
+            for g, m in found
+        ]
+        generations, evaluations = genetic.generation, len(genetic.archive.order)
+        search_seconds = genetic.elapsed
+        if not genetic.workers.is_main:
+            return Front(schedules=())
+    schedules = []
+    for schedule, metrics in members:
+        full = metrics if "image_psnr" in metrics else {**metrics, **evaluator.measure(schedule, images=True)}
+        schedules.append(replace(schedule, metrics=_rounded(full)))
+    front_info = {
+        **(info or {}),
+        "model_class": evaluator.layout.model_class,
+        "num_steps": config.evaluation.num_steps,
+        "prompts": evaluator.prompts,
+        "method": config.method,
+        "generations": generations,
+        "evaluations": evaluations,
+        "search_minutes": round(search_seconds / 60, 3),
+        "full_compute_seconds": round(evaluator.full_seconds, 4),
+        "config": json.loads(json.dumps(asdict(config))),
+    }
+    front = Front(schedules=tuple(schedules), info=front_info)
+    front.save(out_dir)
+    logger.info("front of %d schedules written to %s\n%s", len(front), out_dir, front.table())
+    return front
+
+
+def _provenance(genetic: GeneticSearch, genome: np.ndarray) -> dict:
+    return {
+        "generator": "nsga2",
+        "origin": genetic.origin(genome),
+        "generation": genetic.generation,
+        "seed": genetic.config.seed,
+        "constraints": genetic.config.constraints.to_dict(),
+    }
+
+
+def _rounded(metrics: dict) -> dict:
+    return {k: round(float(v), 5) if isinstance(v, (float, np.floating)) else v for k, v in metrics.items()}

@@ -1,0 +1,52 @@
+"""Schedules transfer across step counts: measure a front searched at one step count at another.
+
+A front's schedules are resampled over normalised time (:meth:`Schedule.resample`) and scored against full
+compute at the new step count, with the same prompts and seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from accel.caching.schedule import Schedule
+from accel.caching.search.evaluator import Evaluator
+
+
+def measure_transfer(evaluator: Evaluator, schedules: Iterable[Schedule], images: bool = False) -> list[dict]:
+    """Score ``schedules`` at ``evaluator``'s step count.
+
+    Args:
+        evaluator: calibrated at the target step count (its reference is full compute at that count).
+        schedules: e.g. a :class:`~accel.caching.search.Front` searched at another step count.
+        images: also report decoded-image PSNR.
+
+    Returns:
+        one row per schedule: ``source_steps``, ``target_steps``, the metrics found when searched
+        (``source_psnr``, ``source_relative_macs``) and those measured now (``psnr``, ``relative_macs``, ...).
+    """
+    rows = []
+    for schedule in schedules:
+        measured = evaluator.measure(schedule.resample(evaluator.config.num_steps), images=images)
+        rows.append(
+            {
+                "source_steps": schedule.num_steps,
+                "target_steps": evaluator.config.num_steps,
+                "source_psnr": schedule.metrics.get("psnr"),
+                "source_relative_macs": schedule.metrics.get("relative_macs"),
+                **measured,
+            }
+        )
+    return rows
+
+
+def transfer_table(rows: list[dict[str, Any]]) -> str:
+    """A text table of :func:`measure_transfer` rows."""
+    lines = [f"{'steps':>11}{'MACs then':>11}{'MACs now':>10}{'PSNR then':>11}{'PSNR now':>10}"]
+    for r in rows:
+        lines.append(
+            f"{r['source_steps']:>4} -> {r['target_steps']:<4}"
+            f"{100 * (r['source_relative_macs'] or float('nan')):>10.0f}%"
+            f"{100 * r['relative_macs']:>9.0f}%{r['source_psnr'] or float('nan'):>11.2f}{r['psnr']:>10.2f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Schedule search on the tiny PixArt pipeline: cost model vs the engine, a short search, resume, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_pixart_pipeline
+
+import accel
+from accel.caching import CacheConfig, compute_all, fora
+from accel.caching.search import (
+    Constraints,
+    Evaluator,
+    EvaluatorConfig,
+    SearchConfig,
+    load_front,
+    measure_transfer,
+    search,
+)
+from accel.caching.search.genome import satisfies
+from accel.caching.search.nsga import GeneticSearch
+from accel.caching.search.runner import seed_schedules
+
+pytest.importorskip("pymoo")
+
+PROMPTS = ["a red apple", "a blue car", "a green tree", "the moon"]
+CALL = {"max_sequence_length": 16}
+STEPS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the tiny model is launch-bound: extra threads only contend with other work on the machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    torch.manual_seed(0)
+    return Evaluator(build_tiny_pixart_pipeline(), PROMPTS, EvaluatorConfig(num_steps=STEPS), CALL)
+
+
+def small_config(**overrides):
+    values = dict(
+        population=6, generations=2, prompts_start=2, prompts_growth=1, evaluation=EvaluatorConfig(num_steps=STEPS)
+    )
+    return SearchConfig(**{**values, **overrides})
+
+
+def test_evaluator_reference_and_cost_model_match_the_engine(evaluator):
+    layout = evaluator.layout
+    assert evaluator.change.shape == (4, 3, STEPS, STEPS)
+    assert np.allclose(np.diagonal(evaluator.change, axis1=2, axis2=3), 0)
+    full = evaluator.measure(compute_all(layout, STEPS))
+    assert full["psnr"] >= 90 and full["relative_macs"] == 1.0
+    schedule = fora(layout, STEPS, 3)
+    pipe = evaluator.pipe
+    with accel.apply(pipe, CacheConfig(schedule=schedule)) as handle:
+        evaluator.generate(None, 2)
+        stats = handle.stats()
+    model = evaluator.cost_model
+    saved = STEPS * model.call_macs - model.step_macs(schedule.mask).sum()
+    assert saved / (STEPS * model.block_macs.sum()) == pytest.approx(stats.macs_saved_fraction, rel=1e-9)
+    measured = evaluator.measure(schedule, images=True)
+    assert 20 < measured["psnr"] < 90 and measured["image_psnr"] > 20
+
+
+def test_two_generation_search_returns_a_valid_front(evaluator, tmp_path):
+    constraints = Constraints(first_steps=1, last_steps=1, max_consecutive_reuse=2)
+    config = small_config(constraints=constraints)
+    front = search(evaluator.pipe, PROMPTS, config, tmp_path, evaluator=evaluator)
+    assert len(front) >= 2
+    for schedule in front:
+        schedule.check_layout(evaluator.layout)
+        assert schedule.num_steps == STEPS and satisfies(schedule.mask, constraints)
+        assert schedule.metrics["prompts"] == len(PROMPTS) and "image_psnr" in schedule.metrics
+    speeds = [s.metrics["ideal_speedup"] for s in front]
+    psnrs = [s.metrics["psnr"] for s in front]
+    assert speeds == sorted(speeds) and psnrs == sorted(psnrs, reverse=True)  # a front: faster is worse
+    loaded = load_front(tmp_path)
+    assert [s.to_dict() for s in loaded] == [s.to_dict() for s in front]
+    picked = loaded.pick(target_speedup=1.5)
+    assert picked.metrics["ideal_speedup"] >= 1.5 or picked is loaded.schedules[-1]
+    assert json.loads((tmp_path / "front.json").read_text())["info"]["generations"] == 2
+
+
+def test_resume_continues_exactly(evaluator, tmp_path):
+    seeds = dict(list(seed_schedules(evaluator, small_config()).items())[:4])
+    straight = GeneticSearch(evaluator, small_config(generations=3), tmp_path / "a", seeds)
+    straight.run()
+    first = GeneticSearch(evaluator, small_config(generations=1), tmp_path / "b", seeds)
+    first.run()
+    resumed = GeneticSearch(evaluator, small_config(generations=3), tmp_path / "b", seeds)
+    assert resumed.load() and resumed.generation == 1
+    resumed.run()
+    for attribute in ("X", "F", "rank"):
+        assert np.array_equal(straight._algorithm.pop.get(attribute), resumed._algorithm.pop.get(attribute))
+    assert straight.archive.order == resumed.archive.order
+    with pytest.raises(ValueError, match="other settings"):
+        GeneticSearch(evaluator, small_config(seed=1), tmp_path / "b", seeds).load()
+
+
+def test_dp_method_and_transfer(evaluator, tmp_path):
+    front = search(evaluator.pipe, PROMPTS, small_config(method="dp"), tmp_path, evaluator=evaluator)
+    assert len(front) >= 2 and {s.provenance["generator"] for s in front} <= {"cachequant", "bac"}
+    other = Evaluator(evaluator.pipe, PROMPTS[:2], EvaluatorConfig(num_steps=STEPS + 2), CALL)
+    rows = measure_transfer(other, front)
+    assert len(rows) == len(front) and all(r["target_steps"] == STEPS + 2 for r in rows)
+    assert all(r["psnr"] > 20 for r in rows)
+
+
+def test_cli_dp_search(tmp_path):
+    from accel.cli import main
+
+    pipe = build_tiny_pixart_pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "front"
+    argv = ["search", "--model", str(tmp_path / "model"), "--prompts", str(prompts), "--steps", "5"]
+    argv += ["--out", str(out), "--method", "dp", "--max-sequence-length", "16", "--last-steps", "1"]
+    assert main(argv) == 0
+    front = load_front(out)
+    assert len(front) >= 1 and front.info["num_steps"] == 5 and all(s.mask[-1].all() for s in front)
