@@ -68,6 +68,9 @@ class EvalConfig:
     pipeline_kwargs: dict = field(default_factory=dict, metadata=_help("extra pipeline call arguments, as JSON"))
     device: str = field(default="cpu", metadata=_help("torch device"))
     dtype: str = field(default="float32", metadata=_help("weights dtype: float32, float16 or bfloat16"))
+    threads: int | None = field(
+        default=None, metadata=_help("torch.set_num_threads for the run (CPU); omitted: torch's default")
+    )
     timing: TimingConfig = field(default_factory=TimingConfig)
     weights: MetricWeights = field(default_factory=MetricWeights)
 
@@ -80,6 +83,8 @@ class EvalConfig:
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         object.__setattr__(self, "pipeline_kwargs", dict(self.pipeline_kwargs))

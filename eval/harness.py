@@ -226,6 +226,8 @@ def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext
     from accelerate import PartialState
 
     state = PartialState(cpu=config.device == "cpu")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     device = (
         state.device if config.device.startswith("cuda") and state.num_processes > 1 else torch.device(config.device)
     )
@@ -298,6 +300,7 @@ def run_evaluation(config: EvalConfig, out: str | Path, pipe: Any = None) -> dic
         return None
     results = {"type": RESULTS_TYPE, "version": RESULTS_VERSION, "run": provenance(context), "trials": trials}
     _write_json(out / "results.json", results)
+    results = json.loads((out / "results.json").read_text())  # exactly what was saved (lists, not tuples)
     write_reports(results, out)
     logger.info("wrote %s, %s and %s", out / "results.json", out / "report.md", out / "report.html")
     return results

@@ -1,0 +1,136 @@
+"""The method grammar: parsing, errors, and every method applied to a stock PixArt pipeline and removed."""
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_pixart_pipeline
+from eval_helpers import one_thread  # noqa: F401
+
+from accel.caching import CacheConfig, FirstBlockPolicy, fora, layout_of
+from accel.eval.generation import call_kwargs, generate
+from accel.eval.methods import FORMS, UnsupportedMethod, apply_method, parse_method, parse_methods
+
+EXAMPLES = {
+    "full": ("full", {}),
+    "steps-3": ("steps", {"steps": 3}),
+    "fora-2": ("fora", {"interval": 2}),
+    "delta-dit": ("delta-dit", {"interval": 2}),
+    "delta-dit-3": ("delta-dit", {"interval": 3}),
+    "tgate": ("tgate", {}),
+    "tgate-2": ("tgate", {"gate_step": 2}),
+    "fbc-0.08": ("fbc", {"threshold": 0.08}),
+    "diffusers-fbc-0.1": ("diffusers-fbc", {"threshold": 0.1}),
+    "diffusers-taylorseer": ("diffusers-taylorseer", {}),
+    "diffusers-pab": ("diffusers-pab", {}),
+    "diffusers-fastercache": ("diffusers-fastercache", {}),
+    "diffusers-magcache": ("diffusers-magcache", {}),
+    "runs/best.json": ("json", {"path": "runs/best.json"}),
+}
+STEPS = 4
+
+
+def test_examples_cover_every_form():
+    assert {kind for kind, _ in EXAMPLES.values()} == set(FORMS)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_parse(name):
+    method = parse_method(name)
+    assert (method.kind, method.params) == EXAMPLES[name]
+    assert method.name == name and "/" not in method.slug
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("fora", "unknown method 'fora'"),
+        ("fora-x", "unknown method"),
+        ("fora-0", "fora-N: N must be >= 1"),
+        ("steps-0", "steps-N: N must be >= 1"),
+        ("fbc-", "unknown method"),
+        ("diffusers-firstblock", "unknown method"),
+    ],
+)
+def test_parse_errors_list_the_valid_forms(name, message):
+    with pytest.raises(ValueError, match=message) as info:
+        parse_method(name)
+    if "unknown" in message:
+        for form in FORMS.values():
+            assert form.usage in str(info.value)
+
+
+def test_parse_methods_puts_full_first_and_refuses_repeats():
+    assert [m.name for m in parse_methods("fora-2, steps-3")] == ["full", "fora-2", "steps-3"]
+    assert [m.name for m in parse_methods(["fora-2", "full"])] == ["full", "fora-2"]
+    with pytest.raises(ValueError, match="listed twice: fora-2"):
+        parse_methods("fora-2,fora-2")
+    with pytest.raises(ValueError, match="no methods"):
+        parse_methods(" , ")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pixart_pipeline()
+
+
+def _generate(pipe, steps=STEPS):
+    return generate(pipe, ["a red apple", "a blue car"], [0, 1], steps, 4.5, call_kwargs(pipe))
+
+
+def _instance_state(module):
+    return sorted(n for n, m in module.named_modules() if "forward" in m.__dict__ or hasattr(m, "_diffusers_hook"))
+
+
+@pytest.mark.parametrize("name", [n for n in EXAMPLES if not n.endswith(".json")])
+def test_every_method_runs_or_is_unsupported_and_leaves_the_model_as_it_was(pipe, name, one_thread):  # noqa: F811
+    torch.manual_seed(0)
+    reference = _generate(pipe)
+    method = parse_method(name)
+    try:
+        with apply_method(method, pipe, STEPS, instrument=True) as applied:
+            applied.reset()
+            images = _generate(pipe, applied.steps)
+            json.dumps(applied.config)  # the config is recorded as JSON
+    except UnsupportedMethod as error:
+        assert method.kind in ("diffusers-fbc", "diffusers-taylorseer", "diffusers-magcache")
+        assert "does not call transformer.cache_context" in str(error)
+    else:
+        mse = float(((images - reference) ** 2).mean())
+        psnr = 10 * torch.log10(torch.tensor(1 / mse)) if mse else torch.tensor(float("inf"))
+        assert psnr > 30, f"{name}: PSNR {psnr:.1f} dB vs full compute"
+        if method.kind == "full":
+            assert mse == 0
+    assert _instance_state(pipe.transformer) == []
+    assert torch.equal(_generate(pipe), reference)
+
+
+def test_json_methods_schedule_and_cache_config(tmp_path, pipe, one_thread):  # noqa: F811
+    schedule_path = fora(layout_of(pipe), STEPS, 2).save(tmp_path / "fora.json")
+    config_path = tmp_path / "fbc.json"
+    config_path.write_text(json.dumps(CacheConfig(schedule=FirstBlockPolicy(threshold=0.1)).to_dict()))
+    reference = _generate(pipe)
+    for path in (schedule_path, config_path):
+        method = parse_method(str(path))
+        assert method.kind == "json" and len(method.fingerprint()["sha256"]) == 64
+        with apply_method(method, pipe, STEPS) as applied:
+            assert applied.config["type"] == "accel.caching.CacheConfig"
+            images = _generate(pipe)
+        assert not torch.equal(images, reference)
+    assert torch.equal(_generate(pipe), reference)
+
+
+def test_json_method_errors(tmp_path, pipe):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        with apply_method(parse_method(str(bad)), pipe, STEPS):
+            pass
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"type": "something.else"}))
+    with pytest.raises(ValueError, match="expected a Schedule or a CacheConfig JSON"):
+        with apply_method(parse_method(str(other)), pipe, STEPS):
+            pass
+    with pytest.raises(FileNotFoundError, match="method file not found"):
+        with apply_method(parse_method(str(tmp_path / "missing.json")), pipe, STEPS):
+            pass
