@@ -8,7 +8,7 @@ key         results
 ``lpips``   ``LPIPS-<net>``: torchmetrics LPIPS (needs torchvision and the backbone's ImageNet weights)
 ``fid``     ``FID-<extractor>`` and ``KID-<extractor>``: Inception-V3 where its weights are on disk, else the
             offline EfficientNet-Lite0 features of :mod:`accel.eval.fid` (the two are not comparable)
-``clip``    ``CLIPScore-<model>`` with a local open-clip checkpoint, else ``Alignment-<scorer>`` from the
+``clip``    ``CLIPScore-<model>`` with a local open-clip checkpoint, else ``alignment-<encoders>`` from the
             bundled offline scorer of :mod:`accel.eval.alignment`
 ==========  ============================================================================================
 
@@ -286,7 +286,8 @@ def clip(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
 
         scorer = suite.cached("alignment", load_alignment_scorer)
     except (ImportError, FileNotFoundError, OSError) as error:
-        return {"Alignment": unavailable("higher", computed, f"{fallback}; bundled scorer unavailable: {error}")}
+        reason = f"{fallback}; bundled scorer unavailable: {error}"
+        return {"alignment": unavailable("higher", computed, reason)}
     scores = torch.as_tensor(scorer.score(_floats(inputs.images), list(inputs.prompts))).float()
-    name = getattr(scorer, "name", "bundled")
-    return {f"Alignment-{name}": result(scores.mean(), better="higher", computed=computed, note=fallback)}
+    name = getattr(scorer, "metric_name", "alignment-bundled")
+    return {name: result(scores.mean(), better="higher", computed=computed, note=fallback)}

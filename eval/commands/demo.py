@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from accel.eval.commands import evaluate
+from accel.eval.methods import parse_methods
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,8 +18,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation and print the summary table."""
     if not args.list_methods:
         config = evaluate.config_of(args)
+        methods = parse_methods(config.methods)
         print(
-            f"accel demo: {len(config.methods)} methods x {len(config.prompts)} prompts, {config.steps} steps, "
+            f"accel demo: {len(methods)} methods x {len(config.prompts)} prompts, {config.steps} steps, "
             f"on {config.model or 'the bundled default model'}; writing {args.out}/"
         )
     return evaluate.run(args)

@@ -1,0 +1,96 @@
+"""The metric registry: what each metric computes, names, and what happens when weights are missing."""
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+from eval_helpers import one_thread  # noqa: F401
+
+from accel.eval.metrics import METRICS, PSNR_CAP_DB, MetricInputs, MetricSuite, MetricWeights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _images(seed: int, n: int = 6, size: int = 16) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def _inputs(images, reference):
+    return MetricInputs(images=images, reference=reference, prompts=tuple(f"prompt {i}" for i in range(len(images))))
+
+
+def test_psnr_ssim_of_identical_images_are_capped_and_one():
+    reference = _images(0)
+    results = MetricSuite(["psnr", "ssim"]).compute(_inputs(reference, reference))
+    assert results["PSNR"]["value"] == PSNR_CAP_DB and results["SSIM"]["value"] == pytest.approx(1.0)
+    assert results["PSNR"]["better"] == "higher" and "same prompt and seed" in results["PSNR"]["computed"]
+
+
+def test_psnr_matches_the_definition():
+    reference = _images(0)
+    noisy = (reference.int() + 4).clamp(0, 255).to(torch.uint8)
+    mse = ((noisy.float() - reference.float()) / 255).pow(2).mean(dim=(1, 2, 3))
+    expected = (10 * torch.log10(1 / mse)).mean()
+    assert MetricSuite(["psnr"]).compute(_inputs(noisy, reference))["PSNR"]["value"] == pytest.approx(float(expected))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here")
+def test_lpips_without_torchvision_is_unavailable_with_the_extra_to_install():
+    results = MetricSuite(["lpips"]).compute(_inputs(_images(0), _images(1)))
+    assert results["LPIPS-alex"]["value"] is None
+    assert "torchvision" in results["LPIPS-alex"]["unavailable"] and "[lpips]" in results["LPIPS-alex"]["unavailable"]
+
+
+def test_fid_and_kid_name_their_extractor_and_reference():
+    reference, other = _images(0, n=8), _images(1, n=8)
+    suite = MetricSuite(["fid"])
+    same = suite.compute(_inputs(reference, reference))
+    names = set(same)
+    assert names in ({"FID-EffNetLite0", "KID-EffNetLite0"}, {"FID-InceptionV3", "KID-InceptionV3"})
+    fid_name = sorted(names)[0]
+    assert same[fid_name]["value"] == pytest.approx(0, abs=1e-3)
+    assert "full-compute images" in same[fid_name]["computed"]
+    assert suite.compute(_inputs(other, reference))[fid_name]["value"] > 1
+
+
+def test_fid_against_a_real_set():
+    real = _images(5, n=10)
+    results = MetricSuite(["fid"], real=real, real_label="emoji64.npz").compute(_inputs(_images(0), _images(0)))
+    fid = next(v for k, v in results.items() if k.startswith("FID-"))
+    assert "emoji64.npz (10 images)" in fid["computed"] and fid["value"] > 0
+
+
+def test_clip_falls_back_to_the_bundled_alignment_scorer(monkeypatch):
+    class Scorer:
+        metric_name = "alignment-stub"
+
+        def score(self, images, prompts):
+            assert images.dtype == torch.float32 and 0 <= float(images.min()) and float(images.max()) <= 1
+            return torch.full((len(prompts),), 42.0)
+
+    stub = types.ModuleType("accel.eval.alignment")
+    stub.load_alignment_scorer = Scorer
+    monkeypatch.setitem(sys.modules, "accel.eval.alignment", stub)
+    results = MetricSuite(["clip"]).compute(_inputs(_images(0), _images(1)))
+    assert results["alignment-stub"]["value"] == 42.0 and "--clip-weights" in results["alignment-stub"]["note"]
+
+
+def test_missing_alignment_scorer_is_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "accel.eval.alignment", None)  # import fails
+    results = MetricSuite(["clip"]).compute(_inputs(_images(0), _images(1)))
+    assert results["alignment"]["value"] is None and "bundled scorer unavailable" in results["alignment"]["unavailable"]
+
+
+def test_named_weight_files_must_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="clip weights file not found"):
+        MetricWeights(clip=str(tmp_path / "open_clip.bin"))
+    with pytest.raises(ValueError, match="lpips_net must be one of"):
+        MetricWeights(lpips_net="resnet")
+
+
+def test_unknown_metric_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known: .*psnr"):
+        MetricSuite(["psnr", "beauty"])
+    assert set(METRICS) == {"psnr", "ssim", "lpips", "fid", "clip"}
