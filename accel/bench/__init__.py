@@ -7,4 +7,5 @@ between machines and runs, ratios much less.
 
 BENCHMARKS = {
     "caching": "accel.bench.caching",
+    "search": "accel.bench.search",
 }
