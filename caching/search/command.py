@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import types
 import typing
 from pathlib import Path
@@ -55,6 +56,20 @@ def _fields(cls: type, prefix: str = ""):
         yield prefix + f.name, f, kind, args
 
 
+def _attribute_help(cls: type) -> dict[str, str]:
+    """Field name -> its description in the class docstring's ``Attributes:`` section."""
+    help_texts, name = {}, None
+    lines = (cls.__doc__ or "").split("Attributes:", 1)[-1].splitlines()
+    for line in lines:
+        match = re.match(r"^\s{8}(\w+): (.*)$", line)
+        if match:
+            name = match.group(1)
+            help_texts[name] = match.group(2).strip()
+        elif name and line.strip() and line.startswith(" " * 12):
+            help_texts[name] += " " + line.strip()
+    return help_texts
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -79,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices = list(args) if typing.get_origin(kind) is typing.Literal else None
         parse = {bool: _parse_bool}.get(kind, str if choices else kind)
         default = f.default if f.default is not dataclasses.MISSING else None
-        parser.add_argument(flag, dest=name, type=parse, choices=choices, help=f"{name} (default {default})")
+        owner = _GROUPS.get(name.split(".")[0], SearchConfig) if "." in name else SearchConfig
+        text = _attribute_help(owner).get(name.split(".")[-1], name).replace("%", "%%")
+        parser.add_argument(flag, dest=name, type=parse, choices=choices, help=f"{text} (default {default})")
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
@@ -135,11 +152,11 @@ def run(args: argparse.Namespace) -> int:
     front = search(pipe, prompts, config, args.out, resume=not args.restart, call_kwargs=call_kwargs, info=info)
     print(front.table())
     if args.report:
-        _report(args, front, pipe)
+        _report(args, front, pipe, call_kwargs)
     return 0
 
 
-def _report(args: argparse.Namespace, front, pipe) -> None:
+def _report(args: argparse.Namespace, front, pipe, call_kwargs: dict) -> None:
     """Run the evaluation harness on full compute, the heuristics and the front (when the harness exists)."""
     try:
         from accel.eval.config import build_config
@@ -150,7 +167,12 @@ def _report(args: argparse.Namespace, front, pipe) -> None:
     out = Path(args.out)
     methods = ["full", "fora-2", "fora-3", "delta-dit", "tgate"]
     methods += [str(out / f"schedule-{i:02d}.json") for i in range(len(front))]
-    values = {"methods": methods, "steps": front.info["num_steps"], "prompts": front.info["prompts"]}
+    values = {
+        "methods": methods,
+        "steps": front.info["num_steps"],
+        "prompts": front.info["prompts"],
+        "pipeline_kwargs": call_kwargs,
+    }
     if args.model:
         values["model"] = args.model
     run_evaluation(build_config(values), out / "report", pipe=pipe)
