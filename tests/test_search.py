@@ -104,6 +104,31 @@ def test_resume_continues_exactly(evaluator, tmp_path):
         GeneticSearch(evaluator, small_config(seed=1), tmp_path / "b", seeds).load()
 
 
+def test_interrupted_run_loses_nothing(evaluator, tmp_path, monkeypatch):
+    seeds = dict(list(seed_schedules(evaluator, small_config()).items())[:4])
+    straight = GeneticSearch(evaluator, small_config(generations=3), tmp_path / "a", seeds)
+    straight.run()
+    total = len(straight.archive.order)
+    calls = []
+    measure = evaluator.measure
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == total // 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator, "measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        GeneticSearch(evaluator, small_config(generations=3), tmp_path / "b", seeds).run()
+    monkeypatch.setattr(evaluator, "measure", measure)
+    resumed = GeneticSearch(evaluator, small_config(generations=3), tmp_path / "b", seeds)
+    assert resumed.load() and len(resumed.archive.order) == total // 2  # every evaluation made was kept
+    resumed.run()
+    assert resumed.archive.order == straight.archive.order  # and none was run twice
+    assert np.array_equal(straight._algorithm.pop.get("X"), resumed._algorithm.pop.get("X"))
+
+
 def test_dp_method_and_transfer(evaluator, tmp_path):
     front = search(evaluator.pipe, PROMPTS, small_config(method="dp"), tmp_path, evaluator=evaluator)
     assert len(front) >= 2 and {s.provenance["generator"] for s in front} <= {"cachequant", "bac"}

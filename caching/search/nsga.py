@@ -123,6 +123,9 @@ class GeneticSearch:
         self.seeds = dict(seeds)
         self.seed_names: dict[bytes, str] = {}
         self.workers = _Workers()
+        self.autosave_seconds = 60.0
+        self._snapshot: dict | None = None
+        self._last_save = time.perf_counter()
         self._algorithm = self._build()
 
     # -- pymoo plumbing ----------------------------------------------------------------------------------
@@ -225,6 +228,8 @@ class GeneticSearch:
 
         for genome, (objectives, metrics) in self.workers.map(score, unique, deadline, progress):
             self.archive.add(genome, prompts, objectives, metrics)
+            if time.perf_counter() - self._last_save > self.autosave_seconds:
+                self.save()
         if any(self.archive.get(g, prompts) is None for g in genomes):
             raise BudgetExhausted
         return np.array([self.archive.get(g, prompts)[0] for g in genomes])
@@ -242,33 +247,49 @@ class GeneticSearch:
         }
         return json.loads(json.dumps(fingerprint))  # as read back from JSON: tuples become lists
 
+    def snapshot(self) -> None:
+        """Remember the search state at a generation boundary: what :meth:`save` writes besides the archive."""
+        algorithm = self._algorithm
+        pop = algorithm.pop
+        self._snapshot = {
+            "arrays": {
+                "population": pop.get("X").astype(bool),
+                "population_objectives": pop.get("F"),
+                "population_rank": pop.get("rank").astype(np.int64),
+                "population_crowding": pop.get("crowding").astype(np.float64),
+            },
+            "generation": self.generation,
+            "n_iter": algorithm.n_iter,
+            "random_state": json.loads(json.dumps(algorithm.random_state.bit_generator.state)),
+        }
+
     def save(self) -> None:
-        """Write the checkpoint atomically (npz first, then the json that names it)."""
+        """Write the last :meth:`snapshot` and the whole archive, atomically (npz first, then the json).
+
+        Between generation boundaries this keeps the evaluations made since (nothing is lost) while the state
+        stays that of the last boundary, so a resumed run redoes the same generation, from the archive.
+        """
         if not self.workers.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         json_path, npz_path = self._paths()
-        algorithm = self._algorithm
-        pop = algorithm.pop
-        arrays = {**self.archive.arrays(self.length), "population": pop.get("X").astype(bool)}
-        arrays["population_objectives"] = pop.get("F")
-        arrays["population_rank"] = pop.get("rank").astype(np.int64)
-        arrays["population_crowding"] = pop.get("crowding").astype(np.float64)
+        snapshot = self._snapshot or {"arrays": {}, "generation": 0, "n_iter": None, "random_state": None}
         tmp = npz_path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
+        np.savez_compressed(tmp, **self.archive.arrays(self.length), **snapshot["arrays"])
         os.replace(tmp, npz_path)
         state = {
             "version": STATE_VERSION,
             "fingerprint": self._fingerprint(),
-            "generation": self.generation,
-            "n_iter": algorithm.n_iter,
+            "generation": snapshot["generation"],
+            "n_iter": snapshot["n_iter"],
             "elapsed_seconds": self.elapsed,
-            "random_state": algorithm.random_state.bit_generator.state,
+            "random_state": snapshot["random_state"],
             "archive_metrics": self.archive.metrics(),
         }
         tmp = json_path.with_suffix(".tmp.json")
         tmp.write_text(json.dumps(state, default=_json_default))
         os.replace(tmp, json_path)
+        self._last_save = time.perf_counter()
 
     def load(self) -> bool:
         """Restore from the checkpoint in ``out_dir``; False if there is none."""
@@ -281,10 +302,19 @@ class GeneticSearch:
                 f"{self.out_dir} holds a search with other settings (model, prompts or search config); "
                 "pass another --out, or --restart to discard it"
             )
-        p = _pymoo()
         with np.load(npz_path) as data:
             arrays = {key: data[key] for key in data.files}
         self.archive = Archive.restore(arrays, state["archive_metrics"])
+        self.elapsed = state["elapsed_seconds"]
+        if state["generation"] > 0:
+            self._restore_population(state, arrays)
+        logger.info(
+            "resumed %s at generation %d (%d evaluations)", self.out_dir, self.generation, len(self.archive.order)
+        )
+        return True
+
+    def _restore_population(self, state: dict, arrays: dict) -> None:
+        p = _pymoo()
         algorithm = self._algorithm
         pop = p.Population.new(X=arrays["population"])
         self._set_objectives(pop, arrays["population_objectives"])
@@ -293,11 +323,8 @@ class GeneticSearch:
         algorithm.start_time = time.time()
         algorithm._set_optimum()
         algorithm.random_state.bit_generator.state = state["random_state"]
-        self.generation, self.elapsed = state["generation"], state["elapsed_seconds"]
-        logger.info(
-            "resumed %s at generation %d (%d evaluations)", self.out_dir, self.generation, len(self.archive.order)
-        )
-        return True
+        self.generation = state["generation"]
+        self.snapshot()
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -340,16 +367,18 @@ class GeneticSearch:
                     self.step(deadline, progress)
                 except BudgetExhausted:
                     break
-                finally:
-                    self.elapsed = time.perf_counter() - started
+                self.snapshot()
+                self.elapsed = time.perf_counter() - started
                 self.save()
-        finally:
+        finally:  # also on Ctrl-C or an error: keep every evaluation made since the last generation
             progress.close()
             self.elapsed = time.perf_counter() - started
+            self.save()
         if self.generation == 0:
             raise ValueError("the budget ran out before the initial population was evaluated; give more time")
-        self.save()
-        return self.final_front(deadline=None)
+        front = self.final_front(deadline=None)
+        self.save()  # the front's evaluations on all prompts
+        return front
 
     def final_front(self, deadline: float | None) -> list[tuple[np.ndarray, dict]]:
         """Non-dominated members of the last population, scored on all prompts, at most ``max_front``."""
