@@ -22,15 +22,18 @@ THUMBNAIL = 128
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1150px; color: #222; }
 h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; font-family: monospace; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; font-size: 13px; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; white-space: normal; }
+.scroll { overflow-x: auto; }
+td:first-child, th:first-child { text-align: left; font-family: monospace; }
 tr.front td:first-child { font-weight: bold; } tr.unsupported td { color: #999; }
 .plots { display: flex; flex-wrap: wrap; gap: 12px; }
 .plots svg { border: 1px solid #ddd; background: #fff; }
 .grid td, .grid th { border: none; padding: 2px; text-align: center; font-size: 12px; }
 .grid img { width: 96px; height: 96px; image-rendering: pixelated; display: block; }
-.grid td.prompt { text-align: left; max-width: 140px; }
+.grid td.prompt { text-align: left; max-width: 140px; white-space: normal; }
+.provenance td { white-space: normal; }
 code, .mono { font-family: monospace; font-size: 12px; } .muted { color: #777; }
 """
 
@@ -91,7 +94,10 @@ def pareto_svg(name: str, points: list[tuple[str, float, float]], front: list[st
         else:
             parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{color}"/>')
         label = html.escape(method + (" (identical)" if (method, x, y) in capped else ""))
-        parts.append(f'<text x="{cx + 6:.1f}" y="{cy - 5:.1f}" font-size="10">{label}</text>')
+        right_half = cx > left + 0.6 * (width - left - right)
+        anchor, lx = ("end", cx - 6) if right_half else ("start", cx + 6)
+        ly = cy + 13 if (method, x, y) in capped else cy - 5
+        parts.append(f'<text x="{lx:.1f}" y="{ly:.1f}" text-anchor="{anchor}" font-size="10">{label}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -134,9 +140,16 @@ def _table(results: dict, all_fronts: dict[str, list[str]]) -> str:
     statuses = {t["method"]: t.get("status") for t in results["trials"]}
     body = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for row in rows:
-        css = "unsupported" if statuses[row[0]] != "ok" else ("front" if row[0] in on_front else "")
+        if statuses[row[0]] != "ok":
+            body.append(
+                f"<tr class='unsupported'><td>{html.escape(row[0])}</td>"
+                f"<td colspan='{len(header) - 1}' style='text-align:left'>unsupported (see below)</td></tr>"
+            )
+            continue
+        css = "front" if row[0] in on_front else ""
         body.append(f"<tr class='{css}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-    return f"<table>{''.join(body)}</table><p class='muted'>Bold: on the Pareto front of at least one metric.</p>"
+    note = "<p class='muted'>Bold: on the Pareto front of at least one metric.</p>"
+    return f"<div class='scroll'><table>{''.join(body)}</table></div>{note}"
 
 
 def _plots(results: dict, all_fronts: dict[str, list[str]]) -> str:
@@ -187,7 +200,7 @@ def _provenance(results: dict) -> str:
         f"<tr><td>{html.escape(str(k))}</td><td class='mono' style='text-align:left'>{html.escape(str(v))}</td></tr>"
         for k, v in rows.items()
     )
-    return f"<h2>Provenance</h2><table>{cells}</table>"
+    return f"<h2>Provenance</h2><table class='provenance'>{cells}</table>"
 
 
 def html_report(results: dict, out: str | Path) -> str:
