@@ -177,13 +177,28 @@ def measure_cost(context: RunContext, method: Method) -> dict:
     }
 
 
-def score(context: RunContext, method: Method, directory: Path) -> dict:
-    """Every metric on the method's images (all processes' shares), against the full-compute images."""
+def score(context: RunContext, method: Method, directory: Path, keys: list[str] | None = None) -> dict:
+    """The metrics (all, or ``keys``) on the method's images (all processes' shares), against full compute."""
     images = load_pngs(_image_paths(directory, len(context.config.prompts)))
     if method.kind == "full":
         context.reference = images
     inputs = MetricInputs(images=images, reference=context.reference, prompts=context.config.prompts)
-    return context.suite.compute(inputs)
+    return context.suite.compute(inputs, keys)
+
+
+def resume_trial(context: RunContext, method: Method, path: Path, directory: Path) -> dict:
+    """A trial an earlier run finished; metrics asked for now but not then are computed from its images."""
+    record = json.loads(path.read_text())
+    missing = [k for k in context.config.metrics if k not in record.get("metric_keys", [])]
+    if record["status"] == "ok" and context.is_main:
+        if method.kind == "full":
+            context.reference = load_pngs(_image_paths(directory, len(context.config.prompts)))
+        if missing:
+            record["metrics"].update(score(context, method, directory, missing))
+            record["metric_keys"] = [*record["metric_keys"], *missing]
+            _write_json(path, record)
+    logger.info("%s: finished in an earlier run, reused %s%s", method.name, path, f" (+ {missing})" if missing else "")
+    return record
 
 
 def run_trial(context: RunContext, method: Method) -> dict:
@@ -192,11 +207,7 @@ def run_trial(context: RunContext, method: Method) -> dict:
     name = f"{method.slug}-{key}"
     path, directory = context.out / "trials" / f"{name}.json", context.out / "images" / name
     if path.is_file():
-        record = json.loads(path.read_text())
-        if method.kind == "full" and record["status"] == "ok" and context.is_main:
-            context.reference = load_pngs(_image_paths(directory, len(context.config.prompts)))
-        logger.info("%s: finished in an earlier run, skipped (%s)", method.name, path)
-        return record
+        return resume_trial(context, method, path, directory)
     reason = generate_shard(context, method, directory)
     context.state.wait_for_everyone()
     record = {"method": method.name, "kind": method.kind, "params": method.params, "key": key}
@@ -211,7 +222,7 @@ def run_trial(context: RunContext, method: Method) -> dict:
             logger.warning("%s: unsupported: %s", method.name, reason)
         else:
             record.update(status="ok", images=str(directory.relative_to(context.out)), **cost)
-            record["metrics"] = score(context, method, directory)
+            record.update(metrics=score(context, method, directory), metric_keys=list(context.config.metrics))
         _write_json(path, record)
     context.state.wait_for_everyone()
     return json.loads(path.read_text())

@@ -8,8 +8,9 @@ key         results
 ``lpips``   ``LPIPS-<net>``: torchmetrics LPIPS (needs torchvision and the backbone's ImageNet weights)
 ``fid``     ``FID-<extractor>`` and ``KID-<extractor>``: Inception-V3 where its weights are on disk, else the
             offline EfficientNet-Lite0 features of :mod:`accel.eval.fid` (the two are not comparable)
-``clip``    ``CLIPScore-<model>`` with a local open-clip checkpoint, else ``alignment-<encoders>`` from the
-            bundled offline scorer of :mod:`accel.eval.alignment`
+``clip``    ``CLIP-score-<model>/<weights>`` (:mod:`accel.eval.clip_score`) where open-clip weights are on
+            disk (a given checkpoint, or open-clip's cache), else ``alignment-<encoders>`` from the bundled
+            offline scorer of :mod:`accel.eval.alignment`
 ==========  ============================================================================================
 
 All metrics read the images as saved (8-bit PNG). A result is a dict with ``value`` (None when the metric
@@ -45,7 +46,8 @@ class MetricWeights:
 
     Attributes:
         inception: torch-fidelity's ``pt_inception-2015-12-05-6726825d.pth``; None: its download location.
-        clip: an open-clip checkpoint file; None: use the bundled alignment scorer instead.
+        clip: an open-clip checkpoint file; None: open-clip's cache if it holds ``clip_model``'s OpenAI weights,
+            else the bundled alignment scorer.
         clip_model: the open-clip architecture of that checkpoint.
         lpips_net: LPIPS backbone (its torchvision weights must be in ``<torch hub dir>/checkpoints``).
     """
@@ -128,10 +130,10 @@ class MetricSuite:
         self.real_label = real_label or "the full-compute images (same prompts and seeds)"
         self.cache: dict = {}
 
-    def compute(self, inputs: MetricInputs) -> dict[str, dict]:
-        """Every chosen metric on one trial's images."""
+    def compute(self, inputs: MetricInputs, keys: Sequence[str] | None = None) -> dict[str, dict]:
+        """The chosen metrics (or those of ``keys`` among them) on one trial's images."""
         results: dict[str, dict] = {}
-        for key in self.keys:
+        for key in self.keys if keys is None else [k for k in self.keys if k in keys]:
             results.update(METRICS[key](self, inputs))
         return results
 
@@ -250,44 +252,37 @@ def fid(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
     }
 
 
-def _open_clip(weights: MetricWeights):
+def _scorer(weights: MetricWeights) -> tuple[object, str | None]:
+    """open-clip's CLIP score where its weights are on disk, else the bundled alignment scorer and why."""
     try:
-        import open_clip
-    except ImportError:
-        raise ImportError("CLIP score needs open-clip-torch: pip install 'diffusers-accel[open-clip]'") from None
-    model, _, _ = open_clip.create_model_and_transforms(weights.clip_model, pretrained=weights.clip)
-    return model.eval(), open_clip.get_tokenizer(weights.clip_model)
+        from accel.eval.clip_score import load_clip_scorer
 
+        return load_clip_scorer(weights.clip_model, checkpoint_path=weights.clip), None
+    except (ImportError, FileNotFoundError, ValueError) as error:
+        if weights.clip is not None:
+            raise
+        fallback = f"CLIP score unavailable ({error}); --weights-clip PATH points at a local open-clip checkpoint"
+    from accel.eval.alignment import load_alignment_scorer
 
-@torch.no_grad()
-def _clip_score(model, tokenizer, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    size = model.visual.image_size
-    size = size if isinstance(size, (tuple, list)) else (size, size)
-    x = torch.nn.functional.interpolate(_floats(images), size=tuple(size), mode="bicubic", antialias=True)
-    x = (x - torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    image_features = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
-    text_features = torch.nn.functional.normalize(model.encode_text(tokenizer(list(prompts))), dim=-1)
-    return 100 * (image_features * text_features).sum(-1).clamp(min=0)
+    return load_alignment_scorer(), fallback
 
 
 @register_metric("clip")
 def clip(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
-    if suite.weights.clip is not None:
-        model, tokenizer = suite.cached("clip", lambda: _open_clip(suite.weights))
-        scores = _clip_score(model, tokenizer, inputs.images, inputs.prompts)
-        computed = f"mean CLIPScore (100 * max(cos, 0), open-clip {suite.weights.clip_model}, {suite.weights.clip})"
-        return {f"CLIPScore-{suite.weights.clip_model}": result(scores.mean(), better="higher", computed=computed)}
-    fallback = "no open-clip checkpoint given (--clip-weights PATH to use CLIPScore)"
-    computed = "mean prompt-image alignment score of the bundled offline scorer (accel.eval.alignment)"
     try:
-        from accel.eval.alignment import load_alignment_scorer
-
-        scorer = suite.cached("alignment", load_alignment_scorer)
+        scorer, fallback = suite.cached("clip", lambda: _scorer(suite.weights))
     except (ImportError, FileNotFoundError, OSError) as error:
-        reason = f"{fallback}; bundled scorer unavailable: {error}"
-        return {"alignment": unavailable("higher", computed, reason)}
+        if suite.weights.clip is not None:
+            raise
+        reason = f"neither CLIP score nor the bundled alignment scorer is available: {error}"
+        return {"alignment": unavailable("higher", "prompt-image alignment", reason)}
     scores = torch.as_tensor(scorer.score(_floats(inputs.images), list(inputs.prompts))).float()
-    name = getattr(scorer, "metric_name", "alignment-bundled")
+    name = getattr(scorer, "metric_name", "alignment")
+    if fallback is None:
+        computed = f"mean CLIP score, max(100 cos, 0), open-clip {name} (Hessel et al. 2021)"
+        return {name: result(scores.mean(), better="higher", computed=computed)}
+    computed = (
+        f"mean prompt-image alignment score of the bundled offline scorer {name} (accel.eval.alignment; "
+        "comparable with itself only, not with CLIP scores)"
+    )
     return {name: result(scores.mean(), better="higher", computed=computed, note=fallback)}

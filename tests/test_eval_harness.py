@@ -113,6 +113,14 @@ def test_resume_skips_finished_trials(tmp_path, pipe, counted, one_thread):  # n
     next((tmp_path / "trials").glob("fora-2-*.json")).unlink()
     run_evaluation(config, tmp_path, pipe=pipe)
     assert counted and all(n == config.timing.batch for n in counted)
+    # a metric asked for later is computed from the saved images, without generating anything
+    counted.clear()
+    more = run_evaluation(
+        small_config(methods=("full", "fora-2", "steps-2"), metrics=("psnr", "fid")), tmp_path, pipe=pipe
+    )
+    assert counted == []
+    for trial in more["trials"]:
+        assert {"PSNR", "SSIM", "FID-EffNetLite0"} <= set(trial["metrics"]) and trial["metric_keys"][-1] == "fid"
 
 
 def test_trial_key_follows_what_changes_the_images(tmp_path, pipe, one_thread):  # noqa: F811

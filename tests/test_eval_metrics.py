@@ -73,14 +73,16 @@ def test_clip_falls_back_to_the_bundled_alignment_scorer(monkeypatch):
     stub = types.ModuleType("accel.eval.alignment")
     stub.load_alignment_scorer = Scorer
     monkeypatch.setitem(sys.modules, "accel.eval.alignment", stub)
+    monkeypatch.setitem(sys.modules, "accel.eval.clip_score", None)  # as without open-clip: import fails
     results = MetricSuite(["clip"]).compute(_inputs(_images(0), _images(1)))
-    assert results["alignment-stub"]["value"] == 42.0 and "--clip-weights" in results["alignment-stub"]["note"]
+    assert results["alignment-stub"]["value"] == 42.0 and "--weights-clip" in results["alignment-stub"]["note"]
 
 
 def test_missing_alignment_scorer_is_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "accel.eval.alignment", None)  # import fails
+    monkeypatch.setitem(sys.modules, "accel.eval.clip_score", None)
     results = MetricSuite(["clip"]).compute(_inputs(_images(0), _images(1)))
-    assert results["alignment"]["value"] is None and "bundled scorer unavailable" in results["alignment"]["unavailable"]
+    assert results["alignment"]["value"] is None and "neither CLIP score nor" in results["alignment"]["unavailable"]
 
 
 def test_named_weight_files_must_exist(tmp_path):
@@ -94,3 +96,22 @@ def test_unknown_metric_lists_the_known_ones():
     with pytest.raises(ValueError, match="known: .*psnr"):
         MetricSuite(["psnr", "beauty"])
     assert set(METRICS) == {"psnr", "ssim", "lpips", "fid", "clip"}
+
+
+def test_clip_score_is_used_where_its_weights_exist(monkeypatch, tmp_path):
+    checkpoint = tmp_path / "clip.bin"
+    checkpoint.write_bytes(b"weights")
+
+    class Clip:
+        metric_name = "CLIP-score-ViT-B-32/clip.bin"
+
+        def score(self, images, prompts):
+            return torch.full((len(prompts),), 30.0)
+
+    stub = types.ModuleType("accel.eval.clip_score")
+    stub.load_clip_scorer = lambda model, checkpoint_path: Clip()
+    monkeypatch.setitem(sys.modules, "accel.eval.clip_score", stub)
+    suite = MetricSuite(["clip"], MetricWeights(clip=str(checkpoint)))
+    results = suite.compute(_inputs(_images(0), _images(1)))
+    assert results["CLIP-score-ViT-B-32/clip.bin"]["value"] == 30.0
+    assert "note" not in results["CLIP-score-ViT-B-32/clip.bin"]
