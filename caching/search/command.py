@@ -5,6 +5,10 @@ Schedule JSON per front member (measured metrics in ``metrics``) and ``front.jso
 generation (rerun the same command to resume), and with ``--report`` asks the evaluation harness for the same
 report as ``accel eval``. ``--method dp`` returns the dynamic-programming schedules alone, in seconds.
 
+Candidates are evaluated across processes when launched with ``accelerate launch -m accel.cli search ...``
+(GPUs) or ``torchrun --nproc_per_node N -m accel.cli search ...`` (CPU processes, gloo); the result is the
+same as one process's.
+
 The flags come from :class:`SearchConfig` and its nested :class:`Constraints` and :class:`EvaluatorConfig`.
 """
 
@@ -150,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
     call_kwargs = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
     info = {"model": args.model or "default", "prompts_file": args.prompts}
     front = search(pipe, prompts, config, args.out, resume=not args.restart, call_kwargs=call_kwargs, info=info)
+    if not len(front):  # a non-main process of a multi-process run: the main one reports
+        return 0
     print(front.table())
     if args.report:
         _report(args, front, pipe, call_kwargs)

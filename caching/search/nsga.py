@@ -413,9 +413,10 @@ class _Workers:
     def __init__(self):
         self.num_processes, self.index, self._state = 1, 0, None
         try:
+            import torch
             from accelerate import PartialState
 
-            state = PartialState()
+            state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes (torchrun) talk over gloo
             if state.num_processes > 1:
                 self._state, self.num_processes, self.index = state, state.num_processes, state.process_index
         except ImportError:

@@ -118,7 +118,7 @@ def search(
     }
     front = Front(schedules=tuple(schedules), info=front_info)
     front.save(out_dir)
-    logger.info("front of %d schedules written to %s\n%s", len(front), out_dir, front.table())
+    logger.info("front of %d schedules written to %s", len(front), out_dir)
     return front
 
 
