@@ -40,7 +40,17 @@ BUILTIN_PROMPTS = (
     "tangerine",
 )
 
-DEFAULT_METHODS = ("full", "steps-10", "fora-2", "fora-3", "delta-dit", "tgate", "fbc-0.08", "diffusers-pab")
+DEFAULT_METHODS = (
+    "full",
+    "steps-10",
+    "fora-2",
+    "fora-3",
+    "delta-dit",
+    "tgate",
+    "fbc-0.08",
+    "diffusers-pab",
+    "diffusers-fbc-0.08",
+)
 
 
 def _help(text: str) -> dict:

@@ -115,3 +115,15 @@ def test_clip_score_is_used_where_its_weights_exist(monkeypatch, tmp_path):
     results = suite.compute(_inputs(_images(0), _images(1)))
     assert results["CLIP-score-ViT-B-32/clip.bin"]["value"] == 30.0
     assert "note" not in results["CLIP-score-ViT-B-32/clip.bin"]
+
+
+def test_without_torchmetrics_psnr_still_works_and_the_rest_name_the_extra(monkeypatch):
+    for name in [n for n in sys.modules if n == "torchmetrics" or n.startswith("torchmetrics.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)
+    reference = _images(0, n=8)
+    results = MetricSuite(["psnr", "ssim", "fid"]).compute(_inputs(_images(1, n=8), reference))
+    assert 0 < results["PSNR"]["value"] < PSNR_CAP_DB
+    unavailable = {name: r["unavailable"] for name, r in results.items() if r["value"] is None}
+    assert set(unavailable) >= {"SSIM"} and any(n.startswith("FID") for n in unavailable)
+    assert all("[eval]" in reason for reason in unavailable.values()), unavailable
