@@ -143,8 +143,8 @@ def apply_diffusers_cache(pipe: Any, kind: str, params: dict, steps: int) -> Ite
     """Apply one of diffusers' caching hooks to ``pipe.transformer`` for the ``with`` block.
 
     Raises:
-        UnsupportedMethod: the pipeline does not enter ``cache_context`` though the hook needs it, or the hook
-            needs something this model lacks.
+        UnsupportedMethod: the pipeline does not enter ``cache_context`` though the hook needs it, the hook
+            needs something this model lacks, or the pipeline call fails with the hooks on (the error chained).
     """
     transformer = pipe.transformer
     if kind in NEEDS_CACHE_CONTEXT and not pipeline_enters_cache_context(pipe):
@@ -161,6 +161,12 @@ def apply_diffusers_cache(pipe: Any, kind: str, params: dict, steps: int) -> Ite
             def reset() -> None:
                 HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks(recurse=True)
 
-            yield Applied(steps=steps, config={**_config_dict(config), "applied_with": via}, reset=reset)
+            try:
+                yield Applied(steps=steps, config={**_config_dict(config), "applied_with": via}, reset=reset)
+            except Exception as error:  # a third-party hook failing on this model is recorded, not fatal
+                raise UnsupportedMethod(
+                    f"diffusers' {kind.removeprefix('diffusers-')} hooks failed on {type(transformer).__name__}: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
     finally:
         probe.handle.remove()

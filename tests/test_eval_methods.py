@@ -134,3 +134,11 @@ def test_json_method_errors(tmp_path, pipe):
     with pytest.raises(FileNotFoundError, match="method file not found"):
         with apply_method(parse_method(str(tmp_path / "missing.json")), pipe, STEPS):
             pass
+
+
+def test_a_diffusers_hook_failing_inside_the_pipeline_is_unsupported_not_fatal(pipe):
+    reference = _generate(pipe)
+    with pytest.raises(UnsupportedMethod, match="pab hooks failed on PixArtTransformer2DModel: RuntimeError: boom"):
+        with apply_method(parse_method("diffusers-pab"), pipe, STEPS):
+            raise RuntimeError("boom")
+    assert _instance_state(pipe.transformer) == [] and torch.equal(_generate(pipe), reference)
