@@ -117,10 +117,30 @@ class EfficientNetLite0(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, 224, 224) normalised float -> (N, 1280) globally average-pooled features."""
+        return self.multiscale_features(x, taps=())
+
+    def multiscale_features(self, x: torch.Tensor, taps: tuple[int, ...]) -> torch.Tensor:
+        """Average-pooled outputs of the blocks in ``taps``, then of the head, concatenated.
+
+        Args:
+            x: (N, 3, 224, 224) normalised float.
+            taps: Block indices in 0..15, increasing; e.g. the last block of each stage
+                from the third on, ``(4, 7, 10, 14, 15)``, gives 40 + 80 + 112 + 192 + 320 channels.
+
+        Returns:
+            (N, sum of tapped channels + 1280) float.
+        """
+        if list(taps) != sorted(set(taps)) or any(not 0 <= tap < len(self.blocks) for tap in taps):
+            raise ValueError(f"taps must be increasing block indices in 0..{len(self.blocks) - 1}, got {taps}")
+        pooled = []
         h = F.relu6(self.stem_bn(self.stem(x)))
-        h = self.blocks(h)
+        for index, block in enumerate(self.blocks):
+            h = block(h)
+            if index in taps:
+                pooled.append(h.mean(dim=(2, 3)))
         h = F.relu6(self.head_bn(self.head(h)))  # (N, 1280, 7, 7)
-        return h.mean(dim=(2, 3))
+        pooled.append(h.mean(dim=(2, 3)))
+        return torch.cat(pooled, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, 224, 224) normalised float -> (N, 1000) ImageNet logits."""
