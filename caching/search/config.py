@@ -37,6 +37,8 @@ class SearchConfig:
         structured_mutation: probability of one extra move on a whole step, block run or component column.
         seed_schedules: start from the heuristics and DP schedules (else random masks only).
         max_front: at most this many schedules in the saved front (evenly spread in cost).
+        time_repeats: time the front against full compute with this many interleaved repeats and store the
+            measured ``speedup`` (fastest repeat) in each schedule's metrics; 0 skips timing.
         constraints: what every schedule must satisfy.
         evaluation: how candidates are run and scored.
     """
@@ -52,6 +54,7 @@ class SearchConfig:
     structured_mutation: float = 0.5
     seed_schedules: bool = True
     max_front: int = 16
+    time_repeats: int = 0
     constraints: Constraints = field(default_factory=Constraints)
     evaluation: EvaluatorConfig = field(default_factory=EvaluatorConfig)
 
@@ -70,6 +73,8 @@ class SearchConfig:
             raise ValueError("prompts_start must be >= 1 and prompts_growth >= 0")
         if not 0.0 <= self.mutation_rate <= 1.0 or not 0.0 <= self.structured_mutation <= 1.0:
             raise ValueError("mutation_rate and structured_mutation are probabilities in [0, 1]")
+        if self.time_repeats < 0:
+            raise ValueError(f"time_repeats must be >= 0, got {self.time_repeats}")
         if self.max_front < 1:
             raise ValueError(f"max_front must be >= 1, got {self.max_front}")
 
@@ -82,6 +87,6 @@ class SearchConfig:
     def fingerprint(self) -> dict:
         """The settings a resumed search must share with the checkpoint (limits and front size may change)."""
         data = asdict(self)
-        for key in ("generations", "budget_seconds", "max_front"):
+        for key in ("generations", "budget_seconds", "max_front", "time_repeats"):
             data.pop(key)
         return data

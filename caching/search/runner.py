@@ -104,6 +104,9 @@ def search(
     for schedule, metrics in members:
         full = metrics if "image_psnr" in metrics else {**metrics, **evaluator.measure(schedule, images=True)}
         schedules.append(replace(schedule, metrics=_rounded(full)))
+    if config.time_repeats:
+        speedups = measure_speedups(evaluator, schedules, config.time_repeats)
+        schedules = [s.with_metrics(speedup=round(v, 4)) for s, v in zip(schedules, speedups)]
     front_info = {
         **(info or {}),
         "model_class": evaluator.layout.model_class,
@@ -120,6 +123,28 @@ def search(
     front.save(out_dir)
     logger.info("front of %d schedules written to %s", len(front), out_dir)
     return front
+
+
+def measure_speedups(evaluator: Evaluator, schedules: list[Schedule], repeats: int, batch: int = 2) -> list[float]:
+    """Wall-clock speedup of each schedule over full compute on ``batch`` calibration prompts.
+
+    Runs are interleaved round-robin after one warm-up round; each ratio uses the fastest repeat of each, the
+    one least disturbed by other work on a shared machine.
+    """
+    import accel
+    from accel.bench.timing import time_interleaved
+    from accel.caching.config import CacheConfig
+
+    batch = min(batch, len(evaluator.prompts))
+    names = [f"schedule-{i:02d}" for i in range(len(schedules))]
+    around = {
+        name: (lambda s=schedule: accel.apply(evaluator.pipe, CacheConfig(schedule=s, count_macs=False)))
+        for name, schedule in zip(names, schedules)
+    }
+    runs = {name: (lambda: evaluator.generate(None, batch)) for name in ["full", *names]}
+    timings = time_interleaved(runs, repeats=repeats, warmup=1, around=around)
+    fastest_full = min(timings["full"].samples)
+    return [fastest_full / min(timings[name].samples) for name in names]
 
 
 def _provenance(genetic: GeneticSearch, genome: np.ndarray) -> dict:
