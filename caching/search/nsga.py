@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from accel.caching.schedule import Schedule
+from accel.caching.search.archive import Archive, json_default
 from accel.caching.search.config import SearchConfig
 from accel.caching.search.evaluator import Evaluator
 from accel.caching.search.genome import (
@@ -31,6 +32,7 @@ from accel.caching.search.genome import (
     repair,
     schedule_to_genome,
 )
+from accel.caching.search.workers import Workers
 
 logger = logging.getLogger(__name__)
 
@@ -62,43 +64,6 @@ def _pymoo() -> SimpleNamespace:
     )
 
 
-class Archive:
-    """Every evaluation so far: ``(genome, prompts) -> (objectives, metrics)``."""
-
-    def __init__(self):
-        self.entries: dict[tuple[bytes, int], tuple[np.ndarray, dict]] = {}
-        self.order: list[tuple[bytes, int]] = []
-
-    def get(self, genome: np.ndarray, prompts: int):
-        return self.entries.get((np.packbits(genome).tobytes(), prompts))
-
-    def add(self, genome: np.ndarray, prompts: int, objectives: np.ndarray, metrics: dict) -> None:
-        key = (np.packbits(genome).tobytes(), prompts)
-        if key not in self.entries:
-            self.order.append(key)
-        self.entries[key] = (np.asarray(objectives, dtype=np.float64), metrics)
-
-    def arrays(self, length: int) -> dict:
-        genomes = np.array([np.unpackbits(np.frombuffer(k[0], np.uint8))[:length] for k in self.order], dtype=bool)
-        return {
-            "archive_genomes": genomes.reshape(len(self.order), length),
-            "archive_prompts": np.array([k[1] for k in self.order], dtype=np.int64),
-            "archive_objectives": np.array([self.entries[k][0] for k in self.order]).reshape(-1, 2),
-        }
-
-    def metrics(self) -> list[dict]:
-        return [self.entries[k][1] for k in self.order]
-
-    @classmethod
-    def restore(cls, arrays, metrics: list[dict]) -> Archive:
-        archive = cls()
-        for genome, prompts, objectives, m in zip(
-            arrays["archive_genomes"], arrays["archive_prompts"], arrays["archive_objectives"], metrics
-        ):
-            archive.add(genome, int(prompts), objectives, m)
-        return archive
-
-
 class BudgetExhausted(Exception):
     """The time budget ran out in the middle of a generation (what was evaluated is in the archive)."""
 
@@ -122,7 +87,7 @@ class GeneticSearch:
         self.elapsed = 0.0
         self.seeds = dict(seeds)
         self.seed_names: dict[bytes, str] = {}
-        self.workers = _Workers()
+        self.workers = Workers()
         self.autosave_seconds = 60.0
         self._snapshot: dict | None = None
         self._last_save = time.perf_counter()
@@ -287,7 +252,7 @@ class GeneticSearch:
             "archive_metrics": self.archive.metrics(),
         }
         tmp = json_path.with_suffix(".tmp.json")
-        tmp.write_text(json.dumps(state, default=_json_default))
+        tmp.write_text(json.dumps(state, default=json_default))
         os.replace(tmp, json_path)
         self._last_save = time.perf_counter()
 
@@ -393,62 +358,3 @@ class GeneticSearch:
             order = order[np.unique(np.linspace(0, len(order) - 1, self.config.max_front).round().astype(int))]
         total = len(self.evaluator.prompts)
         return [(genomes[i], self.archive.get(genomes[i], total)[1]) for i in order]
-
-
-def _json_default(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-class _Workers:
-    """Maps candidate evaluation over the processes of an ``accelerate launch`` (or runs it locally).
-
-    Every process runs the same deterministic search; each evaluates its share of the candidates and the
-    results are gathered to all, so all processes keep identical archives. Only the main process writes.
-    """
-
-    def __init__(self):
-        self.num_processes, self.index, self._state = 1, 0, None
-        try:
-            import torch
-            from accelerate import PartialState
-
-            state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes (torchrun) talk over gloo
-            if state.num_processes > 1:
-                self._state, self.num_processes, self.index = state, state.num_processes, state.process_index
-        except ImportError:
-            pass
-
-    @property
-    def is_main(self) -> bool:
-        return self.index == 0
-
-    def agree(self, flag: bool) -> bool:
-        """The main process's ``flag`` on every process (so that all stop at the same generation)."""
-        if self._state is None:
-            return flag
-        from accelerate.utils import broadcast_object_list
-
-        return bool(broadcast_object_list([flag], from_process=0)[0])
-
-    def map(self, fn, items: list, deadline: float | None, progress=None):
-        """Yield ``(item, fn(item))``; stops early (locally) when ``deadline`` passes."""
-        if self._state is None or not items:
-            for item in items:
-                if deadline is not None and time.perf_counter() >= deadline:
-                    return
-                result = fn(item)
-                if progress is not None:
-                    progress.update(1)
-                yield item, result
-            return
-        from accelerate.utils import gather_object
-
-        mine = [(i, fn(item)) for i, item in enumerate(items) if i % self.num_processes == self.index]
-        if progress is not None:
-            progress.update(len(items))
-        for i, result in sorted(gather_object(mine), key=lambda pair: pair[0]):
-            yield items[i], result
