@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from accel.bench.timing import time_interleaved
 
@@ -89,6 +92,51 @@ def count_macs(run: Callable[[], object]) -> float:
     return counter.get_total_flops() / 2
 
 
+class _LiveTensorBytes(TorchDispatchMode):
+    """Bytes held by storages that tensor operations allocated while the mode is active, and their peak.
+
+    A storage counts from the first operation that returns a tensor on it (unless an input of that operation
+    already used it: a view or in-place update of a tensor made before, such as a weight) until the last
+    tensor on it made under the mode is garbage. Storages made outside tensor operations are not seen.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._storages: dict[int, list[int]] = {}  # data_ptr -> [bytes, tensors alive]
+        self._tensors: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in self._tensors:
+                self._track(tensor, inputs)
+        return out
+
+    def _track(self, tensor: torch.Tensor, inputs: set[int]) -> None:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer == 0 or (pointer in inputs and pointer not in self._storages):
+            return
+        if pointer not in self._storages:
+            self._storages[pointer] = [storage.nbytes(), 0]
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self._storages[pointer][1] += 1
+        self._tensors.add(id(tensor))
+        weakref.finalize(tensor, self._release, id(tensor), pointer)
+
+    def _release(self, tensor_id: int, pointer: int) -> None:
+        self._tensors.discard(tensor_id)
+        entry = self._storages.get(pointer)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                self.live -= entry[0]
+                del self._storages[pointer]
+
+
 def _rss() -> int:
     import psutil
 
@@ -96,11 +144,13 @@ def _rss() -> int:
 
 
 def peak_memory(run: Callable[[], object], device: torch.device | str) -> dict:
-    """Peak memory of one call of ``run``, and what the number is.
+    """Peak memory of one call of ``run``, and what each number is.
 
-    On CUDA: ``torch.cuda.max_memory_allocated`` during the call (tensors only, weights included). Elsewhere:
-    the resident set size of the process (psutil), sampled every millisecond in a thread, peak minus the value
-    before the call: the extra memory the call needed, allocator caching included.
+    ``peak_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` during the call (all tensors, weights
+    included); elsewhere the peak of tensor storages allocated by the call and alive at once (activations,
+    caches; weights excluded), tracked per operation. On the CPU also ``rss_increase_bytes``: the process's
+    peak resident set during the call minus before it (psutil, sampled every millisecond; allocator caching
+    makes it 0 once earlier calls grew the heap).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -124,13 +174,15 @@ def peak_memory(run: Callable[[], object], device: torch.device | str) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        run()
+        with _LiveTensorBytes() as tracker:
+            run()
     finally:
         done.set()
         sampler.join()
-    peak[0] = max(peak[0], _rss())
     return {
-        "peak_bytes": int(peak[0] - before),
-        "rss_before_bytes": int(before),
-        "what": "peak process RSS during one pipeline call minus RSS before it (psutil, sampled every 1 ms)",
+        "peak_bytes": int(tracker.peak),
+        "what": "peak bytes of tensor storages allocated during one pipeline call and alive at once "
+        "(activations and caches, weights excluded; tracked per tensor operation)",
+        "rss_increase_bytes": int(max(peak[0], _rss()) - before),
+        "rss_what": "peak process RSS during the call minus RSS before it (psutil, sampled every 1 ms)",
     }
