@@ -154,6 +154,27 @@ def _fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, t
     return rows
 
 
+def attribute_docs(cls: type) -> dict[str, str]:
+    """The ``Attributes:`` section of a class docstring as ``{name: one-line text}``."""
+    lines = (cls.__doc__ or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Attributes:"), None)
+    docs: dict[str, str] = {}
+    if start is None:
+        return docs
+    indent, name = None, None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        if depth == indent and ":" in line:
+            name, text = line.strip().split(":", 1)
+            docs[name] = text.strip()
+        elif depth > indent and name is not None:
+            docs[name] += " " + line.strip()
+    return docs
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = EvalConfig, skip: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per field of ``cls`` (nested configs as ``--timing-repeats``); defaults left unset, so
     :func:`config_from_args` knows what was given."""
@@ -161,9 +182,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = EvalConfig
         if name in skip:
             continue
         flag = "--" + name.replace(".", "-").replace("_", "-")
-        help_text = f.metadata.get("help") or f"{name} ({kind.__name__})"
+        owner = _owner(cls, name)
+        help_text = f.metadata.get("help") or attribute_docs(owner).get(f.name) or f"{name} ({kind.__name__})"
         parse = {tuple: str, dict: json.loads}.get(kind, kind)
-        parser.add_argument(flag, dest=name, type=parse, default=None, help=help_text)
+        metavar = f.name.upper()
+        parser.add_argument(flag, dest=name, type=parse, default=None, help=help_text, metavar=metavar)
+
+
+def _owner(cls: type, dotted: str) -> type:
+    """The (nested) config class that declares the field ``dotted``, e.g. TimingConfig for ``timing.repeats``."""
+    for part in dotted.split(".")[:-1]:
+        cls = _base_type(typing.get_type_hints(cls)[part])
+    return cls
 
 
 def config_from_args(args: argparse.Namespace, base: dict | None = None, cls: type = EvalConfig) -> EvalConfig:

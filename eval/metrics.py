@@ -127,7 +127,7 @@ class MetricSuite:
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {sorted(METRICS)}")
         self.keys, self.weights, self.real = tuple(keys), weights, real
-        self.real_label = real_label or "the full-compute images (same prompts and seeds)"
+        self.real_label = real_label or "the full-compute images of the same prompts and seeds"
         self.cache: dict = {}
 
     def compute(self, inputs: MetricInputs, keys: Sequence[str] | None = None) -> dict[str, dict]:
