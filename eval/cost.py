@@ -56,7 +56,8 @@ def latency(
     Returns:
         ``samples_s`` and ``median_s`` / ``spread`` (half the range over the median) per pipeline call,
         ``per_image_s``, the baseline's own samples, and ``speedup`` = baseline median / method median (1.0
-        when there is no baseline, i.e. for the baseline itself).
+        when there is no baseline, i.e. for the baseline itself), and ``speedup_fastest`` = ratio of the
+        fastest repeats (less sensitive to other jobs on the machine).
     """
     fns = {"method": run, **({"baseline": baseline} if baseline is not None else {})}
     timings = time_interleaved(
@@ -75,11 +76,13 @@ def latency(
         "warmup": config.warmup,
         "repeats": config.repeats,
         "speedup": 1.0,
+        "speedup_fastest": 1.0,
     }
     if baseline is not None:
         base = timings["baseline"]
         result.update(baseline_samples_s=list(base.samples), baseline_median_s=base.median)
         result["speedup"] = base.median / method.median
+        result["speedup_fastest"] = min(base.samples) / min(method.samples)  # steadier on a shared machine
     return result
 
 
