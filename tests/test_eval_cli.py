@@ -84,3 +84,11 @@ def test_bad_settings_are_refused(flag, capsys, tmp_path):
 
 def test_threads_restored_by_fixture():
     assert torch.get_num_threads() >= 1
+
+
+def test_generate_with_an_unsupported_method_says_why(model_dir, tmp_path, capsys):
+    argv = ["generate", "--model", str(model_dir), "--method", "diffusers-fbc-0.08", "--prompt", "a red apple"]
+    assert main([*argv, "--steps", "2", "--out", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert "diffusers-fbc-0.08 cannot run on this pipeline" in error and "cache_context" in error
+    assert list(tmp_path.glob("*.png")) == []
