@@ -90,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart", action="store_true", help="discard a checkpoint in --out instead of resuming")
     parser.add_argument("--max-sequence-length", type=int, help="text tokens (pipelines that take it)")
     parser.add_argument("--report", action="store_true", help="also run `accel eval` on the front and baselines")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     for name, f, kind, args in _fields(SearchConfig):
         flag = "--" + _FLAG_NAMES.get(name, name.split(".")[-1]).replace("_", "-")
         if name == "budget_seconds":
@@ -148,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     prompts = read_prompts(args.prompts)
     torch.manual_seed(config.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
