@@ -217,7 +217,7 @@ def _feature_extractor(weights: MetricWeights) -> tuple[torch.nn.Module, str | N
     except (ModuleNotFoundError, FileNotFoundError) as error:
         if weights.inception is not None:
             raise
-        return EfficientNetLite0Features(), f"Inception-V3 unavailable ({error})"
+        return EfficientNetLite0Features(), f"Inception-V3 unavailable ({error}); --weights-inception PATH to use it"
 
 
 @register_metric("fid")
