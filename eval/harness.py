@@ -268,6 +268,11 @@ def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext
     return context
 
 
+def _file_sha256(source: str) -> str | None:
+    path = Path(source)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def provenance(context: RunContext) -> dict:
     """What the run was: model, settings, prompts, seeds, versions, device."""
     config = context.config
@@ -278,6 +283,7 @@ def provenance(context: RunContext) -> dict:
         "config": config.to_dict(),
         "pipeline_call_kwargs": context.kwargs,
         "prompts_source": config.prompts_source,
+        "prompts_file_sha256": _file_sha256(config.prompts_source),
         "prompts_sha256": config.prompts_sha256,
         "seeds": list(config.seeds),
         "versions": versions(),

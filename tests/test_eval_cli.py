@@ -1,5 +1,6 @@
 """``accel generate``, ``accel eval`` and ``accel demo`` end to end on a saved tiny PixArt pipeline."""
 
+import hashlib
 import json
 
 import pytest
@@ -38,7 +39,8 @@ def test_eval_with_a_prompts_file_prints_the_summary(model_dir, tmp_path, capsys
     assert "fora-2" in printed and "steps-2" in printed and "Pareto front, speedup vs PSNR" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["run"]["config"]["prompts"] == ["a red apple", "a blue car"]
-    assert "prompts.txt (file sha256 " in results["run"]["prompts_source"]
+    assert results["run"]["prompts_source"] == str(prompts)
+    assert results["run"]["prompts_file_sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
     assert [t["method"] for t in results["trials"]] == ["full", "fora-2", "steps-2"]
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
 

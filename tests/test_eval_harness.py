@@ -51,7 +51,9 @@ def test_results_json_schema(evaluated):
     assert saved == results and saved["type"] == RESULTS_TYPE and saved["version"] == 1
     run = saved["run"]
     assert run["config"]["prompts"] == list(PROMPTS) and run["seeds"] == [0, 1, 2, 3]
-    assert len(run["prompts_sha256"]) == 64 and run["prompts_source"] == "built-in"
+    assert (
+        len(run["prompts_sha256"]) == 64 and run["prompts_source"] == "built-in" and run["prompts_file_sha256"] is None
+    )
     assert {"torch", "diffusers", "accel", "transformers", "accelerate"} <= set(run["versions"])
     assert run["device"].startswith("cpu") and run["num_processes"] == 1
     assert [t["method"] for t in saved["trials"]] == list(METHODS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -36,8 +35,7 @@ def config_of(args: argparse.Namespace) -> EvalConfig:
     if args.prompts_file:
         path = Path(args.prompts_file)
         base["prompts"] = list(read_prompts(path))
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        base["prompts_source"] = f"{path} (file sha256 {digest})"
+        base["prompts_source"] = str(path)
     return config_from_args(args, base)
 
 
