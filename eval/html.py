@@ -188,7 +188,8 @@ def _provenance(results: dict) -> str:
         "device": run["device"],
         "processes": run["num_processes"],
         "model": run["model"],
-        "prompts sha256": run["prompts_sha256"],
+        "prompts": f"{run['prompts_source']} (file sha256 {run.get('prompts_file_sha256')})",
+        "prompt list sha256": run["prompts_sha256"],
         "pipeline call": run["pipeline_call_kwargs"],
         "created": run["created"],
     }

@@ -167,7 +167,8 @@ def markdown_report(results: dict) -> str:
     lines += [f"- {key}: {value}" for key, value in run["versions"].items()]
     lines += [
         f"- model fingerprint: {run['model']}",
-        f"- prompts sha256: {run['prompts_sha256']}",
+        f"- prompts: {run['prompts_source']} (file sha256 {run.get('prompts_file_sha256')}); "
+        f"list sha256 {run['prompts_sha256']}",
         f"- pipeline call: {run['pipeline_call_kwargs']}",
     ]
     return "\n".join(lines) + "\n"
