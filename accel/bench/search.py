@@ -25,7 +25,7 @@ import torch
 import accel
 from accel.bench.timing import time_interleaved
 from accel.caching.config import CacheConfig
-from accel.caching.search.command import DEFAULT_PROMPTS
+from accel.caching.search.command import DEFAULT_PROMPTS, read_prompts
 from accel.caching.search.config import SearchConfig, parse_duration
 from accel.caching.search.evaluator import Evaluator, EvaluatorConfig
 from accel.caching.search.front import load_front, speedup_of
@@ -35,7 +35,17 @@ from accel.caching.search.transfer import measure_transfer, transfer_table
 
 logger = logging.getLogger(__name__)
 
-#: held-out prompts (none is a calibration prompt)
+#: held-out prompts (none is a calibration prompt): captions of the bundled model's test split
+EVAL_PROMPTS = (
+    "anchor",
+    "airplane",
+    "watch",
+    "crossed swords",
+    "thunder cloud and rain",
+    "hot springs",
+    "snowman",
+    "hot beverage",
+)
 EVAL_PROMPTS = (
     "a yellow star above a small house",
     "a red car next to a green tree",
@@ -57,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--population", type=int, default=24)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--images", type=int, default=8, help="held-out prompts scored per method")
+    parser.add_argument("--eval-prompts", help="held-out prompts file (one per line); default: built-in")
     parser.add_argument("--timing-batch", type=int, default=2, help="prompts per timed pipeline call")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (ratios are steadier with 1)")
@@ -133,7 +144,8 @@ def run(argv: list[str]) -> dict:
         search(pipe, list(DEFAULT_PROMPTS), config, folder, call_kwargs=call_kwargs, info={"model": args.model})
     front = load_front(folder)
     steps = args.steps
-    prompts = [EVAL_PROMPTS[i % len(EVAL_PROMPTS)] for i in range(args.images)]
+    pool = read_prompts(args.eval_prompts) if args.eval_prompts else list(EVAL_PROMPTS)
+    prompts = [pool[i % len(pool)] for i in range(args.images)]
     evaluator = Evaluator(pipe, prompts, EvaluatorConfig(num_steps=steps, seed=1000), call_kwargs)
     baselines = {name: s for name, s in heuristic_schedules(evaluator.layout, steps).items()}
     diffusers = _diffusers_contexts(pipe, steps)
