@@ -25,7 +25,7 @@ import torch
 import accel
 from accel.bench.timing import time_interleaved
 from accel.caching.config import CacheConfig
-from accel.caching.search.command import DEFAULT_PROMPTS, read_prompts
+from accel.caching.search.command import DEFAULT_PROMPTS, model_defaults, read_prompts
 from accel.caching.search.config import SearchConfig, parse_duration
 from accel.caching.search.evaluator import Evaluator, EvaluatorConfig
 from accel.caching.search.front import load_front, speedup_of
@@ -132,21 +132,29 @@ def run(argv: list[str]) -> dict:
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    call_kwargs = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
+    call_kwargs, evaluation_defaults = model_defaults(args.model)
+    if args.max_sequence_length is not None:
+        call_kwargs["max_sequence_length"] = args.max_sequence_length
+    guidance = evaluation_defaults.get("guidance_scale", EvaluatorConfig().guidance_scale)
     folder = Path(args.front)
     reused = (folder / "front.json").is_file()
     if not reused:
         config = SearchConfig(
             population=args.population,
             budget_seconds=args.budget,
-            evaluation=EvaluatorConfig(num_steps=args.steps),
+            evaluation=EvaluatorConfig(num_steps=args.steps, guidance_scale=guidance),
         )
         search(pipe, list(DEFAULT_PROMPTS), config, folder, call_kwargs=call_kwargs, info={"model": args.model})
     front = load_front(folder)
     steps = args.steps
     pool = read_prompts(args.eval_prompts) if args.eval_prompts else list(EVAL_PROMPTS)
     prompts = [pool[i % len(pool)] for i in range(args.images)]
-    evaluator = Evaluator(pipe, prompts, EvaluatorConfig(num_steps=steps, seed=1000), call_kwargs)
+
+    def scorer(num_steps: int, seed: int) -> Evaluator:
+        config = EvaluatorConfig(num_steps=num_steps, seed=seed, guidance_scale=guidance)
+        return Evaluator(pipe, prompts, config, call_kwargs)
+
+    evaluator = scorer(steps, 1000)
     baselines = {name: s for name, s in heuristic_schedules(evaluator.layout, steps).items()}
     diffusers = _diffusers_contexts(pipe, steps)
     contexts = _contexts(pipe, [s.resample(steps) for s in front], baselines, diffusers)
@@ -174,14 +182,14 @@ def run(argv: list[str]) -> dict:
     fid = _fid_scorer(args.no_fid)
     noise_fid = None
     if fid is not None:
-        other = Evaluator(pipe, prompts, EvaluatorConfig(num_steps=steps, seed=2000), call_kwargs)
+        other = scorer(steps, 2000)
         noise_fid = fid(images["full"], other.decode(other.reference))
         for name in rows:
             rows[name]["fid"] = fid(images["full"], images[name])
     summary = _summarise(rows, front, baselines, diffusers, noise_fid, args, reused)
     transfer = {}
     for count in [int(part) for part in args.transfer_steps.split(",") if part.strip()]:
-        target = Evaluator(pipe, prompts, EvaluatorConfig(num_steps=count, seed=1000), call_kwargs)
+        target = scorer(count, 1000)
         measured = measure_transfer(target, front, images=True)
         print(f"front searched at {front.info.get('num_steps')} steps, resampled to {count}:")
         print(transfer_table(measured))

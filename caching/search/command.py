@@ -105,9 +105,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=name, type=parse, choices=choices, help=f"{text} (default {default})")
 
 
+def model_defaults(model: str | None) -> tuple[dict, dict]:
+    """``(pipeline call kwargs, evaluation config defaults)`` the bundled default model needs (``model`` None)."""
+    if model is not None:
+        return {}, {}
+    try:
+        from accel.pipelines.default import DEFAULT_CALL_KWARGS, DEFAULT_GUIDANCE_SCALE
+    except ImportError:
+        return {}, {}
+    return dict(DEFAULT_CALL_KWARGS), {"guidance_scale": DEFAULT_GUIDANCE_SCALE}
+
+
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
-    """The :class:`SearchConfig` of the given flags (unset flags keep the defaults)."""
+    """The :class:`SearchConfig` of the given flags (unset flags keep the defaults, or the default model's)."""
     values: dict = {group: {} for group in _GROUPS}
+    values["evaluation"].update(model_defaults(getattr(args, "model", None))[1])
     for name, *_ in _fields(SearchConfig):
         given = getattr(args, name, None)
         if given is None:
@@ -155,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    call_kwargs = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
+    call_kwargs = model_defaults(args.model)[0]
+    if args.max_sequence_length is not None:
+        call_kwargs["max_sequence_length"] = args.max_sequence_length
     info = {"model": args.model or "default", "prompts_file": args.prompts}
     front = search(pipe, prompts, config, args.out, resume=not args.restart, call_kwargs=call_kwargs, info=info)
     if not len(front):  # a non-main process of a multi-process run: the main one reports
