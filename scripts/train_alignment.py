@@ -42,7 +42,7 @@ class TrainConfig:
     batch_size: int = 256
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
-    input_dropout: float = 0.3
+    input_dropout: float = 0.5
     eval_size: int = 100
     eval_subsets: int = 20
     seed: int = 0
