@@ -69,7 +69,9 @@ class EvalConfig:
     prompts_source: str = field(default="built-in", metadata={"cli": False})
     seed: int = field(default=0, metadata=_help("sample i is generated with seed + i"))
     steps: int = field(default=20, metadata=_help("denoising steps of the full-compute reference"))
-    guidance_scale: float = field(default=4.5, metadata=_help("classifier-free guidance scale"))
+    guidance_scale: float | None = field(
+        default=None, metadata=_help("classifier-free guidance scale; omitted: the model's (4.0 bundled, 4.5 PixArt)")
+    )
     batch_size: int = field(default=4, metadata=_help("prompts per pipeline call while generating"))
     metrics: tuple[str, ...] = field(default=tuple(METRICS), metadata=_help("comma-separated metric keys"))
     real_images: str | None = field(

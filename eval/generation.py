@@ -36,6 +36,23 @@ def call_kwargs(pipe: Any, overrides: dict | None = None) -> dict:
     return {**kwargs, **(overrides or {})}
 
 
+def pipeline_defaults(pipe: Any, bundled: bool, overrides: dict | None = None) -> tuple[dict, float]:
+    """Call arguments (see :func:`call_kwargs`) and guidance scale for ``pipe``.
+
+    The bundled default model brings its own (``accel.pipelines.default.DEFAULT_CALL_KWARGS`` and
+    ``DEFAULT_GUIDANCE_SCALE``); any other pipeline gets its ``__call__``'s default guidance scale (4.5 if none).
+    """
+    kwargs = call_kwargs(pipe)
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    guidance = parameter.default if parameter is not None and isinstance(parameter.default, float) else 4.5
+    if bundled:
+        from accel.pipelines.default import DEFAULT_CALL_KWARGS, DEFAULT_GUIDANCE_SCALE
+
+        kwargs.update(DEFAULT_CALL_KWARGS)
+        guidance = DEFAULT_GUIDANCE_SCALE
+    return {**kwargs, **(overrides or {})}, float(guidance)
+
+
 @torch.no_grad()
 def generate(
     pipe: Any,

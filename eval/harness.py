@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from accel.eval.config import EvalConfig
 from accel.eval.cost import MACS_HOW, count_macs, latency, peak_memory
-from accel.eval.generation import call_kwargs, generate, load_image_set, load_pngs, save_png, weights_checksum
+from accel.eval.generation import generate, load_image_set, load_pngs, pipeline_defaults, save_png, weights_checksum
 from accel.eval.methods import Method, UnsupportedMethod, apply_method, parse_methods
 from accel.eval.metrics import MetricInputs, MetricSuite
 
@@ -51,6 +51,7 @@ class RunContext:
     pipe: Any
     state: Any  # accelerate.PartialState
     kwargs: dict
+    guidance_scale: float
     model_fingerprint: dict
     reference: torch.Tensor | None = None
     suite: MetricSuite | None = None
@@ -101,7 +102,7 @@ def trial_key(context: RunContext, method: Method) -> str:
         "prompts_sha256": config.prompts_sha256,
         "seeds": list(config.seeds),
         "steps": config.steps,
-        "guidance_scale": config.guidance_scale,
+        "guidance_scale": context.guidance_scale,
         "pipeline_kwargs": context.kwargs,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -136,7 +137,7 @@ def generate_shard(context: RunContext, method: Method, directory: Path) -> str 
                 applied.reset()
                 prompts = [config.prompts[i] for i in batch]
                 seeds = [config.seeds[i] for i in batch]
-                images = generate(context.pipe, prompts, seeds, applied.steps, config.guidance_scale, context.kwargs)
+                images = generate(context.pipe, prompts, seeds, applied.steps, context.guidance_scale, context.kwargs)
                 for index, image in zip(batch, images):
                     save_png(image, paths[index])
     except UnsupportedMethod as error:
@@ -151,7 +152,7 @@ def measure_cost(context: RunContext, method: Method) -> dict:
     seeds = [config.seeds[i % len(config.seeds)] for i in range(timing.batch)]
 
     def run(steps: int) -> torch.Tensor:
-        return generate(context.pipe, prompts, seeds, steps, config.guidance_scale, context.kwargs)
+        return generate(context.pipe, prompts, seeds, steps, context.guidance_scale, context.kwargs)
 
     with apply_method(method, context.pipe, config.steps, instrument=True) as applied:
         applied.reset()
@@ -242,10 +243,12 @@ def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext
     device = (
         state.device if config.device.startswith("cuda") and state.num_processes > 1 else torch.device(config.device)
     )
+    bundled = pipe is None and config.model is None
     if pipe is None:
         from accel.pipelines.loading import load_pipeline
 
         pipe = load_pipeline(config.model, torch_dtype=_dtype(config.dtype), device=str(device))
+    kwargs, guidance = pipeline_defaults(pipe, bundled, config.pipeline_kwargs)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     fingerprint = {
@@ -261,7 +264,8 @@ def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext
         out=out,
         pipe=pipe,
         state=state,
-        kwargs=call_kwargs(pipe, config.pipeline_kwargs),
+        kwargs=kwargs,
+        guidance_scale=guidance if config.guidance_scale is None else config.guidance_scale,
         model_fingerprint=fingerprint,
         suite=suite,
     )
@@ -282,6 +286,7 @@ def provenance(context: RunContext) -> dict:
         "transformer_class": type(getattr(context.pipe, "transformer", None)).__name__,
         "config": config.to_dict(),
         "pipeline_call_kwargs": context.kwargs,
+        "guidance_scale": context.guidance_scale,
         "prompts_source": config.prompts_source,
         "prompts_file_sha256": _file_sha256(config.prompts_source),
         "prompts_sha256": config.prompts_sha256,

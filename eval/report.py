@@ -128,7 +128,8 @@ def run_summary(results: dict) -> str:
     return (
         f"{run['model']['model']} ({run['model']['pipeline_class']}, {run['transformer_class']}), "
         f"{len(run['seeds'])} prompts ({run['prompts_source']}), {config['steps']} steps, guidance "
-        f"{config['guidance_scale']}, seeds {run['seeds'][0]}..{run['seeds'][-1]}, on {run['device']}, "
+        f"{run.get('guidance_scale', config['guidance_scale'])}, seeds {run['seeds'][0]}..{run['seeds'][-1]}, "
+        f"on {run['device']}, "
         f"{run['num_processes']} process(es), {run['created']}"
     )
 

@@ -22,7 +22,9 @@ class GenerateConfig:
     steps: int = field(default=20, metadata={"help": "denoising steps (steps-N overrides)"})
     seed: int = field(default=0, metadata={"help": "image i of a prompt is generated with seed + i"})
     num_images: int = field(default=1, metadata={"help": "images per prompt"})
-    guidance_scale: float = field(default=4.5, metadata={"help": "classifier-free guidance scale"})
+    guidance_scale: float | None = field(
+        default=None, metadata={"help": "classifier-free guidance scale; omitted: the model's"}
+    )
     pipeline_kwargs: dict = field(default_factory=dict, metadata={"help": "extra pipeline call arguments, as JSON"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
 
@@ -42,22 +44,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate every prompt's images with the method and save them as PNG."""
-    from accel.eval.generation import call_kwargs, generate, save_png
+    from accel.eval.generation import generate, pipeline_defaults, save_png
     from accel.eval.methods import UnsupportedMethod, apply_method, parse_method
     from accel.pipelines.loading import load_pipeline
 
     config = config_from_args(args, cls=GenerateConfig)
     method = parse_method(config.method)
     pipe = load_pipeline(config.model, device=config.device)
+    kwargs, guidance = pipeline_defaults(pipe, config.model is None, config.pipeline_kwargs)
+    guidance = guidance if config.guidance_scale is None else config.guidance_scale
     prompts = [p for p in args.prompt for _ in range(config.num_images)]
     seeds = [config.seed + i for p in args.prompt for i in range(config.num_images)]
     out = Path(args.out)
     try:
         with apply_method(method, pipe, config.steps, instrument=True) as applied:
             applied.reset()
-            images = generate(
-                pipe, prompts, seeds, applied.steps, config.guidance_scale, call_kwargs(pipe, config.pipeline_kwargs)
-            )
+            images = generate(pipe, prompts, seeds, applied.steps, guidance, kwargs)
             stats = applied.stats()
     except UnsupportedMethod as error:
         raise ValueError(f"{method.name} cannot run on this pipeline: {error}") from None
