@@ -14,6 +14,14 @@ Both extractors are ``nn.Module`` s that torchmetrics accepts directly::
 
 :func:`fid_kid` runs the extractor once per image and computes both metrics
 from the same features.
+
+Small samples: FID is biased upwards by roughly (feature dim / sample count), so
+with a few hundred images in 1280 dimensions its floor is high. On the emoji
+dataset, FID-EffNetLite0 between the 1,224 training and the 137 held-out real
+images is 104, while blurring the held-out images (Gaussian, sigma 1.5 px at
+64x64) only raises it to 139. KID is unbiased: -0.001 +- 0.002 for real vs real,
+0.056 for the blurred set. Compare FIDs only at equal sample counts, and prefer
+KID (with its std) when there are fewer than a few thousand images.
 """
 
 from __future__ import annotations
