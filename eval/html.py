@@ -86,18 +86,24 @@ def pareto_svg(name: str, points: list[tuple[str, float, float]], front: list[st
     by_name = {p[0]: p for p in points}
     line = " ".join(f"{sx(by_name[n][1]):.1f},{sy(by_name[n][2]):.1f}" for n in front)
     parts.append(f'<polyline points="{line}" fill="none" stroke="#d62728" stroke-width="1.5"/>')
-    for method, x, y in points:
+    placed: list[tuple[float, float, float, float]] = []  # label boxes so far, so labels never overlap
+    for method, x, y in sorted(points, key=lambda p: (sy(p[2]), sx(p[1]))):
         color = "#d62728" if method in front else "#1f77b4"
         cx, cy = sx(x), sy(y)
-        if (method, x, y) in capped:  # off the scale: a triangle at the top edge
+        is_capped = (method, x, y) in capped
+        if is_capped:  # off the scale: a triangle at the top edge
             parts.append(f'<path d="M{cx:.1f},{cy - 5:.1f} l5,9 h-10 z" fill="{color}"/>')
         else:
             parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{color}"/>')
-        label = html.escape(method + (" (identical)" if (method, x, y) in capped else ""))
+        text = method + (" (identical)" if is_capped else "")
+        box_width = 5.6 * len(text)
         right_half = cx > left + 0.6 * (width - left - right)
-        anchor, lx = ("end", cx - 6) if right_half else ("start", cx + 6)
-        ly = cy + 13 if (method, x, y) in capped else cy - 5
-        parts.append(f'<text x="{lx:.1f}" y="{ly:.1f}" text-anchor="{anchor}" font-size="10">{label}</text>')
+        bx = cx - 6 - box_width if right_half else cx + 6
+        ly = cy + 13 if is_capped else cy - 5
+        while any(bx < b[1] and b[0] < bx + box_width and ly - 9 < b[3] and b[2] < ly + 1 for b in placed):
+            ly += 11
+        placed.append((bx, bx + box_width, ly - 9, ly + 1))
+        parts.append(f'<text x="{bx:.1f}" y="{ly:.1f}" font-size="10">{html.escape(text)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
