@@ -190,7 +190,8 @@ def score(context: RunContext, method: Method, directory: Path, keys: list[str] 
 def resume_trial(context: RunContext, method: Method, path: Path, directory: Path) -> dict:
     """A trial an earlier run finished; metrics asked for now but not then are computed from its images."""
     record = json.loads(path.read_text())
-    missing = [k for k in context.config.metrics if k not in record.get("metric_keys", [])]
+    done = record.get("metric_keys", [])
+    missing = [k for k in context.config.metrics if k not in done] if record["status"] == "ok" else []
     if record["status"] == "ok" and context.is_main:
         if method.kind == "full":
             context.reference = load_pngs(_image_paths(directory, len(context.config.prompts)))
