@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from accel.eval.config import add_config_arguments, config_from_args
 from accel.eval.methods import usage
 
@@ -27,6 +29,7 @@ class GenerateConfig:
     )
     pipeline_kwargs: dict = field(default_factory=dict, metadata={"help": "extra pipeline call arguments, as JSON"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU); omitted: torch's"})
 
     def __post_init__(self):
         if self.steps < 1 or self.num_images < 1:
@@ -49,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from accel.pipelines.loading import load_pipeline
 
     config = config_from_args(args, cls=GenerateConfig)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     method = parse_method(config.method)
     pipe = load_pipeline(config.model, device=config.device)
     kwargs, guidance = pipeline_defaults(pipe, config.model is None, config.pipeline_kwargs)
