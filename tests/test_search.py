@@ -132,6 +132,19 @@ def test_interrupted_run_loses_nothing(evaluator, tmp_path, monkeypatch):
     assert np.array_equal(straight._algorithm.pop.get("X"), resumed._algorithm.pop.get("X"))
 
 
+def test_fitted_latency_cost_is_saved_and_reused(evaluator, tmp_path):
+    config = small_config(generations=1, evaluation=EvaluatorConfig(num_steps=STEPS, cost="fitted"))
+    try:
+        front = search(evaluator.pipe, PROMPTS, config, tmp_path, evaluator=evaluator)
+        saved = (tmp_path / "latency_model.json").read_text()
+        assert all(0 < s.metrics["fitted_relative_seconds"] <= 1.5 for s in front)
+        longer = small_config(generations=2, evaluation=config.evaluation)
+        search(evaluator.pipe, PROMPTS, longer, tmp_path, evaluator=evaluator)
+        assert (tmp_path / "latency_model.json").read_text() == saved  # resumed with the same cost model
+    finally:
+        evaluator.latency_model = None
+
+
 def test_dp_method_and_transfer(evaluator, tmp_path):
     front = search(evaluator.pipe, PROMPTS, small_config(method="dp"), tmp_path, evaluator=evaluator)
     assert len(front) >= 2 and {s.provenance["generator"] for s in front} <= {"cachequant", "bac"}

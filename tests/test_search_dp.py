@@ -16,6 +16,7 @@ from accel.caching.search.genome import (
     satisfies,
     schedule_to_genome,
 )
+from accel.caching.search.latency import LatencyModel, latency_features
 
 LAYOUT = ScheduleLayout(
     model_class="PixArtTransformer2DModel", num_blocks=4, components=("self_attn", "cross_attn", "ffn")
@@ -149,6 +150,19 @@ def test_non_dominated_and_pick():
     assert front.pick(target_speedup=1.5, num_steps=12).num_steps == 12
     with pytest.raises(ValueError, match="exactly one"):
         front.pick()
+
+
+def test_latency_features_count_what_the_engine_runs():
+    mask = np.ones((3, 2, 3), dtype=bool)
+    mask[1] = False  # step 1: both blocks skipped whole
+    mask[2, 0, 1] = False  # step 2: block 0 reuses its cross-attention
+    present = np.ones((2, 3), dtype=bool)
+    steps, blocks_run, *per_component = latency_features(mask, present)
+    assert (steps, blocks_run) == (3, 4)
+    assert per_component == [4, 3, 4, 0, 1, 0]  # computed per component, then reused inside run blocks
+    model = LatencyModel(coefficients=np.array([1.0, 2.0, 0, 0, 0, 0, 0, 0]), present=present)
+    assert model.seconds(mask) == 3 + 8 and model.relative(mask) == pytest.approx(11 / 15)
+    assert LatencyModel.from_dict(model.to_dict()).seconds(mask) == model.seconds(mask)
 
 
 def test_parse_duration():

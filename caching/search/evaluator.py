@@ -52,7 +52,9 @@ class EvaluatorConfig:
         guidance_scale: classifier-free guidance scale.
         seed: prompt ``i`` starts from the noise of ``torch.Generator().manual_seed(seed + i)``.
         quality: compare final ``"latent"``s (no VAE decode per candidate) or decoded ``"image"``s.
-        cost: ``"macs"`` (counted, deterministic) or measured ``"latency"`` (noisy on shared machines).
+        cost: ``"macs"`` (counted, deterministic), measured ``"latency"`` of each candidate run (noisy on shared
+            machines), or ``"fitted"``: a :class:`~accel.caching.search.latency.LatencyModel` fitted once to timed
+            runs (deterministic, and it sees per-call overheads that MACs miss on small models).
         sketch_size: elements kept per feature and step for the change matrices.
     """
 
@@ -60,7 +62,7 @@ class EvaluatorConfig:
     guidance_scale: float = 4.5
     seed: int = 0
     quality: Literal["latent", "image"] = "latent"
-    cost: Literal["macs", "latency"] = "macs"
+    cost: Literal["macs", "latency", "fitted"] = "macs"
     sketch_size: int = 4096
 
     def __post_init__(self):
@@ -68,8 +70,8 @@ class EvaluatorConfig:
             raise ValueError(f"num_steps must be >= 2, got {self.num_steps}")
         if self.quality not in ("latent", "image"):
             raise ValueError(f"quality must be 'latent' or 'image', got {self.quality!r}")
-        if self.cost not in ("macs", "latency"):
-            raise ValueError(f"cost must be 'macs' or 'latency', got {self.cost!r}")
+        if self.cost not in ("macs", "latency", "fitted"):
+            raise ValueError(f"cost must be 'macs', 'latency' or 'fitted', got {self.cost!r}")
         if self.sketch_size < 1:
             raise ValueError(f"sketch_size must be >= 1, got {self.sketch_size}")
 
@@ -119,6 +121,7 @@ class Evaluator:
         args, kwargs = recorder.first_call
         self.cost_model: CostModel = count_macs(pipe.transformer, self.layout.components, args, kwargs)
         self._reference_images: torch.Tensor | None = None
+        self.latency_model = None  # a LatencyModel, set by the search when config.cost == "fitted"
         logger.info(
             "calibrated on %d prompts: full compute %.2f s, %.3f GMACs per transformer call",
             len(self.prompts), self.full_seconds, self.cost_model.call_macs / 1e9,
@@ -217,6 +220,9 @@ class Evaluator:
             "relative_seconds": seconds / (self.full_seconds * n / len(self.prompts)),
             "prompts": n,
         }
+        if self.latency_model is not None:
+            metrics["fitted_relative_seconds"] = self.latency_model.relative(schedule.mask)
+            metrics["predicted_speedup"] = 1.0 / metrics["fitted_relative_seconds"]
         if images or self.config.quality == "image":
             metrics["image_psnr"] = self.image_psnr(latents)
         metrics["psnr"] = metrics["image_psnr" if self.config.quality == "image" else "latent_psnr"]
@@ -224,5 +230,6 @@ class Evaluator:
 
     def objectives(self, metrics: dict) -> np.ndarray:
         """``(cost, -psnr)``, both minimised."""
-        cost = metrics["relative_seconds"] if self.config.cost == "latency" else metrics["relative_macs"]
+        key = {"macs": "relative_macs", "latency": "relative_seconds", "fitted": "fitted_relative_seconds"}
+        cost = metrics[key[self.config.cost]]
         return np.array([cost, -metrics["psnr"]], dtype=np.float64)

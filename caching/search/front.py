@@ -43,13 +43,12 @@ def non_dominated(objectives: np.ndarray) -> np.ndarray:
 
 
 def speedup_of(schedule: Schedule) -> float:
-    """The measured wall-clock ``speedup`` if known, else the ``ideal_speedup`` from MACs."""
-    metrics = schedule.metrics
-    if "speedup" in metrics:
-        return float(metrics["speedup"])
-    if "ideal_speedup" in metrics:
-        return float(metrics["ideal_speedup"])
-    raise ValueError("schedule has no speedup or ideal_speedup metric; was it measured?")
+    """The measured wall-clock ``speedup`` if known, else the fitted model's ``predicted_speedup``, else the
+    ``ideal_speedup`` from MACs."""
+    for key in ("speedup", "predicted_speedup", "ideal_speedup"):
+        if key in schedule.metrics:
+            return float(schedule.metrics[key])
+    raise ValueError("schedule has no speedup, predicted_speedup or ideal_speedup metric; was it measured?")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

@@ -23,6 +23,7 @@ from accel.caching.search.config import SearchConfig
 from accel.caching.search.evaluator import Evaluator
 from accel.caching.search.front import Front, non_dominated
 from accel.caching.search.genome import genome_to_schedule
+from accel.caching.search.latency import LatencyModel, fit_latency_model
 from accel.caching.search.nsga import GeneticSearch
 from accel.caching.search.seeds import dp_schedules, heuristic_schedules
 
@@ -81,6 +82,8 @@ def search(
     out_dir = Path(out_dir)
     if evaluator is None:
         evaluator = Evaluator(pipe, prompts, config.evaluation, call_kwargs)
+    if config.evaluation.cost == "fitted":
+        evaluator.latency_model = _latency_model(evaluator, config, out_dir, resume)
     if config.method == "dp":
         members = _dp_front(evaluator, config)
         generations, evaluations = 0, len(members)
@@ -123,6 +126,17 @@ def search(
     front.save(out_dir)
     logger.info("front of %d schedules written to %s", len(front), out_dir)
     return front
+
+
+def _latency_model(evaluator: Evaluator, config: SearchConfig, out_dir: Path, resume: bool) -> LatencyModel:
+    """The search's fitted latency model: the saved one when resuming (so scores do not change), else fitted."""
+    path = out_dir / "latency_model.json"
+    if resume and path.is_file():
+        return LatencyModel.load(path)
+    model = fit_latency_model(evaluator, list(seed_schedules(evaluator, config).values()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return model
 
 
 def measure_speedups(evaluator: Evaluator, schedules: list[Schedule], repeats: int, batch: int = 2) -> list[float]:

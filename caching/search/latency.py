@@ -1,0 +1,129 @@
+"""A fitted wall-clock model of a schedule: counted work plus per-call overhead, from a few timed runs.
+
+On small models MACs are a poor proxy for time: running a block or reusing a component has a fixed cost (hooks,
+norms, modulation, kernel launches) that can outweigh the arithmetic saved. :class:`LatencyModel` predicts a
+run's seconds from what the mask makes the engine do, summed over steps:
+
+``seconds = c_step * steps + c_block * blocks run + sum_c (c_compute[c] * computed[c] + c_reuse[c] * reused[c])``
+
+where a block is *run* unless all its components are reused (then it is skipped whole) and ``reused[c]``
+counts reuses inside run blocks. The non-negative coefficients are fitted by least squares to timed runs of
+a few schedules (:func:`fit_latency_model`); the fitted model is a pure function, deterministic, and saved
+with the search so a resumed run scores exactly as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from accel.caching.schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+
+def latency_features(mask: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """``(2 + 2 * components,)`` counts: steps, blocks run, then computed and reused-in-run per component.
+
+    Args:
+        mask: bool ``(steps, blocks, components)``.
+        present: bool ``(blocks, components)``: which blocks have which components.
+    """
+    mask = np.asarray(mask, dtype=bool) & present
+    run = mask.any(axis=2)  # (steps, blocks): not skipped whole
+    computed = mask.sum(axis=(0, 1))
+    reused = (run[:, :, None] & ~mask & present).sum(axis=(0, 1))
+    return np.concatenate([[mask.shape[0], run.sum()], computed, reused]).astype(np.float64)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LatencyModel:
+    """Seconds of one pipeline run as a linear function of :func:`latency_features`.
+
+    Attributes:
+        coefficients: non-negative seconds per unit of each feature.
+        present: bool ``(blocks, components)``.
+        fixed_seconds: time outside the denoising loop's transformer work that no schedule changes.
+    """
+
+    coefficients: np.ndarray
+    present: np.ndarray
+    fixed_seconds: float = 0.0
+
+    def seconds(self, mask: np.ndarray) -> float:
+        """Predicted seconds of a run under ``mask``."""
+        return float(self.fixed_seconds + latency_features(mask, self.present) @ self.coefficients)
+
+    def relative(self, mask: np.ndarray) -> float:
+        """Predicted time relative to computing everything."""
+        full = np.ones_like(np.asarray(mask, dtype=bool))
+        return self.seconds(mask) / self.seconds(full)
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return {
+            "type": "accel.caching.search.LatencyModel",
+            "version": 1,
+            "coefficients": self.coefficients.tolist(),
+            "present": self.present.astype(int).tolist(),
+            "fixed_seconds": self.fixed_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LatencyModel:
+        """Parse :meth:`to_dict` output."""
+        if data.get("type") != "accel.caching.search.LatencyModel" or data.get("version") != 1:
+            raise ValueError("not an accel.caching.search.LatencyModel version 1 object")
+        return cls(
+            coefficients=np.asarray(data["coefficients"], dtype=np.float64),
+            present=np.asarray(data["present"], dtype=bool),
+            fixed_seconds=float(data["fixed_seconds"]),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyModel:
+        """Read :meth:`save` output."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def fit_latency_model(evaluator, schedules: list[Schedule], repeats: int = 2, batch: int = 2) -> LatencyModel:
+    """Time ``schedules`` (plus full compute) on ``batch`` calibration prompts and fit a :class:`LatencyModel`.
+
+    Runs are interleaved round-robin after a warm-up; each schedule's fastest repeat is used (the least
+    disturbed by other work). Needs at least as many distinct schedules as features to be well posed.
+    """
+    from scipy.optimize import nnls
+
+    import accel
+    from accel.bench.timing import time_interleaved
+    from accel.caching.config import CacheConfig
+    from accel.caching.heuristics import compute_all
+
+    steps = evaluator.config.num_steps
+    schedules = [compute_all(evaluator.layout, steps), *(s.resample(steps) for s in schedules)]
+    names = [f"s{i}" for i in range(len(schedules))]
+    around = {
+        name: (lambda s=s: accel.apply(evaluator.pipe, CacheConfig(schedule=s, count_macs=False)))
+        for name, s in zip(names, schedules)
+    }
+    batch = min(batch, len(evaluator.prompts))
+    timings = time_interleaved(
+        {name: (lambda: evaluator.generate(None, batch)) for name in names}, repeats=repeats, warmup=1, around=around
+    )
+    present = evaluator.cost_model.component_macs > 0
+    features = np.stack([latency_features(s.mask, present) for s in schedules])
+    seconds = np.array([min(timings[name].samples) for name in names])
+    coefficients, _ = nnls(features, seconds)
+    model = LatencyModel(coefficients=coefficients, present=present)
+    predicted = features @ coefficients
+    error = float(np.median(np.abs(predicted - seconds) / seconds))
+    logger.info("latency model fitted on %d timed schedules: median error %.1f%%", len(schedules), 100 * error)
+    return model
