@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=parse_duration, default=parse_duration("10m"), help="search time if new")
     parser.add_argument("--population", type=int, default=24)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance-scale", type=float, help="default: the bundled model's, else 4.5")
     parser.add_argument("--images", type=int, default=8, help="held-out prompts scored per method")
     parser.add_argument("--eval-prompts", help="held-out prompts file (one per line); default: built-in")
     parser.add_argument("--timing-batch", type=int, default=2, help="prompts per timed pipeline call")
@@ -135,7 +136,7 @@ def run(argv: list[str]) -> dict:
     call_kwargs, evaluation_defaults = model_defaults(args.model)
     if args.max_sequence_length is not None:
         call_kwargs["max_sequence_length"] = args.max_sequence_length
-    guidance = evaluation_defaults.get("guidance_scale", EvaluatorConfig().guidance_scale)
+    guidance = args.guidance_scale or evaluation_defaults.get("guidance_scale", EvaluatorConfig().guidance_scale)
     folder = Path(args.front)
     reused = (folder / "front.json").is_file()
     if not reused:
