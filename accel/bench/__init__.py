@@ -8,4 +8,5 @@ between machines and runs, ratios much less.
 BENCHMARKS = {
     "caching": "accel.bench.caching",
     "search": "accel.bench.search",
+    "model": "accel.bench.model",
 }

@@ -1,0 +1,144 @@
+"""``python -m accel.bench model``: is the bundled default model really trained, and are its scorers sound?
+
+Prints, in one run:
+
+* FID-EffNetLite0 and KID-EffNetLite0 of ``--samples`` generated images against the whole emoji set, for the
+  trained model and for the same pipeline with a freshly initialised (untrained) transformer;
+* the alignment scorer's held-out retrieval (true caption among the first 100 held-out captions, top-1/top-5)
+  and its mean score of generated images against their own prompt vs a shuffled prompt;
+* seconds per denoising step at batch 1 with classifier-free guidance (median of repeats).
+
+FID from a few hundred images is strongly biased (see ``accel.eval.fid``): compare the two models at equal
+sample counts, and read KID beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from accel.pipelines.default import DEFAULT_CALL_KWARGS, DEFAULT_GUIDANCE_SCALE, load_default_pipeline
+
+DATA_FILE = Path(__file__).resolve().parents[2] / "data" / "emoji" / "emoji64.npz"
+
+
+def load_dataset(path: str | Path = DATA_FILE) -> tuple[torch.Tensor, list[str], np.ndarray]:
+    """The emoji set: uint8 images ``(N, 3, 64, 64)``, captions, and the split labels."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"emoji data set not found at {path}; run from a clone of the repository or pass --data"
+        )
+    data = np.load(path, allow_pickle=False)
+    images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).contiguous()
+    return images, [str(c) for c in data["captions"]], data["split"]
+
+
+def generate(pipe, prompts: list[str], steps: int, batch: int, seed: int = 0) -> torch.Tensor:
+    """Images ``(N, 3, 64, 64)`` float in [0, 1], one per prompt, sample ``i`` seeded with ``seed + i``."""
+    chunks = []
+    for start in tqdm(range(0, len(prompts), batch), desc="generating", leave=False):
+        part = prompts[start : start + batch]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(part))]
+        output = pipe(
+            part,
+            num_inference_steps=steps,
+            guidance_scale=DEFAULT_GUIDANCE_SCALE,
+            generator=generators,
+            output_type="pt",
+            **DEFAULT_CALL_KWARGS,
+        )
+        chunks.append(output.images.float().clamp(0, 1))
+    return torch.cat(chunks)
+
+
+def untrained_copy(pipe):
+    """The same pipeline with the transformer re-initialised from its config (seed 0)."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel.from_config(pipe.transformer.config).eval().requires_grad_(False)
+    untrained = copy.copy(pipe)
+    untrained.register_modules(transformer=transformer)
+    return untrained
+
+
+def seconds_per_step(pipe, steps: int = 20, repeats: int = 3) -> float:
+    """Median wall-clock seconds per denoising step of one 20-step image at batch 1, CFG on (warm-up first)."""
+    times = []
+    for index in range(repeats + 1):
+        start = time.perf_counter()
+        generate(pipe, ["red apple"], steps, batch=1, seed=index)
+        if index:
+            times.append((time.perf_counter() - start) / steps)
+    return float(np.median(times))
+
+
+def scorer_checks(images: torch.Tensor, captions: list[str], split: np.ndarray, generated, prompts) -> dict:
+    """Held-out retrieval of the alignment scorer and matched-vs-shuffled scores of generated images."""
+    from accel.eval.alignment import load_alignment_scorer, retrieval_accuracy
+
+    scorer = load_alignment_scorer()
+    held_out = np.flatnonzero(split == "test")[:100]
+    with torch.no_grad():
+        image_embeddings = scorer.embed_images(images[held_out].float() / 255)
+        text_embeddings = scorer.embed_prompts([captions[i] for i in held_out])
+        retrieval = retrieval_accuracy(image_embeddings, text_embeddings)
+        shuffled = [prompts[(i + len(prompts) // 2) % len(prompts)] for i in range(len(prompts))]
+        matched_scores = scorer.score(generated, prompts)
+        shuffled_scores = scorer.score(generated, shuffled)
+    return {
+        "scorer_top1": retrieval["top1"],
+        "scorer_top5": retrieval["top5"],
+        "score_matched": float(matched_scores.mean()),
+        "score_shuffled": float(shuffled_scores.mean()),
+    }
+
+
+def run(argv: list[str]) -> dict:
+    """Measure and print; return the headline numbers."""
+    parser = argparse.ArgumentParser(prog="python -m accel.bench model")
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--data", default=DATA_FILE)
+    parser.add_argument("--model", default=None, help="pipeline folder; default: the bundled model")
+    args = parser.parse_args(argv)
+    from accel.eval.fid import fid_kid
+
+    images, captions, split = load_dataset(args.data)
+    pipe = load_default_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [captions[i % len(captions)] for i in np.random.default_rng(0).permutation(len(captions))]
+    prompts = (prompts * (args.samples // len(prompts) + 1))[: args.samples]
+    trained = generate(pipe, prompts, args.steps, args.batch)
+    untrained = generate(untrained_copy(pipe), prompts, args.steps, args.batch)
+    fid_trained = fid_kid(images, trained)
+    fid_untrained = fid_kid(images, untrained)
+    checks = scorer_checks(images, captions, split, trained, prompts)
+    per_step = seconds_per_step(pipe, args.steps)
+    print(f"default model, {args.samples} samples of {args.steps} steps vs {len(images)} dataset images")
+    print(f"{'':<12}{'FID-EffNetLite0':>17}{'KID-EffNetLite0':>17}")
+    for name, result in (("trained", fid_trained), ("untrained", fid_untrained)):
+        print(f"{name:<12}{result['FID-EffNetLite0']:>17.1f}{result['KID-EffNetLite0']:>17.4f}")
+    print(
+        f"alignment scorer, held-out retrieval among 100: top-1 {checks['scorer_top1']:.2f}, top-5 {checks['scorer_top5']:.2f}"
+    )
+    print(
+        f"alignment score of generated images: own prompt {checks['score_matched']:.1f}, shuffled {checks['score_shuffled']:.1f}"
+    )
+    print(f"seconds per step (batch 1, CFG, {torch.get_num_threads()} threads): {per_step:.3f}")
+    return {
+        "fid_trained": round(fid_trained["FID-EffNetLite0"], 2),
+        "fid_untrained": round(fid_untrained["FID-EffNetLite0"], 2),
+        "kid_trained": round(fid_trained["KID-EffNetLite0"], 4),
+        "kid_untrained": round(fid_untrained["KID-EffNetLite0"], 4),
+        **{k: round(v, 3) for k, v in checks.items()},
+        "seconds_per_step": round(per_step, 4),
+        "samples": args.samples,
+    }
