@@ -29,7 +29,9 @@ DEFAULT_CALL_KWARGS = {"use_resolution_binning": False, "max_sequence_length": 3
 DEFAULT_GUIDANCE_SCALE = 4.0
 
 
-def load_default_pipeline(path: str | Path | None = None, torch_dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_default_pipeline(
+    path: str | Path | None = None, torch_dtype: torch.dtype = torch.float32, device: str = "cpu"
+):
     """Load the bundled emoji PixArt pipeline.
 
     The components are loaded one by one and assembled into a ``PixArtAlphaPipeline``, so diffusers does not
@@ -50,7 +52,9 @@ def load_default_pipeline(path: str | Path | None = None, torch_dtype: torch.dty
     folder = Path(path) if path is not None else DEFAULT_MODEL_DIR
     missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / p).is_dir()]
     if missing:
-        raise FileNotFoundError(f"default model folder {folder} lacks {missing}; re-run scripts/train_default_model.py export")
+        raise FileNotFoundError(
+            f"default model folder {folder} lacks {missing}; re-run scripts/train_default_model.py export"
+        )
     pipe = PixArtAlphaPipeline(
         tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
         text_encoder=BertModel.from_pretrained(folder / "text_encoder", torch_dtype=torch_dtype),

@@ -1,4 +1,4 @@
-"""Write a grid of default-model samples with their prompts: ``python scripts/sample_grid.py --out docs/samples.png``."""
+"""A grid of default-model samples with their prompts: ``python scripts/sample_grid.py --out docs/samples.png``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,22 @@ from PIL import Image, ImageDraw
 from accel.pipelines.default import DEFAULT_CALL_KWARGS, DEFAULT_GUIDANCE_SCALE, load_default_pipeline
 
 PROMPTS = [
-    "red apple", "grinning face", "steam locomotive", "pile of poo",
-    "sun with face", "blue heart", "hot beverage", "dog face",
-    "rocket", "birthday cake", "four leaf clover", "crying face",
-    "automobile", "christmas tree", "banana", "snowman",
+    "red apple",
+    "grinning face",
+    "steam locomotive",
+    "pile of poo",
+    "sun with face",
+    "blue heart",
+    "hot beverage",
+    "dog face",
+    "rocket",
+    "birthday cake",
+    "four leaf clover",
+    "crying face",
+    "automobile",
+    "christmas tree",
+    "banana",
+    "snowman",
 ]
 
 
@@ -41,7 +53,11 @@ def main() -> None:
     pipe = load_default_pipeline(args.model)
     generators = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
     images = pipe(
-        PROMPTS, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators, **DEFAULT_CALL_KWARGS
+        PROMPTS,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=generators,
+        **DEFAULT_CALL_KWARGS,
     ).images
     grid(images, PROMPTS).save(args.out)
     print(f"wrote {args.out}")

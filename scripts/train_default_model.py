@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -273,7 +272,8 @@ def _save_dit(path: Path, model, ema, optimizer, step: int, losses: list) -> Non
     opt_tensors, opt_meta = _flat_optimizer(optimizer)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.items()})
-    save_checkpoint(path, {**tensors, **opt_tensors, "rng": _rng_state()}, {"step": step, "optimizer": opt_meta, "losses": losses})
+    meta = {"step": step, "optimizer": opt_meta, "losses": losses}
+    save_checkpoint(path, {**tensors, **opt_tensors, "rng": _rng_state()}, meta)
 
 
 # -- export --------------------------------------------------------------------------------------------------
@@ -304,9 +304,8 @@ def export(args: argparse.Namespace) -> None:
         scheduler=DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction"),
     )
     pipe.to(torch.float16).save_pretrained(args.out)
-    (Path(args.out) / "training.json").write_text(
-        json.dumps({"dit_steps": meta["step"], "loss_per_100_steps": meta["losses"], "dit_config": DIT_CONFIG}, indent=1)
-    )
+    summary = {"dit_steps": meta["step"], "loss_per_100_steps": meta["losses"], "dit_config": DIT_CONFIG}
+    (Path(args.out) / "training.json").write_text(json.dumps(summary, indent=1))
     logger.info("exported step %d to %s", meta["step"], args.out)
 
 

@@ -20,7 +20,8 @@ def test_stock_pipeline_generates_a_64px_image(pipe):
 
     assert type(pipe) is PixArtAlphaPipeline
     generator = torch.Generator().manual_seed(0)
-    images = pipe("red apple", num_inference_steps=4, generator=generator, output_type="pt", **DEFAULT_CALL_KWARGS).images
+    output = pipe("red apple", num_inference_steps=4, generator=generator, output_type="pt", **DEFAULT_CALL_KWARGS)
+    images = output.images
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
     assert 0 <= images.min() and images.max() <= 1 and images.std() > 0.05
 

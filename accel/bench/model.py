@@ -127,10 +127,12 @@ def run(argv: list[str]) -> dict:
     for name, result in (("trained", fid_trained), ("untrained", fid_untrained)):
         print(f"{name:<12}{result['FID-EffNetLite0']:>17.1f}{result['KID-EffNetLite0']:>17.4f}")
     print(
-        f"alignment scorer, held-out retrieval among 100: top-1 {checks['scorer_top1']:.2f}, top-5 {checks['scorer_top5']:.2f}"
+        "alignment scorer, held-out retrieval among 100: "
+        f"top-1 {checks['scorer_top1']:.2f}, top-5 {checks['scorer_top5']:.2f}"
     )
     print(
-        f"alignment score of generated images: own prompt {checks['score_matched']:.1f}, shuffled {checks['score_shuffled']:.1f}"
+        "alignment score of generated images: "
+        f"own prompt {checks['score_matched']:.1f}, shuffled {checks['score_shuffled']:.1f}"
     )
     print(f"seconds per step (batch 1, CFG, {torch.get_num_threads()} threads): {per_step:.3f}")
     return {
