@@ -22,6 +22,7 @@ from accel.caching.search import (
 from accel.caching.search.genome import satisfies
 from accel.caching.search.nsga import GeneticSearch
 from accel.caching.search.runner import seed_schedules
+from accel.caching.search.transfer import remeasure
 
 pytest.importorskip("pymoo")
 
@@ -152,6 +153,9 @@ def test_dp_method_and_transfer(evaluator, tmp_path):
     rows = measure_transfer(other, front)
     assert len(rows) == len(front) and all(r["target_steps"] == STEPS + 2 for r in rows)
     assert all(r["psnr"] > 20 for r in rows)
+    again = remeasure(front, other, time_repeats=1, remeasured="test")
+    assert len(again) == len(front) and again.info["remeasured"] == "test"
+    assert all(s.num_steps == STEPS + 2 and s.metrics["prompts"] == 2 and "speedup" in s.metrics for s in again)
 
 
 def test_cli_dp_search(tmp_path):

@@ -17,7 +17,7 @@ from accel.caching.search.front import Front, load_front
 from accel.caching.search.genome import Constraints, repair
 from accel.caching.search.runner import search
 from accel.caching.search.seeds import dp_schedules, heuristic_schedules
-from accel.caching.search.transfer import measure_transfer
+from accel.caching.search.transfer import measure_transfer, remeasure
 
 __all__ = [
     "Constraints",
@@ -35,6 +35,7 @@ __all__ = [
     "measure_transfer",
     "optimal_refresh_steps",
     "parse_duration",
+    "remeasure",
     "repair",
     "search",
 ]

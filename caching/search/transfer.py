@@ -7,10 +7,12 @@ compute at the new step count, with the same prompts and seeds.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from accel.caching.schedule import Schedule
 from accel.caching.search.evaluator import Evaluator
+from accel.caching.search.front import Front
 
 
 def measure_transfer(evaluator: Evaluator, schedules: Iterable[Schedule], images: bool = False) -> list[dict]:
@@ -38,6 +40,23 @@ def measure_transfer(evaluator: Evaluator, schedules: Iterable[Schedule], images
             }
         )
     return rows
+
+
+def remeasure(front: Front, evaluator: Evaluator, time_repeats: int = 0, **info) -> Front:
+    """The front with every schedule's metrics measured afresh with ``evaluator`` (e.g. on a newer checkpoint
+    of the model it was searched on, or at another step count); ``info`` is merged into the front's info.
+
+    The schedules are resampled to the evaluator's step count. The result is not re-filtered for dominance:
+    it keeps the searched set, so the change in each member's metrics can be read off.
+    """
+    from accel.caching.search.runner import measure_speedups
+
+    schedules = [s.resample(evaluator.config.num_steps) for s in front]
+    measured = [replace(s, metrics={k: v for k, v in evaluator.measure(s, images=True).items()}) for s in schedules]
+    if time_repeats:
+        speedups = measure_speedups(evaluator, measured, time_repeats)
+        measured = [s.with_metrics(speedup=round(v, 4)) for s, v in zip(measured, speedups)]
+    return Front(schedules=tuple(measured), info={**front.info, **info})
 
 
 def transfer_table(rows: list[dict[str, Any]]) -> str:
