@@ -175,6 +175,7 @@ def _details(results: dict) -> str:
     for name in metric_names(results):
         info = metric_info(results, name)
         text = f"unavailable: {info['unavailable']}" if info.get("value") is None else info["computed"]
+        text += f" ({info['note']})" if info.get("note") else ""
         items.append(f"<li><b>{html.escape(name)}</b> ({info.get('better', '?')} is better): {html.escape(text)}</li>")
     unsupported = [
         f"<li><code>{html.escape(t['method'])}</code>: {html.escape(t['reason'])}</li>"

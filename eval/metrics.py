@@ -236,7 +236,8 @@ def fid(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
     real_features = suite.cached("fid-real", lambda: extract_features(real, feature))
     fake_features = extract_features(inputs.images, feature)
     what = f"between this method's {len(fake_features)} images and {suite.real_label} ({len(real_features)} images)"
-    notes = {"extractor": suffix, **({"fallback": fallback} if fallback else {})}
+    caveat = "biased upwards with few images: compare only at equal image counts (within one report); prefer KID"
+    notes = {"extractor": suffix, "note": caveat, **({"fallback": fallback} if fallback else {})}
     try:
         values = fid_kid_from_features(real_features, fake_features, suffix, FidKidConfig())
     except (ValueError, ImportError) as error:

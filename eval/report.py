@@ -161,6 +161,7 @@ def markdown_report(results: dict) -> str:
     for name in metric_names(results):
         info = metric_info(results, name)
         detail = f"unavailable: {info['unavailable']}" if info.get("value") is None else info["computed"]
+        detail += f" ({info['note']})" if info.get("note") else ""
         lines.append(f"- **{name}** ({info.get('better', '?')} is better): {detail}")
     run = results["run"]
     memory_how = next((t["memory"]["what"] for t in ok_trials(results)), "n/a")
