@@ -13,6 +13,7 @@ from accel.caching.engine import CacheHandle
 from accel.caching.heuristics import compute_all, delta_dit, fora, tgate
 from accel.caching.policy import FirstBlockPolicy
 from accel.caching.schedule import Schedule, ScheduleLayout, layout_of
+from accel.caching.search.front import Front, load_front
 from accel.caching.state import FeatureCache
 from accel.caching.stats import CacheStats
 
@@ -22,12 +23,14 @@ __all__ = [
     "CacheStats",
     "FeatureCache",
     "FirstBlockPolicy",
+    "Front",
     "Schedule",
     "ScheduleLayout",
     "compute_all",
     "delta_dit",
     "fora",
     "layout_of",
+    "load_front",
     "load_policy",
     "tgate",
 ]
