@@ -116,6 +116,15 @@ class ModelSpec:
         return blocks
 
 
+#: The components of the common DiT block (PixArt, Sana, LTX-Video): self-attention ``attn1``,
+#: cross-attention ``attn2`` and feed-forward ``ff``.
+SELF_CROSS_FFN = (
+    Component(name="self_attn", module="attn1"),
+    Component(name="cross_attn", module="attn2"),
+    Component(name="ffn", module="ff"),
+)
+
+
 _ADAPTERS: dict[type, ModelSpec] = {}
 
 

@@ -7,18 +7,14 @@ Each ``LTXVideoTransformerBlock`` has a self-attention ``attn1`` with rotary emb
 
 from diffusers import LTXVideoTransformer3DModel
 
-from accel.adapters import BlockStack, Component, ModelSpec, register_model
+from accel.adapters import SELF_CROSS_FFN, BlockStack, ModelSpec, register_model
 
 #: Spec of ``LTXVideoTransformer3DModel``: one stack of self-attn / cross-attn / FFN blocks.
 LTX_SPEC = ModelSpec(
     stacks=(
         BlockStack(
             path="transformer_blocks",
-            components=(
-                Component(name="self_attn", module="attn1"),
-                Component(name="cross_attn", module="attn2"),
-                Component(name="ffn", module="ff"),
-            ),
+            components=SELF_CROSS_FFN,
             outputs=("hidden_states",),
         ),
     ),

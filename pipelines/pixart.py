@@ -2,17 +2,13 @@
 
 from diffusers import PixArtTransformer2DModel
 
-from accel.adapters import BlockStack, Component, ModelSpec, register_model
+from accel.adapters import SELF_CROSS_FFN, BlockStack, ModelSpec, register_model
 
 PIXART_SPEC = ModelSpec(
     stacks=(
         BlockStack(
             path="transformer_blocks",
-            components=(
-                Component(name="self_attn", module="attn1"),
-                Component(name="cross_attn", module="attn2"),
-                Component(name="ffn", module="ff"),
-            ),
+            components=SELF_CROSS_FFN,
             outputs=("hidden_states",),
         ),
     ),
