@@ -23,6 +23,19 @@ import numpy as np
 from accel.adapters import ModelSpec, spec_for
 
 SCHEDULE_TYPE = "accel.caching.Schedule"
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse the JSON file ``path``; a missing file or bad JSON raises an error naming ``what`` and the path."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {path} is not valid JSON: {error}") from None
+
+
 SCHEDULE_VERSION = 1
 
 Reuse = Literal["output", "residual"]
@@ -219,13 +232,7 @@ class Schedule:
     @classmethod
     def load(cls, path: str | Path) -> Schedule:
         """Read a schedule JSON file; malformed files raise ``ValueError`` naming the file."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"schedule file not found: {path}") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        data = read_json(path, "schedule file")
         try:
             return cls.from_dict(data)
         except ValueError as error:

@@ -26,7 +26,6 @@ run, a per-generation ``reset``), and undoes it on exit. A method that cannot ru
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -152,13 +151,9 @@ def _load_json_config(path: Path, instrument: bool):
 
     from accel.caching import CacheConfig, load_policy
     from accel.caching.config import CONFIG_TYPE
+    from accel.caching.schedule import read_json
 
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"method file not found: {path}") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"method file {path} is not valid JSON: {error}") from None
+    data = read_json(path, "method file")
     try:
         if isinstance(data, dict) and data.get("type") == CONFIG_TYPE:
             return replace(CacheConfig.from_dict(data), count_macs=instrument)
