@@ -201,7 +201,19 @@ def _threshold(match: re.Match) -> dict:
 
 _NUMBER = r"(?P<t>\d+(?:\.\d*)?|\.\d+)"
 
+
 #: form name -> its grammar entry; the order is the order of the help text
+def _fixed_diffusers_form(name: str, help_text: str) -> MethodForm:
+    """The form of a diffusers cache that takes no parameter: the name is the whole method."""
+    return MethodForm(
+        usage=name,
+        pattern=re.compile(re.escape(name)),
+        parse=lambda m: {},
+        apply=_apply_diffusers(name),
+        help=help_text,
+    )
+
+
 FORMS: dict[str, MethodForm] = {
     "full": MethodForm(
         usage="full", pattern=re.compile("full"), parse=lambda m: {}, apply=_apply_full, help="every step computed"
@@ -255,34 +267,15 @@ FORMS: dict[str, MethodForm] = {
         apply=_apply_diffusers("diffusers-fbc"),
         help="diffusers' FirstBlockCache, threshold T",
     ),
-    "diffusers-taylorseer": MethodForm(
-        usage="diffusers-taylorseer",
-        pattern=re.compile("diffusers-taylorseer"),
-        parse=lambda m: {},
-        apply=_apply_diffusers("diffusers-taylorseer"),
-        help="diffusers' TaylorSeer cache",
-    ),
-    "diffusers-pab": MethodForm(
-        usage="diffusers-pab",
-        pattern=re.compile("diffusers-pab"),
-        parse=lambda m: {},
-        apply=_apply_diffusers("diffusers-pab"),
-        help="diffusers' Pyramid Attention Broadcast",
-    ),
-    "diffusers-fastercache": MethodForm(
-        usage="diffusers-fastercache",
-        pattern=re.compile("diffusers-fastercache"),
-        parse=lambda m: {},
-        apply=_apply_diffusers("diffusers-fastercache"),
-        help="diffusers' FasterCache",
-    ),
-    "diffusers-magcache": MethodForm(
-        usage="diffusers-magcache",
-        pattern=re.compile("diffusers-magcache"),
-        parse=lambda m: {},
-        apply=_apply_diffusers("diffusers-magcache"),
-        help="diffusers' MagCache",
-    ),
+    **{
+        name: _fixed_diffusers_form(name, help_text)
+        for name, help_text in (
+            ("diffusers-taylorseer", "diffusers' TaylorSeer cache"),
+            ("diffusers-pab", "diffusers' Pyramid Attention Broadcast"),
+            ("diffusers-fastercache", "diffusers' FasterCache"),
+            ("diffusers-magcache", "diffusers' MagCache"),
+        )
+    },
 }
 
 
