@@ -158,6 +158,18 @@ def test_dp_method_and_transfer(evaluator, tmp_path):
     assert all(s.num_steps == STEPS + 2 and s.metrics["prompts"] == 2 and "speedup" in s.metrics for s in again)
 
 
+def test_forecast_order_reaches_every_searched_schedule(evaluator, tmp_path):
+    with pytest.raises(ValueError, match="forecast_order"):
+        small_config(forecast_order=3)
+    config = small_config(generations=1, forecast_order=1)
+    assert {s.forecast_order for s in seed_schedules(evaluator, config).values()} == {1}
+    front = search(evaluator.pipe, PROMPTS, config, tmp_path, evaluator=evaluator)
+    assert len(front) >= 1 and {s.forecast_order for s in load_front(tmp_path)} == {1}
+    # the objective is the forecast schedule's: re-measuring the saved schedule gives the stored PSNR
+    first = front.schedules[0]
+    assert evaluator.measure(first)["psnr"] == pytest.approx(first.metrics["psnr"], abs=1e-3)
+
+
 def test_cli_dp_search(tmp_path):
     from accel.cli import main
 

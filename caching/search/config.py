@@ -36,6 +36,8 @@ class SearchConfig:
         mutation_rate: per-gene flip probability (0: 2 / genome length).
         structured_mutation: probability of one extra move on a whole step, block run or component column.
         seed_schedules: start from the heuristics and DP schedules (else random masks only).
+        forecast_order: how every searched schedule fills a reused component: 0 reuses the cached residual,
+            1 extrapolates it linearly from the last two computes (TaylorSeer-style), 2 quadratically.
         max_front: at most this many schedules in the saved front (evenly spread in cost).
         time_repeats: time the front against full compute with this many interleaved repeats and store the
             measured ``speedup`` (fastest repeat) in each schedule's metrics; 0 skips timing.
@@ -53,6 +55,7 @@ class SearchConfig:
     mutation_rate: float = 0.0
     structured_mutation: float = 0.5
     seed_schedules: bool = True
+    forecast_order: int = 0
     max_front: int = 16
     time_repeats: int = 0
     constraints: Constraints = field(default_factory=Constraints)
@@ -75,6 +78,8 @@ class SearchConfig:
             raise ValueError("mutation_rate and structured_mutation are probabilities in [0, 1]")
         if self.time_repeats < 0:
             raise ValueError(f"time_repeats must be >= 0, got {self.time_repeats}")
+        if self.forecast_order not in (0, 1, 2):
+            raise ValueError(f"forecast_order must be 0, 1 or 2, got {self.forecast_order!r}")
         if self.max_front < 1:
             raise ValueError(f"max_front must be >= 1, got {self.max_front}")
 

@@ -106,13 +106,16 @@ def genome_to_mask(genome: np.ndarray, layout: ScheduleLayout, num_steps: int) -
     return np.concatenate([first, genome.reshape(shape)])
 
 
-def genome_to_schedule(genome: np.ndarray, layout: ScheduleLayout, num_steps: int, **provenance) -> Schedule:
-    """The residual-reuse :class:`Schedule` of a genome."""
+def genome_to_schedule(
+    genome: np.ndarray, layout: ScheduleLayout, num_steps: int, forecast_order: int = 0, **provenance
+) -> Schedule:
+    """The residual-reuse :class:`Schedule` of a genome, reused residuals forecast to ``forecast_order``."""
     return Schedule(
         mask=genome_to_mask(genome, layout, num_steps),
         components=layout.components,
         model_class=layout.model_class,
         reuse="residual",
+        forecast_order=forecast_order,
         provenance=provenance,
     )
 

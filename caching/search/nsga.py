@@ -187,7 +187,7 @@ class GeneticSearch:
         unique = list({g.tobytes(): g for g in missing}.values())
 
         def score(genome: np.ndarray):
-            schedule = genome_to_schedule(genome, self.layout, self.steps)
+            schedule = genome_to_schedule(genome, self.layout, self.steps, self.config.forecast_order)
             metrics = self.evaluator.measure(schedule, prompts)
             return self.evaluator.objectives(metrics), metrics
 

@@ -31,18 +31,19 @@ logger = logging.getLogger(__name__)
 
 
 def seed_schedules(evaluator: Evaluator, config: SearchConfig) -> dict[str, Schedule]:
-    """Heuristic and DP schedules for this model and step count, by name."""
+    """Heuristic and DP schedules for this model and step count, by name, with the search's forecast order."""
     steps = config.evaluation.num_steps
     seeds = heuristic_schedules(evaluator.layout, steps)
     seeds.update(
         dp_schedules(evaluator.layout, evaluator.change, config.constraints, evaluator.cost_model.component_macs)
     )
-    return seeds
+    return {name: replace(s, forecast_order=config.forecast_order) for name, s in seeds.items()}
 
 
 def _dp_front(evaluator: Evaluator, config: SearchConfig) -> list[tuple[Schedule, dict]]:
     layout, steps = evaluator.layout, config.evaluation.num_steps
     schedules = dp_schedules(layout, evaluator.change, config.constraints, evaluator.cost_model.component_macs)
+    schedules = {name: replace(s, forecast_order=config.forecast_order) for name, s in schedules.items()}
     measured = [(s, evaluator.measure(s, images=True)) for s in schedules.values()]
     objectives = np.array([evaluator.objectives(m) for _, m in measured])
     keep = non_dominated(objectives)
@@ -96,7 +97,12 @@ def search(
         genetic = GeneticSearch(evaluator, config, out_dir, seeds)
         found = genetic.run(resume=resume)
         members = [
-            (genome_to_schedule(g, evaluator.layout, config.evaluation.num_steps, **_provenance(genetic, g)), m)
+            (
+                genome_to_schedule(
+                    g, evaluator.layout, config.evaluation.num_steps, config.forecast_order, **_provenance(genetic, g)
+                ),
+                m,
+            )
             for g, m in found
         ]
         generations, evaluations = genetic.generation, len(genetic.archive.order)
