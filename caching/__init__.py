@@ -10,7 +10,7 @@ Typical use::
 from accel.caching import engine as _engine  # noqa: F401  (registers CacheConfig with accel.apply)
 from accel.caching.config import CacheConfig, load_policy
 from accel.caching.engine import CacheHandle
-from accel.caching.heuristics import compute_all, delta_dit, fora, tgate
+from accel.caching.heuristics import compute_all, delta_dit, fora, taylorseer, tgate
 from accel.caching.policy import FirstBlockPolicy
 from accel.caching.schedule import Schedule, ScheduleLayout, layout_of
 from accel.caching.search.front import Front, load_front
@@ -32,5 +32,6 @@ __all__ = [
     "layout_of",
     "load_front",
     "load_policy",
+    "taylorseer",
     "tgate",
 ]

@@ -7,10 +7,14 @@ Each returns a :class:`~accel.caching.schedule.Schedule` for a :class:`ScheduleL
 * :func:`fora`: FORA (Selvaraju et al. 2024), recompute every ``interval`` steps, reuse in between.
 * :func:`delta_dit`: Delta-DiT (Chen et al. 2024), cache the rear blocks in the early (outline) phase and the
   front blocks in the late (detail) phase, refreshing every ``interval`` steps.
+* :func:`taylorseer`: TaylorSeer (Liu et al. 2025), FORA's refresh steps with the reused features forecast by
+  a Taylor expansion from the last computes instead of reused as is.
 * :func:`tgate`: T-GATE (Zhang et al. 2024), cross-attention computed up to ``gate_step`` and frozen after.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -48,6 +52,15 @@ def fora(
     mask = _full(layout, steps)
     mask[np.arange(steps) % interval != 0] = False
     return _schedule(layout, mask, reuse, forecast_order, generator="fora", interval=interval)
+
+
+def taylorseer(layout: ScheduleLayout, steps: int, interval: int = 3, order: int = 1) -> Schedule:
+    """TaylorSeer: compute everything every ``interval`` steps; in between, forecast each component's residual
+    to order ``order`` (1: linear, diffusers' default) from its last ``order + 1`` computes."""
+    if order < 1:
+        raise ValueError(f"order must be >= 1 (order 0 is FORA), got {order}")
+    schedule = fora(layout, steps, interval, "residual", order)
+    return replace(schedule, provenance={"generator": "taylorseer", "interval": interval, "order": order})
 
 
 def delta_dit(

@@ -6,6 +6,7 @@ form                       meaning
 ``full``                   every step computed: the reference all fidelity metrics compare against
 ``steps-N``                ``N`` denoising steps, no caching (the cheap baseline every caching method must beat)
 ``fora-N``                 FORA: recompute every ``N`` steps, reuse block residuals in between
+``taylorseer-N``           TaylorSeer: FORA-N with the reused residuals forecast to first order
 ``delta-dit``              Delta-DiT (refresh interval 2); ``delta-dit-N`` sets the interval
 ``tgate`` / ``tgate-K``    T-GATE: cross-attention frozen from step ``K`` (default 40% of the steps)
 ``fbc-T``                  accel's per-sample first-block-residual policy with threshold ``T`` (e.g. ``fbc-0.08``)
@@ -131,7 +132,7 @@ def _apply_steps(pipe: Any, params: dict, steps: int, instrument: bool) -> Itera
 
 
 def _cache_config(pipe: Any, kind: str, params: dict, steps: int, instrument: bool):
-    from accel.caching import CacheConfig, FirstBlockPolicy, Schedule, delta_dit, fora, layout_of, tgate
+    from accel.caching import CacheConfig, FirstBlockPolicy, Schedule, delta_dit, fora, layout_of, taylorseer, tgate
 
     if kind == "json":
         return _load_json_config(Path(params["path"]), instrument)
@@ -140,6 +141,7 @@ def _cache_config(pipe: Any, kind: str, params: dict, steps: int, instrument: bo
     layout = layout_of(pipe)
     makers: dict[str, Callable[[], Schedule]] = {
         "fora": lambda: fora(layout, steps, params["interval"]),
+        "taylorseer": lambda: taylorseer(layout, steps, params["interval"]),
         "delta-dit": lambda: delta_dit(layout, steps, params["interval"]),
         "tgate": lambda: tgate(layout, steps, params.get("gate_step")),
     }
@@ -231,6 +233,13 @@ FORMS: dict[str, MethodForm] = {
         parse=lambda m: {"interval": _positive_int(m["n"], "fora-N: N")},
         apply=_apply_accel("fora"),
         help="FORA, recompute every N steps",
+    ),
+    "taylorseer": MethodForm(
+        usage="taylorseer-N",
+        pattern=re.compile(r"taylorseer-(?P<n>\d+)"),
+        parse=lambda m: {"interval": _positive_int(m["n"], "taylorseer-N: N")},
+        apply=_apply_accel("taylorseer"),
+        help="TaylorSeer, recompute every N steps, first-order forecast between",
     ),
     "delta-dit": MethodForm(
         usage="delta-dit[-N]",

@@ -9,12 +9,13 @@ from eval_helpers import one_thread  # noqa: F401
 
 from accel.caching import CacheConfig, FirstBlockPolicy, fora, layout_of
 from accel.eval.generation import call_kwargs, generate
-from accel.eval.methods import FORMS, UnsupportedMethod, apply_method, parse_method, parse_methods
+from accel.eval.methods import FORMS, Method, UnsupportedMethod, apply_method, parse_method, parse_methods
 
 EXAMPLES = {
     "full": ("full", {}),
     "steps-3": ("steps", {"steps": 3}),
     "fora-2": ("fora", {"interval": 2}),
+    "taylorseer-3": ("taylorseer", {"interval": 3}),
     "delta-dit": ("delta-dit", {"interval": 2}),
     "delta-dit-3": ("delta-dit", {"interval": 3}),
     "tgate": ("tgate", {}),
@@ -92,9 +93,8 @@ def test_every_method_runs_or_is_unsupported_and_leaves_the_model_as_it_was(pipe
             applied.reset()
             images = _generate(pipe, applied.steps)
             json.dumps(applied.config)  # the config is recorded as JSON
-    except UnsupportedMethod as error:
-        assert method.kind in ("diffusers-fbc", "diffusers-taylorseer", "diffusers-magcache")
-        assert "does not call transformer.cache_context" in str(error)
+    except UnsupportedMethod as error:  # MagCache without ratios for this model, only
+        assert method.kind == "diffusers-magcache" and "calibrate_mag_ratios" in str(error)
     else:
         mse = float(((images - reference) ** 2).mean())
         psnr = 10 * torch.log10(torch.tensor(1 / mse)) if mse else torch.tensor(float("inf"))
@@ -142,3 +142,43 @@ def test_a_diffusers_hook_failing_inside_the_pipeline_is_unsupported_not_fatal(p
         with apply_method(parse_method("diffusers-pab"), pipe, STEPS):
             raise RuntimeError("boom")
     assert _instance_state(pipe.transformer) == [] and torch.equal(_generate(pipe), reference)
+
+
+def _block_calls(pipe, run) -> int:
+    """Calls of the blocks' self-attention query projections (made only when self-attention computes)."""
+    calls = []
+    handles = [
+        b.attn1.to_q.register_forward_pre_hook(lambda *_: calls.append(1)) for b in pipe.transformer.transformer_blocks
+    ]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return len(calls)
+
+
+def test_diffusers_context_hooks_skip_blocks_on_a_pipeline_without_cache_context(pipe, one_thread):  # noqa: F811
+    from accel.eval.diffusers_cache import calibrate_mag_ratios, pipeline_enters_cache_context
+
+    assert not pipeline_enters_cache_context(pipe)  # the harness supplies the context
+    full_calls = _block_calls(pipe, lambda: _generate(pipe, 8))
+    assert full_calls == 8 * len(pipe.transformer.transformer_blocks)
+    ratios = calibrate_mag_ratios(pipe.transformer, lambda: _generate(pipe, 8))
+    assert len(ratios) == 8 and ratios[0] == 1.0 and all(r > 0 for r in ratios)
+    methods = {
+        "diffusers-fbc-1.0": parse_method("diffusers-fbc-1.0"),  # threshold so high that every later step reuses
+        "diffusers-taylorseer": parse_method("diffusers-taylorseer"),
+        "diffusers-magcache": Method(
+            name="diffusers-magcache", kind="diffusers-magcache", params={"mag_ratios": ratios}
+        ),
+    }
+    for name, method in methods.items():
+        with apply_method(method, pipe, 8) as applied:
+            assert applied.config["harness_cache_context"] is True
+            calls = _block_calls(pipe, lambda: _generate(pipe, 8))
+            applied.reset()
+            again = _block_calls(pipe, lambda: _generate(pipe, 8))
+        assert 0 < calls < full_calls, f"{name} computed {calls} of {full_calls} block calls"
+        assert again == calls, f"{name}: a reset generation runs the same way"
+    assert _instance_state(pipe.transformer) == []

@@ -145,24 +145,25 @@ class Evaluator:
             outputs = self.pipe.encode_prompt(self.prompts, **kwargs)
         return {name: value for name, value in zip(names, outputs) if value is not None}
 
-    def _inputs(self, n: int) -> dict:
+    def _inputs(self, n: int, start: int = 0) -> dict:
         if self.embeddings is None:
-            return {"prompt": self.prompts[:n]}
-        inputs = {name: value[:n] for name, value in self.embeddings.items()}
+            return {"prompt": self.prompts[start : start + n]}
+        inputs = {name: value[start : start + n] for name, value in self.embeddings.items()}
         if _accepts(type(self.pipe).__call__, "negative_prompt"):
             inputs["negative_prompt"] = None
         return inputs
 
     @torch.no_grad()
-    def generate(self, schedule: Schedule | None, n: int) -> torch.Tensor:
-        """Final latents ``(n, ...)`` of the first ``n`` prompts, full compute when ``schedule`` is None."""
-        generators = [torch.Generator().manual_seed(self.config.seed + i) for i in range(n)]
+    def generate(self, schedule: Schedule | None, n: int, start: int = 0) -> torch.Tensor:
+        """Final latents ``(n, ...)`` of prompts ``start .. start + n - 1`` (each with its own seed), full
+        compute when ``schedule`` is None."""
+        generators = [torch.Generator().manual_seed(self.config.seed + i) for i in range(start, start + n)]
         kwargs = dict(
             num_inference_steps=self.config.num_steps,
             guidance_scale=self.config.guidance_scale,
             generator=generators,
             output_type="latent",
-            **self._inputs(n),
+            **self._inputs(n, start),
             **self.call_kwargs,
         )
         if schedule is None:

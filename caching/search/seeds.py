@@ -10,15 +10,17 @@ import math
 
 import numpy as np
 
-from accel.caching.heuristics import delta_dit, fora, tgate
+from accel.caching.heuristics import delta_dit, fora, taylorseer, tgate
 from accel.caching.schedule import Schedule, ScheduleLayout
 from accel.caching.search.dp import bac_mask, cachequant_mask
 from accel.caching.search.genome import Constraints, repair
 
 
 def heuristic_schedules(layout: ScheduleLayout, num_steps: int) -> dict[str, Schedule]:
-    """The baselines by name: FORA-2/3/4, Delta-DiT (refresh every 2 and 3 steps) and T-GATE where it applies."""
+    """The baselines by name: FORA-2/3/4, TaylorSeer-2/3/4 (first order), Delta-DiT (refresh every 2 and 3
+    steps) and T-GATE where it applies."""
     schedules = {f"fora-{n}": fora(layout, num_steps, n) for n in (2, 3, 4)}
+    schedules.update({f"taylorseer-{n}": taylorseer(layout, num_steps, n) for n in (2, 3, 4)})
     schedules["delta-dit"] = delta_dit(layout, num_steps, 2)
     schedules["delta-dit-3"] = delta_dit(layout, num_steps, 3)
     if "cross_attn" in layout.components:
