@@ -44,14 +44,27 @@ def compute_all(layout: ScheduleLayout, steps: int) -> Schedule:
 
 
 def fora(
-    layout: ScheduleLayout, steps: int, interval: int = 2, reuse: Reuse = "residual", forecast_order: int = 0
+    layout: ScheduleLayout,
+    steps: int,
+    interval: int = 2,
+    reuse: Reuse = "residual",
+    forecast_order: int = 0,
+    warmup: int = 0,
 ) -> Schedule:
-    """FORA: compute all components every ``interval`` steps (0, N, 2N, ...) and reuse them in between."""
+    """FORA: compute all components every ``interval`` steps (0, N, 2N, ...) and reuse them in between.
+
+    ``warmup`` steps are computed first and the interval counts from there (TaylorSeer's and MagCache's
+    uncached first steps, when the early, structure-forming steps matter most).
+    """
     if interval < 1:
         raise ValueError(f"interval must be >= 1, got {interval}")
+    if not 0 <= warmup <= steps:
+        raise ValueError(f"warmup must be in 0..{steps}, got {warmup}")
     mask = _full(layout, steps)
-    mask[np.arange(steps) % interval != 0] = False
-    return _schedule(layout, mask, reuse, forecast_order, generator="fora", interval=interval)
+    after = np.arange(steps) - warmup
+    mask[(after >= 0) & (after % interval != 0)] = False
+    provenance = {"interval": interval, **({"warmup": warmup} if warmup else {})}
+    return _schedule(layout, mask, reuse, forecast_order, generator="fora", **provenance)
 
 
 def taylorseer(layout: ScheduleLayout, steps: int, interval: int = 3, order: int = 1) -> Schedule:

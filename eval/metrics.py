@@ -254,7 +254,7 @@ def fid(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
     }
 
 
-def _scorer(weights: MetricWeights) -> tuple[object, str | None]:
+def load_prompt_scorer(weights: MetricWeights) -> tuple[object, str | None]:
     """open-clip's CLIP score where its weights are on disk, else the bundled alignment scorer and why."""
     try:
         from accel.eval.clip_score import load_clip_scorer
@@ -272,7 +272,7 @@ def _scorer(weights: MetricWeights) -> tuple[object, str | None]:
 @register_metric("clip")
 def clip(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
     try:
-        scorer, fallback = suite.cached("clip", lambda: _scorer(suite.weights))
+        scorer, fallback = suite.cached("clip", lambda: load_prompt_scorer(suite.weights))
     except (ImportError, FileNotFoundError, OSError) as error:
         if suite.weights.clip is not None:
             raise

@@ -227,3 +227,13 @@ def test_first_block_decision_rules():
     assert first_block_decision(policy, 9, 10, change, streak, 3).all()  # final step
     assert first_block_decision(policy, 5, 10, None, streak, 3).all()  # no history
     assert first_block_decision(policy, 5, 10, change, streak, 3).tolist() == [False, True, True]
+
+
+def test_fora_warmup_computes_the_first_steps_then_counts_the_interval_from_there():
+    layout = ScheduleLayout(model_class="X", num_blocks=2, components=("self_attn", "ffn"))
+    schedule = fora(layout, 10, 3, warmup=4)
+    assert schedule.mask[:, 0, 0].tolist() == [True] * 4 + [True, False, False, True, False, False]
+    assert schedule.provenance["warmup"] == 4
+    assert fora(layout, 10, 3).mask[:, 0, 0].tolist() == [True, False, False] * 3 + [True]
+    with pytest.raises(ValueError, match="warmup"):
+        fora(layout, 10, 3, warmup=11)

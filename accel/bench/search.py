@@ -1,16 +1,28 @@
 """``python -m accel.bench search``: a searched front vs every heuristic baseline and diffusers' caches.
 
 On the bundled default model (or ``--model``), runs ``accel search`` into ``--front`` (or reuses the front an
-earlier search saved there), then on held-out prompts and seeds measures for full compute, each baseline and
-each front schedule: the wall-clock speedup over full compute (interleaved repeats, fastest of each), PSNR of the
-decoded images vs full compute with the same seeds, and FID vs the full-compute images where the offline
-scorer (:mod:`accel.eval.fid`) is installed. Reports
+earlier search saved there), then measures, in one run, on ``--images`` held-out prompts (the captions of the
+emoji set's test split for the bundled model, each with its own seed), for full compute, every baseline and
+every front schedule:
 
-* ``dominated``: baselines for which some front schedule is at least as fast (measured) with better PSNR;
-* ``best_speedup_within_noise``: the largest measured speedup of a front schedule whose FID to the
-  full-compute images is no larger than that of a second full-compute run with other seeds (run-to-run
-  noise); without the scorer, of one whose PSNR is at least ``--psnr-threshold`` (``noise_criterion`` says
-  which).
+* the wall-clock speedup over full compute (``--batch`` prompts per call, interleaved repeats after a warm-up,
+  fastest of each: the least disturbed on a shared machine; the median ratio is reported too);
+* PSNR of the decoded images vs full compute with the same seeds;
+* FID (EfficientNet-Lite0 features, :mod:`accel.eval.fid`) against a reference set: the whole emoji set for the
+  bundled model, else full compute with other seeds; and the prompt-image score (open-clip CLIP score where its
+  weights are on disk, else the bundled alignment scorer).
+
+Run-to-run noise is measured, not assumed: full compute is run with ``--seed-sets`` different seed sets and the
+noise of FID (and of the prompt score) is the spread (max - min) of their values. Then
+
+* a front schedule *dominates* a baseline when it is at least as fast (measured), has higher PSNR, and its FID
+  and prompt score are no worse than the baseline's beyond the noise;
+* ``best_speedup_within_noise`` is the largest measured speedup of a front schedule whose FID and prompt score
+  are within the noise of full compute's (worse by at most the noise; better is within).
+
+The baselines: FORA-2/3/4, TaylorSeer-2/3/4, Delta-DiT (2, 3), T-GATE, accel's first-block cache, and diffusers'
+FirstBlockCache, TaylorSeer, Pyramid Attention Broadcast, FasterCache and MagCache (ratios calibrated on the
+search's calibration prompts with :func:`accel.eval.diffusers_cache.calibrate_mag_ratios`).
 """
 
 from __future__ import annotations
@@ -18,16 +30,19 @@ from __future__ import annotations
 import argparse
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 import accel
 from accel.bench.timing import time_interleaved
 from accel.caching.config import CacheConfig
 from accel.caching.search.command import DEFAULT_PROMPTS, model_defaults, read_prompts
 from accel.caching.search.config import SearchConfig, parse_duration
-from accel.caching.search.evaluator import Evaluator, EvaluatorConfig
+from accel.caching.search.evaluator import Evaluator, EvaluatorConfig, psnr
 from accel.caching.search.front import load_front, speedup_of
 from accel.caching.search.runner import search
 from accel.caching.search.seeds import heuristic_schedules
@@ -35,17 +50,7 @@ from accel.caching.search.transfer import measure_transfer, transfer_table
 
 logger = logging.getLogger(__name__)
 
-#: held-out prompts (none is a calibration prompt): captions of the bundled model's test split
-EVAL_PROMPTS = (
-    "anchor",
-    "airplane",
-    "watch",
-    "crossed swords",
-    "thunder cloud and rain",
-    "hot springs",
-    "snowman",
-    "hot beverage",
-)
+#: held-out prompts for a ``--model`` without ``--eval-prompts`` (the bundled model uses its test captions)
 EVAL_PROMPTS = (
     "a yellow star above a small house",
     "a red car next to a green tree",
@@ -56,7 +61,19 @@ EVAL_PROMPTS = (
     "two trees in the snow",
     "a face in the clouds",
 )
-DIFFUSERS_METHODS = ("diffusers-fbc-0.08", "diffusers-pab", "diffusers-taylorseer", "diffusers-fastercache")
+#: accel's dynamic baseline and diffusers' caches, as evaluation-harness method names
+DYNAMIC_METHODS = (
+    "fbc-0.08",
+    "diffusers-fbc-0.08",
+    "diffusers-taylorseer",
+    "diffusers-pab",
+    "diffusers-fastercache",
+    "diffusers-magcache",
+)
+#: first seed of each full-compute seed set (the first is the one every method shares)
+SEED_SETS = (1000, 2000, 3000, 4000, 5000)
+#: seed of the generated FID reference set (models without a data set)
+REFERENCE_SEED = 10_000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,13 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--population", type=int, default=24)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, help="default: the bundled model's, else 4.5")
-    parser.add_argument("--images", type=int, default=8, help="held-out prompts scored per method")
-    parser.add_argument("--eval-prompts", help="held-out prompts file (one per line); default: built-in")
-    parser.add_argument("--timing-batch", type=int, default=2, help="prompts per timed pipeline call")
+    parser.add_argument("--images", type=int, default=128, help="held-out prompts (one image each) per method")
+    parser.add_argument("--eval-prompts", help="held-out prompts file (one per line)")
+    parser.add_argument("--seed-sets", type=int, default=3, help="full-compute seed sets for the noise (2..5)")
+    parser.add_argument("--batch", type=int, default=4, help="prompts per pipeline call, scored and timed alike")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (ratios are steadier with 1)")
-    parser.add_argument("--psnr-threshold", type=float, default=30.0)
-    parser.add_argument("--no-fid", action="store_true", help="skip FID even if the scorer is installed")
+    parser.add_argument("--psnr-threshold", type=float, default=30.0, help="the criterion when FID is off")
+    parser.add_argument("--no-fid", action="store_true", help="skip FID and the prompt score")
     parser.add_argument("--max-sequence-length", type=int)
     parser.add_argument(
         "--transfer-steps", default="", help="also score the front resampled to these step counts, e.g. 10,30"
@@ -81,16 +99,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _diffusers_contexts(pipe, steps: int) -> dict:
-    """Context factories of diffusers' built-in caches, from the evaluation harness when it is installed."""
+def _prompts_and_reference(args) -> tuple[list[str], torch.Tensor | None]:
+    """Held-out prompts (``--images`` of them) and the FID reference images (None: generate one)."""
+    if args.eval_prompts:
+        pool, reference = read_prompts(args.eval_prompts), None
+    elif args.model is None:
+        from accel.bench.model import load_dataset
+
+        images, captions, split = load_dataset()
+        pool, reference = [captions[i] for i in np.flatnonzero(split == "test")], images
+    else:
+        pool, reference = list(EVAL_PROMPTS), None
+    return [pool[i % len(pool)] for i in range(args.images)], reference
+
+
+def _dynamic_methods(pipe, steps: int, calibration: Evaluator) -> dict:
+    """Context factories of accel's first-block cache and diffusers' caches; those that cannot run are skipped."""
     try:
-        from accel.eval.methods import UnsupportedMethod, apply_method, parse_method
+        from accel.eval.diffusers_cache import calibrate_mag_ratios
+        from accel.eval.methods import Method, UnsupportedMethod, apply_method, parse_method
     except ImportError as error:
         logger.info("diffusers' caches skipped: the evaluation harness is not available (%s)", error)
         return {}
     contexts = {}
-    for name in DIFFUSERS_METHODS:
+    for name in DYNAMIC_METHODS:
         method = parse_method(name)
+        if method.kind == "diffusers-magcache":
+            ratios = calibrate_mag_ratios(pipe.transformer, lambda: calibration.generate(None, 1))
+            method = Method(name=name, kind=method.kind, params={"mag_ratios": [round(r, 5) for r in ratios]})
         try:
             with apply_method(method, pipe, steps):
                 pass
@@ -101,28 +137,41 @@ def _diffusers_contexts(pipe, steps: int) -> dict:
     return contexts
 
 
-def _fid_scorer(disabled: bool):
-    if disabled:
-        return None
-    try:
-        from accel.eval.fid import EfficientNetLite0Features, fid_kid
+@dataclass
+class Scorers:
+    """FID and prompt-score functions over decoded images, with the reference features computed once."""
 
-        feature = EfficientNetLite0Features()
-    except (ImportError, ModuleNotFoundError) as error:
-        logger.info("FID skipped: %s", error)
-        return None
-    return lambda real, fake: fid_kid(real, fake, feature=feature)[f"FID-{feature.metric_suffix}"]
+    fid: object
+    prompt_score: object
+    prompt_metric: str
 
 
-def _contexts(pipe, front, baselines: dict, diffusers: dict) -> dict:
-    def cached(schedule):
-        return lambda: accel.apply(pipe, CacheConfig(schedule=schedule, count_macs=False))
+def _scorers(reference: torch.Tensor, prompts: list[str]) -> Scorers:
+    from accel.eval.fid import EfficientNetLite0Features, extract_features, frechet_distance
+    from accel.eval.metrics import MetricWeights, load_prompt_scorer
 
-    contexts = {"full": nullcontext}
-    contexts.update({name: cached(s) for name, s in baselines.items()})
-    contexts.update(diffusers)
-    contexts.update({f"front-{i:02d}": cached(s) for i, s in enumerate(front)})
-    return contexts
+    feature = EfficientNetLite0Features()
+    real = extract_features(reference, feature)
+    scorer, _ = load_prompt_scorer(MetricWeights())
+
+    def prompt_score(images: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(torch.as_tensor(scorer.score(images.float(), list(prompts))).mean())
+
+    return Scorers(
+        fid=lambda images: float(frechet_distance(real, extract_features(images, feature))),
+        prompt_score=prompt_score,
+        prompt_metric=getattr(scorer, "metric_name", "alignment"),
+    )
+
+
+def _generate(evaluator: Evaluator, context, n: int, batch: int) -> torch.Tensor:
+    """Final latents of the first ``n`` prompts, ``batch`` per pipeline call, each call inside ``context()``."""
+    chunks = []
+    for start in range(0, n, batch):
+        with context():
+            chunks.append(evaluator.generate(None, min(batch, n - start), start))
+    return torch.cat(chunks)
 
 
 def run(argv: list[str]) -> dict:
@@ -130,6 +179,8 @@ def run(argv: list[str]) -> dict:
     from accel.pipelines.loading import load_pipeline
 
     args = _parser().parse_args(argv)
+    if not 2 <= args.seed_sets <= len(SEED_SETS):
+        raise SystemExit(f"--seed-sets must be in 2..{len(SEED_SETS)}, got {args.seed_sets}")
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -148,49 +199,51 @@ def run(argv: list[str]) -> dict:
         search(pipe, list(DEFAULT_PROMPTS), config, folder, call_kwargs=call_kwargs, info={"model": args.model})
     front = load_front(folder)
     steps = args.steps
-    pool = read_prompts(args.eval_prompts) if args.eval_prompts else list(EVAL_PROMPTS)
-    prompts = [pool[i % len(pool)] for i in range(args.images)]
+    prompts, reference = _prompts_and_reference(args)
 
-    def scorer(num_steps: int, seed: int) -> Evaluator:
-        config = EvaluatorConfig(num_steps=num_steps, seed=seed, guidance_scale=guidance)
-        return Evaluator(pipe, prompts, config, call_kwargs)
+    def scorer(num_steps: int, seed: int, prompt_list: list[str] = prompts) -> Evaluator:
+        config = EvaluatorConfig(num_steps=num_steps, seed=seed, guidance_scale=guidance, sketch_size=16)
+        return Evaluator(pipe, prompt_list, config, call_kwargs)
 
-    evaluator = scorer(steps, 1000)
-    baselines = {name: s for name, s in heuristic_schedules(evaluator.layout, steps).items()}
-    diffusers = _diffusers_contexts(pipe, steps)
-    contexts = _contexts(pipe, [s.resample(steps) for s in front], baselines, diffusers)
+    evaluator = scorer(steps, SEED_SETS[0])
+    calibration = scorer(steps, 0, list(DEFAULT_PROMPTS))
+    baselines = heuristic_schedules(evaluator.layout, steps)
+    dynamic = _dynamic_methods(pipe, steps, calibration)
+    members = [s.resample(steps) for s in front]
 
-    rows, images = {}, {}
-    for name, context in contexts.items():
-        with context():
-            latents = evaluator.generate(None, len(prompts))
-        images[name] = evaluator.decode(latents)
-        rows[name] = {"psnr": evaluator.image_psnr(latents), "latent_psnr": evaluator.latent_psnr(latents)}
-    batch = min(args.timing_batch, len(prompts))
+    def cached(schedule):
+        return lambda: accel.apply(pipe, CacheConfig(schedule=schedule, count_macs=False))
+
+    contexts = {"full": nullcontext}
+    contexts.update({name: cached(s) for name, s in baselines.items()})
+    contexts.update(dynamic)
+    contexts.update({f"front-{i:02d}": cached(s) for i, s in enumerate(members)})
+
+    images = {}
+    for name, context in tqdm(contexts.items(), desc="methods", unit="method"):
+        images[name] = evaluator.decode(_generate(evaluator, context, len(prompts), args.batch))
+    rows = {name: {"psnr": float(psnr(im, images["full"], 1.0).mean())} for name, im in images.items()}
+
     timings = time_interleaved(
-        {name: lambda: evaluator.generate(None, batch) for name in contexts},
+        {name: lambda: evaluator.generate(None, min(args.batch, len(prompts))) for name in contexts},
         repeats=args.repeats,
         warmup=1,
         around=contexts,
     )
-    for name, timing in timings.items():  # fastest repeat: the least disturbed by other work on a shared machine
+    for name, timing in timings.items():
         rows[name]["speedup"] = min(timings["full"].samples) / min(timing.samples)
         rows[name]["median_speedup"] = timings["full"].median / timing.median
         rows[name]["spread"] = timing.spread
-    for name, schedule in [*baselines.items(), *((f"front-{i:02d}", s) for i, s in enumerate(front))]:
-        rows[name]["ideal_speedup"] = 1 / evaluator.cost_model.relative_macs(schedule.resample(steps).mask)
+    for name, schedule in [*baselines.items(), *((f"front-{i:02d}", s) for i, s in enumerate(members))]:
+        rows[name]["ideal_speedup"] = 1 / evaluator.cost_model.relative_macs(schedule.mask)
 
-    fid = _fid_scorer(args.no_fid)
-    noise_fid = None
-    if fid is not None:
-        other = scorer(steps, 2000)
-        noise_fid = fid(images["full"], other.decode(other.reference))
-        for name in rows:
-            rows[name]["fid"] = fid(images["full"], images[name])
-    summary = _summarise(rows, front, baselines, diffusers, noise_fid, args, reused)
+    noise = None
+    if not args.no_fid:
+        noise = _score(rows, images, reference, prompts, scorer, steps, args)
+    summary = _summarise(rows, front, list(baselines) + list(dynamic), noise, args, reused)
     transfer = {}
     for count in [int(part) for part in args.transfer_steps.split(",") if part.strip()]:
-        target = scorer(count, 1000)
+        target = scorer(count, SEED_SETS[0], prompts[: 2 * args.batch])
         measured = measure_transfer(target, front, images=True)
         print(f"front searched at {front.info.get('num_steps')} steps, resampled to {count}:")
         print(transfer_table(measured))
@@ -198,55 +251,108 @@ def run(argv: list[str]) -> dict:
     return {**summary, "transfer": transfer} if transfer else summary
 
 
-def _summarise(rows, front, baselines, diffusers, noise_fid, args, reused) -> dict:
-    members = [f"front-{i:02d}" for i in range(len(front))]
-    baseline_names = [*baselines, *diffusers]
-    dominated = [
-        b
-        for b in baseline_names
-        if any(rows[f]["speedup"] >= rows[b]["speedup"] and rows[f]["psnr"] > rows[b]["psnr"] for f in members)
-    ]
-    if noise_fid is not None:
-        criterion = "FID to full compute <= FID of full compute with other seeds"
-        within = [f for f in members if rows[f]["fid"] <= noise_fid]
+def _score(rows, images, reference, prompts, scorer, steps, args) -> dict:
+    """FID and prompt score of every method, and their run-to-run noise over full-compute seed sets."""
+    if reference is None:
+        generated = scorer(steps, REFERENCE_SEED)
+        reference = generated.decode(generated.reference)
+        reference_label = f"{len(reference)} full-compute images with seeds from {REFERENCE_SEED}"
     else:
-        criterion = f"PSNR >= {args.psnr_threshold} dB (FID scorer unavailable)"
+        reference_label = f"the {len(reference)} images of the emoji set"
+    scorers = _scorers(reference, prompts)
+    for name, im in tqdm(images.items(), desc="FID", unit="method"):
+        rows[name]["fid"] = scorers.fid(im)
+        rows[name]["prompt_score"] = scorers.prompt_score(im)
+    fids, scores = [rows["full"]["fid"]], [rows["full"]["prompt_score"]]
+    for seed in SEED_SETS[1 : args.seed_sets]:
+        other = scorer(steps, seed)
+        decoded = other.decode(_generate(other, nullcontext, len(prompts), args.batch))
+        fids.append(scorers.fid(decoded))
+        scores.append(scorers.prompt_score(decoded))
+    return {
+        "fid": max(fids) - min(fids),
+        "prompt_score": max(scores) - min(scores),
+        "full_fids": fids,
+        "full_prompt_scores": scores,
+        "reference": reference_label,
+        "prompt_metric": scorers.prompt_metric,
+    }
+
+
+def dominates(front_row: dict, baseline_row: dict, noise: dict | None) -> bool:
+    """Whether a front schedule dominates a baseline: at least as fast, better PSNR, and FID and prompt score
+    no worse beyond the run-to-run ``noise`` (PSNR and speed only when FID was not measured)."""
+    if front_row["speedup"] < baseline_row["speedup"] or front_row["psnr"] <= baseline_row["psnr"]:
+        return False
+    if noise is None:
+        return True
+    return (
+        front_row["fid"] <= baseline_row["fid"] + noise["fid"]
+        and front_row["prompt_score"] >= baseline_row["prompt_score"] - noise["prompt_score"]
+    )
+
+
+def within_noise(row: dict, full: dict, noise: dict) -> bool:
+    """Whether a method's FID and prompt score are within the run-to-run noise of full compute's."""
+    fid_ok = row["fid"] <= full["fid"] + noise["fid"]
+    return fid_ok and row["prompt_score"] >= full["prompt_score"] - noise["prompt_score"]
+
+
+def _summarise(rows, front, baseline_names, noise, args, reused) -> dict:
+    members = [f"front-{i:02d}" for i in range(len(front))]
+    dominated = {b: [f for f in members if dominates(rows[f], rows[b], noise)] for b in baseline_names}
+    if noise is not None:
+        criterion = "FID and prompt score within the full-compute seed-set spread of full compute's"
+        within = [f for f in members if within_noise(rows[f], rows["full"], noise)]
+    else:
+        criterion = f"PSNR >= {args.psnr_threshold} dB (FID not measured)"
         within = [f for f in members if rows[f]["psnr"] >= args.psnr_threshold]
     within_psnr = [f for f in members if rows[f]["psnr"] >= args.psnr_threshold]
     print(
         f"front from {args.front} ({'reused' if reused else 'searched now'}, {front.info.get('search_minutes')} min); "
-        f"{args.steps} steps, {args.images} held-out prompts, timing batch {args.timing_batch}, "
-        f"{args.repeats} repeats (speedup of the fastest), {args.threads} threads; PSNR of decoded images vs full"
+        f"{args.steps} steps, {args.images} held-out prompts, batch {args.batch}, {args.repeats} repeats (speedup of "
+        f"the fastest), {args.threads} threads; PSNR of decoded images vs full compute with the same seeds"
     )
-    header = f"{'method':<24}{'speedup':>9}{'spread':>8}{'ideal':>7}{'PSNR':>8}"
-    print(header + (f"{'FID':>9}" if noise_fid is not None else ""))
+    header = f"{'method':<24}{'speedup':>9}{'median':>8}{'ideal':>7}{'PSNR':>8}"
+    print(header + (f"{'FID':>9}{'prompt':>8}" if noise else "") + "  dominated by")
     for name, row in rows.items():
-        line = f"{name:<24}{row['speedup']:>8.2f}x{100 * row['spread']:>7.1f}%"
+        line = f"{name:<24}{row['speedup']:>8.2f}x{row['median_speedup']:>7.2f}x"
         line += f"{row.get('ideal_speedup', float('nan')):>7.2f}{row['psnr']:>8.2f}"
-        if noise_fid is not None:
-            line += f"{row['fid']:>9.3f}"
-        print(line + ("  dominated" if name in dominated else ""))
-    if noise_fid is not None:
-        print(f"run-to-run noise: FID of full compute with other seeds = {noise_fid:.3f}")
-    print(f"front dominates {len(dominated)} of {len(baseline_names)} baselines: {', '.join(dominated) or '-'}")
+        if noise:
+            line += f"{row['fid']:>9.2f}{row['prompt_score']:>8.2f}"
+        print(line + ("  " + ", ".join(dominated[name]) if dominated.get(name) else ""))
+    if noise:
+        print(
+            f"run-to-run noise over {args.seed_sets} full-compute seed sets: FID {noise['fid']:.2f} "
+            f"(values {', '.join(f'{v:.2f}' for v in noise['full_fids'])}; reference: {noise['reference']}), "
+            f"{noise['prompt_metric']} {noise['prompt_score']:.3f} "
+            f"(values {', '.join(f'{v:.3f}' for v in noise['full_prompt_scores'])})"
+        )
+    beaten = [b for b in baseline_names if dominated[b]]
+    missed = [b for b in baseline_names if not dominated[b]]
+    print(
+        f"front dominates {len(beaten)} of {len(baseline_names)} baselines; not dominated: {', '.join(missed) or '-'}"
+    )
 
     def best(names):
         return round(max((rows[n]["speedup"] for n in names), default=1.0), 3)
 
+    print(f"best measured speedup within noise ({criterion}): {best(within):.2f}x")
     return {
-        "baselines": {b: _round(rows[b]) for b in baseline_names},
-        "front": {f: {**_round(rows[f]), "searched_speedup": speedup_of(s)} for f, s in zip(members, front)},
-        "full": _round(rows["full"]),
-        "dominated": len(dominated),
-        "dominated_baselines": dominated,
+        "baselines": len(baseline_names),
+        "dominated": len(beaten),
+        "dominated_baselines": beaten,
         "best_speedup_within_noise": best(within),
         "noise_criterion": criterion,
-        "noise_fid": None if noise_fid is None else round(noise_fid, 4),
+        "noise": None if noise is None else {k: (round(v, 4) if isinstance(v, float) else v) for k, v in noise.items()},
         f"best_speedup_psnr_{args.psnr_threshold:g}": best(within_psnr),
         "search_minutes": front.info.get("search_minutes"),
         "front_reused": reused,
         "model": args.model or "default",
         "steps": args.steps,
+        "images": args.images,
+        "rows": {name: _round(row) for name, row in rows.items()},
+        "searched_speedups": {f: speedup_of(s) for f, s in zip(members, front)},
     }
 
 

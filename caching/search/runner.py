@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from accel.caching.heuristics import fora
 from accel.caching.schedule import Schedule
 from accel.caching.search.config import SearchConfig
 from accel.caching.search.evaluator import Evaluator
@@ -31,9 +32,17 @@ logger = logging.getLogger(__name__)
 
 
 def seed_schedules(evaluator: Evaluator, config: SearchConfig) -> dict[str, Schedule]:
-    """Heuristic and DP schedules for this model and step count, by name, with the search's forecast order."""
+    """Heuristic and DP schedules for this model and step count, by name, with the search's forecast order.
+
+    Besides the baselines: FORA-5, and FORA-3..6 after uncached first steps (20% of the steps), so that the
+    initial population reaches below FORA-4's cost, which the reuse cap makes hard to reach by bit flips.
+    """
     steps = config.evaluation.num_steps
     seeds = heuristic_schedules(evaluator.layout, steps)
+    warmup = max(1, round(0.2 * steps))  # cheaper seeds too, with and without uncached first steps
+    for interval in (3, 4, 5, 6):
+        seeds[f"fora-{interval}-warmup-{warmup}"] = fora(evaluator.layout, steps, interval, warmup=warmup)
+    seeds["fora-5"] = fora(evaluator.layout, steps, 5)
     seeds.update(
         dp_schedules(evaluator.layout, evaluator.change, config.constraints, evaluator.cost_model.component_macs)
     )
