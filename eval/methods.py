@@ -11,6 +11,8 @@ form                       meaning
 ``tgate`` / ``tgate-K``    T-GATE: cross-attention frozen from step ``K`` (default 40% of the steps)
 ``fbc-T``                  accel's per-sample first-block-residual policy with threshold ``T`` (e.g. ``fbc-0.08``)
 ``PATH.json``              a Schedule JSON or a CacheConfig JSON (e.g. from ``accel schedule`` or ``accel search``)
+``DIR@S``                  the best schedule at >= ``S``x measured speedup of the front ``accel search`` saved in
+                           ``DIR``; ``front@S`` picks from the bundled model's front (e.g. ``front@2``)
 ``diffusers-fbc-T``        diffusers' FirstBlockCache with threshold ``T``
 ``diffusers-taylorseer``   diffusers' TaylorSeer cache (default config)
 ``diffusers-pab``          diffusers' Pyramid Attention Broadcast (self-attention every 2nd step in t 100..800)
@@ -136,6 +138,13 @@ def _cache_config(pipe: Any, kind: str, params: dict, steps: int, instrument: bo
 
     if kind == "json":
         return _load_json_config(Path(params["path"]), instrument)
+    if kind == "front":
+        from accel.caching import load_front
+        from accel.pipelines.default import DEFAULT_FRONT_DIR
+
+        folder = DEFAULT_FRONT_DIR if params["front"] == "front" else Path(params["front"])
+        schedule = load_front(folder).pick(target_speedup=params["target_speedup"], num_steps=steps)
+        return CacheConfig(schedule=schedule, count_macs=instrument)
     if kind == "fbc":
         return CacheConfig(schedule=FirstBlockPolicy(threshold=params["threshold"]), count_macs=instrument)
     layout = layout_of(pipe)
@@ -268,6 +277,13 @@ FORMS: dict[str, MethodForm] = {
         parse=lambda m: {"path": m["path"]},
         apply=_apply_accel("json"),
         help="a Schedule or CacheConfig JSON file",
+    ),
+    "front": MethodForm(
+        usage="DIR@S",
+        pattern=re.compile(r"(?P<front>.+)@(?P<s>\d+(?:\.\d*)?)"),
+        parse=lambda m: {"front": m["front"], "target_speedup": float(m["s"])},
+        apply=_apply_accel("front"),
+        help="a searched front's best schedule at >= S x speedup (front@S: the bundled model's)",
     ),
     "diffusers-fbc": MethodForm(
         usage="diffusers-fbc-T",

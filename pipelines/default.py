@@ -21,6 +21,8 @@ import torch
 
 #: Where the weights are.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+#: the caching front ``accel search`` found for the bundled model (``accel.caching.load_front(DEFAULT_FRONT_DIR)``)
+DEFAULT_FRONT_DIR = Path(__file__).resolve().parent / "default_front"
 
 #: Keyword arguments every call of the default pipeline needs.
 DEFAULT_CALL_KWARGS = {"use_resolution_binning": False, "max_sequence_length": 32, "clean_caption": False}

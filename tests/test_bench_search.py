@@ -63,8 +63,10 @@ def test_bench_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert rows["full"]["psnr"] == 100.0 and rows["full"]["speedup"] == 1.0
     assert all({"speedup", "psnr", "fid", "prompt_score"} <= set(r) for r in rows.values())
     noise = result["noise"]
-    assert noise["fid"] >= 0 and len(noise["full_fids"]) == 2 and noise["fid"] == pytest.approx(
-        max(noise["full_fids"]) - min(noise["full_fids"]), abs=1e-3
+    assert (
+        noise["fid"] >= 0
+        and len(noise["full_fids"]) == 2
+        and noise["fid"] == pytest.approx(max(noise["full_fids"]) - min(noise["full_fids"]), abs=1e-3)
     )
     assert result["best_speedup_within_noise"] >= 1.0
     printed = capsys.readouterr().out

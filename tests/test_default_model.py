@@ -38,3 +38,15 @@ def test_transformer_round_trips_save_pretrained(pipe, tmp_path):
 def test_missing_folder_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="lacks"):
         load_default_pipeline(tmp_path)
+
+
+def test_bundled_front_fits_the_bundled_model(pipe):
+    from accel.caching import layout_of, load_front
+    from accel.pipelines.default import DEFAULT_FRONT_DIR
+
+    front = load_front(DEFAULT_FRONT_DIR)
+    assert len(front) >= 4
+    for schedule in front:
+        schedule.check_layout(layout_of(pipe))
+        assert {"speedup", "psnr"} <= set(schedule.metrics)
+    assert front.pick(target_speedup=2.0).metrics["speedup"] >= 2.0

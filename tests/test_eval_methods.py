@@ -27,6 +27,7 @@ EXAMPLES = {
     "diffusers-fastercache": ("diffusers-fastercache", {}),
     "diffusers-magcache": ("diffusers-magcache", {}),
     "runs/best.json": ("json", {"path": "runs/best.json"}),
+    "front@2": ("front", {"front": "front", "target_speedup": 2.0}),
 }
 STEPS = 4
 
@@ -83,7 +84,7 @@ def _instance_state(module):
     return sorted(n for n, m in module.named_modules() if "forward" in m.__dict__ or hasattr(m, "_diffusers_hook"))
 
 
-@pytest.mark.parametrize("name", [n for n in EXAMPLES if not n.endswith(".json")])
+@pytest.mark.parametrize("name", [n for n in EXAMPLES if not n.endswith(".json") and "@" not in n])
 def test_every_method_runs_or_is_unsupported_and_leaves_the_model_as_it_was(pipe, name, one_thread):  # noqa: F811
     torch.manual_seed(0)
     reference = _generate(pipe)
@@ -182,3 +183,21 @@ def test_diffusers_context_hooks_skip_blocks_on_a_pipeline_without_cache_context
         assert 0 < calls < full_calls, f"{name} computed {calls} of {full_calls} block calls"
         assert again == calls, f"{name}: a reset generation runs the same way"
     assert _instance_state(pipe.transformer) == []
+
+
+def test_front_method_picks_the_best_schedule_at_the_target_speed(tmp_path, pipe):
+    from accel.caching import Front
+
+    layout = layout_of(pipe)
+    front = Front(
+        schedules=tuple(
+            fora(layout, STEPS, n).with_metrics(speedup=speed, psnr=psnr)
+            for n, speed, psnr in ((2, 1.8, 35.0), (3, 2.5, 30.0), (4, 3.2, 25.0))
+        )
+    )
+    front.save(tmp_path / "front")
+    with apply_method(parse_method(f"{tmp_path / 'front'}@2"), pipe, STEPS) as applied:
+        assert applied.config["schedule"]["provenance"]["interval"] == 3  # the best PSNR at >= 2x
+    with pytest.raises(FileNotFoundError, match="no front.json"):
+        with apply_method(parse_method(f"{tmp_path}@2"), pipe, STEPS):
+            pass
