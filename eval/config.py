@@ -45,6 +45,8 @@ DEFAULT_METHODS = (
     "steps-10",
     "fora-2",
     "fora-3",
+    "taylorseer-3",
+    "front@2",
     "delta-dit",
     "tgate",
     "fbc-0.08",

@@ -144,6 +144,10 @@ def _cache_config(pipe: Any, kind: str, params: dict, steps: int, instrument: bo
 
         folder = DEFAULT_FRONT_DIR if params["front"] == "front" else Path(params["front"])
         schedule = load_front(folder).pick(target_speedup=params["target_speedup"], num_steps=steps)
+        try:
+            schedule.check_layout(layout_of(pipe))
+        except ValueError as error:
+            raise UnsupportedMethod(f"the front in {folder} was searched for another model: {error}") from None
         return CacheConfig(schedule=schedule, count_macs=instrument)
     if kind == "fbc":
         return CacheConfig(schedule=FirstBlockPolicy(threshold=params["threshold"]), count_macs=instrument)

@@ -89,8 +89,8 @@ def test_threads_restored_by_fixture():
 
 
 def test_generate_with_an_unsupported_method_says_why(model_dir, tmp_path, capsys):
-    argv = ["generate", "--model", str(model_dir), "--method", "diffusers-fbc-0.08", "--prompt", "a red apple"]
+    argv = ["generate", "--model", str(model_dir), "--method", "diffusers-magcache", "--prompt", "a red apple"]
     assert main([*argv, "--steps", "2", "--out", str(tmp_path)]) == 1
     error = capsys.readouterr().err
-    assert "diffusers-fbc-0.08 cannot run on this pipeline" in error and "cache_context" in error
+    assert "diffusers-magcache cannot run on this pipeline" in error and "magnitude ratios" in error
     assert list(tmp_path.glob("*.png")) == []

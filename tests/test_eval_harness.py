@@ -12,7 +12,7 @@ from accel.eval.cost import TimingConfig
 from accel.eval.harness import RESULTS_TYPE, run_evaluation
 from accel.eval.methods import parse_method
 
-METHODS = ("full", "fora-2", "steps-2", "diffusers-fbc-0.08", "diffusers-pab")
+METHODS = ("full", "fora-2", "steps-2", "diffusers-fbc-0.08", "diffusers-pab", "diffusers-magcache")
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,10 @@ def test_fidelity_of_full_is_capped_and_of_fora_finite(evaluated):
 
 def test_unsupported_is_recorded_with_its_reason(evaluated):
     trials = {t["method"]: t for t in evaluated[1]["trials"]}
-    assert trials["diffusers-fbc-0.08"]["status"] == "unsupported"
-    assert "cache_context" in trials["diffusers-fbc-0.08"]["reason"]
+    assert trials["diffusers-fbc-0.08"]["status"] == "ok"  # in a cache context the harness supplies
+    assert trials["diffusers-fbc-0.08"]["config"]["harness_cache_context"] is True
+    assert trials["diffusers-magcache"]["status"] == "unsupported"  # no magnitude ratios for this model
+    assert "calibrate_mag_ratios" in trials["diffusers-magcache"]["reason"]
     assert trials["diffusers-pab"]["status"] == "ok"
     assert trials["diffusers-pab"]["config"]["applied_with"] == "diffusers.hooks.apply_pyramid_attention_broadcast"
 
@@ -103,7 +105,7 @@ def test_reports_name_every_method(evaluated):
     for method in METHODS:
         assert method in markdown and method in page
     assert "Pareto" in markdown and "<svg" in page and "data:image/png;base64," in page
-    assert "cache_context" in markdown and "http" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert "calibrate_mag_ratios" in markdown and "http" not in page.replace("http://www.w3.org/2000/svg", "")
 
 
 def test_resume_skips_finished_trials(tmp_path, pipe, counted, one_thread):  # noqa: F811

@@ -198,6 +198,9 @@ def test_front_method_picks_the_best_schedule_at_the_target_speed(tmp_path, pipe
     front.save(tmp_path / "front")
     with apply_method(parse_method(f"{tmp_path / 'front'}@2"), pipe, STEPS) as applied:
         assert applied.config["schedule"]["provenance"]["interval"] == 3  # the best PSNR at >= 2x
+    with pytest.raises(UnsupportedMethod, match="searched for another model"):
+        with apply_method(parse_method("front@2"), pipe, STEPS):  # the bundled model's front on the tiny model
+            pass
     with pytest.raises(FileNotFoundError, match="no front.json"):
         with apply_method(parse_method(f"{tmp_path}@2"), pipe, STEPS):
             pass
