@@ -204,3 +204,22 @@ def test_front_method_picks_the_best_schedule_at_the_target_speed(tmp_path, pipe
     with pytest.raises(FileNotFoundError, match="no front.json"):
         with apply_method(parse_method(f"{tmp_path}@2"), pipe, STEPS):
             pass
+
+
+def test_calibrated_mag_ratios_match_diffusers_own_calibration_mode(pipe, capsys, one_thread):  # noqa: F811
+    import ast
+
+    from diffusers.hooks import MagCacheConfig
+    from diffusers.models.cache_utils import CacheMixin
+
+    from accel.eval.diffusers_cache import _hooks_applied, calibrate_mag_ratios
+
+    ours = calibrate_mag_ratios(pipe.transformer, lambda: _generate(pipe, 6))
+    capsys.readouterr()
+    with _hooks_applied(pipe.transformer, MagCacheConfig(calibrate=True, num_inference_steps=6)):
+        with CacheMixin.cache_context(pipe.transformer, "calibration"):
+            _generate(pipe, 6)
+    printed = capsys.readouterr().out  # diffusers prints the ratios at the end of a calibration run
+    theirs = ast.literal_eval(printed.strip().splitlines()[-1])
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    assert _instance_state(pipe.transformer) == []
