@@ -14,11 +14,11 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from accel.eval.cost import TimingConfig
 from accel.eval.methods import parse_methods
 from accel.eval.metrics import METRICS, MetricWeights
+from accel.textconfig import attribute_docs, read_prompts  # noqa: F401 (read_prompts: re-exported)
 
 #: prompts of ``accel demo``: emoji names from the bundled model's dataset (13 of its training captions, 3 held out)
 BUILTIN_PROMPTS = (
@@ -118,23 +118,6 @@ class EvalConfig:
         return dataclasses.asdict(self)
 
 
-def read_prompts(path: str | Path) -> tuple[str, ...]:
-    """Prompts from a text file (one per line; blank lines and ``#`` comments skipped) or a JSON list."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".json":
-        prompts = json.loads(text)
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"{path}: expected a JSON list of strings")
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError(f"{path} has no prompts")
-    return tuple(prompts)
-
-
 # -- flags from the dataclass --------------------------------------------------------------------------------
 
 
@@ -156,27 +139,6 @@ def _fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, t
         elif f.metadata.get("cli", True):
             rows.append((prefix + f.name, f, kind))
     return rows
-
-
-def attribute_docs(cls: type) -> dict[str, str]:
-    """The ``Attributes:`` section of a class docstring as ``{name: one-line text}``."""
-    lines = (cls.__doc__ or "").splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == "Attributes:"), None)
-    docs: dict[str, str] = {}
-    if start is None:
-        return docs
-    indent, name = None, None
-    for line in lines[start + 1 :]:
-        if not line.strip():
-            break
-        depth = len(line) - len(line.lstrip())
-        indent = depth if indent is None else indent
-        if depth == indent and ":" in line:
-            name, text = line.strip().split(":", 1)
-            docs[name] = text.strip()
-        elif depth > indent and name is not None:
-            docs[name] += " " + line.strip()
-    return docs
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = EvalConfig, skip: tuple[str, ...] = ()) -> None:

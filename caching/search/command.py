@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import re
 import types
 import typing
 from pathlib import Path
@@ -26,6 +24,8 @@ from pathlib import Path
 from accel.caching.search.config import SearchConfig, parse_duration
 from accel.caching.search.evaluator import EvaluatorConfig
 from accel.caching.search.genome import Constraints
+from accel.textconfig import attribute_docs
+from accel.textconfig import read_prompts as read_prompts_file
 
 logger = logging.getLogger(__name__)
 
@@ -61,20 +61,6 @@ def _fields(cls: type, prefix: str = ""):
         yield prefix + f.name, f, kind, args
 
 
-def _attribute_help(cls: type) -> dict[str, str]:
-    """Field name -> its description in the class docstring's ``Attributes:`` section."""
-    help_texts, name = {}, None
-    lines = (cls.__doc__ or "").split("Attributes:", 1)[-1].splitlines()
-    for line in lines:
-        match = re.match(r"^\s{8}(\w+): (.*)$", line)
-        if match:
-            name = match.group(1)
-            help_texts[name] = match.group(2).strip()
-        elif name and line.strip() and line.startswith(" " * 12):
-            help_texts[name] += " " + line.strip()
-    return help_texts
-
-
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -101,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parse = {bool: _parse_bool}.get(kind, str if choices else kind)
         default = f.default if f.default is not dataclasses.MISSING else None
         owner = _GROUPS.get(name.split(".")[0], SearchConfig) if "." in name else SearchConfig
-        text = _attribute_help(owner).get(name.split(".")[-1], name).replace("%", "%%")
+        text = attribute_docs(owner).get(name.split(".")[-1], name).replace("%", "%%")
         parser.add_argument(flag, dest=name, type=parse, choices=choices, help=f"{text} (default {default})")
 
 
@@ -134,22 +120,8 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
 
 
 def read_prompts(path: str | None) -> list[str]:
-    """Prompts from a text file (one per line, ``#`` comments skipped) or a JSON list; built-ins if None."""
-    if path is None:
-        return list(DEFAULT_PROMPTS)
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"prompts file not found: {file}")
-    text = file.read_text()
-    if file.suffix == ".json":
-        prompts = json.loads(text)
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"{file}: expected a JSON list of strings")
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-    if not prompts:
-        raise ValueError(f"{file} has no prompts")
-    return prompts
+    """Calibration prompts from a file (see :func:`accel.textconfig.read_prompts`); the built-ins if None."""
+    return list(DEFAULT_PROMPTS) if path is None else list(read_prompts_file(path))
 
 
 def run(args: argparse.Namespace) -> int:
