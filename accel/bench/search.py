@@ -174,6 +174,52 @@ def _generate(evaluator: Evaluator, context, n: int, batch: int) -> torch.Tensor
     return torch.cat(chunks)
 
 
+def _front(args, pipe, call_kwargs: dict, guidance: float):
+    """The front saved in ``--front``, searched now (and saved there) if there is none; and whether reused."""
+    folder = Path(args.front)
+    reused = (folder / "front.json").is_file()
+    if not reused:
+        config = SearchConfig(
+            population=args.population,
+            budget_seconds=args.budget,
+            evaluation=EvaluatorConfig(num_steps=args.steps, guidance_scale=guidance),
+        )
+        search(pipe, list(DEFAULT_PROMPTS), config, folder, call_kwargs=call_kwargs, info={"model": args.model})
+    return load_front(folder), reused
+
+
+def _measure(evaluator: Evaluator, contexts: dict, args) -> tuple[dict, dict]:
+    """Decoded images of every method on all prompts, PSNR vs full compute, and interleaved timings."""
+    n = len(evaluator.prompts)
+    images = {}
+    for name, context in tqdm(contexts.items(), desc="methods", unit="method"):
+        images[name] = evaluator.decode(_generate(evaluator, context, n, args.batch))
+    rows = {name: {"psnr": float(psnr(im, images["full"], 1.0).mean())} for name, im in images.items()}
+    timings = time_interleaved(
+        {name: lambda: evaluator.generate(None, min(args.batch, n)) for name in contexts},
+        repeats=args.repeats,
+        warmup=1,
+        around=contexts,
+    )
+    for name, timing in timings.items():
+        rows[name]["speedup"] = min(timings["full"].samples) / min(timing.samples)
+        rows[name]["median_speedup"] = timings["full"].median / timing.median
+        rows[name]["spread"] = timing.spread
+    return rows, images
+
+
+def _transfer(front, scorer, prompts: list[str], args) -> dict:
+    """PSNR of the front resampled to each of ``--transfer-steps`` (on ``2 * --batch`` prompts)."""
+    transfer = {}
+    for count in [int(part) for part in args.transfer_steps.split(",") if part.strip()]:
+        target = scorer(count, SEED_SETS[0], prompts[: 2 * args.batch])
+        measured = measure_transfer(target, front, images=True)
+        print(f"front searched at {front.info.get('num_steps')} steps, resampled to {count}:")
+        print(transfer_table(measured))
+        transfer[str(count)] = [_round({k: r[k] for k in ("relative_macs", "psnr", "image_psnr")}) for r in measured]
+    return transfer
+
+
 def run(argv: list[str]) -> dict:
     """Search (or reuse), measure, print the table; return the headline numbers."""
     from accel.pipelines.loading import load_pipeline
@@ -188,16 +234,7 @@ def run(argv: list[str]) -> dict:
     if args.max_sequence_length is not None:
         call_kwargs["max_sequence_length"] = args.max_sequence_length
     guidance = args.guidance_scale or evaluation_defaults.get("guidance_scale", EvaluatorConfig().guidance_scale)
-    folder = Path(args.front)
-    reused = (folder / "front.json").is_file()
-    if not reused:
-        config = SearchConfig(
-            population=args.population,
-            budget_seconds=args.budget,
-            evaluation=EvaluatorConfig(num_steps=args.steps, guidance_scale=guidance),
-        )
-        search(pipe, list(DEFAULT_PROMPTS), config, folder, call_kwargs=call_kwargs, info={"model": args.model})
-    front = load_front(folder)
+    front, reused = _front(args, pipe, call_kwargs, guidance)
     steps = args.steps
     prompts, reference = _prompts_and_reference(args)
 
@@ -206,48 +243,25 @@ def run(argv: list[str]) -> dict:
         return Evaluator(pipe, prompt_list, config, call_kwargs)
 
     evaluator = scorer(steps, SEED_SETS[0])
-    calibration = scorer(steps, 0, list(DEFAULT_PROMPTS))
     baselines = heuristic_schedules(evaluator.layout, steps)
-    dynamic = _dynamic_methods(pipe, steps, calibration)
-    members = [s.resample(steps) for s in front]
+    dynamic = _dynamic_methods(pipe, steps, scorer(steps, 0, list(DEFAULT_PROMPTS)))
+    members = {f"front-{i:02d}": s.resample(steps) for i, s in enumerate(front)}
 
     def cached(schedule):
         return lambda: accel.apply(pipe, CacheConfig(schedule=schedule, count_macs=False))
 
-    contexts = {"full": nullcontext}
-    contexts.update({name: cached(s) for name, s in baselines.items()})
-    contexts.update(dynamic)
-    contexts.update({f"front-{i:02d}": cached(s) for i, s in enumerate(members)})
-
-    images = {}
-    for name, context in tqdm(contexts.items(), desc="methods", unit="method"):
-        images[name] = evaluator.decode(_generate(evaluator, context, len(prompts), args.batch))
-    rows = {name: {"psnr": float(psnr(im, images["full"], 1.0).mean())} for name, im in images.items()}
-
-    timings = time_interleaved(
-        {name: lambda: evaluator.generate(None, min(args.batch, len(prompts))) for name in contexts},
-        repeats=args.repeats,
-        warmup=1,
-        around=contexts,
-    )
-    for name, timing in timings.items():
-        rows[name]["speedup"] = min(timings["full"].samples) / min(timing.samples)
-        rows[name]["median_speedup"] = timings["full"].median / timing.median
-        rows[name]["spread"] = timing.spread
-    for name, schedule in [*baselines.items(), *((f"front-{i:02d}", s) for i, s in enumerate(members))]:
+    contexts = {
+        "full": nullcontext,
+        **{name: cached(s) for name, s in baselines.items()},
+        **dynamic,
+        **{name: cached(s) for name, s in members.items()},
+    }
+    rows, images = _measure(evaluator, contexts, args)
+    for name, schedule in {**baselines, **members}.items():
         rows[name]["ideal_speedup"] = 1 / evaluator.cost_model.relative_macs(schedule.mask)
-
-    noise = None
-    if not args.no_fid:
-        noise = _score(rows, images, reference, prompts, scorer, steps, args)
+    noise = None if args.no_fid else _score(rows, images, reference, prompts, scorer, steps, args)
     summary = _summarise(rows, front, list(baselines) + list(dynamic), noise, args, reused)
-    transfer = {}
-    for count in [int(part) for part in args.transfer_steps.split(",") if part.strip()]:
-        target = scorer(count, SEED_SETS[0], prompts[: 2 * args.batch])
-        measured = measure_transfer(target, front, images=True)
-        print(f"front searched at {front.info.get('num_steps')} steps, resampled to {count}:")
-        print(transfer_table(measured))
-        transfer[str(count)] = [_round({k: r[k] for k in ("relative_macs", "psnr", "image_psnr")}) for r in measured]
+    transfer = _transfer(front, scorer, prompts, args)
     return {**summary, "transfer": transfer} if transfer else summary
 
 
