@@ -161,7 +161,7 @@ def _report(args: argparse.Namespace, front, pipe, call_kwargs: dict) -> None:
         logger.warning("no report: the evaluation harness is not available (%s)", error)
         return
     out = Path(args.out)
-    methods = ["full", "fora-2", "fora-3", "delta-dit", "tgate"]
+    methods = ["full", "fora-2", "fora-3", "taylorseer-3", "delta-dit", "tgate"]
     methods += [str(out / f"schedule-{i:02d}.json") for i in range(len(front))]
     values = {
         "methods": methods,
