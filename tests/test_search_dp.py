@@ -170,3 +170,35 @@ def test_parse_duration():
     assert parse_duration("90s") == 90 and parse_duration("1.5") == 90
     with pytest.raises(ValueError, match="30m"):
         parse_duration("soon")
+
+
+def test_ramp_seeds_compute_early_steps_densely():
+    from accel.caching.search.seeds import ramp_schedules
+
+    layout = ScheduleLayout(model_class="X", num_blocks=2, components=("self_attn", "ffn"))
+    ramps = ramp_schedules(layout, 20)
+    assert len(ramps) == 2 * 7  # 4..10 computes, two powers
+    for schedule in ramps.values():
+        steps = np.flatnonzero(schedule.mask[:, 0, 0])
+        assert steps[0] == 0 and schedule.mask[steps].all() and not schedule.mask[~schedule.mask[:, 0, 0]].any()
+        gaps = np.diff(steps)
+        assert (np.diff(gaps) >= -1).all() and gaps[-1] >= gaps[0]  # wider later (up to rounding)
+
+
+def test_structured_swap_moves_computes_in_time_at_equal_cost():
+    from accel.caching.search.config import SearchConfig
+    from accel.caching.search.nsga import GeneticSearch
+
+    layout = ScheduleLayout(model_class="X", num_blocks=3, components=("self_attn", "ffn"))
+    search = GeneticSearch.__new__(GeneticSearch)  # only the mutation operator, no evaluator
+    search.layout, search.steps, search.length = layout, 12, 11 * 3 * 2
+    search.config = SearchConfig(generations=1, mutation_rate=1e-9, structured_mutation=1.0)
+    mask = fora(layout, 12, 3).mask
+    genome = mask[1:].reshape(-1)
+    rng = np.random.default_rng(0)
+    moved = 0
+    for _ in range(200):
+        child = search.mutate(genome.copy(), rng).reshape(11, 3, 2)
+        if child.sum() == genome.sum() and not np.array_equal(child.reshape(-1), genome):
+            moved += 1
+    assert moved > 20  # swaps (about 2 in 5 moves) keep the number of computes

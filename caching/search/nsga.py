@@ -132,22 +132,28 @@ class GeneticSearch:
         return mask_to_genome(repair(genome_to_mask(genome, self.layout, self.steps), self.config.constraints))
 
     def mutate(self, genome: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Bit flips, plus with probability ``structured_mutation`` one flip of a whole step, block run or column."""
+        """Bit flips, plus with probability ``structured_mutation`` one structured move: a whole step, a run of
+        blocks or a component over a run of steps flips, or two nearby steps (all components, or one) swap, which
+        moves computes in time at the same cost."""
         rate = self.config.mutation_rate or 2.0 / self.length
         genome = genome ^ (rng.random(self.length) < rate)
         if rng.random() < self.config.structured_mutation:
             mask = genome_to_mask(genome, self.layout, self.steps)
             step = int(rng.integers(1, self.steps))
-            move = int(rng.integers(3))
+            move = int(rng.integers(5))
             if move == 0:  # a whole step computes or reuses
                 mask[step] = not mask[step].mean() >= 0.5
             elif move == 1:  # a run of blocks at one step flips
                 start = int(rng.integers(self.layout.num_blocks))
                 stop = int(rng.integers(start + 1, self.layout.num_blocks + 1))
                 mask[step, start:stop] = ~mask[step, start:stop]
-            else:  # one component over a run of steps
+            elif move == 2:  # one component over a run of steps
                 component, stop = int(rng.integers(mask.shape[2])), int(rng.integers(step + 1, self.steps + 1))
                 mask[step:stop, :, component] = not mask[step:stop, :, component].mean() >= 0.5
+            else:  # swap with a step up to 2 away (not step 0): a whole step, or one component's column
+                other = min(max(1, step + int(rng.choice([-2, -1, 1, 2]))), self.steps - 1)
+                columns = slice(None) if move == 3 else int(rng.integers(mask.shape[2]))
+                mask[[step, other], :, columns] = mask[[other, step], :, columns]
             genome = mask_to_genome(mask)
         return genome
 

@@ -26,7 +26,7 @@ from accel.caching.search.front import Front, non_dominated
 from accel.caching.search.genome import genome_to_schedule
 from accel.caching.search.latency import LatencyModel, fit_latency_model
 from accel.caching.search.nsga import GeneticSearch
-from accel.caching.search.seeds import dp_schedules, heuristic_schedules
+from accel.caching.search.seeds import dp_schedules, heuristic_schedules, ramp_schedules
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 def seed_schedules(evaluator: Evaluator, config: SearchConfig) -> dict[str, Schedule]:
     """Heuristic and DP schedules for this model and step count, by name, with the search's forecast order.
 
-    Besides the baselines: FORA-5, and FORA-3..6 after uncached first steps (20% of the steps), so that the
-    initial population reaches below FORA-4's cost, which the reuse cap makes hard to reach by bit flips.
+    Besides the baselines: FORA-5, FORA-3..6 after uncached first steps (20% of the steps) and the ramps of
+    :func:`ramp_schedules`, so that the initial population spans the costs below FORA-4's too (which the reuse
+    cap makes hard to reach by bit flips) with computes placed early.
     """
     steps = config.evaluation.num_steps
     seeds = heuristic_schedules(evaluator.layout, steps)
@@ -43,6 +44,7 @@ def seed_schedules(evaluator: Evaluator, config: SearchConfig) -> dict[str, Sche
     for interval in (3, 4, 5, 6):
         seeds[f"fora-{interval}-warmup-{warmup}"] = fora(evaluator.layout, steps, interval, warmup=warmup)
     seeds["fora-5"] = fora(evaluator.layout, steps, 5)
+    seeds.update(ramp_schedules(evaluator.layout, steps))
     seeds.update(
         dp_schedules(evaluator.layout, evaluator.change, config.constraints, evaluator.cost_model.component_macs)
     )

@@ -28,6 +28,26 @@ def heuristic_schedules(layout: ScheduleLayout, num_steps: int) -> dict[str, Sch
     return schedules
 
 
+def ramp_schedules(layout: ScheduleLayout, num_steps: int) -> dict[str, Schedule]:
+    """Seeds that compute every component at steps spaced ever wider: ``round(num_steps * (i / k) ** power)``
+    for ``k`` computes (4 up to half the steps) and powers 1.5 and 2, dense where the early, structure-forming
+    steps change most, sparse late."""
+    schedules = {}
+    for power in (1.5, 2.0):
+        for computes in range(4, num_steps // 2 + 1):
+            steps = sorted({min(num_steps - 1, round(num_steps * (i / computes) ** power)) for i in range(computes)})
+            mask = np.zeros((num_steps, layout.num_blocks, len(layout.components)), dtype=bool)
+            mask[steps] = True
+            schedules[f"ramp-{computes}-p{power:g}"] = Schedule(
+                mask=mask,
+                components=layout.components,
+                model_class=layout.model_class,
+                reuse="residual",
+                provenance={"generator": "ramp", "computes": computes, "power": power},
+            )
+    return schedules
+
+
 def update_budgets(num_steps: int, constraints: Constraints) -> list[int]:
     """Refresh-step counts for the DP schedules: from about 2/3 of the steps down to about 1/6."""
     least = len(constraints.forced_steps(num_steps))
