@@ -177,8 +177,13 @@ def test_ramp_seeds_compute_early_steps_densely():
 
     layout = ScheduleLayout(model_class="X", num_blocks=2, components=("self_attn", "ffn"))
     ramps = ramp_schedules(layout, 20)
-    assert len(ramps) == 2 * 7  # 4..10 computes, two powers
-    for schedule in ramps.values():
+    assert 10 <= len(ramps) <= 2 * 7  # 4..10 computes, two powers (rounding merges a few)
+    capped = ramp_schedules(layout, 20, max_reuse=4)
+    assert 0 < len(capped) < len(ramps)
+    for schedule in capped.values():
+        assert satisfies(schedule.mask, Constraints(max_consecutive_reuse=4))
+    assert np.flatnonzero(capped["ramp-5-p1.5"].mask[:, 0, 0]).tolist() == [0, 2, 5, 10, 15]
+    for schedule in [*ramps.values(), *capped.values()]:
         steps = np.flatnonzero(schedule.mask[:, 0, 0])
         assert steps[0] == 0 and schedule.mask[steps].all() and not schedule.mask[~schedule.mask[:, 0, 0]].any()
         gaps = np.diff(steps)

@@ -44,7 +44,7 @@ def seed_schedules(evaluator: Evaluator, config: SearchConfig) -> dict[str, Sche
     for interval in (3, 4, 5, 6):
         seeds[f"fora-{interval}-warmup-{warmup}"] = fora(evaluator.layout, steps, interval, warmup=warmup)
     seeds["fora-5"] = fora(evaluator.layout, steps, 5)
-    seeds.update(ramp_schedules(evaluator.layout, steps))
+    seeds.update(ramp_schedules(evaluator.layout, steps, config.constraints.max_consecutive_reuse))
     seeds.update(
         dp_schedules(evaluator.layout, evaluator.change, config.constraints, evaluator.cost_model.component_macs)
     )

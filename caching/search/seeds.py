@@ -28,22 +28,37 @@ def heuristic_schedules(layout: ScheduleLayout, num_steps: int) -> dict[str, Sch
     return schedules
 
 
-def ramp_schedules(layout: ScheduleLayout, num_steps: int) -> dict[str, Schedule]:
-    """Seeds that compute every component at steps spaced ever wider: ``round(num_steps * (i / k) ** power)``
-    for ``k`` computes (4 up to half the steps) and powers 1.5 and 2, dense where the early, structure-forming
-    steps change most, sparse late."""
+def ramp_schedules(layout: ScheduleLayout, num_steps: int, max_reuse: int | None = None) -> dict[str, Schedule]:
+    """Seeds that compute every component at steps spaced ever wider, dense where the early, structure-forming
+    steps change most, sparse late: ``k`` computes (4 up to half the steps) at ``round(last * (i / (k - 1)) **
+    power)`` for powers 1.5 and 2.
+
+    With a reuse cap ``max_reuse``, the last compute is at ``num_steps - 1 - max_reuse`` (so the final run of
+    reuse is just allowed) and ramps with a longer run than the cap are left out, so every seed already meets
+    the constraint instead of being repaired into a costlier schedule; without one, at ``num_steps * ((k - 1) /
+    k) ** power``.
+    """
     schedules = {}
     for power in (1.5, 2.0):
         for computes in range(4, num_steps // 2 + 1):
-            steps = sorted({min(num_steps - 1, round(num_steps * (i / computes) ** power)) for i in range(computes)})
+            if max_reuse is None:
+                last = num_steps * ((computes - 1) / computes) ** power
+            else:
+                last = num_steps - 1 - max_reuse
+            steps = sorted({round(last * (i / (computes - 1)) ** power) for i in range(computes)})
+            if max_reuse is not None and np.diff(steps, append=num_steps).max() > max_reuse + 1:
+                continue
+            name = f"ramp-{len(steps)}-p{power:g}"  # rounding may merge computes: named by the count kept
+            if name in schedules:
+                continue
             mask = np.zeros((num_steps, layout.num_blocks, len(layout.components)), dtype=bool)
             mask[steps] = True
-            schedules[f"ramp-{computes}-p{power:g}"] = Schedule(
+            schedules[name] = Schedule(
                 mask=mask,
                 components=layout.components,
                 model_class=layout.model_class,
                 reuse="residual",
-                provenance={"generator": "ramp", "computes": computes, "power": power},
+                provenance={"generator": "ramp", "computes": len(steps), "power": power},
             )
     return schedules
 
