@@ -217,7 +217,6 @@ def _threshold(match: re.Match) -> dict:
 _NUMBER = r"(?P<t>\d+(?:\.\d*)?|\.\d+)"
 
 
-#: form name -> its grammar entry; the order is the order of the help text
 def _fixed_diffusers_form(name: str, help_text: str) -> MethodForm:
     """The form of a diffusers cache that takes no parameter: the name is the whole method."""
     return MethodForm(
@@ -229,6 +228,18 @@ def _fixed_diffusers_form(name: str, help_text: str) -> MethodForm:
     )
 
 
+def _interval_form(kind: str, help_text: str) -> MethodForm:
+    """The form ``KIND-N`` of an accel heuristic whose parameter is its refresh interval ``N``."""
+    return MethodForm(
+        usage=f"{kind}-N",
+        pattern=re.compile(rf"{kind}-(?P<n>\d+)"),
+        parse=lambda m: {"interval": _positive_int(m["n"], f"{kind}-N: N")},
+        apply=_apply_accel(kind),
+        help=help_text,
+    )
+
+
+#: form name -> its grammar entry; the order is the order of the help text
 FORMS: dict[str, MethodForm] = {
     "full": MethodForm(
         usage="full", pattern=re.compile("full"), parse=lambda m: {}, apply=_apply_full, help="every step computed"
@@ -240,20 +251,8 @@ FORMS: dict[str, MethodForm] = {
         apply=_apply_steps,
         help="N denoising steps, no caching",
     ),
-    "fora": MethodForm(
-        usage="fora-N",
-        pattern=re.compile(r"fora-(?P<n>\d+)"),
-        parse=lambda m: {"interval": _positive_int(m["n"], "fora-N: N")},
-        apply=_apply_accel("fora"),
-        help="FORA, recompute every N steps",
-    ),
-    "taylorseer": MethodForm(
-        usage="taylorseer-N",
-        pattern=re.compile(r"taylorseer-(?P<n>\d+)"),
-        parse=lambda m: {"interval": _positive_int(m["n"], "taylorseer-N: N")},
-        apply=_apply_accel("taylorseer"),
-        help="TaylorSeer, recompute every N steps, first-order forecast between",
-    ),
+    "fora": _interval_form("fora", "FORA, recompute every N steps"),
+    "taylorseer": _interval_form("taylorseer", "TaylorSeer, recompute every N steps, first-order forecast between"),
     "delta-dit": MethodForm(
         usage="delta-dit[-N]",
         pattern=re.compile(r"delta-dit(?:-(?P<n>\d+))?"),
