@@ -57,6 +57,8 @@ def test_evaluator_reference_and_cost_model_match_the_engine(evaluator):
     layout = evaluator.layout
     assert evaluator.change.shape == (4, 3, STEPS, STEPS)
     assert np.allclose(np.diagonal(evaluator.change, axis1=2, axis2=3), 0)
+    assert torch.equal(evaluator.generate(None, 2, seed=evaluator.config.seed), evaluator.generate(None, 2))
+    assert not torch.equal(evaluator.generate(None, 1, 1, seed=7), evaluator.generate(None, 1, 1))
     full = evaluator.measure(compute_all(layout, STEPS))
     assert full["psnr"] >= 90 and full["relative_macs"] == 1.0
     schedule = fora(layout, STEPS, 3)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,8 +142,8 @@ def _dynamic_methods(pipe, steps: int, calibration: Evaluator) -> dict:
 class Scorers:
     """FID and prompt-score functions over decoded images, with the reference features computed once."""
 
-    fid: object
-    prompt_score: object
+    fid: Callable[[torch.Tensor], float]
+    prompt_score: Callable[[torch.Tensor], float]
     prompt_metric: str
 
 
@@ -165,12 +166,13 @@ def _scorers(reference: torch.Tensor, prompts: list[str]) -> Scorers:
     )
 
 
-def _generate(evaluator: Evaluator, context, n: int, batch: int) -> torch.Tensor:
-    """Final latents of the first ``n`` prompts, ``batch`` per pipeline call, each call inside ``context()``."""
+def _generate(evaluator: Evaluator, context, n: int, batch: int, seed: int | None = None) -> torch.Tensor:
+    """Final latents of the first ``n`` prompts, ``batch`` per pipeline call, each call inside ``context()``;
+    seeds from ``seed`` (default: the evaluator's)."""
     chunks = []
     for start in range(0, n, batch):
         with context():
-            chunks.append(evaluator.generate(None, min(batch, n - start), start))
+            chunks.append(evaluator.generate(None, min(batch, n - start), start, seed))
     return torch.cat(chunks)
 
 
@@ -259,17 +261,17 @@ def run(argv: list[str]) -> dict:
     rows, images = _measure(evaluator, contexts, args)
     for name, schedule in {**baselines, **members}.items():
         rows[name]["ideal_speedup"] = 1 / evaluator.cost_model.relative_macs(schedule.mask)
-    noise = None if args.no_fid else _score(rows, images, reference, prompts, scorer, steps, args)
+    noise = None if args.no_fid else _score(rows, images, reference, evaluator, args)
     summary = _summarise(rows, front, list(baselines) + list(dynamic), noise, args, reused)
     transfer = _transfer(front, scorer, prompts, args)
     return {**summary, "transfer": transfer} if transfer else summary
 
 
-def _score(rows, images, reference, prompts, scorer, steps, args) -> dict:
+def _score(rows, images, reference, evaluator: Evaluator, args) -> dict:
     """FID and prompt score of every method, and their run-to-run noise over full-compute seed sets."""
+    prompts = evaluator.prompts
     if reference is None:
-        generated = scorer(steps, REFERENCE_SEED)
-        reference = generated.decode(generated.reference)
+        reference = evaluator.decode(evaluator.generate(None, len(prompts), seed=REFERENCE_SEED))
         reference_label = f"{len(reference)} full-compute images with seeds from {REFERENCE_SEED}"
     else:
         reference_label = f"the {len(reference)} images of the emoji set"
@@ -279,8 +281,7 @@ def _score(rows, images, reference, prompts, scorer, steps, args) -> dict:
         rows[name]["prompt_score"] = scorers.prompt_score(im)
     fids, scores = [rows["full"]["fid"]], [rows["full"]["prompt_score"]]
     for seed in SEED_SETS[1 : args.seed_sets]:
-        other = scorer(steps, seed)
-        decoded = other.decode(_generate(other, nullcontext, len(prompts), args.batch))
+        decoded = evaluator.decode(_generate(evaluator, nullcontext, len(prompts), args.batch, seed))
         fids.append(scorers.fid(decoded))
         scores.append(scorers.prompt_score(decoded))
     return {

@@ -154,10 +154,11 @@ class Evaluator:
         return inputs
 
     @torch.no_grad()
-    def generate(self, schedule: Schedule | None, n: int, start: int = 0) -> torch.Tensor:
-        """Final latents ``(n, ...)`` of prompts ``start .. start + n - 1`` (each with its own seed), full
-        compute when ``schedule`` is None."""
-        generators = [torch.Generator().manual_seed(self.config.seed + i) for i in range(start, start + n)]
+    def generate(self, schedule: Schedule | None, n: int, start: int = 0, seed: int | None = None) -> torch.Tensor:
+        """Final latents ``(n, ...)`` of prompts ``start .. start + n - 1``, prompt ``i`` from the noise of seed
+        ``seed + i`` (default ``config.seed``), full compute when ``schedule`` is None."""
+        first = self.config.seed if seed is None else seed
+        generators = [torch.Generator().manual_seed(first + i) for i in range(start, start + n)]
         kwargs = dict(
             num_inference_steps=self.config.num_steps,
             guidance_scale=self.config.guidance_scale,
