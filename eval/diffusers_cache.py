@@ -9,9 +9,9 @@ What each hook needs from the pipeline:
 
 * FirstBlockCache, TaylorSeer and MagCache keep their state per ``transformer.cache_context(name)``, which
   only pipelines written for them enter. For a pipeline that does not (PixArt, Sana, DiT, SD3: each batches
-  classifier-free guidance into one transformer call), the harness enters one context for the whole ``with``
-  block through diffusers' public ``CacheMixin.cache_context``, so every call of a generation shares the state,
-  as with those pipelines' single call per step.
+  classifier-free guidance into one transformer call), the harness enters one named context around every
+  transformer call through diffusers' public ``CacheMixin.cache_context``, so every call of a generation shares
+  the state, as with those pipelines' single call per step.
 * TaylorSeer hooks only the modules named by ``cache_identifiers``; the harness names the blocks' cacheable
   components (self-attention, cross-attention, feed-forward), keeping diffusers' other defaults.
 * Pyramid Attention Broadcast and FasterCache ask for the current timestep through a callback; the harness

@@ -183,6 +183,7 @@ def test_ramp_seeds_compute_early_steps_densely():
     for schedule in capped.values():
         assert satisfies(schedule.mask, Constraints(max_consecutive_reuse=4))
     assert np.flatnonzero(capped["ramp-5-p1.5"].mask[:, 0, 0]).tolist() == [0, 2, 5, 10, 15]
+    assert ramp_schedules(layout, 20, max_reuse=30).keys() == ramps.keys()  # a cap beyond reach: no cap
     for schedule in [*ramps.values(), *capped.values()]:
         steps = np.flatnonzero(schedule.mask[:, 0, 0])
         assert steps[0] == 0 and schedule.mask[steps].all() and not schedule.mask[~schedule.mask[:, 0, 0]].any()

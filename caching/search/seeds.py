@@ -38,6 +38,8 @@ def ramp_schedules(layout: ScheduleLayout, num_steps: int, max_reuse: int | None
     the constraint instead of being repaired into a costlier schedule; without one, at ``num_steps * ((k - 1) /
     k) ** power``.
     """
+    if max_reuse is not None and max_reuse >= num_steps - 1:
+        max_reuse = None  # a cap no run of reuse can reach: as without one
     schedules = {}
     for power in (1.5, 2.0):
         for computes in range(4, num_steps // 2 + 1):
