@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import build_tiny_pixart_pipeline
 
-from accel.bench.search import dominates, within_noise
+from accel.bench.search import dominates, paired_standard_error, within_noise
 
 pytest.importorskip("pymoo")
 
@@ -34,6 +34,14 @@ def test_within_noise_is_one_sided():
     assert not within_noise(row(2.0, 30.0, prompt_score=4.4), full, NOISE)
 
 
+def test_paired_standard_error_is_that_of_the_per_prompt_differences():
+    full = torch.tensor([10.0, 12.0, 8.0, 11.0])
+    assert paired_standard_error(full + 0.5, full) == 0.0  # a constant shift has no prompt-to-prompt spread
+    shifted = full + torch.tensor([1.0, -1.0, 1.0, -1.0])
+    assert paired_standard_error(shifted, full) == pytest.approx((4 / 3) ** 0.5 / 2)
+    assert paired_standard_error(full[:1], full[:1]) == 0.0
+
+
 def test_bench_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
     from accel.bench.search import run
     from accel.cli import main
@@ -61,7 +69,8 @@ def test_bench_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert result["baselines"] == len(rows) - 1 - len(members) and len(members) >= 1
     assert 0 <= result["dominated"] <= result["baselines"] and result["front_reused"] is True
     assert rows["full"]["psnr"] == 100.0 and rows["full"]["speedup"] == 1.0
-    assert all({"speedup", "psnr", "fid", "prompt_score"} <= set(r) for r in rows.values())
+    assert all({"speedup", "psnr", "fid", "prompt_score", "prompt_score_se"} <= set(r) for r in rows.values())
+    assert rows["full"]["prompt_score_se"] == 0.0
     noise = result["noise"]
     assert (
         noise["fid"] >= 0

@@ -20,6 +20,9 @@ noise of FID (and of the prompt score) is the spread (max - min) of their values
 * ``best_speedup_within_noise`` is the largest measured speedup of a front schedule whose FID and prompt score
   are within the noise of full compute's (worse by at most the noise; better is within).
 
+Each method's row also carries the standard error of its mean prompt score's difference from full compute's
+over the prompts (same prompts and seeds, so paired): how much of a gap the choice of prompts alone explains.
+
 The baselines: FORA-2/3/4, TaylorSeer-2/3/4, Delta-DiT (2, 3), T-GATE, accel's first-block cache, and diffusers'
 FirstBlockCache, TaylorSeer, Pyramid Attention Broadcast, FasterCache and MagCache (ratios calibrated on the
 search's calibration prompts with :func:`accel.eval.diffusers_cache.calibrate_mag_ratios`).
@@ -143,7 +146,7 @@ class Scorers:
     """FID and prompt-score functions over decoded images, with the reference features computed once."""
 
     fid: Callable[[torch.Tensor], float]
-    prompt_score: Callable[[torch.Tensor], float]
+    prompt_scores: Callable[[torch.Tensor], torch.Tensor]  # one per image, with its own prompt
     prompt_metric: str
 
 
@@ -155,13 +158,13 @@ def _scorers(reference: torch.Tensor, prompts: list[str]) -> Scorers:
     real = extract_features(reference, feature)
     scorer, _ = load_prompt_scorer(MetricWeights())
 
-    def prompt_score(images: torch.Tensor) -> float:
+    def prompt_scores(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return float(torch.as_tensor(scorer.score(images.float(), list(prompts))).mean())
+            return torch.as_tensor(scorer.score(images.float(), list(prompts))).float().cpu()
 
     return Scorers(
         fid=lambda images: float(frechet_distance(real, extract_features(images, feature))),
-        prompt_score=prompt_score,
+        prompt_scores=prompt_scores,
         prompt_metric=getattr(scorer, "metric_name", "alignment"),
     )
 
@@ -276,14 +279,17 @@ def _score(rows, images, reference, evaluator: Evaluator, args) -> dict:
     else:
         reference_label = f"the {len(reference)} images of the emoji set"
     scorers = _scorers(reference, prompts)
+    full_scores = scorers.prompt_scores(images["full"])
     for name, im in tqdm(images.items(), desc="FID", unit="method"):
+        scores = scorers.prompt_scores(im)
         rows[name]["fid"] = scorers.fid(im)
-        rows[name]["prompt_score"] = scorers.prompt_score(im)
+        rows[name]["prompt_score"] = float(scores.mean())
+        rows[name]["prompt_score_se"] = paired_standard_error(scores, full_scores)
     fids, scores = [rows["full"]["fid"]], [rows["full"]["prompt_score"]]
     for seed in SEED_SETS[1 : args.seed_sets]:
         decoded = evaluator.decode(_generate(evaluator, nullcontext, len(prompts), args.batch, seed))
         fids.append(scorers.fid(decoded))
-        scores.append(scorers.prompt_score(decoded))
+        scores.append(float(scorers.prompt_scores(decoded).mean()))
     return {
         "fid": max(fids) - min(fids),
         "prompt_score": max(scores) - min(scores),
@@ -292,6 +298,15 @@ def _score(rows, images, reference, evaluator: Evaluator, args) -> dict:
         "reference": reference_label,
         "prompt_metric": scorers.prompt_metric,
     }
+
+
+def paired_standard_error(scores: torch.Tensor, full_scores: torch.Tensor) -> float:
+    """Standard error of the mean per-prompt difference ``scores - full_scores`` (same prompts and seeds): how
+    far a method's mean prompt score may sit from full compute's by the choice of prompts alone."""
+    difference = (scores - full_scores).double()
+    if len(difference) < 2:
+        return 0.0
+    return float(difference.std() / len(difference) ** 0.5)
 
 
 def dominates(front_row: dict, baseline_row: dict, noise: dict | None) -> bool:
@@ -323,26 +338,7 @@ def _summarise(rows, front, baseline_names, noise, args, reused) -> dict:
         criterion = f"PSNR >= {args.psnr_threshold} dB (FID not measured)"
         within = [f for f in members if rows[f]["psnr"] >= args.psnr_threshold]
     within_psnr = [f for f in members if rows[f]["psnr"] >= args.psnr_threshold]
-    print(
-        f"front from {args.front} ({'reused' if reused else 'searched now'}, {front.info.get('search_minutes')} min); "
-        f"{args.steps} steps, {args.images} held-out prompts, batch {args.batch}, {args.repeats} repeats (speedup of "
-        f"the fastest), {args.threads} threads; PSNR of decoded images vs full compute with the same seeds"
-    )
-    header = f"{'method':<24}{'speedup':>9}{'median':>8}{'ideal':>7}{'PSNR':>8}"
-    print(header + (f"{'FID':>9}{'prompt':>8}" if noise else "") + "  dominated by")
-    for name, row in rows.items():
-        line = f"{name:<24}{row['speedup']:>8.2f}x{row['median_speedup']:>7.2f}x"
-        line += f"{row.get('ideal_speedup', float('nan')):>7.2f}{row['psnr']:>8.2f}"
-        if noise:
-            line += f"{row['fid']:>9.2f}{row['prompt_score']:>8.2f}"
-        print(line + ("  " + ", ".join(dominated[name]) if dominated.get(name) else ""))
-    if noise:
-        print(
-            f"run-to-run noise over {args.seed_sets} full-compute seed sets: FID {noise['fid']:.2f} "
-            f"(values {', '.join(f'{v:.2f}' for v in noise['full_fids'])}; reference: {noise['reference']}), "
-            f"{noise['prompt_metric']} {noise['prompt_score']:.3f} "
-            f"(values {', '.join(f'{v:.3f}' for v in noise['full_prompt_scores'])})"
-        )
+    _print_table(rows, dominated, noise, args, front, reused)
     beaten = [b for b in baseline_names if dominated[b]]
     missed = [b for b in baseline_names if not dominated[b]]
     print(
@@ -369,6 +365,30 @@ def _summarise(rows, front, baseline_names, noise, args, reused) -> dict:
         "rows": {name: _round(row) for name, row in rows.items()},
         "searched_speedups": {f: speedup_of(s) for f, s in zip(members, front)},
     }
+
+
+def _print_table(rows: dict, dominated: dict, noise: dict | None, args, front, reused: bool) -> None:
+    """The per-method table and the noise line; ``SE`` is :func:`paired_standard_error` of the prompt score."""
+    print(
+        f"front from {args.front} ({'reused' if reused else 'searched now'}, {front.info.get('search_minutes')} min); "
+        f"{args.steps} steps, {args.images} held-out prompts, batch {args.batch}, {args.repeats} repeats (speedup of "
+        f"the fastest), {args.threads} threads; PSNR of decoded images vs full compute with the same seeds"
+    )
+    header = f"{'method':<24}{'speedup':>9}{'median':>8}{'ideal':>7}{'PSNR':>8}"
+    print(header + (f"{'FID':>9}{'prompt':>8}{'SE':>6}" if noise else "") + "  dominated by")
+    for name, row in rows.items():
+        line = f"{name:<24}{row['speedup']:>8.2f}x{row['median_speedup']:>7.2f}x"
+        line += f"{row.get('ideal_speedup', float('nan')):>7.2f}{row['psnr']:>8.2f}"
+        if noise:
+            line += f"{row['fid']:>9.2f}{row['prompt_score']:>8.2f}{row['prompt_score_se']:>6.2f}"
+        print(line + ("  " + ", ".join(dominated[name]) if dominated.get(name) else ""))
+    if noise:
+        print(
+            f"run-to-run noise over {len(noise['full_fids'])} full-compute seed sets: FID {noise['fid']:.2f} "
+            f"(values {', '.join(f'{v:.2f}' for v in noise['full_fids'])}; reference: {noise['reference']}), "
+            f"{noise['prompt_metric']} {noise['prompt_score']:.3f} "
+            f"(values {', '.join(f'{v:.3f}' for v in noise['full_prompt_scores'])})"
+        )
 
 
 def _round(row: dict) -> dict:
