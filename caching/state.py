@@ -72,19 +72,26 @@ class FeatureCache:
         self._steps: list[int] = []
         self._values: list[Feature] = []
         self._out_dtype: torch.dtype | None = None
+        self._coefficients: list[Feature] | None = None  # Newton form of the stored values, built on first use
 
     def __len__(self) -> int:
         return len(self._values)
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the stored values."""
-        return sum(feature_bytes(value) for value in self._values)
+        """Memory held by the stored values and the extrapolation coefficients built from them."""
+        held = sum(feature_bytes(value) for value in self._values)
+        if self._coefficients is not None:  # the first coefficient is the newest value unless it was upcast
+            newest = _first_tensor(self._values[-1])
+            upcast = _first_tensor(self._coefficients[0]).data_ptr() != newest.data_ptr()
+            held += sum(feature_bytes(c) for c in self._coefficients[0 if upcast else 1 :])
+        return held
 
     def reset(self) -> None:
         """Forget everything."""
         self._steps.clear()
         self._values.clear()
+        self._coefficients = None
 
     def _store(self, value: Feature) -> Feature:
         if self.dtype is None:
@@ -94,6 +101,7 @@ class FeatureCache:
     def update(self, step: int, value: Feature) -> None:
         """Store the value computed at ``step``; keeps the last ``order + 1`` values."""
         self._out_dtype = _first_tensor(value).dtype
+        self._coefficients = None
         if self._steps and self._steps[-1] == step:
             self._steps.pop()
             self._values.pop()
@@ -114,6 +122,7 @@ class FeatureCache:
 
         self._values[-1] = map_feature(merge, value, self._values[-1])
         self._steps[-1] = step
+        self._coefficients = None
 
     @property
     def batch_size(self) -> int | None:
@@ -137,16 +146,21 @@ class FeatureCache:
         return map_feature(lambda t: t.to(self._out_dtype), result)
 
     def _extrapolate(self, step: int) -> Feature:
-        # Newton form on the points newest-first: f(x) = sum_i c_i * prod_{j<i} (x - x_j).
+        # Newton form on the points newest-first: f(x) = sum_i c_i * prod_{j<i} (x - x_j); the coefficients
+        # are computed once per update, so each reused step costs one multiply-add per order.
         xs = [float(s) for s in reversed(self._steps)]
-        coefficients = [map_feature(_at_least_float32, value) for value in reversed(self._values)]
-        for level in range(1, len(xs)):
-            for i in range(len(xs) - 1, level - 1, -1):
-                span = xs[i] - xs[i - level]
-                coefficients[i] = map_feature(lambda a, b, s=span: (a - b) / s, coefficients[i], coefficients[i - 1])
+        if self._coefficients is None:
+            coefficients = [map_feature(_at_least_float32, value) for value in reversed(self._values)]
+            for level in range(1, len(xs)):
+                for i in range(len(xs) - 1, level - 1, -1):
+                    span = xs[i] - xs[i - level]
+                    coefficients[i] = map_feature(
+                        lambda a, b, s=span: (a - b) / s, coefficients[i], coefficients[i - 1]
+                    )
+            self._coefficients = coefficients
         # Evaluate with Horner's scheme around the newest points.
-        result = coefficients[-1]
+        result = self._coefficients[-1]
         for i in range(len(xs) - 2, -1, -1):
             factor = float(step) - xs[i]
-            result = map_feature(lambda c, r, f=factor: c + f * r, coefficients[i], result)
+            result = map_feature(lambda c, r, f=factor: torch.add(c, r, alpha=f), self._coefficients[i], result)
         return map_feature(lambda r, ref: r.to(ref.dtype), result, self._values[-1])

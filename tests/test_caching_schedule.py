@@ -181,6 +181,21 @@ def test_forecast_is_exact_for_polynomials_of_its_order(order):
     torch.testing.assert_close(cache.predict(9), value(9), rtol=1e-9, atol=1e-9)
 
 
+def test_forecast_coefficients_follow_each_update_and_count_in_memory():
+    cache = FeatureCache(order=1)
+    cache.update(0, torch.zeros(2, 3))
+    cache.update(1, torch.ones(2, 3))
+    values_only = cache.nbytes
+    assert torch.equal(cache.predict(3), torch.full((2, 3), 3.0))
+    assert torch.equal(cache.predict(4), torch.full((2, 3), 4.0))  # the same coefficients, another step
+    assert cache.nbytes == values_only + torch.ones(2, 3).nbytes  # the slope is held besides the two values
+    cache.update(2, torch.full((2, 3), 5.0))  # slope now 4 through steps 1 and 2
+    assert torch.equal(cache.predict(3), torch.full((2, 3), 9.0))
+    cache.reset()
+    with pytest.raises(LookupError):
+        cache.predict(5)
+
+
 def test_forecast_with_tuples_and_none():
     cache = FeatureCache(order=1)
     cache.update(0, (torch.zeros(2), None))
