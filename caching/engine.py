@@ -290,11 +290,38 @@ class CacheEngine:
         residual = cache.predict(ctx.step)
         if not bool(rows.any()):
             return self._skip(block, key, inputs, residual)
-        output = self._run(block, key, state, ctx.step, all_rows, no_store, inner, args, kwargs)
-        cache.update_rows(ctx.step, _residual(output, inputs), rows)
-        reused = map_feature(lambda r, x: x + r.to(x.dtype), residual, inputs)
-        merged = map_feature(lambda new, old: torch.where(_rows_like(rows, new), new, old), _as_tuple(output), reused)
-        return merged[0] if len(merged) == 1 else merged
+        return self._compute_rows(block, key, state, ctx.step, rows, residual, inputs, inner, args, kwargs)
+
+    def _compute_rows(self, block: _Block, key: tuple, state, step: int, rows, residual, inputs, inner, args, kwargs):
+        """Run the block on the samples ``rows`` selects only (every batch-major tensor argument sliced), and
+        reuse the cached ``residual`` for the others."""
+        batch = rows.shape[0]
+        picked = rows.nonzero().squeeze(1)
+        sub_args = tuple(_take_rows(a, picked, batch) for a in args)
+        sub_kwargs = {name: _take_rows(value, picked, batch) for name, value in kwargs.items()}
+        output = self._run(
+            block,
+            key,
+            state,
+            step,
+            np.ones(len(self.components), bool),
+            np.zeros(len(self.components), bool),
+            inner,
+            sub_args,
+            sub_kwargs,
+        )
+        self.stats_data.macs_saved += self._macs.get(key, 0.0) * (1 - len(picked) / batch)
+
+        def scatter(new, old):
+            merged = old.clone()
+            merged[picked.to(old.device)] = new.to(old.dtype)
+            return merged
+
+        computed = _residual(output, self._inputs(block, sub_args, sub_kwargs))
+        merged = map_feature(scatter, computed, residual)
+        state.blocks[block.index].update(step, merged)
+        full = map_feature(lambda r, x: x + r.to(x.dtype), merged, inputs)
+        return full[0] if len(full) == 1 else full
 
     def _decide(self, state: _BranchState, ctx, first_residual: torch.Tensor) -> None:
         previous = state.first_residual.predict(ctx.step) if state.first_residual else None
@@ -330,8 +357,14 @@ def _stream(block: _Block, residual: tuple) -> torch.Tensor:
     return residual[names.index("hidden_states") if "hidden_states" in names else 0]
 
 
-def _rows_like(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return rows.to(like.device).view(-1, *([1] * (like.ndim - 1)))
+def _take_rows(value, picked: torch.Tensor, batch: int):
+    """``value``'s samples ``picked``: a tensor whose leading dimension is ``batch`` is taken as batch-major and
+    sliced, tuples and lists (e.g. per-sample rotary embeddings) are sliced leaf-wise, anything else is shared."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, picked.to(value.device)) if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take_rows(part, picked, batch) for part in value)
+    return value
 
 
 def _same_batch(cache: FeatureCache, args: tuple, kwargs: dict) -> bool:

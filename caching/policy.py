@@ -3,7 +3,9 @@
 :class:`FirstBlockPolicy` is the first-block-residual rule (as in ParaAttention's and diffusers'
 FirstBlockCache), decided per sample rather than per batch: the first block always runs; a sample reuses the
 cached residuals of all later blocks when its first-block residual changed, relative to the last step at
-which the sample was computed, by less than ``threshold``. The decision functions are pure, so the search and
+which the sample was computed, by less than ``threshold``. The later blocks run on the computing samples only
+(their batch-major arguments sliced), so a batch saves compute whenever some of its samples reuse. The
+decision functions are pure, so the search and
 the tests can evaluate them without a model.
 """
 

@@ -222,6 +222,28 @@ def test_first_block_policy_decides_per_sample():
     assert 0 < relative < 0.1
 
 
+def test_first_block_policy_runs_the_later_blocks_on_the_computing_samples_only():
+    tiny = TINY_MODELS["pixart"]
+    model = tiny.build()
+    seen = []
+    last = model.transformer_blocks[-1].ff  # called inside the block: sees the rows the block runs on
+
+    def record(module, args, kwargs):
+        seen.append(len(args[0] if args else kwargs["hidden_states"]))
+
+    hook = last.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with accel.apply(model, CacheConfig(schedule=FirstBlockPolicy(threshold=0.04))) as handle:
+            denoise(model, tiny, [1, 2], steps=12, cfg=False)
+            decisions = handle[CacheConfig].decision_log
+            saved = handle[CacheConfig].stats().macs_saved
+    finally:
+        hook.remove()
+    assert any(sum(d.compute) == 1 for d in decisions), "the two samples should disagree at some step"
+    assert 1 in seen and sum(seen) == sum(sum(d.compute) for d in decisions)
+    assert saved > 0
+
+
 # -- hand-described toy: forecasting ----------------------------------------------------------------------
 
 
