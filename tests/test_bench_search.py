@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import build_tiny_pixart_pipeline
 
-from accel.bench.search import dominates, paired_standard_error, within_noise
+from accel.bench.search import dominates, paired_standard_error, why_not_dominated, within_noise
 
 pytest.importorskip("pymoo")
 
@@ -24,6 +24,16 @@ def test_dominance_needs_speed_psnr_and_no_worse_fid_and_prompt_score_beyond_noi
     assert not dominates(row(2.5, 31.0, fid=12.1), baseline, NOISE)
     assert not dominates(row(2.5, 31.0, prompt_score=4.4), baseline, NOISE)
     assert dominates(row(2.5, 31.0, fid=50.0), baseline, None)  # FID not measured: speed and PSNR only
+
+
+def test_the_nearest_miss_names_the_member_failing_fewest_criteria():
+    rows = {"fora": row(2.0, 30.0), "a": row(1.5, 20.0), "b": row(2.5, 29.0), "c": row(2.5, 35.0, prompt_score=4.0)}
+    assert why_not_dominated(rows, ["a", "b", "c"], "fora", NOISE) == (
+        "nearest c (2.50x): prompt score 4.00 < 5.00 - 0.50"
+    )  # a fails speed and PSNR; b PSNR, c the prompt score: one each, c has the higher PSNR
+    assert why_not_dominated(rows, ["a"], "fora", NOISE) == (
+        "nearest a (1.50x): speedup 1.50x < 2.00x, PSNR 20.00 <= 30.00"
+    )
 
 
 def test_within_noise_is_one_sided():

@@ -309,17 +309,37 @@ def paired_standard_error(scores: torch.Tensor, full_scores: torch.Tensor) -> fl
     return float(difference.std() / len(difference) ** 0.5)
 
 
+def _failures(front_row: dict, baseline_row: dict, noise: dict | None) -> list[str]:
+    """The dominance criteria ``front_row`` fails against ``baseline_row``, each as a short phrase."""
+    fails = []
+    if front_row["speedup"] < baseline_row["speedup"]:
+        fails.append(f"speedup {front_row['speedup']:.2f}x < {baseline_row['speedup']:.2f}x")
+    if front_row["psnr"] <= baseline_row["psnr"]:
+        fails.append(f"PSNR {front_row['psnr']:.2f} <= {baseline_row['psnr']:.2f}")
+    if noise is None:
+        return fails
+    if front_row["fid"] > baseline_row["fid"] + noise["fid"]:
+        fails.append(f"FID {front_row['fid']:.1f} > {baseline_row['fid']:.1f} + {noise['fid']:.1f}")
+    if front_row["prompt_score"] < baseline_row["prompt_score"] - noise["prompt_score"]:
+        fails.append(
+            f"prompt score {front_row['prompt_score']:.2f} < {baseline_row['prompt_score']:.2f} - "
+            f"{noise['prompt_score']:.2f}"
+        )
+    return fails
+
+
 def dominates(front_row: dict, baseline_row: dict, noise: dict | None) -> bool:
     """Whether a front schedule dominates a baseline: at least as fast, better PSNR, and FID and prompt score
     no worse beyond the run-to-run ``noise`` (PSNR and speed only when FID was not measured)."""
-    if front_row["speedup"] < baseline_row["speedup"] or front_row["psnr"] <= baseline_row["psnr"]:
-        return False
-    if noise is None:
-        return True
-    return (
-        front_row["fid"] <= baseline_row["fid"] + noise["fid"]
-        and front_row["prompt_score"] >= baseline_row["prompt_score"] - noise["prompt_score"]
-    )
+    return not _failures(front_row, baseline_row, noise)
+
+
+def why_not_dominated(rows: dict, members: list[str], baseline: str, noise: dict | None) -> str:
+    """The nearest miss against ``baseline``: the front schedule failing the fewest dominance criteria (the
+    higher PSNR on ties) and those criteria."""
+    fails = {m: _failures(rows[m], rows[baseline], noise) for m in members}
+    nearest = min(members, key=lambda m: (len(fails[m]), -rows[m]["psnr"]))
+    return f"nearest {nearest} ({rows[nearest]['speedup']:.2f}x): " + (", ".join(fails[nearest]) or "dominates")
 
 
 def within_noise(row: dict, full: dict, noise: dict) -> bool:
@@ -344,6 +364,8 @@ def _summarise(rows, front, baseline_names, noise, args, reused) -> dict:
     print(
         f"front dominates {len(beaten)} of {len(baseline_names)} baselines; not dominated: {', '.join(missed) or '-'}"
     )
+    for name in missed:
+        print(f"  {name}: {why_not_dominated(rows, members, name, noise)}")
 
     def best(names):
         return round(max((rows[n]["speedup"] for n in names), default=1.0), 3)
