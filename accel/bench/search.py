@@ -364,8 +364,9 @@ def _summarise(rows, front, baseline_names, noise, args, reused) -> dict:
     print(
         f"front dominates {len(beaten)} of {len(baseline_names)} baselines; not dominated: {', '.join(missed) or '-'}"
     )
-    for name in missed:
-        print(f"  {name}: {why_not_dominated(rows, members, name, noise)}")
+    misses = {name: why_not_dominated(rows, members, name, noise) for name in missed}
+    for name, reason in misses.items():
+        print(f"  {name}: {reason}")
 
     def best(names):
         return round(max((rows[n]["speedup"] for n in names), default=1.0), 3)
@@ -375,6 +376,7 @@ def _summarise(rows, front, baseline_names, noise, args, reused) -> dict:
         "baselines": len(baseline_names),
         "dominated": len(beaten),
         "dominated_baselines": beaten,
+        "nearest_misses": misses,
         "best_speedup_within_noise": best(within),
         "noise_criterion": criterion,
         "noise": None if noise is None else {k: (round(v, 4) if isinstance(v, float) else v) for k, v in noise.items()},
