@@ -29,6 +29,20 @@ def test_generate_writes_one_png_per_prompt_and_image(model_dir, tmp_path, capsy
     assert "a blue car" in capsys.readouterr().out
 
 
+def test_generate_picks_from_a_front_at_a_target_speedup(model_dir, tmp_path, capsys, one_thread):  # noqa: F811
+    from accel.caching import Front, fora, layout_of
+    from accel.pipelines.loading import load_pipeline
+
+    layout = layout_of(load_pipeline(str(model_dir)))
+    front = Front(schedules=tuple(fora(layout, 4, n).with_metrics(speedup=n - 0.5, psnr=40 - n) for n in (2, 3)))
+    front.save(tmp_path / "front")
+    argv = ["generate", "--model", str(model_dir), "--method", str(tmp_path / "front"), "--target-speedup", "2"]
+    assert main([*argv, "--prompt", "a red apple", "--steps", "4", "--out", str(tmp_path / "images")]) == 0
+    assert [p.name[-21:] for p in (tmp_path / "images").glob("*.png")] == ["front_2-000-seed0.png"]  # DIR@2
+    assert main([*argv[:-1], "0", "--prompt", "x", "--out", str(tmp_path)]) == 1
+    assert "target_speedup must be > 0" in capsys.readouterr().err
+
+
 def test_eval_with_a_prompts_file_prints_the_summary(model_dir, tmp_path, capsys, one_thread):  # noqa: F811
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# emoji\na red apple\n\na blue car\n")

@@ -20,6 +20,13 @@ class GenerateConfig:
     """One ``accel generate`` call."""
 
     method: str = field(default="full", metadata={"help": "method (see `accel eval --list-methods`)"})
+    target_speedup: float | None = field(
+        default=None,
+        metadata={
+            "help": "pick from a front: the best schedule at >= this measured speedup of the front folder --method "
+            "names (the bundled model's front when --method is omitted); the same as --method DIR@S"
+        },
+    )
     model: str | None = field(default=None, metadata={"help": "pipeline folder or hub id; omitted: the bundled model"})
     steps: int = field(default=20, metadata={"help": "denoising steps (steps-N overrides)"})
     seed: int = field(default=0, metadata={"help": "image i of a prompt is generated with seed + i"})
@@ -34,6 +41,16 @@ class GenerateConfig:
     def __post_init__(self):
         if self.steps < 1 or self.num_images < 1:
             raise ValueError(f"steps and num_images must be >= 1, got {self.steps} and {self.num_images}")
+        if self.target_speedup is not None and not self.target_speedup > 0:
+            raise ValueError(f"target_speedup must be > 0, got {self.target_speedup}")
+
+    @property
+    def method_name(self) -> str:
+        """The method to run: ``method``, or ``FRONT@S`` with a target speedup."""
+        if self.target_speedup is None:
+            return self.method
+        front = "front" if self.method == "full" else self.method
+        return f"{front}@{self.target_speedup:g}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, cls=GenerateConfig)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    method = parse_method(config.method)
+    method = parse_method(config.method_name)
     pipe = load_pipeline(config.model, device=config.device)
     kwargs, guidance = pipeline_defaults(pipe, config.model is None, config.pipeline_kwargs)
     guidance = guidance if config.guidance_scale is None else config.guidance_scale
