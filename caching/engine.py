@@ -21,7 +21,7 @@ from accel.api import Handle, Target, register
 from accel.caching.config import CacheConfig
 from accel.caching.policy import FirstBlockPolicy, first_block_decision, relative_change
 from accel.caching.schedule import Schedule, layout_of
-from accel.caching.state import Feature, FeatureCache, map_feature
+from accel.caching.state import Feature, FeatureCache, feature_bytes, map_feature
 from accel.caching.stats import CacheStats
 from accel.hooks import MethodWrapper, wrap_forward
 
@@ -42,10 +42,19 @@ class Decision(NamedTuple):
     change: tuple[float, ...] | None
 
 
+class _Plan(NamedTuple):
+    mask: np.ndarray  # (steps, blocks, components) compute decisions
+    may_skip: np.ndarray  # (blocks,) whether the block is ever reused whole
+    may_reuse: np.ndarray  # (blocks, components) whether the component is ever reused
+    whole_stack: dict[str, np.ndarray]  # stack path -> (steps,) whether every block of the stack is reused whole
+
+
 @dataclass
 class _BranchState:
     components: dict[tuple[int, int], FeatureCache] = field(default_factory=dict)
     blocks: dict[int, FeatureCache] = field(default_factory=dict)
+    stack_skip: dict[str, tuple[int, bool]] = field(default_factory=dict)  # path -> (step, skipped at once)
+    stack_sums: dict[str, tuple[tuple, Feature]] = field(default_factory=dict)  # path -> (cache versions, sum)
     first_residual: FeatureCache | None = None
     compute_rows: torch.Tensor | None = None
     consecutive_reuse: torch.Tensor | None = None
@@ -90,7 +99,10 @@ class CacheEngine:
         self.stats_data = CacheStats.empty(self.components)
         self.decision_log: list[Decision] = []
         self._branches: dict[int, _BranchState] = {}
-        self._plans: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._plans: dict[int, _Plan] = {}
+        self._stacks: dict[str, list[int]] = {}  # stack path -> its block indices, in order
+        for block in self.blocks:
+            self._stacks.setdefault(block.stack.path, []).append(block.index)
         self._macs: dict[tuple, float] = {}
         self._active: tuple | None = None
         self._wrappers: list[MethodWrapper] = []
@@ -134,19 +146,22 @@ class CacheEngine:
 
     # -- decisions ---------------------------------------------------------------------------------------
 
-    def _plan(self, num_steps: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mask, blocks that may be skipped whole, components that may be reused) for a step count."""
+    def _plan(self, num_steps: int | None) -> _Plan:
+        """The schedule's decisions for a step count, and which blocks and stacks may be reused whole."""
         key = num_steps or 0
         if key not in self._plans:
             schedule = self.policy.resample(num_steps) if num_steps else self.policy
             mask = schedule.mask
             may_skip = np.zeros(len(self.blocks), dtype=bool)
             may_reuse = ~mask.all(axis=0)
+            reused_whole = np.zeros((mask.shape[0], len(self.blocks)), dtype=bool)
             if schedule.reuse == "residual":
                 for block in self.blocks:
                     if block.stack.skippable and len(block.present):
-                        may_skip[block.index] = (~mask[:, block.index, block.present]).all(axis=1).any()
-            self._plans[key] = (mask, may_skip, may_reuse)
+                        reused_whole[:, block.index] = (~mask[:, block.index, block.present]).all(axis=1)
+                        may_skip[block.index] = reused_whole[:, block.index].any()
+            whole_stack = {path: reused_whole[:, indices].all(axis=1) for path, indices in self._stacks.items()}
+            self._plans[key] = _Plan(mask, may_skip, may_reuse, whole_stack)
         return self._plans[key]
 
     def _row(self, step: int, mask: np.ndarray, block: int) -> np.ndarray:
@@ -193,17 +208,57 @@ class CacheEngine:
         self.stats_data.macs_blocks += self._macs.get(key, 0.0)
         if block.index == len(self.blocks) - 1:
             held = sum(cache.nbytes for state in self._branches.values() for cache in state.caches())
+            held += sum(
+                feature_bytes(kept[1]) for state in self._branches.values() for kept in state.stack_sums.values()
+            )
             self.stats_data.cache_bytes = held
             self.stats_data.peak_cache_bytes = max(self.stats_data.peak_cache_bytes, held)
 
     def _skip(self, block: _Block, key: tuple, inputs: tuple, residual: Feature):
+        """The block reused whole: ``inputs + residual``, or ``inputs`` as they are when ``residual`` is None
+        (its residual was already added at the first block of a stack skipped at once)."""
         self.stats_data.blocks_skipped += 1
         for c in block.present:
             self.stats_data.reused[self.components[c]] += 1
         self._saved(key)
         self._after_block(block, key)
-        output = map_feature(lambda r, x: x + r.to(x.dtype), residual, inputs)
+        if residual is None:
+            output = inputs
+        else:
+            output = map_feature(lambda r, x: x + r.to(x.dtype), residual, inputs)
         return output[0] if len(output) == 1 else output
+
+    def _skip_stack(self, block: _Block, key: tuple, state: _BranchState, step: int, args, kwargs):
+        """At a step that reuses every block of the stack whole, add the sum of their residuals once, at the
+        first block, and pass the result through the others: one addition instead of one per block. None
+        when it cannot (a block has no cached residual of this shape yet): then each block decides alone."""
+        path = block.stack.path
+        inputs = self._inputs(block, args, kwargs)
+        if block.index != self._stacks[path][0]:
+            done = state.stack_skip.get(path)
+            return self._skip(block, key, inputs, None) if done == (step, True) else None
+        total = self._stack_residual(state, path, step, inputs)
+        state.stack_skip[path] = (step, total is not None)
+        return None if total is None else self._skip(block, key, inputs, total)
+
+    def _stack_residual(self, state: _BranchState, path: str, step: int, inputs: tuple) -> Feature:
+        """The sum of the cached residuals of the stack's blocks at ``step``, or None if one is missing, of
+        another shape or has an output the others lack; kept while no block cache changes (reuse as is)."""
+        caches = [state.blocks.get(i) for i in self._stacks[path]]
+        if any(cache is None or not cache.matches(inputs) for cache in caches):
+            return None
+        versions = tuple(cache.version for cache in caches)
+        kept = state.stack_sums.get(path)
+        if kept is not None and kept[0] == versions and self.policy.forecast_order == 0:
+            return kept[1]
+        residuals = [cache.predict(step) for cache in caches]
+        if any(not _complete(r) for r in residuals):
+            return None
+        total = residuals[0]
+        for residual in residuals[1:]:
+            total = map_feature(torch.add, total, residual)
+        state.stack_sums[path] = (versions, total)
+        return total
 
     def _run(
         self,
@@ -236,7 +291,11 @@ class CacheEngine:
         key = self._block_key(block, args, kwargs)
         if self.dynamic:
             return self._dynamic_block(block, key, state, ctx, inner, args, kwargs)
-        mask, may_skip, may_reuse = self._plan(ctx.num_steps)
+        mask, may_skip, may_reuse, whole_stack = self._plan(ctx.num_steps)
+        if ctx.step < len(mask) and whole_stack[block.stack.path][ctx.step]:
+            output = self._skip_stack(block, key, state, ctx.step, args, kwargs)
+            if output is not None:
+                return output
         row = self._row(ctx.step, mask, block.index)
         skippable = may_skip[block.index]
         inputs = self._inputs(block, args, kwargs) if skippable else ()
@@ -341,6 +400,13 @@ class CacheEngine:
         self.decision_log.append(Decision(ctx.step, ctx.branch, tuple(bool(r) for r in rows), changes))
         self.stats_data.samples_computed += int(rows.sum())
         self.stats_data.samples_reused += int((~rows).sum())
+
+
+def _complete(feature: Feature) -> bool:
+    """Whether ``feature`` has no ``None`` part."""
+    if feature is None:
+        return False
+    return isinstance(feature, torch.Tensor) or all(_complete(part) for part in feature)
 
 
 def _as_tuple(output) -> tuple:

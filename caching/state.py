@@ -73,6 +73,7 @@ class FeatureCache:
         self._values: list[Feature] = []
         self._out_dtype: torch.dtype | None = None
         self._coefficients: list[Feature] | None = None  # Newton form of the stored values, built on first use
+        self.version = 0  # counts the changes of the stored values (for sums cached over several caches)
 
     def __len__(self) -> int:
         return len(self._values)
@@ -92,6 +93,7 @@ class FeatureCache:
         self._steps.clear()
         self._values.clear()
         self._coefficients = None
+        self.version += 1
 
     def _store(self, value: Feature) -> Feature:
         if self.dtype is None:
@@ -102,6 +104,7 @@ class FeatureCache:
         """Store the value computed at ``step``; keeps the last ``order + 1`` values."""
         self._out_dtype = _first_tensor(value).dtype
         self._coefficients = None
+        self.version += 1
         if self._steps and self._steps[-1] == step:
             self._steps.pop()
             self._values.pop()
@@ -123,6 +126,7 @@ class FeatureCache:
         self._values[-1] = map_feature(merge, value, self._values[-1])
         self._steps[-1] = step
         self._coefficients = None
+        self.version += 1
 
     @property
     def batch_size(self) -> int | None:
