@@ -49,7 +49,8 @@ class Component:
 
 @dataclass(frozen=True, kw_only=True)
 class BlockStack:
-    """A list of identical blocks on the transformer.
+    """A list of identical blocks on the transformer, run in order, each on the outputs of the one before (so a
+    run of blocks reused whole adds up to the sum of their residuals).
 
     Attributes:
         path: dotted attribute path from the transformer to the ``nn.ModuleList``, e.g. ``"transformer_blocks"``.
