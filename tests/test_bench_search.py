@@ -30,7 +30,9 @@ def test_the_nearest_miss_names_the_member_failing_fewest_criteria():
     rows = {"fora": row(2.0, 30.0), "a": row(1.5, 20.0), "b": row(2.5, 29.0), "c": row(2.5, 35.0, prompt_score=4.0)}
     assert why_not_dominated(rows, ["a", "b", "c"], "fora", NOISE) == (
         "nearest c (2.50x): prompt score 4.00 < 5.00 - 0.50"
-    )  # a fails speed and PSNR; b PSNR, c the prompt score: one each, c has the higher PSNR
+    )  # a fails speed and PSNR; b PSNR, c the prompt score: one each, as fast, c has the higher PSNR
+    rows["d"] = row(1.9, 50.0)  # fails speed only, and is the closest in speed
+    assert why_not_dominated(rows, ["a", "b", "c", "d"], "fora", NOISE) == "nearest d (1.90x): speedup 1.90x < 2.00x"
     assert why_not_dominated(rows, ["a"], "fora", NOISE) == (
         "nearest a (1.50x): speedup 1.50x < 2.00x, PSNR 20.00 <= 30.00"
     )

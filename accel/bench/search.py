@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -335,10 +336,11 @@ def dominates(front_row: dict, baseline_row: dict, noise: dict | None) -> bool:
 
 
 def why_not_dominated(rows: dict, members: list[str], baseline: str, noise: dict | None) -> str:
-    """The nearest miss against ``baseline``: the front schedule failing the fewest dominance criteria (the
-    higher PSNR on ties) and those criteria."""
+    """The nearest miss against ``baseline``: the front schedule failing the fewest dominance criteria (on
+    ties the closest in speed, then the higher PSNR) and those criteria."""
     fails = {m: _failures(rows[m], rows[baseline], noise) for m in members}
-    nearest = min(members, key=lambda m: (len(fails[m]), -rows[m]["psnr"]))
+    speed = rows[baseline]["speedup"]
+    nearest = min(members, key=lambda m: (len(fails[m]), abs(math.log(rows[m]["speedup"] / speed)), -rows[m]["psnr"]))
     return f"nearest {nearest} ({rows[nearest]['speedup']:.2f}x): " + (", ".join(fails[nearest]) or "dominates")
 
 
