@@ -155,6 +155,9 @@ def test_dp_method_and_transfer(evaluator, tmp_path):
     rows = measure_transfer(other, front)
     assert len(rows) == len(front) and all(r["target_steps"] == STEPS + 2 for r in rows)
     assert all(r["psnr"] > 20 for r in rows)
+    assert [r["source_psnr"] for r in rows] == [s.metrics["latent_psnr"] for s in front]  # one kind then and now
+    images = Evaluator(evaluator.pipe, PROMPTS[:2], EvaluatorConfig(num_steps=STEPS + 2, quality="image"), CALL)
+    assert [r["source_psnr"] for r in measure_transfer(images, front)] == [s.metrics["image_psnr"] for s in front]
     again = remeasure(front, other, time_repeats=1, remeasured="test")
     assert len(again) == len(front) and again.info["remeasured"] == "test"
     assert all(s.num_steps == STEPS + 2 and s.metrics["prompts"] == 2 and "speedup" in s.metrics for s in again)

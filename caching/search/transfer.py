@@ -26,7 +26,10 @@ def measure_transfer(evaluator: Evaluator, schedules: Iterable[Schedule], images
     Returns:
         one row per schedule: ``source_steps``, ``target_steps``, the metrics found when searched
         (``source_psnr``, ``source_relative_macs``) and those measured now (``psnr``, ``relative_macs``, ...).
+        ``source_psnr`` and ``psnr`` are of one kind, the evaluator's quality measure (latent or image PSNR),
+        whichever the schedules were searched on.
     """
+    key = "image_psnr" if evaluator.config.quality == "image" else "latent_psnr"
     rows = []
     for schedule in schedules:
         measured = evaluator.measure(schedule.resample(evaluator.config.num_steps), images=images)
@@ -34,7 +37,7 @@ def measure_transfer(evaluator: Evaluator, schedules: Iterable[Schedule], images
             {
                 "source_steps": schedule.num_steps,
                 "target_steps": evaluator.config.num_steps,
-                "source_psnr": schedule.metrics.get("psnr"),
+                "source_psnr": schedule.metrics.get(key),
                 "source_relative_macs": schedule.metrics.get("relative_macs"),
                 **measured,
             }
