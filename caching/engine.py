@@ -21,7 +21,7 @@ from accel.api import Handle, Target, register
 from accel.caching.config import CacheConfig
 from accel.caching.policy import FirstBlockPolicy, first_block_decision, relative_change
 from accel.caching.schedule import Schedule, layout_of
-from accel.caching.state import Feature, FeatureCache, feature_bytes, map_feature
+from accel.caching.state import Feature, FeatureCache, is_complete, map_feature
 from accel.caching.stats import CacheStats
 from accel.hooks import MethodWrapper, wrap_forward
 
@@ -54,7 +54,7 @@ class _BranchState:
     components: dict[tuple[int, int], FeatureCache] = field(default_factory=dict)
     blocks: dict[int, FeatureCache] = field(default_factory=dict)
     stack_skip: dict[str, tuple[int, bool]] = field(default_factory=dict)  # path -> (step, skipped at once)
-    stack_sums: dict[str, tuple[tuple, Feature]] = field(default_factory=dict)  # path -> (cache versions, sum)
+    stack_sums: dict[str, tuple[tuple, FeatureCache | None]] = field(default_factory=dict)  # path -> (versions, sum)
     first_residual: FeatureCache | None = None
     compute_rows: torch.Tensor | None = None
     consecutive_reuse: torch.Tensor | None = None
@@ -209,7 +209,7 @@ class CacheEngine:
         if block.index == len(self.blocks) - 1:
             held = sum(cache.nbytes for state in self._branches.values() for cache in state.caches())
             held += sum(
-                feature_bytes(kept[1]) for state in self._branches.values() for kept in state.stack_sums.values()
+                kept[1].nbytes for state in self._branches.values() for kept in state.stack_sums.values() if kept[1]
             )
             self.stats_data.cache_bytes = held
             self.stats_data.peak_cache_bytes = max(self.stats_data.peak_cache_bytes, held)
@@ -243,21 +243,23 @@ class CacheEngine:
 
     def _stack_residual(self, state: _BranchState, path: str, step: int, inputs: tuple) -> Feature:
         """The sum of the cached residuals of the stack's blocks at ``step``, or None if one is missing, of
-        another shape or has an output the others lack; kept while no block cache changes (reuse as is)."""
+        another shape or has an output the others lack. When the blocks were computed at the same steps, their
+        sum is cached once per change (:meth:`FeatureCache.sum_of`) and forecast like one block."""
         caches = [state.blocks.get(i) for i in self._stacks[path]]
         if any(cache is None or not cache.matches(inputs) for cache in caches):
             return None
         versions = tuple(cache.version for cache in caches)
         kept = state.stack_sums.get(path)
-        if kept is not None and kept[0] == versions and self.policy.forecast_order == 0:
-            return kept[1]
+        if kept is None or kept[0] != versions:
+            kept = state.stack_sums[path] = (versions, FeatureCache.sum_of(caches))
+        if kept[1] is not None:
+            return map_feature(lambda t, like: t.to(like.dtype), kept[1].predict(step), inputs)
         residuals = [cache.predict(step) for cache in caches]
-        if any(not _complete(r) for r in residuals):
+        if any(not is_complete(r) for r in residuals):
             return None
         total = residuals[0]
         for residual in residuals[1:]:
             total = map_feature(torch.add, total, residual)
-        state.stack_sums[path] = (versions, total)
         return total
 
     def _run(
@@ -400,13 +402,6 @@ class CacheEngine:
         self.decision_log.append(Decision(ctx.step, ctx.branch, tuple(bool(r) for r in rows), changes))
         self.stats_data.samples_computed += int(rows.sum())
         self.stats_data.samples_reused += int((~rows).sum())
-
-
-def _complete(feature: Feature) -> bool:
-    """Whether ``feature`` has no ``None`` part."""
-    if feature is None:
-        return False
-    return isinstance(feature, torch.Tensor) or all(_complete(part) for part in feature)
 
 
 def _as_tuple(output) -> tuple:

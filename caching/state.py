@@ -36,6 +36,13 @@ def _first_tensor(feature: Feature) -> torch.Tensor:
     return next(_first_tensor(part) for part in feature if part is not None)
 
 
+def is_complete(feature: Feature) -> bool:
+    """Whether ``feature`` has no ``None`` part."""
+    if feature is None:
+        return False
+    return isinstance(feature, torch.Tensor) or all(is_complete(part) for part in feature)
+
+
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
@@ -127,6 +134,25 @@ class FeatureCache:
         self._steps[-1] = step
         self._coefficients = None
         self.version += 1
+
+    @classmethod
+    def sum_of(cls, caches: list[FeatureCache]) -> FeatureCache | None:
+        """A cache holding, at each step the ``caches`` stored, the sum of their values (at least float32), so
+        that its prediction is the sum of theirs (extrapolation is linear in the values) at the cost of one;
+        None unless all have the same order and stored steps and every value is complete."""
+        first = caches[0]
+        if not first._values or any(c.order != first.order or c._steps != first._steps for c in caches):
+            return None
+        total = cls(order=first.order)
+        for k, step in enumerate(first._steps):
+            values = [map_feature(_at_least_float32, c._values[k]) for c in caches]
+            if any(not is_complete(v) for v in values):
+                return None
+            summed = values[0]
+            for value in values[1:]:
+                summed = map_feature(torch.add, summed, value)
+            total.update(step, summed)
+        return total
 
     @property
     def batch_size(self) -> int | None:

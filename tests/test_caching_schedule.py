@@ -196,6 +196,20 @@ def test_forecast_coefficients_follow_each_update_and_count_in_memory():
         cache.predict(5)
 
 
+def test_sum_of_caches_forecasts_the_sum_of_their_forecasts():
+    a, b, late = FeatureCache(order=1), FeatureCache(order=1), FeatureCache(order=1)
+    for step, (x, y) in enumerate([(torch.randn(2, 3), torch.randn(2, 3)) for _ in range(2)]):
+        a.update(step, x)
+        b.update(step, y)
+        late.update(step + 1, x)
+    summed = FeatureCache.sum_of([a, b])
+    torch.testing.assert_close(summed.predict(5), a.predict(5) + b.predict(5))
+    assert FeatureCache.sum_of([a, late]) is None  # stored at other steps: no common forecast
+    with_none = FeatureCache(order=1)
+    with_none.update(0, (torch.zeros(2), None))
+    assert FeatureCache.sum_of([with_none]) is None  # an output missing: no sum
+
+
 def test_forecast_with_tuples_and_none():
     cache = FeatureCache(order=1)
     cache.update(0, (torch.zeros(2), None))
