@@ -194,3 +194,13 @@ class FeatureCache:
             factor = float(step) - xs[i]
             result = map_feature(lambda c, r, f=factor: torch.add(c, r, alpha=f), self._coefficients[i], result)
         return map_feature(lambda r, ref: r.to(ref.dtype), result, self._values[-1])
+
+
+def as_tuple(output) -> tuple:
+    """A block's output as a tuple (a single tensor becomes a 1-tuple)."""
+    return output if isinstance(output, tuple) else (output,)
+
+
+def residual_of(output, inputs: tuple) -> tuple:
+    """What a block added: ``output - inputs`` element-wise, ``inputs`` in the order of the block's outputs."""
+    return map_feature(lambda out, x: out - x, as_tuple(output), inputs)
