@@ -23,7 +23,7 @@ from accel.caching.config import CacheConfig
 from accel.caching.per_sample import Decision, PerSampleBlocks
 from accel.caching.policy import FirstBlockPolicy
 from accel.caching.schedule import Schedule, layout_of
-from accel.caching.state import Feature, FeatureCache, is_complete, map_feature, residual_of
+from accel.caching.state import Feature, FeatureCache, map_feature, residual_of, sum_features
 from accel.caching.stats import CacheStats
 from accel.hooks import MethodWrapper, wrap_forward
 
@@ -229,10 +229,10 @@ class CacheEngine(PerSampleBlocks):
 
     def _stack_residual(self, state: _BranchState, path: str, step: int, inputs: tuple) -> Feature:
         """The sum of the cached residuals of the stack's blocks at ``step``, or None if one is missing, of
-        another shape or has an output the others lack. When the blocks were computed at the same steps, their
-        sum is cached once per change (:meth:`FeatureCache.sum_of`) and forecast like one block."""
+        another shape or lacks an output. When the blocks were computed at the same steps, their sum is cached
+        once per change (:meth:`FeatureCache.sum_of`) and forecast like one block."""
         caches = [state.blocks.get(i) for i in self._stacks[path]]
-        if any(cache is None or not cache.matches(inputs) for cache in caches):
+        if any(cache is None or not cache.matches(inputs) or not cache.complete for cache in caches):
             return None
         versions = tuple(cache.version for cache in caches)
         kept = state.stack_sums.get(path)
@@ -240,13 +240,7 @@ class CacheEngine(PerSampleBlocks):
             kept = state.stack_sums[path] = (versions, FeatureCache.sum_of(caches))
         if kept[1] is not None:
             return map_feature(lambda t, like: t.to(like.dtype), kept[1].predict(step), inputs)
-        residuals = [cache.predict(step) for cache in caches]
-        if any(not is_complete(r) for r in residuals):
-            return None
-        total = residuals[0]
-        for residual in residuals[1:]:
-            total = map_feature(torch.add, total, residual)
-        return total
+        return sum_features([cache.predict(step) for cache in caches])
 
     def _run(
         self,

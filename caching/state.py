@@ -43,6 +43,14 @@ def is_complete(feature: Feature) -> bool:
     return isinstance(feature, torch.Tensor) or all(is_complete(part) for part in feature)
 
 
+def sum_features(features: list[Feature]) -> Feature:
+    """The leaf-wise sum of features of one structure."""
+    total = features[0]
+    for feature in features[1:]:
+        total = map_feature(torch.add, total, feature)
+    return total
+
+
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
@@ -148,11 +156,13 @@ class FeatureCache:
             values = [map_feature(_at_least_float32, c._values[k]) for c in caches]
             if any(not is_complete(v) for v in values):
                 return None
-            summed = values[0]
-            for value in values[1:]:
-                summed = map_feature(torch.add, summed, value)
-            total.update(step, summed)
+            total.update(step, sum_features(values))
         return total
+
+    @property
+    def complete(self) -> bool:
+        """Whether a value is stored and it has no ``None`` part (an output the block did not return)."""
+        return bool(self._values) and is_complete(self._values[-1])
 
     @property
     def batch_size(self) -> int | None:
