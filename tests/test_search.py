@@ -164,15 +164,47 @@ def test_dp_method_and_transfer(evaluator, tmp_path):
 
 
 def test_forecast_order_reaches_every_searched_schedule(evaluator, tmp_path):
-    with pytest.raises(ValueError, match="forecast_order"):
-        small_config(forecast_order=3)
-    config = small_config(generations=1, forecast_order=1)
+    with pytest.raises(ValueError, match="forecast_orders"):
+        small_config(forecast_orders=(3,))
+    with pytest.raises(ValueError, match="repeats"):
+        small_config(forecast_orders=(0, 0))
+    config = small_config(generations=1, forecast_orders=(1,))
     assert {s.forecast_order for s in seed_schedules(evaluator, config).values()} == {1}
     front = search(evaluator.pipe, PROMPTS, config, tmp_path, evaluator=evaluator)
     assert len(front) >= 1 and {s.forecast_order for s in load_front(tmp_path)} == {1}
     # the objective is the forecast schedule's: re-measuring the saved schedule gives the stored PSNR
     first = front.schedules[0]
     assert evaluator.measure(first)["psnr"] == pytest.approx(first.metrics["psnr"], abs=1e-3)
+
+
+def test_forecast_order_as_a_gene(evaluator, tmp_path):
+    config = small_config(generations=2, forecast_orders=(0, 1), structured_mutation=1.0)
+    seeds = seed_schedules(evaluator, config)
+    assert seeds["taylorseer-2"].forecast_order == 1 and seeds["taylorseer-2@o0"].forecast_order == 0
+    assert seeds["fora-2"].forecast_order == 0 and seeds["fora-2@o1"].forecast_order == 1
+    genetic = GeneticSearch(evaluator, config, tmp_path / "unused", seeds)
+    assert genetic.length == genetic.encoding.mask_genes + 1
+    rng = np.random.default_rng(0)
+    start = genetic.encoding.from_schedule(seeds["fora-2"])
+    orders = {genetic.encoding.forecast_order(genetic.mutate(start, rng)) for _ in range(60)}
+    assert orders == {0, 1}  # mutation reaches the other order
+    front = search(evaluator.pipe, PROMPTS, config, tmp_path, evaluator=evaluator)
+    assert {s.forecast_order for s in front} <= {0, 1}
+    for schedule in front:  # each member is scored with its own order
+        assert evaluator.measure(schedule)["psnr"] == pytest.approx(schedule.metrics["psnr"], abs=1e-3)
+
+
+def test_cli_reads_forecast_orders():
+    import argparse
+
+    from accel.caching.search.command import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--out", "x", "--model", "m", "--forecast-orders", "0,1", "--generations", "1"])
+    assert config_from_args(args).forecast_orders == (0, 1)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "x", "--forecast-orders", "zero"])
 
 
 def test_cli_dp_search(tmp_path):

@@ -9,13 +9,7 @@ from accel.caching import ScheduleLayout, fora, tgate
 from accel.caching.search import Constraints, Front, cachequant_mask, optimal_refresh_steps, parse_duration, repair
 from accel.caching.search.dp import bac_mask, bubbling_union, reuse_error
 from accel.caching.search.front import non_dominated
-from accel.caching.search.genome import (
-    genome_length,
-    genome_to_mask,
-    genome_to_schedule,
-    satisfies,
-    schedule_to_genome,
-)
+from accel.caching.search.genome import Encoding, satisfies
 from accel.caching.search.latency import LatencyModel, latency_features
 
 LAYOUT = ScheduleLayout(
@@ -120,19 +114,50 @@ def test_repair_forces_steps_and_caps_reuse_runs():
 
 
 def test_genome_round_trip():
+    encoding = Encoding(layout=LAYOUT, num_steps=7)
     schedule = tgate(LAYOUT, 7)
-    genome = schedule_to_genome(schedule, LAYOUT, 7)
-    assert genome.shape == (genome_length(LAYOUT, 7),) == (6 * 4 * 3,)
-    back = genome_to_schedule(genome, LAYOUT, 7, generator="test")
-    assert np.array_equal(back.mask, schedule.mask) and back.reuse == "residual"
+    genome = encoding.from_schedule(schedule)
+    assert genome.shape == (encoding.length,) == (6 * 4 * 3,)
+    back = encoding.schedule(genome, generator="test")
+    assert np.array_equal(back.mask, schedule.mask) and back.reuse == "residual" and back.forecast_order == 0
     rng = np.random.default_rng(0)
     random_genome = rng.random(genome.shape) < 0.5
-    assert np.array_equal(schedule_to_genome(genome_to_schedule(random_genome, LAYOUT, 7), LAYOUT, 7), random_genome)
-    assert genome_to_mask(random_genome, LAYOUT, 7)[0].all()
+    assert np.array_equal(encoding.from_schedule(encoding.schedule(random_genome)), random_genome)
+    assert encoding.mask(random_genome)[0].all()
     assert np.array_equal(
-        schedule_to_genome(fora(LAYOUT, 14, 2), LAYOUT, 7),
-        schedule_to_genome(fora(LAYOUT, 14, 2).resample(7), LAYOUT, 7),
+        encoding.from_schedule(fora(LAYOUT, 14, 2)), encoding.from_schedule(fora(LAYOUT, 14, 2).resample(7))
     )
+    assert encoding.from_schedule(fora(LAYOUT, 7, 2, forecast_order=1)).tolist() == genome_of_fora_2(encoding)
+    with pytest.raises(ValueError, match="genes"):
+        encoding.mask(genome[:-1])
+
+
+def genome_of_fora_2(encoding):
+    mask = np.zeros(encoding.mask_shape, dtype=bool)
+    mask[::2] = True
+    return mask[1:].reshape(-1).tolist()
+
+
+def test_genome_forecast_order_genes():
+    encoding = Encoding(layout=LAYOUT, num_steps=7, forecast_orders=(0, 1, 2))
+    assert encoding.length == encoding.mask_genes + 2
+    schedule = fora(LAYOUT, 7, 2, forecast_order=1)
+    genome = encoding.from_schedule(schedule)
+    assert genome[encoding.mask_genes :].tolist() == [True, False] and encoding.forecast_order(genome) == 1
+    assert encoding.schedule(genome).forecast_order == 1 and np.array_equal(encoding.mask(genome), schedule.mask)
+    moved = genome.copy()
+    moved[-1] = True  # one more order gene set: the next order
+    assert encoding.forecast_order(moved) == 2
+    moved[encoding.mask_genes] = False
+    assert encoding.forecast_order(moved) == 1  # the count of set genes picks the order, not their place
+    empty = np.zeros(encoding.mask_shape, dtype=bool)
+    kept = encoding.with_mask(moved, empty)
+    assert encoding.forecast_order(kept) == 1 and not kept[: encoding.mask_genes].any()
+    assert encoding.from_schedule(fora(LAYOUT, 7, 2, forecast_order=4))[encoding.mask_genes :].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="not one of"):
+        encoding.genome(empty, forecast_order=3)
+    with pytest.raises(ValueError, match="distinct"):
+        Encoding(layout=LAYOUT, num_steps=7, forecast_orders=(1, 1))
 
 
 def test_non_dominated_and_pick():
@@ -157,12 +182,18 @@ def test_latency_features_count_what_the_engine_runs():
     mask[1] = False  # step 1: both blocks skipped whole
     mask[2, 0, 1] = False  # step 2: block 0 reuses its cross-attention
     present = np.ones((2, 3), dtype=bool)
-    steps, blocks_run, *per_component = latency_features(mask, present)
-    assert (steps, blocks_run) == (3, 4)
+    steps, blocks_run, *per_component, forecasts = latency_features(mask, present)
+    assert (steps, blocks_run, forecasts) == (3, 4, 0)
     assert per_component == [4, 3, 4, 0, 1, 0]  # computed per component, then reused inside run blocks
-    model = LatencyModel(coefficients=np.array([1.0, 2.0, 0, 0, 0, 0, 0, 0]), present=present)
-    assert model.seconds(mask) == 3 + 8 and model.relative(mask) == pytest.approx(11 / 15)
-    assert LatencyModel.from_dict(model.to_dict()).seconds(mask) == model.seconds(mask)
+    mask[2, 1] = False  # step 2: block 1 skipped whole beside block 0
+    # order 2 forecasts: the stack's sum at step 1, block 0's cross-attention and block 1 at step 2
+    assert latency_features(mask, present, forecast_order=2)[-1] == 2 * (1 + 1 + 1)
+    model = LatencyModel(coefficients=np.array([1.0, 2.0, 0, 0, 0, 0, 0, 0, 0.5]), present=present)
+    assert model.seconds(mask) == 3 + 6 and model.relative(mask) == pytest.approx(9 / 15)
+    assert model.seconds(mask, forecast_order=1) == 3 + 6 + 1.5
+    assert LatencyModel.from_dict(model.to_dict()).seconds(mask, 1) == model.seconds(mask, 1)
+    old = {**model.to_dict(), "version": 1, "coefficients": [1.0, 2.0, 0, 0, 0, 0, 0, 0]}
+    assert LatencyModel.from_dict(old).seconds(mask, forecast_order=2) == 3 + 6  # no forecast term then
 
 
 def test_parse_duration():
@@ -198,6 +229,7 @@ def test_structured_swap_moves_computes_in_time_at_equal_cost():
     layout = ScheduleLayout(model_class="X", num_blocks=3, components=("self_attn", "ffn"))
     search = GeneticSearch.__new__(GeneticSearch)  # only the mutation operator, no evaluator
     search.layout, search.steps, search.length = layout, 12, 11 * 3 * 2
+    search.encoding = Encoding(layout=layout, num_steps=12)
     search.config = SearchConfig(generations=1, mutation_rate=1e-9, structured_mutation=1.0)
     mask = fora(layout, 12, 3).mask
     genome = mask[1:].reshape(-1)

@@ -61,6 +61,13 @@ def _fields(cls: type, prefix: str = ""):
         yield prefix + f.name, f, kind, args
 
 
+def _parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 0,1; got {text!r}") from None
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -84,7 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, type=parse_duration, help="wall-clock limit, e.g. 30m, 2h, 90s")
             continue
         choices = list(args) if typing.get_origin(kind) is typing.Literal else None
-        parse = {bool: _parse_bool}.get(kind, str if choices else kind)
+        if typing.get_origin(kind) is tuple:
+            parse = _parse_ints
+        else:
+            parse = {bool: _parse_bool}.get(kind, str if choices else kind)
         default = f.default if f.default is not dataclasses.MISSING else None
         owner = _GROUPS.get(name.split(".")[0], SearchConfig) if "." in name else SearchConfig
         text = attribute_docs(owner).get(name.split(".")[-1], name).replace("%", "%%")

@@ -36,8 +36,9 @@ class SearchConfig:
         mutation_rate: per-gene flip probability (0: 2 / genome length).
         structured_mutation: probability of one extra move on a whole step, block run or component column.
         seed_schedules: start from the heuristics and DP schedules (else random masks only).
-        forecast_order: how every searched schedule fills a reused component: 0 reuses the cached residual,
-            1 extrapolates it linearly from the last two computes (TaylorSeer-style), 2 quadratically.
+        forecast_orders: how a searched schedule may fill a reused component: 0 reuses the cached residual,
+            1 extrapolates it linearly from the last two computes (TaylorSeer-style), 2 quadratically. With
+            several orders, each schedule's order is a gene of its own (the first order is the seeds' default).
         max_front: at most this many schedules in the saved front (evenly spread in cost).
         time_repeats: time the front against full compute with this many interleaved repeats and store the
             measured ``speedup`` (fastest repeat) in each schedule's metrics; 0 skips timing.
@@ -55,7 +56,7 @@ class SearchConfig:
     mutation_rate: float = 0.0
     structured_mutation: float = 0.5
     seed_schedules: bool = True
-    forecast_order: int = 0
+    forecast_orders: tuple[int, ...] = (0,)
     max_front: int = 16
     time_repeats: int = 0
     constraints: Constraints = field(default_factory=Constraints)
@@ -78,8 +79,11 @@ class SearchConfig:
             raise ValueError("mutation_rate and structured_mutation are probabilities in [0, 1]")
         if self.time_repeats < 0:
             raise ValueError(f"time_repeats must be >= 0, got {self.time_repeats}")
-        if self.forecast_order not in (0, 1, 2):
-            raise ValueError(f"forecast_order must be 0, 1 or 2, got {self.forecast_order!r}")
+        orders = self.forecast_orders
+        if not isinstance(orders, tuple) or not orders or any(o not in (0, 1, 2) for o in orders):
+            raise ValueError(f"forecast_orders must be a non-empty tuple of orders 0, 1 or 2, got {orders!r}")
+        if len(set(orders)) != len(orders):
+            raise ValueError(f"forecast_orders repeats an order: {orders!r}")
         if self.max_front < 1:
             raise ValueError(f"max_front must be >= 1, got {self.max_front}")
 

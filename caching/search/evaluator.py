@@ -223,7 +223,7 @@ class Evaluator:
             "prompts": n,
         }
         if self.latency_model is not None:
-            metrics["fitted_relative_seconds"] = self.latency_model.relative(schedule.mask)
+            metrics["fitted_relative_seconds"] = self.latency_model.relative(schedule.mask, schedule.forecast_order)
             metrics["predicted_speedup"] = 1.0 / metrics["fitted_relative_seconds"]
         if images or self.config.quality == "image":
             metrics["image_psnr"] = self.image_psnr(latents)

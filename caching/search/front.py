@@ -119,12 +119,12 @@ class Front:
 
     def table(self) -> str:
         """A text table of the members' metrics."""
-        lines = [f"{'#':>3}{'speedup':>9}{'MACs':>7}{'PSNR':>8}  generator"]
+        lines = [f"{'#':>3}{'speedup':>9}{'MACs':>7}{'PSNR':>8}{'order':>6}  generator"]
         for i, s in enumerate(self.schedules):
             m = s.metrics
             lines.append(
                 f"{i:>3}{speedup_of(s):>8.2f}x{100 * m.get('relative_macs', float('nan')):>6.0f}%"
-                f"{m.get('psnr', float('nan')):>8.2f}  {s.provenance.get('generator', '?')}"
+                f"{m.get('psnr', float('nan')):>8.2f}{s.forecast_order:>6}  {s.provenance.get('generator', '?')}"
             )
         return "\n".join(lines)
 

@@ -1,9 +1,10 @@
-"""The search genome: a schedule's compute mask without step 0, flattened; constraints and their repair.
+"""The search genome: a schedule's compute mask without step 0, flattened, then its forecast order; constraints
+and their repair.
 
-Step 0 always computes (nothing is cached before it), so it is not part of the genome:
-``genome = mask[1:].reshape(-1)`` in step-major order, so that a two-point crossover exchanges runs of whole
-steps. :func:`repair` is pure and idempotent: it forces the constrained steps on and breaks runs of reuse that
-are longer than allowed.
+Step 0 always computes (nothing is cached before it), so it is not part of the genome: the mask genes are
+``mask[1:].reshape(-1)`` in step-major order, so that a two-point crossover exchanges runs of whole steps
+(:class:`Encoding`). :func:`repair` is pure and idempotent: it forces the constrained steps on and breaks runs
+of reuse that are longer than allowed.
 """
 
 from __future__ import annotations
@@ -86,41 +87,97 @@ def satisfies(mask: np.ndarray, constraints: Constraints) -> bool:
     return bool(np.array_equal(repair(mask, constraints), np.asarray(mask, dtype=bool)))
 
 
-def genome_length(layout: ScheduleLayout, num_steps: int) -> int:
-    """Number of genes for ``num_steps`` steps of ``layout``."""
-    return (num_steps - 1) * layout.num_blocks * len(layout.components)
+@dataclass(frozen=True, kw_only=True)
+class Encoding:
+    """How a schedule is written as genes: its compute mask without step 0, then its forecast order.
 
+    The mask genes come first, ``mask[1:].reshape(-1)`` in step-major order. When the search chooses among
+    several forecast orders, ``len(forecast_orders) - 1`` order genes follow, and the schedule forecasts to
+    ``forecast_orders[k]`` where ``k`` counts the order genes that are set, so one bit flip moves to a
+    neighbouring order. With one order there are no order genes.
 
-def mask_to_genome(mask: np.ndarray) -> np.ndarray:
-    """bool ``(genome_length,)`` of a ``(steps, blocks, components)`` mask (step 0 dropped)."""
-    return np.asarray(mask, dtype=bool)[1:].reshape(-1).copy()
+    Attributes:
+        layout: the model's schedule layout.
+        num_steps: denoising steps.
+        forecast_orders: the forecast orders a schedule may use, the first being the default.
+    """
 
+    layout: ScheduleLayout
+    num_steps: int
+    forecast_orders: tuple[int, ...] = (0,)
 
-def genome_to_mask(genome: np.ndarray, layout: ScheduleLayout, num_steps: int) -> np.ndarray:
-    """The ``(steps, blocks, components)`` mask of a genome, step 0 computing everything."""
-    genome = np.asarray(genome, dtype=bool)
-    if genome.shape != (genome_length(layout, num_steps),):
-        raise ValueError(f"genome must have {genome_length(layout, num_steps)} genes, got shape {genome.shape}")
-    shape = (num_steps - 1, layout.num_blocks, len(layout.components))
-    first = np.ones((1, *shape[1:]), dtype=bool)
-    return np.concatenate([first, genome.reshape(shape)])
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if not self.forecast_orders or len(set(self.forecast_orders)) != len(self.forecast_orders):
+            raise ValueError(f"forecast_orders must be distinct and not empty, got {self.forecast_orders!r}")
 
+    @property
+    def mask_shape(self) -> tuple[int, int, int]:
+        """``(steps, blocks, components)``."""
+        return self.num_steps, self.layout.num_blocks, len(self.layout.components)
 
-def genome_to_schedule(
-    genome: np.ndarray, layout: ScheduleLayout, num_steps: int, forecast_order: int = 0, **provenance
-) -> Schedule:
-    """The residual-reuse :class:`Schedule` of a genome, reused residuals forecast to ``forecast_order``."""
-    return Schedule(
-        mask=genome_to_mask(genome, layout, num_steps),
-        components=layout.components,
-        model_class=layout.model_class,
-        reuse="residual",
-        forecast_order=forecast_order,
-        provenance=provenance,
-    )
+    @property
+    def mask_genes(self) -> int:
+        """Genes of the mask (every step but step 0)."""
+        steps, blocks, components = self.mask_shape
+        return (steps - 1) * blocks * components
 
+    @property
+    def length(self) -> int:
+        """Genes in all."""
+        return self.mask_genes + len(self.forecast_orders) - 1
 
-def schedule_to_genome(schedule: Schedule, layout: ScheduleLayout, num_steps: int) -> np.ndarray:
-    """The genome of ``schedule`` (resampled to ``num_steps`` if needed); its reuse mode is not kept."""
-    schedule.check_layout(layout)
-    return mask_to_genome(schedule.resample(num_steps).mask)
+    def _check(self, genome: np.ndarray) -> np.ndarray:
+        genome = np.asarray(genome, dtype=bool)
+        if genome.shape != (self.length,):
+            raise ValueError(f"genome must have {self.length} genes, got shape {genome.shape}")
+        return genome
+
+    def mask(self, genome: np.ndarray) -> np.ndarray:
+        """The bool ``(steps, blocks, components)`` mask of ``genome``, step 0 computing everything."""
+        genes = self._check(genome)[: self.mask_genes]
+        first = np.ones((1, *self.mask_shape[1:]), dtype=bool)
+        return np.concatenate([first, genes.reshape(self.num_steps - 1, *self.mask_shape[1:])])
+
+    def forecast_order(self, genome: np.ndarray) -> int:
+        """The forecast order ``genome`` selects."""
+        return self.forecast_orders[int(self._check(genome)[self.mask_genes :].sum())]
+
+    def genome(self, mask: np.ndarray, forecast_order: int | None = None) -> np.ndarray:
+        """The genome of ``mask`` (step 0 dropped) forecasting to ``forecast_order`` (None: the first order).
+
+        Raises:
+            ValueError: the mask has another shape, or the order is not one of :attr:`forecast_orders`.
+        """
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self.mask_shape:
+            raise ValueError(f"mask must have shape {self.mask_shape}, got {mask.shape}")
+        order = self.forecast_orders[0] if forecast_order is None else forecast_order
+        if order not in self.forecast_orders:
+            raise ValueError(f"forecast order {order} is not one of {self.forecast_orders}")
+        genes = np.zeros(len(self.forecast_orders) - 1, dtype=bool)
+        genes[: self.forecast_orders.index(order)] = True
+        return np.concatenate([mask[1:].reshape(-1), genes])
+
+    def with_mask(self, genome: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``genome`` with its mask replaced by ``mask`` (its order genes kept)."""
+        return np.concatenate([self.genome(mask)[: self.mask_genes], self._check(genome)[self.mask_genes :]])
+
+    def schedule(self, genome: np.ndarray, **provenance) -> Schedule:
+        """The residual-reuse :class:`Schedule` of ``genome``."""
+        return Schedule(
+            mask=self.mask(genome),
+            components=self.layout.components,
+            model_class=self.layout.model_class,
+            reuse="residual",
+            forecast_order=self.forecast_order(genome),
+            provenance=provenance,
+        )
+
+    def from_schedule(self, schedule: Schedule) -> np.ndarray:
+        """The genome of ``schedule`` resampled to :attr:`num_steps`: its mask, and its forecast order where it is
+        one of :attr:`forecast_orders` (else the first). Its reuse mode is not kept."""
+        schedule.check_layout(self.layout)
+        order = schedule.forecast_order if schedule.forecast_order in self.forecast_orders else None
+        return self.genome(schedule.resample(self.num_steps).mask, order)

@@ -4,10 +4,13 @@ On small models MACs are a poor proxy for time: running a block or reusing a com
 norms, modulation, kernel launches) that can outweigh the arithmetic saved. :class:`LatencyModel` predicts a
 run's seconds from what the mask makes the engine do, summed over steps:
 
-``seconds = c_step * steps + c_block * blocks run + sum_c (c_compute[c] * computed[c] + c_reuse[c] * reused[c])``
+``seconds = c_step * steps + c_block * blocks run + sum_c (c_compute[c] * computed[c] + c_reuse[c] * reused[c])
++ c_forecast * order * forecasts``
 
-where a block is *run* unless all its components are reused (then it is skipped whole) and ``reused[c]``
-counts reuses inside run blocks. The non-negative coefficients are fitted by least squares to timed runs of
+where a block is *run* unless all its components are reused (then it is skipped whole), ``reused[c]``
+counts reuses inside run blocks, and ``forecasts`` counts the cached tensors a forecasting schedule (order
+``>= 1``) extrapolates: each reuse inside a run block, each skipped block at a step where another block runs,
+and one sum at a step that skips every block. The non-negative coefficients are fitted by least squares to timed runs of
 a few schedules (:func:`fit_latency_model`); the fitted model is a pure function, deterministic, and saved
 with the search so a resumed run scores exactly as before.
 """
@@ -26,18 +29,23 @@ from accel.caching.schedule import Schedule
 logger = logging.getLogger(__name__)
 
 
-def latency_features(mask: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """``(2 + 2 * components,)`` counts: steps, blocks run, then computed and reused-in-run per component.
+def latency_features(mask: np.ndarray, present: np.ndarray, forecast_order: int = 0) -> np.ndarray:
+    """``(3 + 2 * components,)`` counts: steps, blocks run, computed and reused-in-run per component, then
+    ``forecast_order`` times the forecasts.
 
     Args:
         mask: bool ``(steps, blocks, components)``.
         present: bool ``(blocks, components)``: which blocks have which components.
+        forecast_order: the schedule's forecast order (0: reused values are not extrapolated).
     """
     mask = np.asarray(mask, dtype=bool) & present
     run = mask.any(axis=2)  # (steps, blocks): not skipped whole
     computed = mask.sum(axis=(0, 1))
     reused = (run[:, :, None] & ~mask & present).sum(axis=(0, 1))
-    return np.concatenate([[mask.shape[0], run.sum()], computed, reused]).astype(np.float64)
+    some_run = run.any(axis=1)  # (steps,): the stack is not skipped whole
+    forecasts = reused.sum() + (~run & some_run[:, None]).sum() + (~some_run).sum()
+    counts = [mask.shape[0], run.sum(), *computed, *reused, forecast_order * forecasts]
+    return np.array(counts, dtype=np.float64)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -54,20 +62,21 @@ class LatencyModel:
     present: np.ndarray
     fixed_seconds: float = 0.0
 
-    def seconds(self, mask: np.ndarray) -> float:
-        """Predicted seconds of a run under ``mask``."""
-        return float(self.fixed_seconds + latency_features(mask, self.present) @ self.coefficients)
+    def seconds(self, mask: np.ndarray, forecast_order: int = 0) -> float:
+        """Predicted seconds of a run under ``mask`` forecasting to ``forecast_order``."""
+        features = latency_features(mask, self.present, forecast_order)
+        return float(self.fixed_seconds + features @ self.coefficients)
 
-    def relative(self, mask: np.ndarray) -> float:
+    def relative(self, mask: np.ndarray, forecast_order: int = 0) -> float:
         """Predicted time relative to computing everything."""
         full = np.ones_like(np.asarray(mask, dtype=bool))
-        return self.seconds(mask) / self.seconds(full)
+        return self.seconds(mask, forecast_order) / self.seconds(full)
 
     def to_dict(self) -> dict:
         """Plain-JSON form."""
         return {
             "type": "accel.caching.search.LatencyModel",
-            "version": 1,
+            "version": 2,
             "coefficients": self.coefficients.tolist(),
             "present": self.present.astype(int).tolist(),
             "fixed_seconds": self.fixed_seconds,
@@ -75,11 +84,14 @@ class LatencyModel:
 
     @classmethod
     def from_dict(cls, data: dict) -> LatencyModel:
-        """Parse :meth:`to_dict` output."""
-        if data.get("type") != "accel.caching.search.LatencyModel" or data.get("version") != 1:
-            raise ValueError("not an accel.caching.search.LatencyModel version 1 object")
+        """Parse :meth:`to_dict` output (version 1, without the forecast term, reads as a zero one)."""
+        if data.get("type") != "accel.caching.search.LatencyModel" or data.get("version") not in (1, 2):
+            raise ValueError("not an accel.caching.search.LatencyModel version 1 or 2 object")
+        coefficients = np.asarray(data["coefficients"], dtype=np.float64)
+        if data["version"] == 1:
+            coefficients = np.append(coefficients, 0.0)
         return cls(
-            coefficients=np.asarray(data["coefficients"], dtype=np.float64),
+            coefficients=coefficients,
             present=np.asarray(data["present"], dtype=bool),
             fixed_seconds=float(data["fixed_seconds"]),
         )
@@ -119,7 +131,7 @@ def fit_latency_model(evaluator, schedules: list[Schedule], repeats: int = 2, ba
         {name: (lambda: evaluator.generate(None, batch)) for name in names}, repeats=repeats, warmup=1, around=around
     )
     present = evaluator.cost_model.component_macs > 0
-    features = np.stack([latency_features(s.mask, present) for s in schedules])
+    features = np.stack([latency_features(s.mask, present, s.forecast_order) for s in schedules])
     seconds = np.array([min(timings[name].samples) for name in names])
     coefficients, _ = nnls(features, seconds)
     model = LatencyModel(coefficients=coefficients, present=present)

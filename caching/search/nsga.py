@@ -24,14 +24,7 @@ from accel.caching.schedule import Schedule
 from accel.caching.search.archive import Archive, json_default
 from accel.caching.search.config import SearchConfig
 from accel.caching.search.evaluator import Evaluator
-from accel.caching.search.genome import (
-    genome_length,
-    genome_to_mask,
-    genome_to_schedule,
-    mask_to_genome,
-    repair,
-    schedule_to_genome,
-)
+from accel.caching.search.genome import Encoding, repair
 from accel.caching.search.workers import Workers
 
 logger = logging.getLogger(__name__)
@@ -81,7 +74,8 @@ class GeneticSearch:
     def __init__(self, evaluator: Evaluator, config: SearchConfig, out_dir: str | Path, seeds: dict[str, Schedule]):
         self.evaluator, self.config, self.out_dir = evaluator, config, Path(out_dir)
         self.layout, self.steps = evaluator.layout, config.evaluation.num_steps
-        self.length = genome_length(self.layout, self.steps)
+        self.encoding = Encoding(layout=self.layout, num_steps=self.steps, forecast_orders=config.forecast_orders)
+        self.length = self.encoding.length
         self.archive = Archive()
         self.generation = 0
         self.elapsed = 0.0
@@ -129,18 +123,22 @@ class GeneticSearch:
 
     def repair_genome(self, genome: np.ndarray) -> np.ndarray:
         """The genome with the constraints enforced."""
-        return mask_to_genome(repair(genome_to_mask(genome, self.layout, self.steps), self.config.constraints))
+        return self.encoding.with_mask(genome, repair(self.encoding.mask(genome), self.config.constraints))
 
     def mutate(self, genome: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Bit flips, plus with probability ``structured_mutation`` one structured move: a whole step, a run of
-        blocks or a component over a run of steps flips, or two nearby steps (all components, or one) swap, which
-        moves computes in time at the same cost."""
+        blocks or a component over a run of steps flips, two nearby steps (all components, or one) swap, which
+        moves computes in time at the same cost, or (with several forecast orders) the order moves by one."""
         rate = self.config.mutation_rate or 2.0 / self.length
         genome = genome ^ (rng.random(self.length) < rate)
         if rng.random() < self.config.structured_mutation:
-            mask = genome_to_mask(genome, self.layout, self.steps)
+            mask = self.encoding.mask(genome)
             step = int(rng.integers(1, self.steps))
-            move = int(rng.integers(5))
+            move = int(rng.integers(5 if self.length == self.encoding.mask_genes else 6))
+            if move == 5:  # the forecast order moves to a neighbour
+                genome = genome.copy()
+                genome[int(rng.integers(self.encoding.mask_genes, self.length))] ^= True
+                return genome
             if move == 0:  # a whole step computes or reuses
                 mask[step] = not mask[step].mean() >= 0.5
             elif move == 1:  # a run of blocks at one step flips
@@ -154,14 +152,14 @@ class GeneticSearch:
                 other = min(max(1, step + int(rng.choice([-2, -1, 1, 2]))), self.steps - 1)
                 columns = slice(None) if move == 3 else int(rng.integers(mask.shape[2]))
                 mask[[step, other], :, columns] = mask[[other, step], :, columns]
-            genome = mask_to_genome(mask)
+            genome = self.encoding.with_mask(genome, mask)
         return genome
 
     def initial_genomes(self) -> np.ndarray:
         """Seeds (repaired, deduplicated) then random masks of random density, ``population`` at least."""
         rng = np.random.default_rng(self.config.seed)
         genomes, seen = [], set()
-        candidates = [(name, schedule_to_genome(s, self.layout, self.steps)) for name, s in self.seeds.items()]
+        candidates = [(name, self.encoding.from_schedule(s)) for name, s in self.seeds.items()]
         while len(genomes) < self.config.population or candidates:
             if candidates:
                 name, genome = candidates.pop(0)
@@ -193,7 +191,7 @@ class GeneticSearch:
         unique = list({g.tobytes(): g for g in missing}.values())
 
         def score(genome: np.ndarray):
-            schedule = genome_to_schedule(genome, self.layout, self.steps, self.config.forecast_order)
+            schedule = self.encoding.schedule(genome)
             metrics = self.evaluator.measure(schedule, prompts)
             return self.evaluator.objectives(metrics), metrics
 

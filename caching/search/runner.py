@@ -23,7 +23,6 @@ from accel.caching.schedule import Schedule
 from accel.caching.search.config import SearchConfig
 from accel.caching.search.evaluator import Evaluator
 from accel.caching.search.front import Front, non_dominated
-from accel.caching.search.genome import genome_to_schedule
 from accel.caching.search.latency import LatencyModel, fit_latency_model
 from accel.caching.search.nsga import GeneticSearch
 from accel.caching.search.seeds import dp_schedules, heuristic_schedules, ramp_schedules
@@ -32,11 +31,14 @@ logger = logging.getLogger(__name__)
 
 
 def seed_schedules(evaluator: Evaluator, config: SearchConfig) -> dict[str, Schedule]:
-    """Heuristic and DP schedules for this model and step count, by name, with the search's forecast order.
+    """Heuristic and DP schedules for this model and step count, by name, at each of the search's forecast
+    orders.
 
     Besides the baselines: FORA-5, FORA-3..6 after uncached first steps (20% of the steps) and the ramps of
     :func:`ramp_schedules`, so that the initial population spans the costs below FORA-4's too (which the reuse
-    cap makes hard to reach by bit flips) with computes placed early.
+    cap makes hard to reach by bit flips) with computes placed early. With one order every seed takes it;
+    with several, each seed comes at each order, named ``NAME`` at its own order (TaylorSeer's is 1, the
+    others' 0) or at the first order if its own is not searched, ``NAME@oK`` at the others.
     """
     steps = config.evaluation.num_steps
     seeds = heuristic_schedules(evaluator.layout, steps)
@@ -48,13 +50,23 @@ def seed_schedules(evaluator: Evaluator, config: SearchConfig) -> dict[str, Sche
     seeds.update(
         dp_schedules(evaluator.layout, evaluator.change, config.constraints, evaluator.cost_model.component_macs)
     )
-    return {name: replace(s, forecast_order=config.forecast_order) for name, s in seeds.items()}
+    return at_orders(seeds, config.forecast_orders)
+
+
+def at_orders(schedules: dict[str, Schedule], orders: tuple[int, ...]) -> dict[str, Schedule]:
+    """``schedules`` at each of the forecast ``orders``, named as :func:`seed_schedules` says."""
+    result = {}
+    for name, schedule in schedules.items():
+        own = schedule.forecast_order if schedule.forecast_order in orders else orders[0]
+        for order in sorted(orders, key=lambda o: o != own):
+            result[name if order == own else f"{name}@o{order}"] = replace(schedule, forecast_order=order)
+    return result
 
 
 def _dp_front(evaluator: Evaluator, config: SearchConfig) -> list[tuple[Schedule, dict]]:
     layout, steps = evaluator.layout, config.evaluation.num_steps
     schedules = dp_schedules(layout, evaluator.change, config.constraints, evaluator.cost_model.component_macs)
-    schedules = {name: replace(s, forecast_order=config.forecast_order) for name, s in schedules.items()}
+    schedules = at_orders(schedules, config.forecast_orders)
     measured = [(s, evaluator.measure(s, images=True)) for s in schedules.values()]
     objectives = np.array([evaluator.objectives(m) for _, m in measured])
     keep = non_dominated(objectives)
@@ -107,15 +119,7 @@ def search(
         seeds = seed_schedules(evaluator, config) if config.seed_schedules else {}
         genetic = GeneticSearch(evaluator, config, out_dir, seeds)
         found = genetic.run(resume=resume)
-        members = [
-            (
-                genome_to_schedule(
-                    g, evaluator.layout, config.evaluation.num_steps, config.forecast_order, **_provenance(genetic, g)
-                ),
-                m,
-            )
-            for g, m in found
-        ]
+        members = [(genetic.encoding.schedule(g, **_provenance(genetic, g)), m) for g, m in found]
         generations, evaluations = genetic.generation, len(genetic.archive.order)
         search_seconds = genetic.elapsed
         if not genetic.workers.is_main:
