@@ -201,8 +201,8 @@ def test_cli_reads_forecast_orders():
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--out", "x", "--model", "m", "--forecast-orders", "0,1", "--generations", "1"])
-    assert config_from_args(args).forecast_orders == (0, 1)
+    args = parser.parse_args(["--out", "x", "--model", "m", "--forecast-orders", "0,2", "--generations", "1"])
+    assert config_from_args(args).forecast_orders == (0, 2)
     with pytest.raises(SystemExit):
         parser.parse_args(["--out", "x", "--forecast-orders", "zero"])
 

@@ -56,7 +56,7 @@ class SearchConfig:
     mutation_rate: float = 0.0
     structured_mutation: float = 0.5
     seed_schedules: bool = True
-    forecast_orders: tuple[int, ...] = (0,)
+    forecast_orders: tuple[int, ...] = (0, 1)
     max_front: int = 16
     time_repeats: int = 0
     constraints: Constraints = field(default_factory=Constraints)
