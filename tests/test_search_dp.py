@@ -228,8 +228,8 @@ def test_structured_swap_moves_computes_in_time_at_equal_cost():
 
     layout = ScheduleLayout(model_class="X", num_blocks=3, components=("self_attn", "ffn"))
     search = GeneticSearch.__new__(GeneticSearch)  # only the mutation operator, no evaluator
-    search.layout, search.steps, search.length = layout, 12, 11 * 3 * 2
     search.encoding = Encoding(layout=layout, num_steps=12)
+    assert search.length == 11 * 3 * 2
     search.config = SearchConfig(generations=1, mutation_rate=1e-9, structured_mutation=1.0)
     mask = fora(layout, 12, 3).mask
     genome = mask[1:].reshape(-1)

@@ -10,9 +10,9 @@ run's seconds from what the mask makes the engine do, summed over steps:
 where a block is *run* unless all its components are reused (then it is skipped whole), ``reused[c]``
 counts reuses inside run blocks, and ``forecasts`` counts the cached tensors a forecasting schedule (order
 ``>= 1``) extrapolates: each reuse inside a run block, each skipped block at a step where another block runs,
-and one sum at a step that skips every block. The non-negative coefficients are fitted by least squares to timed runs of
-a few schedules (:func:`fit_latency_model`); the fitted model is a pure function, deterministic, and saved
-with the search so a resumed run scores exactly as before.
+and one sum at a step that skips every block. The non-negative coefficients are fitted by least squares to
+timed runs of a few schedules (:func:`fit_latency_model`); the fitted model is a pure function, deterministic,
+and saved with the search so a resumed run scores exactly as before.
 """
 
 from __future__ import annotations

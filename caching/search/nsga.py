@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from accel.caching.schedule import Schedule
+from accel.caching.schedule import Schedule, ScheduleLayout
 from accel.caching.search.archive import Archive, json_default
 from accel.caching.search.config import SearchConfig
 from accel.caching.search.evaluator import Evaluator
@@ -73,9 +73,9 @@ class GeneticSearch:
 
     def __init__(self, evaluator: Evaluator, config: SearchConfig, out_dir: str | Path, seeds: dict[str, Schedule]):
         self.evaluator, self.config, self.out_dir = evaluator, config, Path(out_dir)
-        self.layout, self.steps = evaluator.layout, config.evaluation.num_steps
-        self.encoding = Encoding(layout=self.layout, num_steps=self.steps, forecast_orders=config.forecast_orders)
-        self.length = self.encoding.length
+        self.encoding = Encoding(
+            layout=evaluator.layout, num_steps=config.evaluation.num_steps, forecast_orders=config.forecast_orders
+        )
         self.archive = Archive()
         self.generation = 0
         self.elapsed = 0.0
@@ -86,6 +86,21 @@ class GeneticSearch:
         self._snapshot: dict | None = None
         self._last_save = time.perf_counter()
         self._algorithm = self._build()
+
+    @property
+    def layout(self) -> ScheduleLayout:
+        """The model's schedule layout."""
+        return self.encoding.layout
+
+    @property
+    def steps(self) -> int:
+        """Denoising steps of every schedule searched."""
+        return self.encoding.num_steps
+
+    @property
+    def length(self) -> int:
+        """Genes per genome."""
+        return self.encoding.length
 
     # -- pymoo plumbing ----------------------------------------------------------------------------------
 
