@@ -1,0 +1,422 @@
+"""Train the bundled default video model: a small text-to-video Wan on rendered emoji clips, on a CPU or a GPU.
+
+Stages, each resumable from its checkpoints under ``--work`` (default ``runs/video_model``):
+
+    python scripts/train_video_model.py vae --minutes 20     # AutoencoderKLWan 17x64x64x3 <-> 9x16x16x8
+    python scripts/train_video_model.py encode               # cache clip latents and MiniLM caption states
+    python scripts/train_video_model.py dit --minutes 90     # rectified-flow WanTransformer3DModel, EMA
+    python scripts/train_video_model.py export               # diffusers folder at pipelines/default_video_model
+    python scripts/train_video_model.py sample               # a strip of frames of held-out prompts (PNG)
+
+``vae`` and ``dit`` continue from their last checkpoint when run again (model, EMA, optimiser, step and the
+data/noise generator), so a run may span sessions. Clips come from ``scripts/render_clips.py`` (rendered on the
+fly, seeded); the text encoder is the all-MiniLM-L6-v2 copy in ``pipelines/default_model``, encoded exactly as
+``WanPipeline`` does (token states, padding zeroed, no mask). ``--device cuda`` trains on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from render_clips import (  # noqa: E402
+    FRAMES,
+    SIZE,
+    ClipSpec,
+    caption,
+    clip_specs,
+    load_emoji,
+    render_clip,
+    split_pairs,
+)
+from train_default_model import (  # noqa: E402
+    _ema_update,
+    _flat_optimizer,
+    _restore_optimizer,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+logger = logging.getLogger("train_video_model")
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_DIR = ROOT / "pipelines" / "default_model"  # tokenizer/ and text_encoder/ (all-MiniLM-L6-v2, fp16)
+TEXT_LENGTH = 32  # tokens; the longest caption has 22
+FLOW_SHIFT = 2.0  # the scheduler's sigma shift at sampling time
+VAE_WINDOW = 9  # frames per VAE training clip (5 latent frames)
+
+VAE_CONFIG = dict(
+    base_dim=16,
+    z_dim=8,
+    dim_mult=[1, 2, 4],  # two down blocks: spatial factor 4
+    num_res_blocks=1,
+    temperal_downsample=[False, True],  # temporal factor 2
+    scale_factor_temporal=2,
+    scale_factor_spatial=4,
+    latents_mean=[0.0] * 8,  # replaced by the dataset statistics at export
+    latents_std=[1.0] * 8,
+)
+
+DIT_CONFIG = dict(
+    patch_size=[1, 2, 2],  # 9 x 16 x 16 latents -> 9 x 8 x 8 = 576 tokens
+    num_attention_heads=4,
+    attention_head_dim=48,
+    in_channels=8,
+    out_channels=8,
+    text_dim=384,
+    freq_dim=256,
+    ffn_dim=768,
+    num_layers=8,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+
+
+def render_batch(images: np.ndarray, specs: list[ClipSpec]) -> torch.Tensor:
+    """Clips as float ``(B, 3, FRAMES, SIZE, SIZE)`` in [-1, 1]."""
+    clips = np.stack([render_clip(images[s.index], s.motion, s.seed) for s in specs])  # (B, T, H, W, 3)
+    return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def encode_text(captions: list[str], device: str = "cpu") -> torch.Tensor:
+    """MiniLM token states ``(N, TEXT_LENGTH, 384)`` with padding zeroed: what ``WanPipeline`` feeds the model."""
+    from transformers import AutoTokenizer, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(TEXT_DIR / "tokenizer")
+    encoder = BertModel.from_pretrained(TEXT_DIR / "text_encoder", torch_dtype=torch.float32).to(device).eval()
+    states = []
+    with torch.no_grad():
+        for start in range(0, len(captions), 256):
+            tokens = tokenizer(
+                captions[start : start + 256],
+                padding="max_length",
+                max_length=TEXT_LENGTH,
+                truncation=True,
+                add_special_tokens=True,
+                return_tensors="pt",
+            ).to(device)
+            hidden = encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
+            states.append((hidden * tokens.attention_mask[..., None]).cpu())
+    return torch.cat(states)
+
+
+# -- VAE -----------------------------------------------------------------------------------------------------
+
+
+def new_vae():
+    """An untrained ``AutoencoderKLWan`` of :data:`VAE_CONFIG`."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(**VAE_CONFIG)
+
+
+def vae_loss(vae, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L1 + MSE reconstruction and a small KL term; returns ``(loss, reconstruction, kl)``."""
+    posterior = vae.encode(clips).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    rec = F.l1_loss(recon, clips) + F.mse_loss(recon, clips)
+    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
+    return rec + 1e-4 * kl, rec, kl
+
+
+def _random_specs(generator: torch.Generator, specs: list[ClipSpec], batch: int) -> list[ClipSpec]:
+    """``batch`` clips of the training pairs with fresh details, drawn from ``generator``."""
+    index = torch.randint(len(specs), (batch,), generator=generator).tolist()
+    seeds = torch.randint(2**31, (batch,), generator=generator).tolist()
+    return [ClipSpec(specs[i].index, specs[i].motion, seed) for i, seed in zip(index, seeds)]
+
+
+def train_vae(args: argparse.Namespace) -> None:
+    """Train the autoencoder on random ``VAE_WINDOW``-frame windows of freshly rendered training clips."""
+    torch.manual_seed(args.seed)
+    images, _, split = load_emoji()
+    pairs = clip_specs(split, "train", 1, seed=args.seed)
+    vae = new_vae().to(args.device).train()
+    logger.info("vae: %.2fM parameters", sum(p.numel() for p in vae.parameters()) / 1e6)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    path, step = args.work / "vae.safetensors", 0
+    if path.exists():
+        tensors, meta = load_checkpoint(path)
+        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _restore_optimizer(optimizer, tensors, meta["optimizer"])
+        generator.set_state(tensors["generator"])
+        step = meta["step"]
+    deadline, last_save = time.time() + 60 * args.minutes, time.time()
+    bar = tqdm(desc="vae", initial=step, mininterval=30)
+    while time.time() < deadline and step < args.max_steps:
+        start = int(torch.randint(FRAMES - VAE_WINDOW + 1, (), generator=generator))
+        clips = render_batch(images, _random_specs(generator, pairs, args.vae_batch))
+        clips = clips[:, :, start : start + VAE_WINDOW].to(args.device)
+        loss, rec, kl = vae_loss(vae, clips)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update()
+        bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}", refresh=False)
+        if time.time() - last_save > 60 * args.save_minutes:
+            _save_vae(path, vae, optimizer, generator, step)
+            last_save = time.time()
+    _save_vae(path, vae, optimizer, generator, step)
+    logger.info("vae: %d steps, last reconstruction loss %.4f", step, rec.item())
+
+
+def _save_vae(path: Path, vae, optimizer, generator: torch.Generator, step: int) -> None:
+    opt_tensors, opt_meta = _flat_optimizer(optimizer)
+    model = {f"model.{k}": v.cpu() for k, v in vae.state_dict().items()}
+    opt_tensors = {k: v.cpu() for k, v in opt_tensors.items()}
+    meta = {"step": step, "optimizer": opt_meta}
+    save_checkpoint(path, {**model, **opt_tensors, "generator": generator.get_state()}, meta)
+    logger.info("vae checkpoint at step %d", step)
+
+
+def load_vae(work: Path, device: str = "cpu"):
+    """The trained autoencoder from ``work/vae.safetensors``, in eval mode."""
+    vae = new_vae()
+    tensors, _ = load_checkpoint(work / "vae.safetensors")
+    vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return vae.to(device).eval().requires_grad_(False)
+
+
+# -- cached inputs -------------------------------------------------------------------------------------------
+
+
+def encode(args: argparse.Namespace) -> None:
+    """Cache normalised latent means of ``--clips-per-object`` clips per training object, and caption states."""
+    images, names, split = load_emoji()
+    specs = clip_specs(split, "train", args.clips_per_object, seed=args.seed)[: args.max_clips]
+    vae = load_vae(args.work, args.device)
+    latents = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(specs), 16), desc="encode", mininterval=30):
+            clips = render_batch(images, specs[start : start + 16]).to(args.device)
+            latents.append(vae.encode(clips).latent_dist.mean.cpu())
+    latents = torch.cat(latents)  # (N, 8, 9, 16, 16)
+    mean = latents.mean(dim=(0, 2, 3, 4))
+    std = latents.std(dim=(0, 2, 3, 4))
+    latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    captions = [caption(names[s.index], s.motion) for s in specs]
+    text = encode_text([*captions, ""], args.device)
+    save_file(
+        {"latents": latents.half().contiguous(), "text": text[:-1].half().contiguous(), "empty_text": text[-1:]},
+        args.work / "encoded.safetensors",
+        metadata={"latents_mean": json.dumps(mean.tolist()), "latents_std": json.dumps(std.tolist())},
+    )
+    logger.info("encoded %d clips; latent mean %s std %s", len(specs), mean.tolist(), std.tolist())
+
+
+# -- transformer ---------------------------------------------------------------------------------------------
+
+
+def new_transformer():
+    """An untrained ``WanTransformer3DModel`` of :data:`DIT_CONFIG`."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**DIT_CONFIG)
+
+
+def flow_batch(data: dict, batch: int, dropout: float, generator: torch.Generator):
+    """A rectified-flow batch: ``x_t = (1 - s) x0 + s noise``, target ``noise - x0``, s logit-normal.
+
+    Returns ``(x_t, timestep, text, target)``; the timestep is ``1000 s``, as Wan's flow schedulers number them.
+    """
+    index = torch.randint(len(data["latents"]), (batch,), generator=generator)
+    x0 = data["latents"][index].float()
+    text = data["text"][index].float()
+    drop = torch.rand(batch, generator=generator) < dropout  # classifier-free guidance: the empty prompt
+    text[drop] = data["empty_text"].float()
+    sigma = torch.sigmoid(torch.randn(batch, generator=generator))
+    noise = torch.randn(x0.shape, generator=generator)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    return (1 - s) * x0 + s * noise, sigma * 1000, text, noise - x0
+
+
+def flow_loss(model, x_t, timestep, text, target, precision: str = "fp32") -> torch.Tensor:
+    """Mean squared error of the predicted velocity, the forward under bf16 autocast when asked."""
+    device_type = x_t.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        prediction = model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=text).sample
+    return F.mse_loss(prediction.float(), target)
+
+
+def train_dit(args: argparse.Namespace) -> None:
+    """Train the transformer with rectified flow, EMA and caption dropout; checkpoint every few minutes."""
+    torch.manual_seed(args.seed)
+    data = load_file(args.work / "encoded.safetensors")
+    model = new_transformer().to(args.device).train()
+    logger.info("transformer: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = {name: p.detach().clone() for name, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(args.seed)
+    path, step, losses = args.work / "dit.safetensors", 0, []
+    if path.exists():
+        tensors, meta = load_checkpoint(path)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema = {k[4:]: v.to(args.device) for k, v in tensors.items() if k.startswith("ema.")}
+        _restore_optimizer(optimizer, {k: v.to(args.device) for k, v in tensors.items()}, meta["optimizer"])
+        generator.set_state(tensors["generator"])
+        step, losses = meta["step"], meta["losses"]
+    deadline, last_save, window = time.time() + 60 * args.minutes, time.time(), []
+    bar = tqdm(desc="dit", initial=step, mininterval=30)
+    while time.time() < deadline and step < args.max_steps:
+        x_t, timestep, text, target = flow_batch(data, args.batch, args.caption_dropout, generator)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        batch = [tensor.to(args.device) for tensor in (x_t, timestep, text, target)]
+        loss = flow_loss(model, *batch, precision=args.precision)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        _ema_update(ema, model, step, args.ema_decay)
+        step += 1
+        window.append(loss.item())
+        bar.update()
+        if step % 100 == 0:
+            losses.append([step, float(np.mean(window))])
+            logger.info("dit step %d: loss %.4f", step, losses[-1][1])
+            window = []
+        if time.time() - last_save > 60 * args.save_minutes:
+            _save_dit(path, model, ema, optimizer, generator, step, losses)
+            last_save = time.time()
+    _save_dit(path, model, ema, optimizer, generator, step, losses)
+    logger.info("dit: %d steps; loss per 100 steps: %s", step, losses[-5:])
+
+
+def _save_dit(path: Path, model, ema, optimizer, generator: torch.Generator, step: int, losses: list) -> None:
+    opt_tensors, opt_meta = _flat_optimizer(optimizer)
+    tensors = {f"model.{k}": v.cpu() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.cpu() for k, v in ema.items()})
+    tensors.update({k: v.cpu() for k, v in opt_tensors.items()})
+    meta = {"step": step, "optimizer": opt_meta, "losses": losses}
+    save_checkpoint(path, {**tensors, "generator": generator.get_state()}, meta)
+    logger.info("dit checkpoint at step %d", step)
+
+
+# -- export and samples --------------------------------------------------------------------------------------
+
+
+def export(args: argparse.Namespace) -> None:
+    """Write the diffusers folder: EMA transformer and VAE in fp16, the scheduler, and a training summary.
+
+    The text encoder and tokenizer are not copied: they are the image model's (``pipelines/default_model``),
+    and :func:`accel.pipelines.video.load_default_video_pipeline` passes them in.
+    """
+    from diffusers import UniPCMultistepScheduler
+    from safetensors import safe_open
+
+    tensors, meta = load_checkpoint(args.work / "dit.safetensors")
+    transformer = new_transformer()
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    weights.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    transformer.load_state_dict(weights)
+    vae = load_vae(args.work)
+    with safe_open(args.work / "encoded.safetensors", "pt") as f:
+        stats = f.metadata()
+    vae.register_to_config(latents_mean=json.loads(stats["latents_mean"]), latents_std=json.loads(stats["latents_std"]))
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT, num_train_timesteps=1000
+    )
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    transformer.to(torch.float16).save_pretrained(out / "transformer")
+    vae.to(torch.float16).save_pretrained(out / "vae")
+    scheduler.save_pretrained(out / "scheduler")
+    _write_model_index(out)
+    summary = {"dit_steps": meta["step"], "loss_per_100_steps": meta["losses"], "dit_config": DIT_CONFIG}
+    summary.update(vae_config=VAE_CONFIG, text_length=TEXT_LENGTH, frames=FRAMES, size=SIZE)
+    (out / "training.json").write_text(json.dumps(summary, indent=1))
+    logger.info("exported step %d to %s", meta["step"], out)
+
+
+def _write_model_index(out: Path) -> None:
+    from diffusers import __version__
+
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": __version__,
+        "boundary_ratio": None,
+        "expand_timesteps": False,
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "BertModel"],  # not stored here: pipelines/default_model/text_encoder
+        "tokenizer": ["transformers", "BertTokenizerFast"],  # not stored here: pipelines/default_model/tokenizer
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": [None, None],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def sample(args: argparse.Namespace) -> None:
+    """Generate held-out object/motion pairs with the exported pipeline; save a strip PNG (one clip a row)."""
+    from PIL import Image
+
+    from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
+
+    _, names, split = load_emoji()
+    heldout = split_pairs(split)["heldout"]
+    picks = [heldout[i] for i in np.random.default_rng(args.seed).choice(len(heldout), args.samples, replace=False)]
+    prompts = [caption(names[index], motion) for index, motion in picks]
+    pipe = load_default_video_pipeline(args.out, device=args.device)
+    generator = torch.Generator().manual_seed(args.seed)
+    kwargs = {**DEFAULT_VIDEO_CALL_KWARGS, "num_inference_steps": args.sample_steps}
+    frames = pipe(prompts, generator=generator, **kwargs).frames  # (B, T, H, W, 3) in [0, 1]
+    shown = np.linspace(0, frames.shape[1] - 1, 9).round().astype(int)
+    grid = np.concatenate([np.concatenate(list(clip[shown]), axis=1) for clip in frames], axis=0)
+    path = args.work / f"samples_{json.loads((Path(args.out) / 'training.json').read_text())['dit_steps']}.png"
+    Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
+    logger.info("wrote %s for prompts %s", path, prompts)
+
+
+def main() -> None:
+    """Parse the stage and its options, then run it."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["vae", "encode", "dit", "export", "sample"])
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "video_model")
+    parser.add_argument("--out", type=Path, default=ROOT / "pipelines" / "default_video_model")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of this invocation")
+    parser.add_argument("--save-minutes", type=float, default=3.0)
+    parser.add_argument("--max-steps", type=int, default=1_000_000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="dit forward autocast")
+    parser.add_argument("--vae-batch", type=int, default=2)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--clips-per-object", type=int, default=5)
+    parser.add_argument("--max-clips", type=int, default=None, help="encode only the first clips (smoke tests)")
+    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    {"vae": train_vae, "encode": encode, "dit": train_dit, "export": export, "sample": sample}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
