@@ -120,11 +120,11 @@ def encode_text(captions: list[str], device: str = "cpu") -> torch.Tensor:
 # -- VAE -----------------------------------------------------------------------------------------------------
 
 
-def new_vae():
-    """An untrained ``AutoencoderKLWan`` of :data:`VAE_CONFIG`."""
+def new_vae(**overrides):
+    """An untrained ``AutoencoderKLWan`` of :data:`VAE_CONFIG` (``overrides`` replace entries, for tests)."""
     from diffusers import AutoencoderKLWan
 
-    return AutoencoderKLWan(**VAE_CONFIG)
+    return AutoencoderKLWan(**{**VAE_CONFIG, **overrides})
 
 
 def vae_loss(vae, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -226,11 +226,11 @@ def encode(args: argparse.Namespace) -> None:
 # -- transformer ---------------------------------------------------------------------------------------------
 
 
-def new_transformer():
-    """An untrained ``WanTransformer3DModel`` of :data:`DIT_CONFIG`."""
+def new_transformer(**overrides):
+    """An untrained ``WanTransformer3DModel`` of :data:`DIT_CONFIG` (``overrides`` replace entries, for tests)."""
     from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel(**DIT_CONFIG)
+    return WanTransformer3DModel(**{**DIT_CONFIG, **overrides})
 
 
 def flow_batch(data: dict, batch: int, dropout: float, generator: torch.Generator):

@@ -1,0 +1,163 @@
+"""The bundled video model: clip renderer, training loss, WanPipeline assembly and the exported weights."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import render_clips  # noqa: E402
+import train_video_model  # noqa: E402
+
+from accel.pipelines.video import (  # noqa: E402
+    DEFAULT_VIDEO_CALL_KWARGS,
+    DEFAULT_VIDEO_MODEL_DIR,
+    load_default_video_pipeline,
+)
+
+if not render_clips.EMOJI.is_file():
+    pytest.skip(f"dataset not found: {render_clips.EMOJI}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def emoji():
+    return render_clips.load_emoji()
+
+
+def _ink_track(clip: np.ndarray) -> np.ndarray:
+    """Per frame: ink centroid x, y (pixels) and ink area of a ``(T, H, W, 3)`` uint8 clip on white."""
+    ink = 1 - clip.astype(np.float64).mean(axis=3) / 255  # (T, H, W)
+    rows, cols = np.mgrid[: clip.shape[1], : clip.shape[2]]
+    area = ink.sum(axis=(1, 2))
+    return np.stack([(ink * cols).sum((1, 2)) / area, (ink * rows).sum((1, 2)) / area, area], axis=1)
+
+
+def test_renderer_is_deterministic(emoji):
+    images = emoji[0]
+    first = render_clips.render_clip(images[5], "orbit", seed=3)
+    assert first.shape == (render_clips.FRAMES, render_clips.SIZE, render_clips.SIZE, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, render_clips.render_clip(images[5], "orbit", seed=3))
+    assert not np.array_equal(first, render_clips.render_clip(images[5], "orbit", seed=4))
+    _, _, split = emoji
+    assert render_clips.clip_specs(split, "train", 2) == render_clips.clip_specs(split, "train", 2)
+
+
+@pytest.mark.parametrize(
+    ("motion", "column", "sign"),
+    [
+        ("slide_right", 0, 1),
+        ("slide_left", 0, -1),
+        ("slide_down", 1, 1),
+        ("slide_up", 1, -1),
+        ("fall", 1, 1),
+        ("zoom_in", 2, 1),
+        ("zoom_out", 2, -1),
+    ],
+)
+def test_clips_move_as_their_captions_say(emoji, motion, column, sign):
+    images, names, _ = emoji
+    index = names.index("red apple")
+    assert render_clips.caption(names[index], motion).startswith("red apple ")
+    for seed in range(3):
+        track = _ink_track(render_clips.render_clip(images[index], motion, seed))
+        change = track[-1, column] - track[0, column]
+        assert sign * change > (20 if column < 2 else 0.5 * track[:, 2].min()), (motion, seed, track[[0, -1]])
+
+
+def test_still_and_rotating_clips_stay_in_place(emoji):
+    images, names, _ = emoji
+    index = names.index("red apple")
+    for motion in ("still", "rotate_clockwise"):
+        track = _ink_track(render_clips.render_clip(images[index], motion, 0))
+        assert np.ptp(track[:, 0]) < 6 and np.ptp(track[:, 1]) < 6  # an off-centre sprite's centroid turns
+    rotating = render_clips.render_clip(images[index], "rotate_clockwise", 0)
+    assert np.abs(rotating[0].astype(int) - rotating[8].astype(int)).mean() > 5
+
+
+def test_split_is_recorded_and_holds_pairs_out(emoji):
+    _, _, split = emoji
+    assert json.loads(render_clips.SPLIT_FILE.read_text()) == render_clips.split_record(split)
+    pairs = render_clips.split_pairs(split)
+    assert not set(pairs["train"]) & set(pairs["heldout"])
+    assert {motion for _, motion in pairs["train"]} == set(render_clips.MOTION_INDEX)
+    assert len(pairs["heldout"]) == int((split == "train").sum())  # one held-out motion per training object
+    train_objects = {index for index, _ in pairs["train"]}
+    assert not train_objects & {index for index, _ in pairs["test"]}
+    specs = render_clips.clip_specs(split, "train", 3)
+    train_pairs = set(pairs["train"])
+    assert all((s.index, s.motion) in train_pairs for s in specs)
+
+
+def test_configs_give_a_long_token_sequence_and_a_small_transformer(emoji):
+    images, _, split = emoji
+    vae = train_video_model.new_vae(base_dim=4).eval()  # the real layout, narrower
+    clips = train_video_model.render_batch(images, render_clips.clip_specs(split, "train", 1)[:1])
+    with torch.no_grad():
+        latents = vae.encode(clips).latent_dist.mean
+    assert latents.shape == (1, 8, 9, 16, 16)  # 17 frames of 64 x 64: temporal factor 2, spatial factor 4
+    assert (vae.config.scale_factor_temporal, vae.config.scale_factor_spatial) == (2, 4)
+    patch = train_video_model.DIT_CONFIG["patch_size"]
+    tokens = latents.shape[2] // patch[0] * (latents.shape[3] // patch[1]) * (latents.shape[4] // patch[2])
+    assert tokens == 576
+    model = train_video_model.new_transformer()
+    assert sum(p.numel() for p in model.parameters()) <= 20e6
+
+
+def test_tiny_untrained_model_trains_one_step_and_runs_in_wan_pipeline(emoji):
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+    from transformers import AutoTokenizer, BertModel
+
+    images, names, split = emoji
+    specs = render_clips.clip_specs(split, "train", 1)[:2]
+    vae = train_video_model.new_vae(base_dim=4).eval()
+    model = train_video_model.new_transformer(num_layers=1, num_attention_heads=2, attention_head_dim=24, ffn_dim=64)
+    clips = train_video_model.render_batch(images, specs)[:, :, :5]
+    with torch.no_grad():
+        latents = vae.encode(clips).latent_dist.mean  # (2, 8, 3, 16, 16)
+    captions = [render_clips.caption(names[s.index], s.motion) for s in specs]
+    data = {"latents": latents, "text": train_video_model.encode_text(captions), "empty_text": torch.zeros(1, 32, 384)}
+    batch = train_video_model.flow_batch(data, 2, 0.5, torch.Generator().manual_seed(0))
+    loss = train_video_model.flow_loss(model, *batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.patch_embedding.weight.grad.abs().sum() > 0
+
+    text_dir = train_video_model.TEXT_DIR
+    pipe = WanPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(text_dir / "tokenizer"),
+        text_encoder=BertModel.from_pretrained(text_dir / "text_encoder", torch_dtype=torch.float32),
+        vae=vae,
+        transformer=model.eval().requires_grad_(False),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=2.0),
+    )
+    # the training captions are encoded exactly as the pipeline encodes prompts
+    states, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, max_sequence_length=32)
+    torch.testing.assert_close(states, data["text"], atol=1e-5, rtol=1e-5)
+    kwargs = {**DEFAULT_VIDEO_CALL_KWARGS, "num_frames": 5}
+    frames = pipe(captions[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert frames.shape == (1, 5, 64, 64, 3) and 0 <= frames.min() and frames.max() <= 1
+
+
+@pytest.mark.skipif(not (DEFAULT_VIDEO_MODEL_DIR / "transformer").is_dir(), reason="video model not exported yet")
+def test_exported_video_model_loads_and_generates():
+    pipe = load_default_video_pipeline()
+    assert type(pipe).__name__ == "WanPipeline"
+    assert pipe.transformer.dtype == torch.float32 and not pipe.transformer.training
+    assert pipe.vae.config.scale_factor_spatial == 4 and pipe.vae.config.scale_factor_temporal == 2
+    generator = torch.Generator().manual_seed(0)
+    frames = pipe(
+        "red apple sliding to the right", num_inference_steps=2, generator=generator, **DEFAULT_VIDEO_CALL_KWARGS
+    ).frames
+    assert frames.shape == (1, 17, 64, 64, 3) and np.isfinite(frames).all()
+    assert 0.3 < frames.mean() <= 1  # mostly white clips, not black or NaN
+
+
+def test_loader_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="transformer"):
+        load_default_video_pipeline(tmp_path)
