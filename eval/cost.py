@@ -1,6 +1,6 @@
 """What a generation costs: wall-clock latency, multiply-accumulates, peak memory.
 
-Latency reuses :func:`accel.bench.timing.time_interleaved`: the method and the full-compute baseline run
+Latency reuses :func:`accel.eval.timing.time_interleaved`: the method and the full-compute baseline run
 round-robin in the same process, so drifts (another job on the machine, thermal throttling) hit both alike
 and the speedup is a ratio of medians measured side by side.
 """
@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from accel.bench.timing import time_interleaved
+from accel.eval.timing import time_interleaved
 
 MACS_HOW = (
     "torch.utils.flop_counter.FlopCounterMode over one whole pipeline call (text encoder, denoiser at every "

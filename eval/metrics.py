@@ -157,10 +157,29 @@ def _floats(images: torch.Tensor) -> torch.Tensor:
 EVAL_EXTRA = "pip install 'diffusers-accel[eval]'"
 
 
+def psnr(candidate: torch.Tensor, reference: torch.Tensor, peak: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Per-sample PSNR in dB, capped at :data:`PSNR_CAP_DB` (identical samples).
+
+    The one PSNR of accel: the ``psnr`` metric, the schedule search and the benchmarks all use it.
+
+    Args:
+        candidate: ``(batch, ...)``, any float or integer dtype (compared in float32).
+        reference: the same shape.
+        peak: the signal's peak-to-peak range, a scalar or one per sample ``(batch,)``: 1 for images in
+            ``[0, 1]``, each reference sample's range for latents.
+
+    Returns:
+        ``(batch,)`` float32.
+    """
+    dims = tuple(range(1, reference.ndim))
+    mse = (candidate.float() - reference.float()).pow(2).mean(dim=dims)
+    peak = torch.as_tensor(peak, dtype=torch.float32, device=mse.device)
+    return (10 * torch.log10(peak**2 / mse)).clamp(max=PSNR_CAP_DB)  # mse 0 -> inf -> the cap
+
+
 @register_metric("psnr")
-def psnr(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
-    mse = (_floats(inputs.images) - _floats(inputs.reference)).pow(2).mean(dim=(1, 2, 3))
-    per_image = (10 * torch.log10(1.0 / mse)).clamp(max=PSNR_CAP_DB)  # mse 0 -> inf -> the cap
+def psnr_metric(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
+    per_image = psnr(_floats(inputs.images), _floats(inputs.reference))
     computed = (
         f"mean over {len(per_image)} images of PSNR (dB, 8-bit images) against the full-compute image with the same "
         f"prompt and seed; identical images count as {PSNR_CAP_DB:g} dB"

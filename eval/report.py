@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from accel.eval.pareto import pareto_front
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,26 +34,6 @@ def metric_info(results: dict, name: str) -> dict:
 def ok_trials(results: dict) -> list[dict]:
     """Trials that ran."""
     return [t for t in results["trials"] if t.get("status") == "ok"]
-
-
-def pareto_front(points: list[tuple[str, float, float]], higher_is_better: bool) -> list[str]:
-    """Names of the points no other point beats on both speedup (higher) and quality, sorted by speedup.
-
-    Args:
-        points: ``(name, speedup, quality)``.
-        higher_is_better: the quality's direction.
-    """
-    sign = 1.0 if higher_is_better else -1.0
-    front = []
-    for name, speed, quality in points:
-        dominated = any(
-            s >= speed and sign * q >= sign * quality and (s > speed or sign * q > sign * quality)
-            for other, s, q in points
-            if other != name
-        )
-        if not dominated:
-            front.append((speed, name))
-    return [name for _, name in sorted(front)]
 
 
 def fronts(results: dict) -> dict[str, list[str]]:

@@ -1,10 +1,10 @@
-"""``python -m accel.bench search`` on the tiny PixArt pipeline, and its dominance and noise rules."""
+"""``python -m accel.bench search`` on the tiny PixArt pipeline, and the dominance and noise rules it judges by."""
 
 import pytest
 import torch
 from conftest import build_tiny_pixart_pipeline
 
-from accel.bench.search import dominates, paired_standard_error, why_not_dominated, within_noise
+from accel.eval.noise import dominates, paired_standard_error, why_not_dominated, within_noise
 
 pytest.importorskip("pymoo")
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from accel.eval.timing import timed
 from accel.pipelines.default import DEFAULT_CALL_KWARGS, DEFAULT_GUIDANCE_SCALE, load_default_pipeline
 
 DATA_FILE = Path(__file__).resolve().parents[2] / "data" / "emoji" / "emoji64.npz"
@@ -72,10 +73,9 @@ def seconds_per_step(pipe, steps: int = 20, repeats: int = 3) -> float:
     """Median wall-clock seconds per denoising step of one 20-step image at batch 1, CFG on (warm-up first)."""
     times = []
     for index in range(repeats + 1):
-        start = time.perf_counter()
-        generate(pipe, ["red apple"], steps, batch=1, seed=index)
+        _, seconds = timed(partial(generate, pipe, ["red apple"], steps, batch=1, seed=index))
         if index:
-            times.append((time.perf_counter() - start) / steps)
+            times.append(seconds / steps)
     return float(np.median(times))
 
 

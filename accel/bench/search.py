@@ -26,32 +26,32 @@ over the prompts (same prompts and seeds, so paired): how much of a gap the choi
 The baselines: FORA-2/3/4, TaylorSeer-2/3/4, Delta-DiT (2, 3), T-GATE, accel's first-block cache, and diffusers'
 FirstBlockCache, TaylorSeer, Pyramid Attention Broadcast, FasterCache and MagCache (ratios calibrated on the
 search's calibration prompts with :func:`accel.eval.diffusers_cache.calibrate_mag_ratios`).
+
+This module is the driver (flags, data, table); the measuring is :mod:`accel.eval.comparison` and the rules
+are :mod:`accel.eval.noise`, the same PSNR, timer and noise model as ``accel eval``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import accel
-from accel.bench.timing import time_interleaved
 from accel.caching.config import CacheConfig
 from accel.caching.search.command import DEFAULT_PROMPTS, model_defaults, read_prompts
 from accel.caching.search.config import SearchConfig, parse_duration
-from accel.caching.search.evaluator import Evaluator, EvaluatorConfig, psnr
+from accel.caching.search.evaluator import Evaluator, EvaluatorConfig
 from accel.caching.search.front import load_front, speedup_of
 from accel.caching.search.runner import search
 from accel.caching.search.seeds import heuristic_schedules
 from accel.caching.search.transfer import measure_transfer, transfer_table
+from accel.eval.comparison import dynamic_method_contexts, measure_methods, score_methods
+from accel.eval.noise import dominates, why_not_dominated, within_noise
 
 logger = logging.getLogger(__name__)
 
@@ -118,68 +118,6 @@ def _prompts_and_reference(args) -> tuple[list[str], torch.Tensor | None]:
     return [pool[i % len(pool)] for i in range(args.images)], reference
 
 
-def _dynamic_methods(pipe, steps: int, calibration: Evaluator) -> dict:
-    """Context factories of accel's first-block cache and diffusers' caches; those that cannot run are skipped."""
-    try:
-        from accel.eval.diffusers_cache import calibrate_mag_ratios
-        from accel.eval.methods import Method, UnsupportedMethod, apply_method, parse_method
-    except ImportError as error:
-        logger.info("diffusers' caches skipped: the evaluation harness is not available (%s)", error)
-        return {}
-    contexts = {}
-    for name in DYNAMIC_METHODS:
-        method = parse_method(name)
-        if method.kind == "diffusers-magcache":
-            ratios = calibrate_mag_ratios(pipe.transformer, lambda: calibration.generate(None, 1))
-            method = Method(name=name, kind=method.kind, params={"mag_ratios": [round(r, 5) for r in ratios]})
-        try:
-            with apply_method(method, pipe, steps):
-                pass
-        except (UnsupportedMethod, ValueError, TypeError, NotImplementedError) as error:
-            logger.info("%s skipped: %s", name, error)
-            continue
-        contexts[name] = lambda m=method: apply_method(m, pipe, steps)
-    return contexts
-
-
-@dataclass
-class Scorers:
-    """FID and prompt-score functions over decoded images, with the reference features computed once."""
-
-    fid: Callable[[torch.Tensor], float]
-    prompt_scores: Callable[[torch.Tensor], torch.Tensor]  # one per image, with its own prompt
-    prompt_metric: str
-
-
-def _scorers(reference: torch.Tensor, prompts: list[str]) -> Scorers:
-    from accel.eval.fid import EfficientNetLite0Features, extract_features, frechet_distance
-    from accel.eval.metrics import MetricWeights, load_prompt_scorer
-
-    feature = EfficientNetLite0Features()
-    real = extract_features(reference, feature)
-    scorer, _ = load_prompt_scorer(MetricWeights())
-
-    def prompt_scores(images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.as_tensor(scorer.score(images.float(), list(prompts))).float().cpu()
-
-    return Scorers(
-        fid=lambda images: float(frechet_distance(real, extract_features(images, feature))),
-        prompt_scores=prompt_scores,
-        prompt_metric=getattr(scorer, "metric_name", "alignment"),
-    )
-
-
-def _generate(evaluator: Evaluator, context, n: int, batch: int, seed: int | None = None) -> torch.Tensor:
-    """Final latents of the first ``n`` prompts, ``batch`` per pipeline call, each call inside ``context()``;
-    seeds from ``seed`` (default: the evaluator's)."""
-    chunks = []
-    for start in range(0, n, batch):
-        with context():
-            chunks.append(evaluator.generate(None, min(batch, n - start), start, seed))
-    return torch.cat(chunks)
-
-
 def _front(args, pipe, call_kwargs: dict, guidance: float):
     """The front saved in ``--front``, searched now (and saved there) if there is none; and whether reused."""
     folder = Path(args.front)
@@ -192,26 +130,6 @@ def _front(args, pipe, call_kwargs: dict, guidance: float):
         )
         search(pipe, list(DEFAULT_PROMPTS), config, folder, call_kwargs=call_kwargs, info={"model": args.model})
     return load_front(folder), reused
-
-
-def _measure(evaluator: Evaluator, contexts: dict, args) -> tuple[dict, dict]:
-    """Decoded images of every method on all prompts, PSNR vs full compute, and interleaved timings."""
-    n = len(evaluator.prompts)
-    images = {}
-    for name, context in tqdm(contexts.items(), desc="methods", unit="method"):
-        images[name] = evaluator.decode(_generate(evaluator, context, n, args.batch))
-    rows = {name: {"psnr": float(psnr(im, images["full"], 1.0).mean())} for name, im in images.items()}
-    timings = time_interleaved(
-        {name: lambda: evaluator.generate(None, min(args.batch, n)) for name in contexts},
-        repeats=args.repeats,
-        warmup=1,
-        around=contexts,
-    )
-    for name, timing in timings.items():
-        rows[name]["speedup"] = min(timings["full"].samples) / min(timing.samples)
-        rows[name]["median_speedup"] = timings["full"].median / timing.median
-        rows[name]["spread"] = timing.spread
-    return rows, images
 
 
 def _transfer(front, scorer, prompts: list[str], args) -> dict:
@@ -250,7 +168,7 @@ def run(argv: list[str]) -> dict:
 
     evaluator = scorer(steps, SEED_SETS[0])
     baselines = heuristic_schedules(evaluator.layout, steps)
-    dynamic = _dynamic_methods(pipe, steps, scorer(steps, 0, list(DEFAULT_PROMPTS)))
+    dynamic = dynamic_method_contexts(pipe, steps, DYNAMIC_METHODS, scorer(steps, 0, list(DEFAULT_PROMPTS)))
     members = {f"front-{i:02d}": s.resample(steps) for i, s in enumerate(front)}
 
     def cached(schedule):
@@ -262,92 +180,18 @@ def run(argv: list[str]) -> dict:
         **dynamic,
         **{name: cached(s) for name, s in members.items()},
     }
-    rows, images = _measure(evaluator, contexts, args)
+    rows, images = measure_methods(evaluator, contexts, args.batch, args.repeats)
     for name, schedule in {**baselines, **members}.items():
         rows[name]["ideal_speedup"] = 1 / evaluator.cost_model.relative_macs(schedule.mask)
-    noise = None if args.no_fid else _score(rows, images, reference, evaluator, args)
+    noise = None
+    if not args.no_fid:
+        noise_seeds = SEED_SETS[1 : args.seed_sets]
+        noise = score_methods(
+            rows, images, reference, evaluator, batch=args.batch, noise_seeds=noise_seeds, reference_seed=REFERENCE_SEED
+        )
     summary = _summarise(rows, front, list(baselines) + list(dynamic), noise, args, reused)
     transfer = _transfer(front, scorer, prompts, args)
     return {**summary, "transfer": transfer} if transfer else summary
-
-
-def _score(rows, images, reference, evaluator: Evaluator, args) -> dict:
-    """FID and prompt score of every method, and their run-to-run noise over full-compute seed sets."""
-    prompts = evaluator.prompts
-    if reference is None:
-        reference = evaluator.decode(evaluator.generate(None, len(prompts), seed=REFERENCE_SEED))
-        reference_label = f"{len(reference)} full-compute images with seeds from {REFERENCE_SEED}"
-    else:
-        reference_label = f"the {len(reference)} images of the emoji set"
-    scorers = _scorers(reference, prompts)
-    full_scores = scorers.prompt_scores(images["full"])
-    for name, im in tqdm(images.items(), desc="FID", unit="method"):
-        scores = scorers.prompt_scores(im)
-        rows[name]["fid"] = scorers.fid(im)
-        rows[name]["prompt_score"] = float(scores.mean())
-        rows[name]["prompt_score_se"] = paired_standard_error(scores, full_scores)
-    fids, scores = [rows["full"]["fid"]], [rows["full"]["prompt_score"]]
-    for seed in SEED_SETS[1 : args.seed_sets]:
-        decoded = evaluator.decode(_generate(evaluator, nullcontext, len(prompts), args.batch, seed))
-        fids.append(scorers.fid(decoded))
-        scores.append(float(scorers.prompt_scores(decoded).mean()))
-    return {
-        "fid": max(fids) - min(fids),
-        "prompt_score": max(scores) - min(scores),
-        "full_fids": fids,
-        "full_prompt_scores": scores,
-        "reference": reference_label,
-        "prompt_metric": scorers.prompt_metric,
-    }
-
-
-def paired_standard_error(scores: torch.Tensor, full_scores: torch.Tensor) -> float:
-    """Standard error of the mean per-prompt difference ``scores - full_scores`` (same prompts and seeds): how
-    far a method's mean prompt score may sit from full compute's by the choice of prompts alone."""
-    difference = (scores - full_scores).double()
-    if len(difference) < 2:
-        return 0.0
-    return float(difference.std() / len(difference) ** 0.5)
-
-
-def _failures(front_row: dict, baseline_row: dict, noise: dict | None) -> list[str]:
-    """The dominance criteria ``front_row`` fails against ``baseline_row``, each as a short phrase."""
-    fails = []
-    if front_row["speedup"] < baseline_row["speedup"]:
-        fails.append(f"speedup {front_row['speedup']:.2f}x < {baseline_row['speedup']:.2f}x")
-    if front_row["psnr"] <= baseline_row["psnr"]:
-        fails.append(f"PSNR {front_row['psnr']:.2f} <= {baseline_row['psnr']:.2f}")
-    if noise is None:
-        return fails
-    if front_row["fid"] > baseline_row["fid"] + noise["fid"]:
-        fails.append(f"FID {front_row['fid']:.1f} > {baseline_row['fid']:.1f} + {noise['fid']:.1f}")
-    if front_row["prompt_score"] < baseline_row["prompt_score"] - noise["prompt_score"]:
-        fails.append(
-            f"prompt score {front_row['prompt_score']:.2f} < {baseline_row['prompt_score']:.2f} - "
-            f"{noise['prompt_score']:.2f}"
-        )
-    return fails
-
-
-def dominates(front_row: dict, baseline_row: dict, noise: dict | None) -> bool:
-    """Whether a front schedule dominates a baseline: at least as fast, better PSNR, and FID and prompt score
-    no worse beyond the run-to-run ``noise`` (PSNR and speed only when FID was not measured)."""
-    return not _failures(front_row, baseline_row, noise)
-
-
-def why_not_dominated(rows: dict, members: list[str], baseline: str, noise: dict | None) -> str:
-    """The nearest miss against ``baseline``: the front schedule failing the fewest dominance criteria (on
-    ties the closest in speed, then the higher PSNR) and those criteria."""
-    fails = {m: _failures(rows[m], rows[baseline], noise) for m in members}
-    speed = rows[baseline]["speedup"]
-    nearest = min(members, key=lambda m: (len(fails[m]), abs(math.log(rows[m]["speedup"] / speed)), -rows[m]["psnr"]))
-    return f"nearest {nearest} ({rows[nearest]['speedup']:.2f}x): " + (", ".join(fails[nearest]) or "dominates")
-
-
-def within_noise(row: dict, full: dict, noise: dict) -> bool:
-    """Whether a method's FID and prompt score are within the run-to-run noise of full compute's."""
-    fid_ok = row["fid"] <= full["fid"] + noise["fid"]
-    return fid_ok and row["prompt_score"] >= full["prompt_score"] - noise["prompt_score"]
 
 
 def _summarise(rows, front, baseline_names, noise, args, reused) -> dict:
@@ -394,7 +238,8 @@ def _summarise(rows, front, baseline_names, noise, args, reused) -> dict:
 
 
 def _print_table(rows: dict, dominated: dict, noise: dict | None, args, front, reused: bool) -> None:
-    """The per-method table and the noise line; ``SE`` is :func:`paired_standard_error` of the prompt score."""
+    """The per-method table and the noise line; ``SE`` is the prompt score's
+    :func:`~accel.eval.noise.paired_standard_error`."""
     print(
         f"front from {args.front} ({'reused' if reused else 'searched now'}, {front.info.get('search_minutes')} min); "
         f"{args.steps} steps, {args.images} held-out prompts, batch {args.batch}, {args.repeats} repeats (speedup of "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,6 +24,8 @@ import accel
 from accel.caching.config import CacheConfig
 from accel.caching.schedule import Schedule, layout_of
 from accel.caching.search.features import CostModel, count_macs, record_features
+from accel.eval.metrics import psnr
+from accel.eval.timing import timed
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ EMBEDDING_OUTPUTS = {
     "StableDiffusion3Pipeline": ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                                  "negative_pooled_prompt_embeds"),
 }  # fmt: skip
-
-MAX_PSNR = 100.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,15 +75,6 @@ class EvaluatorConfig:
             raise ValueError(f"sketch_size must be >= 1, got {self.sketch_size}")
 
 
-def psnr(candidate: torch.Tensor, reference: torch.Tensor, peak: torch.Tensor | float) -> torch.Tensor:
-    """Per-sample PSNR in dB (capped at :data:`MAX_PSNR`); shapes ``(batch, ...)``, ``peak`` scalar or ``(batch,)``."""
-    dims = tuple(range(1, reference.ndim))
-    mse = ((candidate.float() - reference.float()) ** 2).mean(dim=dims)
-    peak = torch.as_tensor(peak, dtype=torch.float32)
-    value = 10 * torch.log10(peak**2 / mse.clamp_min(1e-30))
-    return value.clamp(max=MAX_PSNR)
-
-
 def _accepts(fn, name: str) -> bool:
     parameters = inspect.signature(fn).parameters
     return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
@@ -109,14 +99,10 @@ class Evaluator:
         defaults = {"clean_caption": False, "use_resolution_binning": False, **(call_kwargs or {})}
         self.call_kwargs = {k: v for k, v in defaults.items() if _accepts(call, k)}
         self.embeddings = self._encode()
-        start = time.perf_counter()
         with record_features(pipe.transformer, self.layout.components, config.sketch_size, config.seed) as recorder:
-            self.reference = self.generate(None, len(self.prompts))
-        self.full_seconds = time.perf_counter() - start
+            self.reference, self.full_seconds = timed(lambda: self.generate(None, len(self.prompts)))
         if config.cost == "latency":  # time without the recording hooks
-            start = time.perf_counter()
-            self.generate(None, len(self.prompts))
-            self.full_seconds = time.perf_counter() - start
+            _, self.full_seconds = timed(lambda: self.generate(None, len(self.prompts)))
         self.change = recorder.change_matrices()
         args, kwargs = recorder.first_call
         self.cost_model: CostModel = count_macs(pipe.transformer, self.layout.components, args, kwargs)
@@ -211,9 +197,7 @@ class Evaluator:
         n = len(self.prompts) if n is None else n
         if schedule.num_steps != self.config.num_steps:
             schedule = schedule.resample(self.config.num_steps)
-        start = time.perf_counter()
-        latents = self.generate(schedule, n)
-        seconds = time.perf_counter() - start
+        latents, seconds = timed(lambda: self.generate(schedule, n))
         relative = self.cost_model.relative_macs(schedule.mask)
         metrics = {
             "latent_psnr": self.latent_psnr(latents),

@@ -22,10 +22,11 @@ from accel.caching.heuristics import fora
 from accel.caching.schedule import Schedule
 from accel.caching.search.config import SearchConfig
 from accel.caching.search.evaluator import Evaluator
-from accel.caching.search.front import Front, non_dominated
+from accel.caching.search.front import Front
 from accel.caching.search.latency import LatencyModel, fit_latency_model
 from accel.caching.search.nsga import GeneticSearch
 from accel.caching.search.seeds import dp_schedules, heuristic_schedules, ramp_schedules
+from accel.eval.pareto import non_dominated
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +168,8 @@ def measure_speedups(evaluator: Evaluator, schedules: list[Schedule], repeats: i
     one least disturbed by other work on a shared machine.
     """
     import accel
-    from accel.bench.timing import time_interleaved
     from accel.caching.config import CacheConfig
+    from accel.eval.timing import time_interleaved
 
     batch = min(batch, len(evaluator.prompts))
     names = [f"schedule-{i:02d}" for i in range(len(schedules))]
