@@ -1,8 +1,9 @@
 """The front door: ``accel.apply(pipe_or_transformer, *configs) -> Handle``.
 
-Each technique registers one apply function for its frozen config class with :func:`register`;
-:func:`apply` dispatches on ``type(config)``. Every apply function returns a :class:`Handle` that removes
-exactly what it added.
+Each technique registers one apply function for its frozen config class with :func:`register`, with a
+name and a phase; :func:`apply` dispatches on ``type(config)`` and applies several configs in phase order
+(:data:`accel.patches.PHASES`). Every apply function returns a :class:`Handle`, whose changes to the model
+are recorded in its :class:`~accel.patches.PatchLog` and undone exactly by ``remove()``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from accel.adapters import ModelSpec, spec_for
 from accel.context import StepTracker, tracker_for
+from accel.patches import PHASES, PatchLog, PatchRecord
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,21 @@ class Target:
 class Handle:
     """Undo handle returned by every apply function; also a context manager.
 
-    Subclasses implement :meth:`_remove`, and may override :meth:`stats` and :meth:`reset`.
+    A handle is its patch log: a technique records every change it makes in :attr:`patch_log`, and
+    :meth:`remove` undoes them, newest first. Subclasses may extend :meth:`_remove` (calling the base) and
+    override :meth:`stats` and :meth:`reset`.
+
+    Args:
+        technique: the name recorded on every change, e.g. ``"caching"``.
     """
 
-    def __init__(self):
+    def __init__(self, technique: str = "technique"):
         self._removed = False
+        self.patch_log = PatchLog(technique)
+
+    def patches(self) -> list[PatchRecord]:
+        """The changes this handle made that are still in place, oldest first."""
+        return self.patch_log.records
 
     @property
     def removed(self) -> bool:
@@ -55,7 +67,7 @@ class Handle:
             self._remove()
 
     def _remove(self) -> None:
-        raise NotImplementedError
+        self.patch_log.undo()
 
     def stats(self) -> Any:
         """What the technique did so far (technique-specific object)."""
@@ -75,9 +87,13 @@ class ApplyHandle(Handle):
     """The handle :func:`apply` returns: one technique handle per config, removed in reverse order."""
 
     def __init__(self, target: Target, parts: dict[type, Handle]):
-        super().__init__()
+        super().__init__("accel")
         self.target = target
         self.parts = parts
+
+    def patches(self) -> list[PatchRecord]:
+        """Every technique's changes, in the order they were applied."""
+        return [record for part in self.parts.values() for record in part.patches()]
 
     def __getitem__(self, config_type: type) -> Handle:
         """The handle of one technique, e.g. ``handle[CacheConfig].decision_log``."""
@@ -105,21 +121,60 @@ class ApplyHandle(Handle):
 
 
 Applier = Callable[[Target, Any], Handle]
-_APPLIERS: dict[type, Applier] = {}
 
 
-def register(config_type: type) -> Callable[[Applier], Applier]:
-    """Decorator registering ``fn(target, config) -> Handle`` as the apply function for ``config_type``."""
+@dataclass(frozen=True)
+class Technique:
+    """A registered technique.
+
+    Attributes:
+        config_type: its frozen config class.
+        apply: ``fn(target, config) -> Handle``.
+        name: recorded on its patches, e.g. ``"caching"``.
+        phase: when it is applied among several (one of :data:`accel.patches.PHASES`).
+    """
+
+    config_type: type
+    apply: Applier
+    name: str
+    phase: str
+
+
+_TECHNIQUES: dict[type, Technique] = {}
+
+
+def register(config_type: type, *, name: str | None = None, phase: str = "forwards") -> Callable[[Applier], Applier]:
+    """Decorator registering ``fn(target, config) -> Handle`` as the apply function for ``config_type``.
+
+    Args:
+        name: the technique's name on its patches (default: the config class name).
+        phase: ``"weights"``, ``"processors"`` or ``"forwards"``; :func:`apply` applies in that order.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
 
     def decorator(fn: Applier) -> Applier:
-        _APPLIERS[config_type] = fn
+        _TECHNIQUES[config_type] = Technique(config_type, fn, name or config_type.__name__, phase)
         return fn
 
     return decorator
 
 
+def techniques() -> list[Technique]:
+    """Every registered technique, in phase order."""
+    return sorted(_TECHNIQUES.values(), key=lambda t: PHASES.index(t.phase))
+
+
+def unwrap_compiled(module: Any) -> Any:
+    """The module a ``torch.compile(module)`` wrapper (``OptimizedModule``) compiles, or ``module`` itself."""
+    while isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+        module = module._orig_mod
+    return module
+
+
 def resolve(pipe_or_transformer: Any, spec: ModelSpec | None = None) -> Target:
-    """Find the transformer (a pipeline's ``.transformer``, or the module itself), its spec and tracker."""
+    """Find the transformer (a pipeline's ``.transformer``, or the module itself, looking through a
+    ``torch.compile`` wrapper), its spec and tracker."""
     pipeline = None
     transformer = pipe_or_transformer
     if not isinstance(transformer, torch.nn.Module):
@@ -130,6 +185,7 @@ def resolve(pipe_or_transformer: Any, spec: ModelSpec | None = None) -> Target:
                 "accel.apply needs a diffusers pipeline with a `.transformer` or a transformer nn.Module, "
                 f"got {type(pipe_or_transformer).__name__}"
             )
+    transformer = unwrap_compiled(transformer)
     model_spec = spec_for(transformer, spec)
     tracker = tracker_for(transformer, model_spec.timestep_arg)
     if pipeline is not None:
@@ -155,8 +211,8 @@ def apply(pipe_or_transformer: Any, *configs: Any, spec: ModelSpec | None = None
     if not configs:
         raise ValueError("accel.apply needs at least one config, e.g. accel.caching.CacheConfig(...)")
     for config in configs:
-        if type(config) not in _APPLIERS:
-            known = ", ".join(sorted(cls.__name__ for cls in _APPLIERS))
+        if type(config) not in _TECHNIQUES:
+            known = ", ".join(sorted(cls.__name__ for cls in _TECHNIQUES))
             raise TypeError(f"No technique registered for {type(config).__name__}; known configs: {known}")
     if len({type(config) for config in configs}) != len(configs):
         raise ValueError("accel.apply got two configs of the same type; pass one per technique")
@@ -164,14 +220,15 @@ def apply(pipe_or_transformer: Any, *configs: Any, spec: ModelSpec | None = None
     parts: dict[type, Handle] = {}
     handle = ApplyHandle(target, parts)
     target.tracker.acquire()  # held while applying, so a failure below unwraps a fresh tracker
+    ordered = sorted(configs, key=lambda c: PHASES.index(_TECHNIQUES[type(c)].phase))
     try:
-        for config in configs:
+        for config in ordered:
             if type(config) in target.tracker.active:
                 raise ValueError(
                     f"{type(config).__name__} is already applied to this {type(target.transformer).__name__}; "
                     "call remove() on the earlier handle first"
                 )
-            part = _APPLIERS[type(config)](target, config)
+            part = _TECHNIQUES[type(config)].apply(target, config)
             target.tracker.acquire()
             parts[type(config)] = part
             target.tracker.active[type(config)] = part

@@ -9,6 +9,10 @@ works it out itself: it wraps the transformer's ``forward`` and the pipeline sch
   unconditional branch as separate calls get branch 0 and 1, so their caches never mix);
 * a new trajectory (all state reset) at every ``set_timesteps`` call, or, for a bare transformer, whenever
   the timestep goes up instead of down.
+
+The tracker's bookkeeping runs eagerly, outside compiled code (its wrapper is fenced, see
+:mod:`accel.patches`). Reading the timestep is the one host-device synchronisation per transformer call that
+the core makes (a float of the timestep tensor); per-block decisions read only host values.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import torch
 
-from accel.hooks import MethodWrapper, wrap_forward, wrap_method
+from accel.patches import PatchLog, eager
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,8 @@ class StepTracker:
         self._listeners: list[Callable[[], None]] = []
         self._timestep_arg = timestep_arg
         self._timestep_position = self._position_of(transformer, timestep_arg)
-        self._wrappers: list[MethodWrapper] = [wrap_forward(transformer, self._forward)]
+        self.patch_log = PatchLog("core")
+        self.patch_log.wrap(transformer, "forward", self._forward)
         self._schedulers: set[int] = set()
         self._last_key: float | None = None
         self._step = -1
@@ -95,7 +100,7 @@ class StepTracker:
             self.reset(num_steps=_count_steps(getattr(scheduler, "timesteps", None)))
             return result
 
-        self._wrappers.append(wrap_method(scheduler, "set_timesteps", set_timesteps))
+        self.patch_log.wrap(scheduler, "set_timesteps", set_timesteps)
 
     def add_reset_listener(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` at the start of every trajectory."""
@@ -133,15 +138,26 @@ class StepTracker:
         position = self._timestep_position
         return args[position] if position is not None and position < len(args) else None
 
-    def _forward(self, inner, *args, **kwargs):
+    @eager
+    def _begin(self, args: tuple, kwargs: dict) -> bool:
+        """Enter a transformer call: advance step and branch; False for a re-entrant call."""
         if self.current is not None:  # re-entrant call (e.g. a technique calling the model): no new step
-            return inner(*args, **kwargs)
+            return False
         self._advance(_timestep_key(self._timestep(args, kwargs)))
         self.current = StepContext(self._step, self._branch, self.num_steps, self._trajectory)
+        return True
+
+    @eager
+    def _end(self) -> None:
+        self.current = None
+
+    def _forward(self, inner, *args, **kwargs):
+        if not self._begin(args, kwargs):
+            return inner(*args, **kwargs)
         try:
             return inner(*args, **kwargs)
         finally:
-            self.current = None
+            self._end()
 
     def acquire(self) -> None:
         """Count one more technique using this tracker."""
@@ -151,9 +167,7 @@ class StepTracker:
         """Count one technique fewer; the last one out unwraps everything."""
         self._users -= 1
         if self._users <= 0:
-            for wrapper in reversed(self._wrappers):
-                wrapper.remove()
-            self._wrappers.clear()
+            self.patch_log.undo()
             _TRACKERS.pop(self.transformer, None)
 
 

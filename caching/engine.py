@@ -1,5 +1,11 @@
 """Hook plumbing of feature caching: wraps blocks and components per instance and applies the decisions.
 
+Compile-safe by design: each wrapper (``_block_forward``, ``_component_forward``) is a fenced frame (see
+:mod:`accel.patches`) that asks an eager helper what to do, then either returns the reused value or calls the
+original forward, which ``torch.compile`` traces as a region of its own. No decision, step index or cache
+lookup is ever traced, so the compiled regions carry no guards on them and recompiles do not grow with the step
+count. Only the blocks and components the plan may reuse are wrapped at all.
+
 State lives per branch (see :mod:`accel.context`): a pipeline that calls the transformer separately for
 the conditional and unconditional prediction gets separate caches, and every cached tensor keeps its batch
 rows, so samples never share entries. The dynamic (first-block) policy's per-sample path is the
@@ -19,19 +25,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from accel.adapters import BlockStack
 from accel.api import Handle, Target, register
+from accel.caching.calls import COMPUTE, BlockCall, ComponentCall, RowDecision, StackCall
 from accel.caching.config import CacheConfig
 from accel.caching.per_sample import Decision, PerSampleBlocks
 from accel.caching.policy import FirstBlockPolicy
 from accel.caching.schedule import Schedule, layout_of
 from accel.caching.state import Feature, FeatureCache, map_feature, residual_of, sum_features
 from accel.caching.stats import CacheStats
-from accel.hooks import MethodWrapper, wrap_forward
+from accel.patches import PatchLog, eager
 
 
 class _Plan(NamedTuple):
     mask: np.ndarray  # (steps, blocks, components) compute decisions
     may_skip: np.ndarray  # (blocks,) whether the block is ever reused whole
     may_reuse: np.ndarray  # (blocks, components) whether the component is ever reused
+    partial: np.ndarray  # (blocks, components) whether it is ever reused inside a block that runs
     whole_stack: dict[str, np.ndarray]  # stack path -> (steps,) whether every block of the stack is reused whole
 
 
@@ -41,13 +49,16 @@ class _BranchState:
     blocks: dict[int, FeatureCache] = field(default_factory=dict)
     stack_skip: dict[str, tuple[int, bool]] = field(default_factory=dict)  # path -> (step, skipped at once)
     stack_sums: dict[str, tuple[tuple, FeatureCache | None]] = field(default_factory=dict)  # path -> (versions, sum)
+    rows: RowDecision | None = None  # the dynamic policy's decision of the current call
     first_residual: FeatureCache | None = None
-    compute_rows: torch.Tensor | None = None
     consecutive_reuse: torch.Tensor | None = None
+    stack_residuals: dict[str, FeatureCache] = field(default_factory=dict)  # dynamic: path -> stack residual
+    stack_calls: dict[str, StackCall] = field(default_factory=dict)  # dynamic: path -> this call's stack pass
 
     def caches(self):
         yield from self.components.values()
         yield from self.blocks.values()
+        yield from self.stack_residuals.values()
         if self.first_residual is not None:
             yield self.first_residual
 
@@ -70,7 +81,7 @@ def _shape_key(args: tuple, kwargs: dict) -> tuple:
 class CacheEngine(PerSampleBlocks):
     """Runs one :class:`CacheConfig` on one transformer; created by ``accel.apply``."""
 
-    def __init__(self, target: Target, config: CacheConfig):
+    def __init__(self, target: Target, config: CacheConfig, patch_log: PatchLog):
         self.target, self.config, self.tracker = target, config, target.tracker
         self.policy = config.schedule
         self.dynamic = isinstance(self.policy, FirstBlockPolicy)
@@ -91,17 +102,29 @@ class CacheEngine(PerSampleBlocks):
             self._stacks.setdefault(block.stack.path, []).append(block.index)
         self._macs: dict[tuple, float] = {}
         self._active: tuple | None = None
-        self._wrappers: list[MethodWrapper] = []
+        self.patch_log = patch_log
+        self._wrapped: set[tuple[int, int]] = set()  # (block, component or -1) with a wrapper installed
         try:
-            for block in self.blocks:
-                self._wrappers.append(wrap_forward(block.module, partial(self._block_forward, block)))
-                for c in block.present:
-                    module = getattr(block.module, self._module_name(block.stack, c))
-                    self._wrappers.append(wrap_forward(module, partial(self._component_forward, block, int(c))))
+            self._install(None if self.dynamic else self._plan(None))
         except BaseException:
             self.detach()
             raise
         self.tracker.add_reset_listener(self.reset)
+
+    def _install(self, plan: _Plan | None) -> None:
+        """Wrap the blocks that store or reuse residuals and the components the plan may reuse: a block or
+        component that always computes and is never needed whole runs unwrapped."""
+        for block in self.blocks:
+            wanted = plan is None or plan.may_skip[block.index] or plan.may_reuse[block.index].any()
+            if (block.index, -1) not in self._wrapped and wanted:
+                self.patch_log.wrap(block.module, "forward", partial(self._block_forward, block))
+                self._wrapped.add((block.index, -1))
+            for c in block.present:
+                if plan is None or (block.index, int(c)) in self._wrapped or not plan.partial[block.index, c]:
+                    continue
+                module = getattr(block.module, self._module_name(block.stack, c))
+                self.patch_log.wrap(module, "forward", partial(self._component_forward, block, int(c)))
+                self._wrapped.add((block.index, int(c)))
 
     def _module_name(self, stack: BlockStack, component: int) -> str:
         name = self.components[component]
@@ -120,15 +143,18 @@ class CacheEngine(PerSampleBlocks):
 
     def detach(self) -> None:
         """Remove every wrapper and drop all cached state."""
-        for wrapper in reversed(self._wrappers):
-            wrapper.remove()
-        self._wrappers.clear()
+        self.patch_log.undo()
+        self._wrapped.clear()
         self.tracker.remove_reset_listener(self.reset)
         self.reset()
 
     def reset(self) -> None:
-        """Drop the cached features of all branches (a new trajectory starts)."""
+        """Drop the cached features of all branches (a new trajectory starts). Called with the step count
+        known (at ``set_timesteps``), it also wraps whatever the plan for that count may reuse, before any
+        transformer call of the trajectory."""
         self._branches.clear()
+        if not self.dynamic and self.tracker.num_steps and self.patch_log.records:
+            self._install(self._plan(self.tracker.num_steps))
 
     # -- decisions ---------------------------------------------------------------------------------------
 
@@ -139,7 +165,6 @@ class CacheEngine(PerSampleBlocks):
             schedule = self.policy.resample(num_steps) if num_steps else self.policy
             mask = schedule.mask
             may_skip = np.zeros(len(self.blocks), dtype=bool)
-            may_reuse = ~mask.all(axis=0)
             reused_whole = np.zeros((mask.shape[0], len(self.blocks)), dtype=bool)
             if schedule.reuse == "residual":
                 for block in self.blocks:
@@ -147,7 +172,8 @@ class CacheEngine(PerSampleBlocks):
                         reused_whole[:, block.index] = (~mask[:, block.index, block.present]).all(axis=1)
                         may_skip[block.index] = reused_whole[:, block.index].any()
             whole_stack = {path: reused_whole[:, indices].all(axis=1) for path, indices in self._stacks.items()}
-            self._plans[key] = _Plan(mask, may_skip, may_reuse, whole_stack)
+            partial_reuse = (~mask & ~reused_whole[:, :, None]).any(axis=0)
+            self._plans[key] = _Plan(mask, may_skip, ~mask.all(axis=0), partial_reuse, whole_stack)
         return self._plans[key]
 
     def _row(self, step: int, mask: np.ndarray, block: int) -> np.ndarray:
@@ -173,15 +199,6 @@ class CacheEngine(PerSampleBlocks):
             else:
                 values.append(args[position] if position is not None and position < len(args) else None)
         return tuple(values)
-
-    def _call(self, key: tuple, inner, args: tuple, kwargs: dict):
-        """Run ``inner``, measuring its MACs the first time ``key`` is seen."""
-        if not self.config.count_macs or key in self._macs:
-            return inner(*args, **kwargs)
-        with FlopCounterMode(display=False) as counter:
-            output = inner(*args, **kwargs)
-        self._macs[key] = counter.get_total_flops() / 2
-        return output
 
     def _block_key(self, block: _Block, args: tuple, kwargs: dict) -> tuple:
         return ("block", block.stack.path, _shape_key(args, kwargs)) if self.config.count_macs else ()
@@ -242,59 +259,92 @@ class CacheEngine(PerSampleBlocks):
             return map_feature(lambda t, like: t.to(like.dtype), kept[1].predict(step), inputs)
         return sum_features([cache.predict(step) for cache in caches])
 
-    def _run(
-        self,
-        block: _Block,
-        key: tuple,
-        state,
-        step: int,
-        row: np.ndarray,
-        store: np.ndarray,
-        inner,
-        args,
-        kwargs,
-    ):
-        """Run the block with per-component decisions ``row`` (True = compute), storing where ``store``."""
-        previous, self._active = self._active, (state, step, block.index, row, store)
-        try:
-            output = self._call(key, inner, args, kwargs)
-        finally:
-            self._active = previous
-        self._after_block(block, key)
-        return output
-
-    # -- forwards ----------------------------------------------------------------------------------------
+    # -- forwards: fenced frames that decide eagerly and compute in the caller's compiled region ------------
 
     def _block_forward(self, block: _Block, inner, *args, **kwargs):
+        call = self._enter_block(block, args, kwargs)
+        if call.output is not COMPUTE:
+            return call.output
+        try:
+            if call.count:
+                output = self._counted(call.key, inner, call.args, call.kwargs)
+            else:
+                output = inner(*call.args, **call.kwargs)
+        except BaseException:
+            self._active = call.previous
+            raise
+        return self._exit_block(block, call, output)
+
+    def _component_forward(self, block: _Block, component: int, inner, *args, **kwargs):
+        call = self._enter_component(block, component, args, kwargs)
+        if call.output is not COMPUTE:
+            return call.output
+        output = self._counted(call.key, inner, args, kwargs) if call.count else inner(*args, **kwargs)
+        self._exit_component(block, component, call, output)
+        return output
+
+    # -- decisions around a block or component call (eager) ----------------------------------------------
+
+    @eager
+    def _counted(self, key: tuple, inner, args: tuple, kwargs: dict):
+        """Run ``inner`` eagerly under a FLOP counter: once per input shape, to know what a reuse saves."""
+        with FlopCounterMode(display=False) as counter:
+            output = inner(*args, **kwargs)
+        self._macs[key] = counter.get_total_flops() / 2
+        return output
+
+    def _must_count(self, key: tuple) -> bool:
+        return self.config.count_macs and key not in self._macs
+
+    @eager
+    def _enter_block(self, block: _Block, args: tuple, kwargs: dict) -> BlockCall:
+        """What to do about one block call: a reused output, or the arguments to run it on."""
         ctx = self.tracker.current
         if ctx is None:
-            return inner(*args, **kwargs)
+            return BlockCall(COMPUTE, args, kwargs, previous=self._active)
         state = self._state(ctx.branch)
         key = self._block_key(block, args, kwargs)
         if self.dynamic:
-            return self._dynamic_block(block, key, state, ctx, inner, args, kwargs)
-        mask, may_skip, may_reuse, whole_stack = self._plan(ctx.num_steps)
-        if ctx.step < len(mask) and whole_stack[block.stack.path][ctx.step]:
+            return self._enter_dynamic(block, key, state, ctx, args, kwargs)
+        plan = self._plan(ctx.num_steps)
+        if ctx.step < len(plan.mask) and plan.whole_stack[block.stack.path][ctx.step]:
             output = self._skip_stack(block, key, state, ctx.step, args, kwargs)
             if output is not None:
-                return output
-        row = self._row(ctx.step, mask, block.index)
-        skippable = may_skip[block.index]
+                return BlockCall(output)
+        row = self._row(ctx.step, plan.mask, block.index)
+        skippable = plan.may_skip[block.index]
         inputs = self._inputs(block, args, kwargs) if skippable else ()
         if skippable and not row[block.present].any():
             cache = state.blocks.get(block.index)
             if cache is not None and cache.matches(inputs):
-                return self._skip(block, key, inputs, cache.predict(ctx.step))
-        output = self._run(block, key, state, ctx.step, row, may_reuse[block.index], inner, args, kwargs)
-        if skippable:
-            cache = state.blocks.setdefault(block.index, self._new_cache(self.policy.forecast_order))
-            cache.update(ctx.step, residual_of(output, inputs))
+                return BlockCall(self._skip(block, key, inputs, cache.predict(ctx.step)))
+        previous, self._active = self._active, (state, ctx.step, block.index, row, plan.may_reuse[block.index])
+        return BlockCall(
+            COMPUTE, args, kwargs, key, self._must_count(key), previous, state, ctx.step, inputs, skippable
+        )
+
+    @eager
+    def _exit_block(self, block: _Block, call: BlockCall, output):
+        """Store what the computed block's call left behind; returns the block's output."""
+        self._active = call.previous
+        if call.state is None:
+            return output
+        if call.finish is not None:
+            return call.finish(output)
+        self._after_block(block, call.key)
+        for c in block.present:
+            if (block.index, int(c)) not in self._wrapped:
+                self.stats_data.computed[self.components[c]] += 1
+        if call.store:
+            cache = call.state.blocks.setdefault(block.index, self._new_cache(self.policy.forecast_order))
+            cache.update(call.step, residual_of(output, call.inputs))
         return output
 
-    def _component_forward(self, block: _Block, component: int, inner, *args, **kwargs):
+    @eager
+    def _enter_component(self, block: _Block, component: int, args: tuple, kwargs: dict) -> ComponentCall:
         active = self._active
         if active is None or active[2] != block.index:
-            return inner(*args, **kwargs)
+            return ComponentCall(COMPUTE)
         state, step, _, row, store = active
         name = self.components[component]
         key = ("component", block.stack.path, name, _shape_key(args, kwargs)) if self.config.count_macs else ()
@@ -302,14 +352,18 @@ class CacheEngine(PerSampleBlocks):
         if not row[component] and cache is not None and len(cache) and _same_batch(cache, args, kwargs):
             self.stats_data.reused[name] += 1
             self._saved(key)
-            return cache.predict(step)
-        output = self._call(key, inner, args, kwargs)
+            return ComponentCall(cache.predict(step))
         self.stats_data.computed[name] += 1
-        if store[component]:
-            if cache is None:
-                cache = state.components[(block.index, component)] = self._new_cache(self.policy.forecast_order)
-            cache.update(step, output)
-        return output
+        return ComponentCall(COMPUTE, key, self._must_count(key), state if store[component] else None, step)
+
+    @eager
+    def _exit_component(self, block: _Block, component: int, call: ComponentCall, output) -> None:
+        if call.state is None:
+            return
+        cache = call.state.components.get((block.index, component))
+        if cache is None:
+            cache = call.state.components[(block.index, component)] = self._new_cache(self.policy.forecast_order)
+        cache.update(call.step, output)
 
 
 def _same_batch(cache: FeatureCache, args: tuple, kwargs: dict) -> bool:
@@ -321,8 +375,9 @@ class CacheHandle(Handle):
     """Handle of an applied :class:`CacheConfig`: ``stats()``, ``reset()``, ``remove()``."""
 
     def __init__(self, engine: CacheEngine):
-        super().__init__()
+        super().__init__("caching")
         self.engine = engine
+        self.patch_log = engine.patch_log
 
     def _remove(self) -> None:
         self.engine.detach()
@@ -346,7 +401,7 @@ class CacheHandle(Handle):
         return list(self.engine.decision_log)
 
 
-@register(CacheConfig)
+@register(CacheConfig, name="caching", phase="forwards")
 def apply_cache(target: Target, config: CacheConfig) -> CacheHandle:
     """Attach feature caching to ``target``; returns its handle. Use ``accel.apply`` rather than this."""
-    return CacheHandle(CacheEngine(target, config))
+    return CacheHandle(CacheEngine(target, config, PatchLog("caching")))

@@ -3,19 +3,27 @@ computing samples only.
 
 :class:`PerSampleBlocks` is mixed into :class:`~accel.caching.engine.CacheEngine`; it runs when the config's
 schedule is a :class:`~accel.caching.policy.FirstBlockPolicy`. The first block always runs and its residual
-decides, per sample, whether the later blocks compute; a later block runs on the computing samples alone (every
-batch-major argument sliced) and the others add their cached residual.
+decides, per sample, whether the later blocks compute. Each block stack keeps one cached residual (its output
+minus its input; for the first stack, minus the first block's output): a sample that reuses takes input +
+residual at the stack's first block and passes through the others, and the computing samples run each block
+alone (every batch-major argument sliced) and refresh their rows of the stack residual at its last block.
+
+GPU-friendly: the decision reads the per-sample change once per transformer call (one host-device
+synchronisation, in :meth:`PerSampleBlocks._decide`); the row indices are copied to the device once per call;
+every later block decides from host values. When every sample computes, a block costs what it costs
+unwrapped, plus one subtraction per stack to refresh its residual.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
 import torch
 
+from accel.caching.calls import COMPUTE, BlockCall, RowDecision, StackCall
 from accel.caching.policy import first_block_decision, relative_change
-from accel.caching.state import map_feature, residual_of
+from accel.caching.state import as_tuple, map_feature, residual_of
 
 if TYPE_CHECKING:  # the engine's private records, for annotations only
     from accel.caching.engine import _Block, _BranchState
@@ -40,77 +48,113 @@ class Decision(NamedTuple):
 class PerSampleBlocks:
     """The dynamic-policy methods of the cache engine (a mixin: it uses the engine's state and helpers)."""
 
-    def _dynamic_block(self, block: _Block, key: tuple, state: _BranchState, ctx, inner, args, kwargs):
-        all_rows = np.ones(len(self.components), dtype=bool)
-        no_store = ~all_rows
+    def _stack_span(self, block: _Block) -> tuple[int, int]:
+        """First and last block index of ``block``'s stack that the stack residual covers."""
+        indices = self._stacks[block.stack.path]
+        return (indices[0] + 1 if indices[0] == 0 else indices[0]), indices[-1]
+
+    def _enter_dynamic(self, block: _Block, key: tuple, state: _BranchState, ctx, args, kwargs) -> BlockCall:
+        """Called eagerly by the engine before a block under the dynamic policy."""
         skippable = block.stack.skippable and len(block.present) > 0
         inputs = self._inputs(block, args, kwargs) if skippable else ()
+        compute = BlockCall(COMPUTE, args, kwargs, key, self._must_count(key), self._active, state, ctx.step)
+        if not skippable:
+            return compute
         if block.index == 0:
-            output = self._run(block, key, state, ctx.step, all_rows, no_store, inner, args, kwargs)
-            if skippable:
-                self._decide(state, ctx, _stream(block, residual_of(output, inputs)))
-            return output
-        rows = state.compute_rows
-        cache = state.blocks.get(block.index) if skippable else None
-        if rows is None or cache is None or not cache.matches(inputs) or bool(rows.all()):
-            output = self._run(block, key, state, ctx.step, all_rows, no_store, inner, args, kwargs)
-            if skippable:
-                state.blocks.setdefault(block.index, self._new_cache()).update(ctx.step, residual_of(output, inputs))
-            return output
-        residual = cache.predict(ctx.step)
-        if not bool(rows.any()):
-            return self._skip(block, key, inputs, residual)
-        return self._compute_rows(block, key, state, ctx.step, rows, residual, inputs, inner, args, kwargs)
-
-    def _compute_rows(self, block: _Block, key: tuple, state, step: int, rows, residual, inputs, inner, args, kwargs):
-        """Run the block on the samples ``rows`` selects only (every batch-major tensor argument sliced), and
-        reuse the cached ``residual`` for the others."""
-        batch = rows.shape[0]
-        picked = rows.nonzero().squeeze(1)
+            return compute._replace(finish=partial(self._decide, block, key, state, ctx, inputs))
+        span = self._stack_span(block)
+        first, last = block.index == span[0], block.index == span[1]
+        if first:
+            self._open_stack(block, state, ctx.step, inputs)
+        stack = state.stack_calls.get(block.stack.path)
+        if stack is None or stack.step != ctx.step:
+            return compute
+        finish = partial(self._finish_block, block, key, state, stack, inputs, first, last)
+        if stack.mode == "all":
+            return compute._replace(finish=finish)
+        if stack.mode == "none":
+            return BlockCall(self._skip(block, key, inputs, stack.residual if first else None))
+        picked = state.rows.picked
+        batch = state.rows.rows.shape[0]
         sub_args = tuple(_take_rows(a, picked, batch) for a in args)
         sub_kwargs = {name: _take_rows(value, picked, batch) for name, value in kwargs.items()}
-        output = self._run(
-            block,
-            key,
-            state,
-            step,
-            np.ones(len(self.components), bool),
-            np.zeros(len(self.components), bool),
-            inner,
-            sub_args,
-            sub_kwargs,
-        )
         self.stats_data.macs_saved += self._macs.get(key, 0.0) * (1 - len(picked) / batch)
+        return compute._replace(args=sub_args, kwargs=sub_kwargs, finish=finish)
 
-        def scatter(new, old):
-            merged = old.clone()
-            merged[picked.to(old.device)] = new.to(old.dtype)
-            return merged
+    def _open_stack(self, block: _Block, state: _BranchState, step: int, inputs: tuple) -> None:
+        """At a stack's first block: this call's mode for the stack, and what its samples start from."""
+        decision, cache = state.rows, state.stack_residuals.get(block.stack.path)
+        mode = "all" if decision is None or decision.step != step else decision.mode
+        if mode != "all" and (cache is None or not cache.matches(inputs) or not cache.complete):
+            mode = "all"
+        if mode == "all":
+            stack = StackCall(step, mode, start=inputs, cache=cache)
+        else:
+            residual = cache.predict(step)
+            base = map_feature(lambda r, x: x + r.to(x.dtype), residual, inputs)
+            start = (
+                None if mode == "none" else tuple(_take_rows(x, decision.picked, len(decision.rows)) for x in inputs)
+            )
+            stack = StackCall(step, mode, start=start, base=base, residual=residual, cache=cache)
+        state.stack_calls[block.stack.path] = stack
 
-        computed = residual_of(output, self._inputs(block, sub_args, sub_kwargs))
-        merged = map_feature(scatter, computed, residual)
-        state.blocks[block.index].update(step, merged)
-        full = map_feature(lambda r, x: x + r.to(x.dtype), merged, inputs)
+    def _finish_block(self, block, key, state, stack: StackCall, inputs, first: bool, last: bool, output):
+        """After a block ran on all samples or on the computing ones: the full-batch output, and at the stack's
+        last block its refreshed residual."""
+        self._after_block(block, key)
+        for c in block.present:
+            self.stats_data.computed[self.components[c]] += 1
+        computed = as_tuple(output)
+        if stack.mode == "all":
+            if last:
+                cache = state.stack_residuals.setdefault(block.stack.path, self._new_cache())
+                cache.update(stack.step, residual_of(output, stack.start))
+            return output
+        picked = state.rows.picked
+        base = stack.base if first else inputs  # the reused samples' rows already hold their stack output
+        full = map_feature(lambda b, new: b.index_copy(0, picked, new.to(b.dtype)), base, computed)
+        if last:
+            fresh = residual_of(output, stack.start)
+            merged = map_feature(lambda old, new: old.index_copy(0, picked, new.to(old.dtype)), stack.residual, fresh)
+            stack.cache.update(stack.step, merged)
         return full[0] if len(full) == 1 else full
 
-    def _decide(self, state: _BranchState, ctx, first_residual: torch.Tensor) -> None:
-        previous = state.first_residual.predict(ctx.step) if state.first_residual else None
-        change = relative_change(first_residual, previous)
-        batch = first_residual.shape[0]
+    def _decide(self, block: _Block, key: tuple, state: _BranchState, ctx, inputs: tuple, output):
+        """After the first block: which samples compute the later blocks at this call."""
+        self._after_block(block, key)
+        for c in block.present:
+            self.stats_data.computed[self.components[c]] += 1
+        residual = _stream(block, residual_of(output, inputs))
+        cache = state.first_residual
+        previous = cache.predict(ctx.step) if cache is not None and cache.matches(residual) else None
+        change = relative_change(residual, previous)
+        change = None if change is None else change.cpu()  # the one host-device synchronisation of the call
+        batch = residual.shape[0]
         if state.consecutive_reuse is None or state.consecutive_reuse.shape[0] != batch:
             state.consecutive_reuse = torch.zeros(batch, dtype=torch.long)
         rows = first_block_decision(self.policy, ctx.step, ctx.num_steps, change, state.consecutive_reuse, batch)
-        if state.first_residual is None or change is None:
+        mode = "all" if bool(rows.all()) else "none" if not bool(rows.any()) else "mixed"
+        decision = RowDecision(ctx.step, rows, mode)
+        if mode == "mixed":
+            device = residual.device
+            decision = decision._replace(
+                picked=rows.nonzero().squeeze(1).to(device, non_blocking=True),
+                mask=rows.to(device, non_blocking=True),
+            )
+        if previous is None:
             state.first_residual = self._new_cache()
-            state.first_residual.update(ctx.step, first_residual)
-        else:
-            state.first_residual.update_rows(ctx.step, first_residual, rows)
+            state.first_residual.update(ctx.step, residual)
+        elif mode == "all":
+            cache.update(ctx.step, residual)
+        elif mode == "mixed":
+            cache.update_rows(ctx.step, residual, decision.mask)
+        state.rows = decision
         state.consecutive_reuse = torch.where(rows, 0, state.consecutive_reuse + 1)
-        state.compute_rows = rows
-        changes = None if change is None else tuple(float(c) for c in change)
-        self.decision_log.append(Decision(ctx.step, ctx.branch, tuple(bool(r) for r in rows), changes))
+        changes = None if change is None else tuple(change.tolist())
+        self.decision_log.append(Decision(ctx.step, ctx.branch, tuple(rows.tolist()), changes))
         self.stats_data.samples_computed += int(rows.sum())
         self.stats_data.samples_reused += int((~rows).sum())
+        return output
 
 
 def _stream(block, residual: tuple) -> torch.Tensor:

@@ -129,8 +129,9 @@ class FeatureCache:
         del self._values[: -(self.order + 1)]
 
     def update_rows(self, step: int, value: Feature, rows: torch.Tensor) -> None:
-        """Store ``value`` only for the batch rows where ``rows`` (bool, ``(batch,)``) is True (order 0 only)."""
-        if not self._values or bool(rows.all()):
+        """Store ``value`` only for the batch rows where ``rows`` (bool, ``(batch,)``, best on ``value``'s device:
+        no synchronisation then) is True (order 0 only)."""
+        if not self._values:
             self.update(step, value)
             return
 

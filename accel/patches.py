@@ -1,0 +1,164 @@
+"""The patch log: every change a technique makes to a model, each with its exact undo.
+
+A technique never edits a model directly. It asks its :class:`PatchLog` to
+
+* wrap a method of one instance (:meth:`PatchLog.wrap`; e.g. a block's ``forward``),
+* set an attribute (:meth:`PatchLog.set_attribute`),
+* swap an attention processor (:meth:`PatchLog.set_processor`),
+* replace a submodule (:meth:`PatchLog.replace_module`) or a parameter (:meth:`PatchLog.replace_parameter`),
+
+and the log records what changed, on which object, for which technique. :meth:`PatchLog.undo` replays the
+records backwards, restoring the very objects that were there before, so outputs are bit-identical after
+removal. A handle is its patch log: ``handle.patches()`` lists the records.
+
+Techniques declare a phase; :func:`accel.apply` applies several in :data:`PHASES` order (weights, then
+attention processors, then forwards), so quantized weights are in place before a processor is swapped and
+forwards are wrapped last, around whatever the earlier phases installed.
+
+Wrappers are compile-safe by construction: :meth:`PatchLog.wrap` fences the wrapper's own frame off from
+``torch.compile`` (``torch.compiler.disable(recursive=False)``), so the decisions it makes run eagerly and
+never become guards, while the original method it calls is traced and compiled as a frame of its own whenever
+the caller is compiled. Helpers a wrapper calls for its decisions must be fenced with :func:`eager`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from accel.hooks import MethodWrapper
+
+#: The order in which techniques are applied; each technique declares one (see :func:`accel.register`).
+PHASES = ("weights", "processors", "forwards")
+
+Phase = Literal["weights", "processors", "forwards"]
+PatchKind = Literal["wrap", "attribute", "processor", "module", "parameter", "callback"]
+
+_MISSING = object()
+
+
+def eager(fn: Callable) -> Callable:
+    """Run ``fn`` (and everything it calls) eagerly, outside any compiled region: for decision code."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
+def fenced(fn: Callable) -> Callable:
+    """Skip ``fn``'s own frame when compiling but compile what it calls: for a wrapper around compute."""
+    return torch.compiler.disable(fn, recursive=False)
+
+
+@dataclass(frozen=True)
+class PatchRecord:
+    """One change in a :class:`PatchLog`.
+
+    Attributes:
+        technique: the name of the technique that made it, e.g. ``"caching"``.
+        kind: ``"wrap"``, ``"attribute"``, ``"processor"``, ``"module"``, ``"parameter"`` or ``"callback"``.
+        owner: the object changed (a module, a scheduler, ...).
+        name: the attribute, method, submodule or parameter name changed on ``owner``.
+    """
+
+    technique: str
+    kind: PatchKind
+    owner: Any
+    name: str
+
+    def describe(self, root: torch.nn.Module | None = None) -> str:
+        """``"caching: wrap transformer_blocks.3.forward"``; modules under ``root`` are named by their path."""
+        where = type(self.owner).__name__
+        if root is not None and isinstance(self.owner, torch.nn.Module):
+            path = next((n for n, m in root.named_modules() if m is self.owner), None)
+            if path is not None:
+                where = path or type(root).__name__
+        return f"{self.technique}: {self.kind} {where}.{self.name}"
+
+
+class PatchLog:
+    """The changes one technique made, in order, with their undos. See the module docstring.
+
+    Args:
+        technique: name recorded on every change, e.g. ``"caching"``.
+    """
+
+    def __init__(self, technique: str):
+        self.technique = technique
+        self._entries: list[tuple[PatchRecord, Callable[[], None]]] = []
+
+    @property
+    def records(self) -> list[PatchRecord]:
+        """The changes still in place, oldest first."""
+        return [record for record, _ in self._entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _add(self, kind: PatchKind, owner: Any, name: str, undo: Callable[[], None]) -> None:
+        self._entries.append((PatchRecord(self.technique, kind, owner, name), undo))
+
+    def wrap(self, obj: Any, name: str, fn: Callable[..., Any]) -> MethodWrapper:
+        """Make ``obj.name(*args, **kwargs)`` call ``fn(original, *args, **kwargs)`` on this instance only.
+
+        ``fn``'s frame is :func:`fenced`: it runs eagerly under ``torch.compile`` while ``original`` compiles.
+        """
+        wrapper = MethodWrapper(obj, name, fenced(fn))
+        self._add("wrap", obj, name, wrapper.remove)
+        return wrapper
+
+    def set_attribute(self, obj: Any, name: str, value: Any) -> None:
+        """``setattr(obj, name, value)``; undone by restoring the previous instance attribute (or its absence)."""
+        previous = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name)
+        setattr(obj, name, value)
+
+        def undo():
+            if previous is _MISSING:
+                if name in obj.__dict__:
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, previous)
+
+        self._add("attribute", obj, name, undo)
+
+    def set_processor(self, attention: torch.nn.Module, processor: Any, attr: str = "processor") -> None:
+        """Swap the attention processor of one diffusers ``Attention`` module (through ``set_processor`` where
+        the module has it); undone by setting the previous processor object back."""
+        previous = getattr(attention, attr)
+        setter = getattr(attention, "set_processor", None) if attr == "processor" else None
+
+        def assign(value):
+            if setter is not None:
+                setter(value)
+            else:
+                setattr(attention, attr, value)
+
+        assign(processor)
+        self._add("processor", attention, attr, lambda: assign(previous))
+
+    def replace_module(self, parent: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+        """Put ``module`` in place of ``parent``'s submodule ``name`` (a ``ModuleList`` index works too)."""
+        if name not in parent._modules:
+            raise ValueError(f"{type(parent).__name__} has no submodule {name!r}")
+        previous = parent._modules[name]
+        parent._modules[name] = module
+        self._add("module", parent, name, lambda: parent._modules.__setitem__(name, previous))
+
+    def replace_parameter(self, module: torch.nn.Module, name: str, parameter: torch.nn.Parameter | Any) -> None:
+        """Put ``parameter`` (a ``Parameter`` or a tensor subclass such as a quantized weight) in place of
+        ``module``'s parameter ``name``; undone by putting the original ``Parameter`` object back."""
+        if name not in module._parameters:
+            raise ValueError(f"{type(module).__name__} has no parameter {name!r}")
+        previous = module._parameters[name]
+        module._parameters[name] = parameter
+        self._add("parameter", module, name, lambda: module._parameters.__setitem__(name, previous))
+
+    def on_undo(self, fn: Callable[[], None], owner: Any = None, name: str = "") -> None:
+        """Run ``fn`` when the log is undone, in order with the changes (e.g. to drop state)."""
+        self._add("callback", owner, name or getattr(fn, "__name__", "callback"), fn)
+
+    def undo(self) -> None:
+        """Undo every change, newest first. Idempotent: an undone log is empty."""
+        while self._entries:
+            _, undo = self._entries.pop()
+            undo()
