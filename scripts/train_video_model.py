@@ -127,10 +127,29 @@ def new_vae(**overrides):
     return AutoencoderKLWan(**{**VAE_CONFIG, **overrides})
 
 
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """``vae.decode(z).sample`` before its clamp to [-1, 1].
+
+    The clamp has no gradient where the decoder overshoots, and on white backgrounds it does overshoot: trained
+    through ``decode``, the decoder learns to paint everything white past +1 and then gets no signal for the
+    ink. This is ``AutoencoderKLWan._decode`` (frame by frame with its causal cache) without the clamp.
+    """
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    frames = []
+    for i in range(x.shape[2]):
+        vae._conv_idx = [0]
+        frames.append(
+            vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0)
+        )
+    vae.clear_cache()
+    return torch.cat(frames, 2)
+
+
 def vae_loss(vae, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """L1 + MSE reconstruction and a small KL term; returns ``(loss, reconstruction, kl)``."""
     posterior = vae.encode(clips).latent_dist
-    recon = vae.decode(posterior.sample()).sample
+    recon = decode_unclamped(vae, posterior.sample())
     rec = F.l1_loss(recon, clips) + F.mse_loss(recon, clips)
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
     return rec + 1e-4 * kl, rec, kl
@@ -336,8 +355,8 @@ def export(args: argparse.Namespace) -> None:
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT, num_train_timesteps=1000
     )
     out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
+    for name in ("transformer", "vae", "scheduler"):
+        shutil.rmtree(out / name, ignore_errors=True)
     transformer.to(torch.float16).save_pretrained(out / "transformer")
     vae.to(torch.float16).save_pretrained(out / "vae")
     scheduler.save_pretrained(out / "scheduler")

@@ -121,6 +121,8 @@ def test_tiny_untrained_model_trains_one_step_and_runs_in_wan_pipeline(emoji):
     clips = train_video_model.render_batch(images, specs)[:, :, :5]
     with torch.no_grad():
         latents = vae.encode(clips).latent_dist.mean  # (2, 8, 3, 16, 16)
+        unclamped = train_video_model.decode_unclamped(vae, latents)  # what the VAE stage trains on
+        torch.testing.assert_close(unclamped.clamp(-1, 1), vae.decode(latents).sample)
     captions = [render_clips.caption(names[s.index], s.motion) for s in specs]
     data = {"latents": latents, "text": train_video_model.encode_text(captions), "empty_text": torch.zeros(1, 32, 384)}
     batch = train_video_model.flow_batch(data, 2, 0.5, torch.Generator().manual_seed(0))
