@@ -38,7 +38,8 @@ def generate_in_batches(evaluator, context: Context, n: int, batch: int, seed: i
 
 
 def measure_methods(evaluator, contexts: dict[str, Context], batch: int, repeats: int) -> tuple[dict, dict]:
-    """Decoded images of every method on all the evaluator's prompts, their PSNR against ``"full"``'s, and
+    """Decoded images (kept on the CPU) of every method on all the evaluator's prompts, their PSNR against
+    ``"full"``'s, and
     interleaved timings of one ``batch``-prompt call (one warm-up round, ``repeats`` timed ones).
 
     Returns:
@@ -48,7 +49,7 @@ def measure_methods(evaluator, contexts: dict[str, Context], batch: int, repeats
     n = len(evaluator.prompts)
     images = {}
     for name, context in tqdm(contexts.items(), desc="methods", unit="method"):
-        images[name] = evaluator.decode(generate_in_batches(evaluator, context, n, batch))
+        images[name] = evaluator.decode(generate_in_batches(evaluator, context, n, batch)).cpu()
     rows = {name: {"psnr": float(psnr(im, images["full"], 1.0).mean())} for name, im in images.items()}
     timings = time_interleaved(
         {name: lambda: evaluator.generate(None, min(batch, n)) for name in contexts},
@@ -122,7 +123,7 @@ def score_methods(
     """
     prompts = evaluator.prompts
     if reference is None:
-        reference = evaluator.decode(evaluator.generate(None, len(prompts), seed=reference_seed))
+        reference = evaluator.decode(evaluator.generate(None, len(prompts), seed=reference_seed)).cpu()
         reference_label = f"{len(reference)} full-compute images with seeds from {reference_seed}"
     else:
         reference_label = f"the {len(reference)} images of the emoji set"
@@ -135,7 +136,7 @@ def score_methods(
         rows[name]["prompt_score_se"] = paired_standard_error(scores, full_scores)
     fids, scores = [rows["full"]["fid"]], [rows["full"]["prompt_score"]]
     for seed in noise_seeds:
-        decoded = evaluator.decode(generate_in_batches(evaluator, nullcontext, len(prompts), batch, seed))
+        decoded = evaluator.decode(generate_in_batches(evaluator, nullcontext, len(prompts), batch, seed)).cpu()
         fids.append(scorers.fid(decoded))
         scores.append(float(scorers.prompt_scores(decoded).mean()))
     return {

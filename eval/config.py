@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from accel.eval.cost import TimingConfig
 from accel.eval.methods import parse_methods
 from accel.eval.metrics import METRICS, MetricWeights
+from accel.eval.runtime import RuntimeConfig
 from accel.textconfig import attribute_docs, read_prompts  # noqa: F401 (read_prompts: re-exported)
 
 #: prompts of ``accel demo``: emoji names from the bundled model's dataset (13 of its training captions, 3 held out)
@@ -59,6 +60,10 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
+#: metadata of a config's ``runtime: RuntimeConfig`` field: its flags are ``--device``, ``--dtype``, ``--compile``
+RUNTIME_FIELD = {"prefix": False}
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """One evaluation: which model, methods, prompts and metrics, and how to time them."""
@@ -80,8 +85,7 @@ class EvalConfig:
         default=None, metadata=_help("FID/KID reference set (.npz with 'images' or a folder); default: full-compute")
     )
     pipeline_kwargs: dict = field(default_factory=dict, metadata=_help("extra pipeline call arguments, as JSON"))
-    device: str = field(default="cpu", metadata=_help("torch device"))
-    dtype: str = field(default="float32", metadata=_help("weights dtype: float32, float16 or bfloat16"))
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata=RUNTIME_FIELD)
     threads: int | None = field(
         default=None, metadata=_help("torch.set_num_threads for the run (CPU); omitted: torch's default")
     )
@@ -99,8 +103,6 @@ class EvalConfig:
             raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         object.__setattr__(self, "pipeline_kwargs", dict(self.pipeline_kwargs))
 
     @property
@@ -129,27 +131,44 @@ def _base_type(annotation) -> type:
     return origin or annotation
 
 
-def _fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
+def _fields(cls: type, prefix: str = "", flag_prefix: str = "") -> list[tuple[str, dataclasses.Field, type, str]]:
+    """``(dotted name, field, base type, flag)`` of every field, nested configs' fields included: their flags
+    are prefixed with the nested field's name (``--timing-repeats``) unless it is marked ``{"prefix": False}``
+    (:data:`RUNTIME_FIELD`: ``--device``)."""
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
         kind = _base_type(hints[f.name])
         if dataclasses.is_dataclass(kind):
-            rows += _fields(kind, f"{prefix}{f.name}.")
+            nested_flags = f"{flag_prefix}{f.name}-" if f.metadata.get("prefix", True) else flag_prefix
+            rows += _fields(kind, f"{prefix}{f.name}.", nested_flags)
         elif f.metadata.get("cli", True):
-            rows.append((prefix + f.name, f, kind))
+            rows.append((prefix + f.name, f, kind, "--" + (flag_prefix + f.name).replace("_", "-")))
     return rows
 
 
+def parse_bool(text: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no, on/off) as a flag value."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = EvalConfig, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per field of ``cls`` (nested configs as ``--timing-repeats``); defaults left unset, so
-    :func:`config_from_args` knows what was given."""
-    for name, f, kind in _fields(cls):
+    """One ``--flag`` per field of ``cls`` (nested configs as ``--timing-repeats``, see :func:`_fields`; a bool
+    as a switch, ``--compile`` or ``--compile false``); defaults left unset, so :func:`config_from_args` knows
+    what was given."""
+    for name, f, kind, flag in _fields(cls):
         if name in skip:
             continue
-        flag = "--" + name.replace(".", "-").replace("_", "-")
         owner = _owner(cls, name)
         help_text = f.metadata.get("help") or attribute_docs(owner).get(f.name) or f"{name} ({kind.__name__})"
+        if kind is bool:
+            switch = {"type": parse_bool, "nargs": "?", "const": True, "metavar": "BOOL"}
+            parser.add_argument(flag, dest=name, default=None, help=help_text, **switch)
+            continue
         parse = {tuple: str, dict: json.loads}.get(kind, kind)
         metavar = f.name.upper()
         parser.add_argument(flag, dest=name, type=parse, default=None, help=help_text, metavar=metavar)
@@ -165,7 +184,7 @@ def _owner(cls: type, dotted: str) -> type:
 def config_from_args(args: argparse.Namespace, base: dict | None = None, cls: type = EvalConfig) -> EvalConfig:
     """An :class:`EvalConfig` from ``base`` (e.g. a ``--config`` file) overridden by the flags given."""
     values = json.loads(json.dumps(base or {}))
-    for name, _, kind in _fields(cls):
+    for name, _, kind, _ in _fields(cls):
         given = getattr(args, name, None)
         if given is None:
             continue
@@ -195,3 +214,13 @@ def build_config(values: dict, cls: type = EvalConfig):
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype`` and ``--compile``, for a command whose config has no ``runtime`` field."""
+    add_config_arguments(parser, RuntimeConfig)
+
+
+def runtime_from_args(args: argparse.Namespace) -> RuntimeConfig:
+    """The :class:`~accel.eval.runtime.RuntimeConfig` of :func:`add_runtime_arguments`' flags."""
+    return config_from_args(args, cls=RuntimeConfig)

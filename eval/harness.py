@@ -230,25 +230,28 @@ def run_trial(context: RunContext, method: Method) -> dict:
     return json.loads(path.read_text())
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
 def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext:
-    """Load the pipeline (unless given) on this process's device and prepare the metrics."""
+    """Load the pipeline (unless given; compiled if ``config.runtime.compile``) on this process's device and
+    prepare the metrics.
+
+    Raises:
+        ValueError: the configured device is not available here (before anything is loaded).
+    """
     from accelerate import PartialState
 
-    state = PartialState(cpu=config.device == "cpu")
+    runtime = config.runtime
+    device = runtime.check()
+    state = PartialState(cpu=device.type == "cpu")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    device = (
-        state.device if config.device.startswith("cuda") and state.num_processes > 1 else torch.device(config.device)
-    )
+    if device.type == "cuda" and state.num_processes > 1:
+        device = state.device
     bundled = pipe is None and config.model is None
     if pipe is None:
         from accel.pipelines.loading import load_pipeline
 
-        pipe = load_pipeline(config.model, torch_dtype=_dtype(config.dtype), device=str(device))
+        pipe = load_pipeline(config.model, torch_dtype=runtime.torch_dtype, device=str(device))
+        runtime.compile_pipeline(pipe)
     kwargs, guidance = pipeline_defaults(pipe, bundled, config.pipeline_kwargs)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
@@ -256,7 +259,8 @@ def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext
         "model": config.model or "bundled-default",
         "pipeline_class": type(pipe).__name__,
         "weights": weights_checksum(pipe),
-        "dtype": config.dtype,
+        "dtype": runtime.dtype,
+        **({"compiled": True} if runtime.compile else {}),  # absent when eager: earlier runs' trial keys hold
     }
     real = load_image_set(config.real_images) if config.real_images else None
     suite = MetricSuite(config.metrics, config.weights, real=real, real_label=config.real_images or "")

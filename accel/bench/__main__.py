@@ -16,7 +16,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m accel.bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
         return 2
     module = importlib.import_module(BENCHMARKS[argv[0]])
-    result = module.run(argv[1:])
+    try:
+        result = module.run(argv[1:])
+    except (ValueError, FileNotFoundError) as error:  # e.g. --device cuda without CUDA: one line, no traceback
+        print(f"python -m accel.bench {argv[0]}: error: {error}", file=sys.stderr)
+        return 1
     print(json.dumps(result))
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from accel.eval.config import add_runtime_arguments, runtime_from_args
+from accel.eval.runtime import RuntimeConfig
 from accel.eval.timing import timed
 from accel.pipelines.default import DEFAULT_CALL_KWARGS, DEFAULT_GUIDANCE_SCALE, load_default_pipeline
 
@@ -54,18 +57,22 @@ def generate(pipe, prompts: list[str], steps: int, batch: int, seed: int = 0) ->
             output_type="pt",
             **DEFAULT_CALL_KWARGS,
         )
-        chunks.append(output.images.float().clamp(0, 1))
+        chunks.append(output.images.float().clamp(0, 1).cpu())
     return torch.cat(chunks)
 
 
-def untrained_copy(pipe):
-    """The same pipeline with the transformer re-initialised from its config (seed 0)."""
+def untrained_copy(pipe, runtime: RuntimeConfig | None = None):
+    """The same pipeline with the transformer re-initialised from its config (seed 0), on the trained one's
+    device and dtype (and compiled if ``runtime`` says so)."""
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel.from_config(pipe.transformer.config).eval().requires_grad_(False)
+    transformer.to(pipe.transformer.device, pipe.transformer.dtype)
     untrained = copy.copy(pipe)
     untrained.register_modules(transformer=transformer)
+    if runtime is not None:
+        runtime.compile_pipeline(untrained)
     return untrained
 
 
@@ -108,16 +115,20 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--data", default=DATA_FILE)
     parser.add_argument("--model", default=None, help="pipeline folder; default: the bundled model")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
+    runtime = runtime_from_args(args)
+    device = runtime.check()
     from accel.eval.fid import fid_kid
 
     images, captions, split = load_dataset(args.data)
-    pipe = load_default_pipeline(args.model)
+    pipe = load_default_pipeline(args.model, torch_dtype=runtime.torch_dtype, device=str(device))
+    runtime.compile_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
     prompts = [captions[i % len(captions)] for i in np.random.default_rng(0).permutation(len(captions))]
     prompts = (prompts * (args.samples // len(prompts) + 1))[: args.samples]
     trained = generate(pipe, prompts, args.steps, args.batch)
-    untrained = generate(untrained_copy(pipe), prompts, args.steps, args.batch)
+    untrained = generate(untrained_copy(pipe, runtime), prompts, args.steps, args.batch)
     fid_trained = fid_kid(images, trained)
     fid_untrained = fid_kid(images, untrained)
     checks = scorer_checks(images, captions, split, trained, prompts)
@@ -143,4 +154,5 @@ def run(argv: list[str]) -> dict:
         **{k: round(v, 3) for k, v in checks.items()},
         "seconds_per_step": round(per_step, 4),
         "samples": args.samples,
+        "runtime": asdict(runtime),
     }

@@ -51,6 +51,7 @@ from accel.caching.search.runner import search
 from accel.caching.search.seeds import heuristic_schedules
 from accel.caching.search.transfer import measure_transfer, transfer_table
 from accel.eval.comparison import dynamic_method_contexts, measure_methods, score_methods
+from accel.eval.config import add_runtime_arguments, runtime_from_args
 from accel.eval.noise import dominates, why_not_dominated, within_noise
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--transfer-steps", default="", help="also score the front resampled to these step counts, e.g. 10,30"
     )
+    add_runtime_arguments(parser)
     return parser
 
 
@@ -146,13 +148,13 @@ def _transfer(front, scorer, prompts: list[str], args) -> dict:
 
 def run(argv: list[str]) -> dict:
     """Search (or reuse), measure, print the table; return the headline numbers."""
-    from accel.pipelines.loading import load_pipeline
-
     args = _parser().parse_args(argv)
     if not 2 <= args.seed_sets <= len(SEED_SETS):
         raise SystemExit(f"--seed-sets must be in 2..{len(SEED_SETS)}, got {args.seed_sets}")
+    runtime = runtime_from_args(args)
+    runtime.check()
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
+    pipe = runtime.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs, evaluation_defaults = model_defaults(args.model)
     if args.max_sequence_length is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from accel.caching.search.config import SearchConfig, parse_duration
 from accel.caching.search.evaluator import EvaluatorConfig
 from accel.caching.search.genome import Constraints
+from accel.eval.config import add_runtime_arguments, parse_bool, runtime_from_args
 from accel.textconfig import attribute_docs
 from accel.textconfig import read_prompts as read_prompts_file
 
@@ -68,14 +69,6 @@ def _parse_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 0,1; got {text!r}") from None
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``accel search``."""
     parser.add_argument("--model", help="pipeline folder or hub id; omitted: the bundled default model")
@@ -85,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sequence-length", type=int, help="text tokens (pipelines that take it)")
     parser.add_argument("--report", action="store_true", help="also run `accel eval` on the front and baselines")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_runtime_arguments(parser)
     for name, f, kind, args in _fields(SearchConfig):
         flag = "--" + _FLAG_NAMES.get(name, name.split(".")[-1]).replace("_", "-")
         if name == "budget_seconds":
@@ -94,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if typing.get_origin(kind) is tuple:
             parse = _parse_ints
         else:
-            parse = {bool: _parse_bool}.get(kind, str if choices else kind)
+            parse = {bool: parse_bool}.get(kind, str if choices else kind)
         default = f.default if f.default is not dataclasses.MISSING else None
         owner = _GROUPS.get(name.split(".")[0], SearchConfig) if "." in name else SearchConfig
         text = attribute_docs(owner).get(name.split(".")[-1], name).replace("%", "%%")
@@ -139,30 +133,31 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from accel.caching.search.runner import search
-    from accel.pipelines.loading import load_pipeline
 
     config = config_from_args(args)
+    runtime = runtime_from_args(args)
+    runtime.check()
     prompts = read_prompts(args.prompts)
     torch.manual_seed(config.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
+    pipe = runtime.load_pipeline(args.model)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     call_kwargs = model_defaults(args.model)[0]
     if args.max_sequence_length is not None:
         call_kwargs["max_sequence_length"] = args.max_sequence_length
-    info = {"model": args.model or "default", "prompts_file": args.prompts}
+    info = {"model": args.model or "default", "prompts_file": args.prompts, "runtime": dataclasses.asdict(runtime)}
     front = search(pipe, prompts, config, args.out, resume=not args.restart, call_kwargs=call_kwargs, info=info)
     if not len(front):  # a non-main process of a multi-process run: the main one reports
         return 0
     print(front.table())
     if args.report:
-        _report(args, front, pipe, call_kwargs)
+        _report(args, front, pipe, call_kwargs, runtime)
     return 0
 
 
-def _report(args: argparse.Namespace, front, pipe, call_kwargs: dict) -> None:
+def _report(args: argparse.Namespace, front, pipe, call_kwargs: dict, runtime) -> None:
     """Run the evaluation harness on full compute, the heuristics and the front (when the harness exists)."""
     try:
         from accel.eval.config import build_config
@@ -178,6 +173,7 @@ def _report(args: argparse.Namespace, front, pipe, call_kwargs: dict) -> None:
         "steps": front.info["num_steps"],
         "prompts": front.info["prompts"],
         "pipeline_kwargs": call_kwargs,
+        "runtime": dataclasses.asdict(runtime),
     }
     if args.model:
         values["model"] = args.model

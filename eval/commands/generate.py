@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from accel.eval.config import add_config_arguments, config_from_args
+from accel.eval.config import RUNTIME_FIELD, add_config_arguments, config_from_args
 from accel.eval.methods import usage
+from accel.eval.runtime import RuntimeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class GenerateConfig:
         default=None, metadata={"help": "classifier-free guidance scale; omitted: the model's"}
     )
     pipeline_kwargs: dict = field(default_factory=dict, metadata={"help": "extra pipeline call arguments, as JSON"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata=RUNTIME_FIELD)
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU); omitted: torch's"})
 
     def __post_init__(self):
@@ -66,13 +67,13 @@ def run(args: argparse.Namespace) -> int:
     """Generate every prompt's images with the method and save them as PNG."""
     from accel.eval.generation import generate, pipeline_defaults, save_png
     from accel.eval.methods import UnsupportedMethod, apply_method, parse_method
-    from accel.pipelines.loading import load_pipeline
 
     config = config_from_args(args, cls=GenerateConfig)
+    config.runtime.check()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     method = parse_method(config.method_name)
-    pipe = load_pipeline(config.model, device=config.device)
+    pipe = config.runtime.load_pipeline(config.model)
     kwargs, guidance = pipeline_defaults(pipe, config.model is None, config.pipeline_kwargs)
     guidance = guidance if config.guidance_scale is None else config.guidance_scale
     prompts = [p for p in args.prompt for _ in range(config.num_images)]

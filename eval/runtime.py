@@ -1,0 +1,123 @@
+"""Where a command's model runs: device, dtype and regional compilation, parsed and checked in one place.
+
+Every command that runs a model (``accel eval``, ``generate``, ``demo``, ``search`` and the benchmarks) takes
+``--device``, ``--dtype`` and ``--compile`` from :class:`RuntimeConfig`'s fields (through
+:func:`accel.eval.config.add_config_arguments`), and calls :meth:`RuntimeConfig.check` before any compute, so
+that a device this machine lacks ends in one clear error instead of a traceback halfway through a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: accepted ``--dtype`` names -> the canonical name stored in configs and results
+DTYPE_NAMES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: device types a pipeline can run on here (``cuda:1``-style indices allowed)
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def canonical_dtype(name: str) -> str:
+    """``"bf16"`` -> ``"bfloat16"`` (and likewise fp16, fp32 and the long names themselves)."""
+    try:
+        return DTYPE_NAMES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use bf16, fp16 or fp32 (or bfloat16, float16, float32)") from None
+
+
+def parse_device(name: str) -> torch.device:
+    """A device string as torch reads it, restricted to :data:`DEVICE_TYPES`."""
+    allowed = f"use {', '.join(DEVICE_TYPES)}, optionally with an index such as cuda:1"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {name!r}; {allowed}") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"unknown device {name!r}; {allowed}")
+    return device
+
+
+def _unavailable(device: torch.device) -> str | None:
+    """Why ``device`` cannot be used on this machine, or None."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "was built without CUDA" if torch.version.cuda is None else "finds no CUDA device"
+            return f"this torch ({torch.__version__}) {built}"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"this machine has {count} CUDA device{'s' if count != 1 else ''} (cuda:0 .. cuda:{count - 1})"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return f"this torch ({torch.__version__}) finds no Apple MPS device"
+    elif device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        return f"this torch ({torch.__version__}) finds no Intel XPU device"
+    return None
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """Where and how the model runs.
+
+    Attributes:
+        device: torch device: cpu, cuda, cuda:N, mps or xpu.
+        dtype: weights dtype, stored by its long name (bf16, fp16 and fp32 are read as bfloat16, float16, float32).
+        compile: regional compilation: every block of the transformer compiled in place
+            (:func:`accel.compile.compile_blocks`) after loading, before any method is applied.
+    """
+
+    device: str = field(default="cpu", metadata=_help("torch device: cpu, cuda, cuda:N, mps or xpu"))
+    dtype: str = field(default="float32", metadata=_help("weights dtype: bf16, fp16, fp32 (or the long names)"))
+    compile: bool = field(
+        default=False, metadata=_help("compile each transformer block (regional torch.compile) after loading")
+    )
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        parse_device(self.device)
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be true or false, got {self.compile!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype as a ``torch.dtype``."""
+        return DTYPES[self.dtype]
+
+    def check(self) -> torch.device:
+        """The device, after making sure this machine has it (call before any compute).
+
+        Raises:
+            ValueError: in one line, what is missing (no CUDA in this torch build, no such device index, ...).
+        """
+        device = parse_device(self.device)
+        reason = _unavailable(device)
+        if reason is not None:
+            raise ValueError(f"device {self.device!r} is not available: {reason}")
+        return device
+
+    def compile_pipeline(self, pipe: Any) -> Any:
+        """Compile the transformer's blocks in place when :attr:`compile` is set; returns ``pipe``."""
+        if self.compile:
+            from accel.compile import compile_blocks
+
+            compile_blocks(pipe)
+        return pipe
+
+    def load_pipeline(self, model: str | None) -> Any:
+        """:func:`accel.pipelines.loading.load_pipeline` on this device in this dtype, then compiled if asked."""
+        from accel.pipelines.loading import load_pipeline
+
+        device = self.check()
+        return self.compile_pipeline(load_pipeline(model, torch_dtype=self.torch_dtype, device=str(device)))
