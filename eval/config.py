@@ -80,6 +80,13 @@ class EvalConfig:
         default=None, metadata=_help("classifier-free guidance scale; omitted: the model's (4.0 bundled, 4.5 PixArt)")
     )
     batch_size: int = field(default=4, metadata=_help("prompts per pipeline call while generating"))
+    noise_seed_sets: int = field(
+        default=0,
+        metadata=_help(
+            "also run full compute with this many other seed sets: the spread of FID and the prompt score over "
+            "them is their run-to-run noise (0: not measured)"
+        ),
+    )
     metrics: tuple[str, ...] = field(default=tuple(METRICS), metadata=_help("comma-separated metric keys"))
     real_images: str | None = field(
         default=None, metadata=_help("FID/KID reference set (.npz with 'images' or a folder); default: full-compute")
@@ -101,6 +108,8 @@ class EvalConfig:
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
+        if self.noise_seed_sets < 0:
+            raise ValueError(f"noise_seed_sets must be >= 0, got {self.noise_seed_sets}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         object.__setattr__(self, "pipeline_kwargs", dict(self.pipeline_kwargs))

@@ -16,6 +16,7 @@ the methods and writes the report. Timing and memory come from the main process 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ from accel.eval.cost import MACS_HOW, count_macs, latency, peak_memory
 from accel.eval.generation import generate, load_image_set, load_pngs, pipeline_defaults, save_png, weights_checksum
 from accel.eval.methods import Method, UnsupportedMethod, apply_method, parse_methods
 from accel.eval.metrics import MetricInputs, MetricSuite
+from accel.eval.noise import run_to_run_noise
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +279,50 @@ def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext
     return context
 
 
+#: metrics not computed against the full-compute image of the same seed: full compute with other seeds gives
+#: their run-to-run noise
+NOISE_METRICS = ("fid", "clip")
+
+
+def measure_noise(context: RunContext, full: Method, full_trial: dict) -> dict | None:
+    """Run-to-run noise (:func:`accel.eval.noise.run_to_run_noise`) of the :data:`NOISE_METRICS` asked for:
+    their spread over full compute with the run's seeds and ``noise_seed_sets`` other seed sets (set ``k`` seeds
+    prompt ``i`` with ``seed + k * len(prompts) + i``). Called on every process (they share the generation);
+    None on the others, or when not asked for.
+    """
+    config = context.config
+    keys = [k for k in config.metrics if k in NOISE_METRICS]
+    if not config.noise_seed_sets or not keys or full_trial.get("status") != "ok":
+        return None
+    count = len(config.prompts)
+    seeds = [config.seed + index * count for index in range(config.noise_seed_sets + 1)]
+    directories = []
+    for seed in seeds[1:]:
+        other = dataclasses.replace(context, config=dataclasses.replace(config, seed=seed))
+        directories.append(context.out / "images" / f"noise-{trial_key(other, full)}")
+        generate_shard(other, full, directories[-1])
+        context.state.wait_for_everyone()
+    if not context.is_main:
+        return None
+    runs = [context.reference, *(load_pngs(_image_paths(d, count)) for d in directories)]
+    values: dict[str, list[float]] = {}
+    better = {}
+    for images in runs:
+        inputs = MetricInputs(images=images, reference=context.reference, prompts=config.prompts)
+        for name, result in context.suite.compute(inputs, keys).items():
+            if result["value"] is not None:
+                values.setdefault(name, []).append(result["value"])
+                better[name] = result["better"]
+    values = {name: v for name, v in values.items() if len(v) == len(runs)}
+    return {
+        "seeds": seeds,
+        "values": values,
+        "noise": run_to_run_noise(values),
+        "better": {name: better[name] for name in values},
+        "how": f"spread (max - min) over full compute with {len(seeds)} seed sets, the run's own first",
+    }
+
+
 def _file_sha256(source: str) -> str | None:
     path = Path(source)
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
@@ -323,9 +369,12 @@ def run_evaluation(config: EvalConfig, out: str | Path, pipe: Any = None) -> dic
     for method in bar:
         bar.set_postfix_str(method.name)
         trials.append(run_trial(context, method))
+    noise = measure_noise(context, methods[0], trials[0])
     if not context.is_main:
         return None
     results = {"type": RESULTS_TYPE, "version": RESULTS_VERSION, "run": provenance(context), "trials": trials}
+    if noise is not None:
+        results["noise"] = noise
     _write_json(out / "results.json", results)
     results = json.loads((out / "results.json").read_text())  # exactly what was saved (lists, not tuples)
     write_reports(results, out)

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from accel.eval.metrics import PSNR_CAP_DB
-from accel.eval.report import fronts, metric_info, metric_names, ok_trials, run_summary, summary_rows
+from accel.eval.report import fronts, metric_info, metric_names, noise_lines, ok_trials, run_summary, summary_rows
 
 GRID_PROMPTS = 8
 THUMBNAIL = 128
@@ -183,6 +183,9 @@ def _details(results: dict) -> str:
         if t.get("status") != "ok"
     ]
     parts = ["<h2>Metrics</h2><ul>" + "".join(items) + "</ul>"]
+    if results.get("noise"):
+        noise = "".join(f"<li>{html.escape(line)}</li>" for line in noise_lines(results))
+        parts.append(f"<h2>Run-to-run noise</h2><p>{html.escape(results['noise']['how'])}.</p><ul>{noise}</ul>")
     if unsupported:
         parts.insert(0, "<h2>Unsupported</h2><ul>" + "".join(unsupported) + "</ul>")
     return "".join(parts)

@@ -73,7 +73,13 @@ def why_not_dominated(rows: dict, candidates: list[str], baseline: str, noise: d
     return f"nearest {nearest} ({rows[nearest]['speedup']:.2f}x): " + (", ".join(fails[nearest]) or "dominates")
 
 
+def within(value: float, full: float, noise: float, better: str) -> bool:
+    """Whether a metric's ``value`` is worse than full compute's ``full`` by at most ``noise`` (better is
+    within); ``better`` is ``"higher"`` or ``"lower"``."""
+    return value >= full - noise if better == "higher" else value <= full + noise
+
+
 def within_noise(row: dict, full: dict, noise: dict) -> bool:
     """Whether a method's FID and prompt score are within the run-to-run noise of full compute's."""
-    fid_ok = row["fid"] <= full["fid"] + noise["fid"]
-    return fid_ok and row["prompt_score"] >= full["prompt_score"] - noise["prompt_score"]
+    fid_ok = within(row["fid"], full["fid"], noise["fid"], "lower")
+    return fid_ok and within(row["prompt_score"], full["prompt_score"], noise["prompt_score"], "higher")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from accel.eval.noise import within
 from accel.eval.pareto import pareto_front
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,30 @@ def fronts(results: dict) -> dict[str, list[str]]:
         if points:
             found[name] = pareto_front(points, metric_info(results, name).get("better") == "higher")
     return found
+
+
+def noise_lines(results: dict) -> list[str]:
+    """Per metric with a measured run-to-run noise: the noise, its values, and the methods within it of full
+    compute (worse by at most the noise); empty when the run measured none."""
+    noise = results.get("noise")
+    if not noise:
+        return []
+    lines = []
+    for name, spread in noise["noise"].items():
+        full, better = noise["values"][name][0], noise["better"][name]
+        close = [
+            t["method"]
+            for t in ok_trials(results)
+            if t["kind"] != "full"
+            and t["metrics"].get(name, {}).get("value") is not None
+            and within(t["metrics"][name]["value"], full, spread, better)
+        ]
+        values = ", ".join(_format_value(v) for v in noise["values"][name])
+        lines.append(
+            f"{name}: noise {_format_value(spread)} over {len(noise['seeds'])} full-compute seed sets ({values}); "
+            f"within it of full compute: {', '.join(close) or '-'}"
+        )
+    return lines
 
 
 def _format_value(value: float | None) -> str:
@@ -135,6 +160,9 @@ def markdown_report(results: dict) -> str:
         "",
     ]
     lines += [f"- {name}: {' → '.join(front)}" for name, front in fronts(results).items()]
+    if results.get("noise"):
+        lines += ["", "## Run-to-run noise", "", f"{results['noise']['how']}.", ""]
+        lines += [f"- {line}" for line in noise_lines(results)]
     unsupported = [t for t in results["trials"] if t.get("status") != "ok"]
     if unsupported:
         lines += ["", "## Unsupported", ""]

@@ -110,8 +110,12 @@ class RuntimeConfig:
     def compile_pipeline(self, pipe: Any) -> Any:
         """Compile the transformer's blocks in place when :attr:`compile` is set; returns ``pipe``."""
         if self.compile:
-            from accel.compile import compile_blocks
-
+            try:
+                from accel.compile import compile_blocks
+            except ModuleNotFoundError as error:
+                if error.name != "accel.compile":
+                    raise
+                raise ValueError("--compile needs accel.compile, which this version of accel lacks") from None
             compile_blocks(pipe)
         return pipe
 

@@ -137,3 +137,24 @@ def test_trial_key_follows_what_changes_the_images(tmp_path, pipe, one_thread): 
     assert harness.trial_key(harness.build_context(same, tmp_path, pipe), method) == key
     for change in (dict(steps=5), dict(seed=1), dict(prompts=PROMPTS[:2]), dict(guidance_scale=2.0)):
         assert harness.trial_key(harness.build_context(small_config(**change), tmp_path, pipe), method) != key
+
+
+def test_run_to_run_noise_of_the_prompt_score_over_other_seed_sets(tmp_path, pipe, counted, one_thread):  # noqa: F811
+    from accel.eval.report import markdown_report, noise_lines
+
+    config = small_config(methods=("full", "fora-2"), metrics=("psnr", "clip"), noise_seed_sets=2)
+    results = run_evaluation(config, tmp_path, pipe=pipe)
+    noise = results["noise"]
+    assert noise["seeds"] == [0, 4, 8]  # the run's own seeds, then two sets of 4 prompts each
+    (name,) = noise["values"]  # the prompt score only: PSNR compares with the same seed's image
+    values = noise["values"][name]
+    assert len(values) == 3 and noise["noise"][name] == pytest.approx(max(values) - min(values))
+    full = next(t for t in results["trials"] if t["method"] == "full")
+    assert values[0] == pytest.approx(full["metrics"][name]["value"])
+    assert len(list(tmp_path.glob("images/noise-*/*.png"))) == 2 * len(PROMPTS)
+    (line,) = noise_lines(results)
+    assert line.startswith(f"{name}: noise ") and "over 3 full-compute seed sets" in line
+    assert "## Run-to-run noise" in markdown_report(results)
+    assert "<h2>Run-to-run noise</h2>" in (tmp_path / "report.html").read_text()
+    calls = len(counted)
+    assert run_evaluation(config, tmp_path, pipe=pipe)["noise"] == noise and len(counted) == calls  # resumed

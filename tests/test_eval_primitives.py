@@ -6,7 +6,7 @@ import torch
 
 from accel.caching.search.front import non_dominated as search_non_dominated
 from accel.eval.metrics import PSNR_CAP_DB, psnr
-from accel.eval.noise import run_to_run_noise
+from accel.eval.noise import run_to_run_noise, within
 from accel.eval.pareto import non_dominated, pareto_front
 from accel.eval.timing import time_interleaved, timed
 
@@ -79,3 +79,10 @@ def test_noise_is_the_spread_over_seed_sets():
     }
     with pytest.raises(ValueError, match="two runs"):
         run_to_run_noise({"fid": [10.0]})
+
+
+def test_within_noise_is_one_sided_in_either_direction():
+    assert within(9.5, 10.0, 0.5, "higher") and within(20.0, 10.0, 0.5, "higher")  # better is within
+    assert not within(9.4, 10.0, 0.5, "higher")
+    assert within(10.5, 10.0, 0.5, "lower") and within(1.0, 10.0, 0.5, "lower")
+    assert not within(10.6, 10.0, 0.5, "lower")

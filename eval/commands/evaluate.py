@@ -41,10 +41,11 @@ def config_of(args: argparse.Namespace) -> EvalConfig:
 
 def summarize(results: dict) -> str:
     """The summary table and the Pareto fronts, as text."""
-    from accel.eval.report import fronts, summary_rows, text_table
+    from accel.eval.report import fronts, noise_lines, summary_rows, text_table
 
     lines = [text_table(*summary_rows(results)), ""]
     lines += [f"Pareto front, speedup vs {name}: {' -> '.join(front)}" for name, front in fronts(results).items()]
+    lines += [f"run-to-run {line}" for line in noise_lines(results)]
     unsupported = [t for t in results["trials"] if t.get("status") != "ok"]
     lines += [f"unsupported {t['method']}: {t['reason']}" for t in unsupported]
     return "\n".join(lines)
