@@ -162,22 +162,39 @@ def _random_specs(generator: torch.Generator, specs: list[ClipSpec], batch: int)
     return [ClipSpec(specs[i].index, specs[i].motion, seed) for i, seed in zip(index, seeds)]
 
 
-def train_vae(args: argparse.Namespace) -> None:
-    """Train the autoencoder on random ``VAE_WINDOW``-frame windows of freshly rendered training clips."""
-    torch.manual_seed(args.seed)
-    images, _, split = load_emoji()
-    pairs = clip_specs(split, "train", 1, seed=args.seed)
+def _vae_state(args: argparse.Namespace):
+    """The VAE, its optimiser, generator, checkpoint path and step, resumed when a checkpoint exists.
+
+    ``--decoder-only`` fine-tunes the decoder with the encoder frozen, in its own checkpoint
+    ``vae_decoder.safetensors`` that starts from ``vae.safetensors``: the latents, and a transformer trained on
+    them, stay valid while the reconstructions improve.
+    """
     vae = new_vae().to(args.device).train()
     logger.info("vae: %.2fM parameters", sum(p.numel() for p in vae.parameters()) / 1e6)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    path, step = args.work / ("vae_decoder.safetensors" if args.decoder_only else "vae.safetensors"), 0
+    if args.decoder_only:
+        tensors, _ = load_checkpoint(args.work / "vae.safetensors")
+        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.vae_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
-    path, step = args.work / "vae.safetensors", 0
     if path.exists():
         tensors, meta = load_checkpoint(path)
         vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         _restore_optimizer(optimizer, tensors, meta["optimizer"])
         generator.set_state(tensors["generator"])
         step = meta["step"]
+    return vae, optimizer, generator, path, step
+
+
+def train_vae(args: argparse.Namespace) -> None:
+    """Train the autoencoder on random ``VAE_WINDOW``-frame windows of freshly rendered training clips."""
+    torch.manual_seed(args.seed)
+    images, _, split = load_emoji()
+    pairs = clip_specs(split, "train", 1, seed=args.seed)
+    vae, optimizer, generator, path, step = _vae_state(args)
     deadline, last_save = time.time() + 60 * args.minutes, time.time()
     bar = tqdm(desc="vae", initial=step, mininterval=30)
     while time.time() < deadline and step < args.max_steps:
@@ -208,9 +225,10 @@ def _save_vae(path: Path, vae, optimizer, generator: torch.Generator, step: int)
 
 
 def load_vae(work: Path, device: str = "cpu"):
-    """The trained autoencoder from ``work/vae.safetensors``, in eval mode."""
+    """The trained autoencoder, in eval mode: ``work/vae_decoder.safetensors`` if there is one, else ``vae``."""
     vae = new_vae()
-    tensors, _ = load_checkpoint(work / "vae.safetensors")
+    path = work / "vae_decoder.safetensors"
+    tensors, _ = load_checkpoint(path if path.exists() else work / "vae.safetensors")
     vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     return vae.to(device).eval().requires_grad_(False)
 
@@ -424,6 +442,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="dit forward autocast")
     parser.add_argument("--vae-batch", type=int, default=2)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--decoder-only", action="store_true", help="vae: fine-tune the decoder, encoder frozen")
     parser.add_argument("--clips-per-object", type=int, default=5)
     parser.add_argument("--max-clips", type=int, default=None, help="encode only the first clips (smoke tests)")
     parser.add_argument("--samples", type=int, default=6)
