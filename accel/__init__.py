@@ -11,6 +11,8 @@ diffusers pipelines, through one front door::
 from accel import caching  # noqa: E402  (registers the caching technique)
 from accel.adapters import BlockStack, Component, ModelSpec, register_model, supported_models
 from accel.api import ApplyHandle, Handle, apply, register
+from accel.compile import compile_blocks
+from accel.patches import PatchLog, PatchRecord
 
 __version__ = "0.1.0"
 
@@ -20,8 +22,11 @@ __all__ = [
     "Component",
     "Handle",
     "ModelSpec",
+    "PatchLog",
+    "PatchRecord",
     "apply",
     "caching",
+    "compile_blocks",
     "register",
     "register_model",
     "supported_models",

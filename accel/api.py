@@ -160,6 +160,11 @@ def register(config_type: type, *, name: str | None = None, phase: str = "forwar
     return decorator
 
 
+def unregister(config_type: type) -> None:
+    """Remove the technique registered for ``config_type`` (for plugins and tests); unknown types are ignored."""
+    _TECHNIQUES.pop(config_type, None)
+
+
 def techniques() -> list[Technique]:
     """Every registered technique, in phase order."""
     return sorted(_TECHNIQUES.values(), key=lambda t: PHASES.index(t.phase))
@@ -172,20 +177,23 @@ def unwrap_compiled(module: Any) -> Any:
     return module
 
 
-def resolve(pipe_or_transformer: Any, spec: ModelSpec | None = None) -> Target:
-    """Find the transformer (a pipeline's ``.transformer``, or the module itself, looking through a
-    ``torch.compile`` wrapper), its spec and tracker."""
-    pipeline = None
+def resolve_transformer(pipe_or_transformer: Any) -> torch.nn.Module:
+    """A pipeline's ``.transformer``, or the module itself; a ``torch.compile`` wrapper is looked through."""
     transformer = pipe_or_transformer
     if not isinstance(transformer, torch.nn.Module):
         transformer = getattr(pipe_or_transformer, "transformer", None)
-        pipeline = pipe_or_transformer
         if not isinstance(transformer, torch.nn.Module):
             raise TypeError(
-                "accel.apply needs a diffusers pipeline with a `.transformer` or a transformer nn.Module, "
+                "accel needs a diffusers pipeline with a `.transformer` or a transformer nn.Module, "
                 f"got {type(pipe_or_transformer).__name__}"
             )
-    transformer = unwrap_compiled(transformer)
+    return unwrap_compiled(transformer)
+
+
+def resolve(pipe_or_transformer: Any, spec: ModelSpec | None = None) -> Target:
+    """Find the transformer (see :func:`resolve_transformer`), its spec and tracker."""
+    transformer = resolve_transformer(pipe_or_transformer)
+    pipeline = None if isinstance(pipe_or_transformer, torch.nn.Module) else pipe_or_transformer
     model_spec = spec_for(transformer, spec)
     tracker = tracker_for(transformer, model_spec.timestep_arg)
     if pipeline is not None:

@@ -20,9 +20,13 @@ WrapperFn = Callable[..., Any]
 
 
 class MethodWrapper:
-    """Handle for an instance-level wrap of one method; :meth:`remove` (idempotent) undoes it."""
+    """Handle for an instance-level wrap of one method; :meth:`remove` (idempotent) undoes it.
 
-    def __init__(self, obj: Any, name: str, fn: WrapperFn):
+    With ``fence=True`` the installed method's own frame is skipped by ``torch.compile`` (what it calls is
+    still compiled); :meth:`accel.patches.PatchLog.wrap` sets it.
+    """
+
+    def __init__(self, obj: Any, name: str, fn: WrapperFn, fence: bool = False):
         self.obj, self.name = obj, name
         self._fn: WrapperFn | None = fn
         self._previous = obj.__dict__.get(name, _MISSING)
@@ -33,6 +37,8 @@ class MethodWrapper:
                 return inner(*args, **kwargs)
             return self._fn(inner, *args, **kwargs)
 
+        if fence:  # the dispatch frame itself stays out of compiled code too (see accel.patches)
+            method = torch.compiler.disable(method, recursive=False)
         method.__wrapped__ = inner  # keeps inspect.signature pointing at the real signature
         method._accel_wrapper = self
         self._method = method

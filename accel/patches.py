@@ -103,7 +103,7 @@ class PatchLog:
 
         ``fn``'s frame is :func:`fenced`: it runs eagerly under ``torch.compile`` while ``original`` compiles.
         """
-        wrapper = MethodWrapper(obj, name, fenced(fn))
+        wrapper = MethodWrapper(obj, name, fenced(fn), fence=True)
         self._add("wrap", obj, name, wrapper.remove)
         return wrapper
 

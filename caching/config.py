@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from accel.caching.policy import POLICY_TYPE, FirstBlockPolicy
-from accel.caching.schedule import SCHEDULE_TYPE, Schedule
+from accel.caching.policy import FirstBlockPolicy
+from accel.caching.schedule import Schedule
+from accel.serialization import from_dict, json_type
 
 CONFIG_TYPE = "accel.caching.CacheConfig"
 CONFIG_VERSION = 1
@@ -17,6 +18,7 @@ CachePolicy = Schedule | FirstBlockPolicy
 _CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+@json_type(CONFIG_TYPE, CONFIG_VERSION)
 @dataclass(frozen=True, kw_only=True)
 class CacheConfig:
     """Feature caching, applied with ``accel.apply(pipe, CacheConfig(...))``.
@@ -72,8 +74,4 @@ class CacheConfig:
 
 def load_policy(data: dict) -> CachePolicy:
     """A schedule or policy from its JSON form, dispatching on ``type`` over an allow-list."""
-    kinds = {SCHEDULE_TYPE: Schedule.from_dict, POLICY_TYPE: FirstBlockPolicy.from_dict}
-    kind = data.get("type") if isinstance(data, dict) else None
-    if kind not in kinds:
-        raise ValueError(f"unknown caching policy type {kind!r}; expected one of {sorted(kinds)}")
-    return kinds[kind](data)
+    return from_dict(data, expected=(Schedule, FirstBlockPolicy), source="caching policy")

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 
 from accel.adapters import BlockStack
@@ -112,11 +114,11 @@ class CacheEngine(PerSampleBlocks):
         self.tracker.add_reset_listener(self.reset)
 
     def _install(self, plan: _Plan | None) -> None:
-        """Wrap the blocks that store or reuse residuals and the components the plan may reuse: a block or
-        component that always computes and is never needed whole runs unwrapped."""
+        """Wrap every block (to store residuals, reuse them, and count what ran) and the components the plan
+        may reuse inside a running block: a component that is only ever reused with its whole block, or
+        never, runs unwrapped."""
         for block in self.blocks:
-            wanted = plan is None or plan.may_skip[block.index] or plan.may_reuse[block.index].any()
-            if (block.index, -1) not in self._wrapped and wanted:
+            if (block.index, -1) not in self._wrapped:
                 self.patch_log.wrap(block.module, "forward", partial(self._block_forward, block))
                 self._wrapped.add((block.index, -1))
             for c in block.present:
@@ -267,9 +269,8 @@ class CacheEngine(PerSampleBlocks):
             return call.output
         try:
             if call.count:
-                output = self._counted(call.key, inner, call.args, call.kwargs)
-            else:
-                output = inner(*call.args, **call.kwargs)
+                self._count(call.key, inner, call.args, call.kwargs)
+            output = inner(*call.args, **call.kwargs)
         except BaseException:
             self._active = call.previous
             raise
@@ -279,19 +280,28 @@ class CacheEngine(PerSampleBlocks):
         call = self._enter_component(block, component, args, kwargs)
         if call.output is not COMPUTE:
             return call.output
-        output = self._counted(call.key, inner, args, kwargs) if call.count else inner(*args, **kwargs)
+        if call.count:
+            self._count(call.key, inner, args, kwargs)
+        output = inner(*args, **kwargs)
         self._exit_component(block, component, call, output)
         return output
 
     # -- decisions around a block or component call (eager) ----------------------------------------------
 
     @eager
-    def _counted(self, key: tuple, inner, args: tuple, kwargs: dict):
-        """Run ``inner`` eagerly under a FLOP counter: once per input shape, to know what a reuse saves."""
-        with FlopCounterMode(display=False) as counter:
-            output = inner(*args, **kwargs)
+    def _count(self, key: tuple, inner, args: tuple, kwargs: dict) -> None:
+        """Count ``inner``'s MACs once per input shape, to know what a reuse saves: a run on fake tensors (shapes
+        only, nothing computed) under a FLOP counter, with no component inside it deciding anything. The real
+        call follows, compiled where the caller is, so counting never changes an output."""
+        previous, self._active = self._active, None
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+                fake_args, fake_kwargs = tree_map_only(torch.Tensor, fake.from_tensor, (args, kwargs))
+                with FlopCounterMode(display=False) as counter, torch.no_grad():
+                    inner(*fake_args, **fake_kwargs)
+        finally:
+            self._active = previous
         self._macs[key] = counter.get_total_flops() / 2
-        return output
 
     def _must_count(self, key: tuple) -> bool:
         return self.config.count_macs and key not in self._macs

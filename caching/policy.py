@@ -15,10 +15,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from accel.serialization import json_type
+
 POLICY_TYPE = "accel.caching.FirstBlockPolicy"
 POLICY_VERSION = 1
 
 
+@json_type(POLICY_TYPE, POLICY_VERSION)
 @dataclass(frozen=True, kw_only=True)
 class FirstBlockPolicy:
     """Per-sample first-block-residual caching.

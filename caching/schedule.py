@@ -21,6 +21,8 @@ from typing import Any, Literal
 import numpy as np
 
 from accel.adapters import ModelSpec, spec_for
+from accel.plan import Channel, Plan
+from accel.serialization import json_type, write_json
 
 SCHEDULE_TYPE = "accel.caching.Schedule"
 
@@ -67,6 +69,7 @@ def layout_of(pipe_or_transformer: Any, spec: ModelSpec | None = None) -> Schedu
     )
 
 
+@json_type(SCHEDULE_TYPE, SCHEDULE_VERSION)
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Schedule:
     """A static caching schedule; see the module docstring.
@@ -223,11 +226,22 @@ class Schedule:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write the schedule as JSON to ``path``; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        """Write the schedule as JSON to ``path`` (atomically); returns the path."""
+        return write_json(self.to_dict(), path)
+
+    def to_plan(self) -> Plan:
+        """The schedule as a core :class:`~accel.plan.Plan`: channel ``"compute"`` over (step, block, component),
+        the reuse semantics and forecast order in its settings."""
+        steps, blocks, components = self.mask.shape
+        return Plan(
+            sizes={"step": steps, "block": blocks, "component": components},
+            channels={"compute": Channel(("step", "block", "component"), self.mask)},
+            components=self.components,
+            model_class=self.model_class,
+            settings={"technique": "caching", "reuse": self.reuse, "forecast_order": self.forecast_order},
+            provenance=dict(self.provenance),
+            metrics=dict(self.metrics),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Schedule:

@@ -144,7 +144,7 @@ def test_config_validation_and_round_trip():
     for policy in (fora(LAYOUT, 4), FirstBlockPolicy(threshold=0.1, max_consecutive_reuse=3)):
         config = CacheConfig(schedule=policy, cache_dtype=torch.bfloat16)
         assert CacheConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    with pytest.raises(ValueError, match="unknown caching policy type"):
+    with pytest.raises(ValueError, match="caching policy: type .os.system. is not one of"):
         load_policy({"type": "os.system"})
 
 

@@ -9,4 +9,5 @@ BENCHMARKS = {
     "caching": "accel.bench.caching",
     "search": "accel.bench.search",
     "model": "accel.bench.model",
+    "gpu": "accel.bench.gpu",
 }

@@ -1,0 +1,199 @@
+"""The contract every registered technique meets, checked on the core's own toy techniques (one per phase) and
+on every real technique: apply then remove is bit-identical, applying twice is refused, reset restores step-0
+behaviour, two techniques compose in phase order, compiled frames stay bounded, and every change is in the
+patch log under the technique's name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from tiny_models import TINY_MODELS, denoise
+from torch._dynamo.testing import CompileCounter
+
+import accel
+from accel.api import Handle, Target, register, techniques, unregister
+from accel.caching import CacheConfig, FirstBlockPolicy, fora, layout_of
+
+TINY = TINY_MODELS["pixart"]
+
+
+# -- toy techniques, one per phase ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyWeights:
+    """Scales the first feed-forward projection's weight of every block (a parameter replacement)."""
+
+    factor: float = 0.9
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyProcessor:
+    """Swaps every self-attention's processor for one that scales its output."""
+
+    factor: float = 0.9
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyForward:
+    """Wraps every feed-forward's forward to scale its output."""
+
+    factor: float = 0.9
+
+
+class _ScaledProcessor:
+    def __init__(self, inner, factor: float):
+        self.inner, self.factor = inner, factor
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs) * self.factor
+
+
+def _components(target: Target, kind: str, attention: str | None = None):
+    for stack, block in target.spec.block_list(target.transformer):
+        for component in stack.components:
+            if component.kind == kind and (attention is None or component.attention == attention):
+                yield getattr(block, component.module)
+
+
+def _apply_weights(target: Target, config: ToyWeights) -> Handle:
+    handle = Handle("toy-weights")
+    for ffn in _components(target, "ffn"):
+        linear = next(m for m in ffn.modules() if isinstance(m, torch.nn.Linear))
+        scaled = torch.nn.Parameter(linear.weight.detach() * config.factor, requires_grad=False)
+        handle.patch_log.replace_parameter(linear, "weight", scaled)
+    return handle
+
+
+def _apply_processor(target: Target, config: ToyProcessor) -> Handle:
+    handle = Handle("toy-processor")
+    for attention in _components(target, "attention", "self"):
+        handle.patch_log.set_processor(attention, _ScaledProcessor(attention.processor, config.factor))
+    return handle
+
+
+def _apply_forward(target: Target, config: ToyForward) -> Handle:
+    handle = Handle("toy-forward")
+    for ffn in _components(target, "ffn"):
+        handle.patch_log.wrap(ffn, "forward", lambda inner, *a, **k: inner(*a, **k) * config.factor)
+    return handle
+
+
+TOYS = {ToyWeights: ("weights", _apply_weights), ToyProcessor: ("processors", _apply_processor),
+        ToyForward: ("forwards", _apply_forward)}  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _toys_registered():
+    for config_type, (phase, fn) in TOYS.items():
+        register(config_type, name=f"toy-{phase}", phase=phase)(fn)
+    yield
+    for config_type in TOYS:
+        unregister(config_type)
+
+
+#: how to build a config of each registered technique for the tiny model: a technique without an entry here
+#: fails test_every_registered_technique_is_under_contract
+EXAMPLES = {
+    CacheConfig: lambda model: CacheConfig(schedule=fora(layout_of(model), 12, 2)),
+    ToyWeights: lambda model: ToyWeights(),
+    ToyProcessor: lambda model: ToyProcessor(),
+    ToyForward: lambda model: ToyForward(),
+}
+#: frames a technique may compile beyond the plain compiled blocks: none is needed by a technique that wraps
+#: whole blocks; one that wraps a component inside a block splits the block's graph around it (a constant)
+EXTRA_FRAMES = {"ToyForward": 4}
+#: extra variants of a technique under contract
+VARIANTS = {"first-block": lambda model: CacheConfig(schedule=FirstBlockPolicy(threshold=0.2))}
+
+
+def _configs():
+    return {**{t.__name__: EXAMPLES[t] for t in TOYS}, "CacheConfig": EXAMPLES[CacheConfig], **VARIANTS}
+
+
+def _state(model: torch.nn.Module) -> dict:
+    """Everything a technique may change: instance attributes, parameter objects, processors."""
+    return {
+        name: (dict(module.__dict__.get("_parameters", {})), {k: v for k, v in module.__dict__.items()
+               if not k.startswith("_") and k != "training"}, getattr(module, "processor", None))
+        for name, module in model.named_modules()
+    }  # fmt: skip
+
+
+def _run(model, steps: int = 12) -> torch.Tensor:
+    return denoise(model, TINY, [1, 2], steps=steps, cfg=True)
+
+
+def test_every_registered_technique_is_under_contract():
+    missing = [t.config_type.__name__ for t in techniques() if t.config_type not in EXAMPLES]
+    assert not missing, f"add a contract example for {missing}"
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+def test_apply_then_remove_restores_every_object_and_bit_identical_outputs(name):
+    model = TINY.build()
+    before, reference = _state(model), _run(model)
+    handle = accel.apply(model, _configs()[name](model))
+    changed = _run(model)
+    assert handle.patches(), "a technique that changes nothing is a silent no-op"
+    assert all(record.technique == handle.parts[next(iter(handle.parts))].patch_log.technique
+               for record in handle.patches())  # fmt: skip
+    handle.remove()
+    assert not torch.equal(changed, reference), "the technique should change the output"
+    assert _state(model) == before
+    assert torch.equal(_run(model), reference)
+    assert handle.patches() == [] and handle.removed
+    handle.remove()  # idempotent
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+def test_applying_the_same_technique_twice_is_refused_and_leaves_the_first(name):
+    model = TINY.build()
+    config = _configs()[name](model)
+    with accel.apply(model, config):
+        expected = _run(model)
+        with pytest.raises(ValueError, match="already applied"):
+            accel.apply(model, config)
+        assert torch.equal(_run(model), expected)
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+def test_reset_restores_step_zero_behaviour(name):
+    model = TINY.build()
+    with accel.apply(model, _configs()[name](model)) as handle:
+        first = _run(model)
+        denoise(model, TINY, [3], steps=5, cfg=False)  # leave state behind from another trajectory
+        handle.reset()
+        assert torch.equal(_run(model), first)
+
+
+@pytest.mark.parametrize("name", [n for n in _configs() if n != "ToyWeights"])
+def test_two_techniques_compose_in_phase_order_whatever_the_argument_order(name):
+    model = TINY.build()
+    reference = _run(model)
+    outputs, orders = [], []
+    for configs in ((_configs()[name](model), ToyWeights()), (ToyWeights(), _configs()[name](model))):
+        with accel.apply(model, *configs) as handle:
+            outputs.append(_run(model))
+            orders.append([record.technique for record in handle.patches()])
+        assert torch.equal(_run(model), reference)
+    assert torch.equal(outputs[0], outputs[1])
+    assert orders[0] == orders[1] and orders[0][0] == "toy-weights"
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+def test_compiled_frames_stay_bounded_and_do_not_grow_with_steps(name):
+    torch._dynamo.reset()
+    model = TINY.build()
+    counter = CompileCounter()
+    accel.compile_blocks(model, backend=counter)
+    _run(model, steps=12)
+    plain = counter.frame_count
+    with accel.apply(model, _configs()[name](model)):
+        _run(model, steps=12)
+        at_12 = counter.frame_count
+        _run(model, steps=30)
+    assert at_12 - plain <= EXTRA_FRAMES.get(name, 2), (plain, at_12)
+    assert counter.frame_count == at_12, f"frames grew with the step count: {at_12} -> {counter.frame_count}"
