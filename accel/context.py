@@ -11,8 +11,11 @@ works it out itself: it wraps the transformer's ``forward`` and the pipeline sch
   the timestep goes up instead of down.
 
 The tracker's bookkeeping runs eagerly, outside compiled code (its wrapper is fenced, see
-:mod:`accel.patches`). Reading the timestep is the one host-device synchronisation per transformer call that
-the core makes (a float of the timestep tensor); per-block decisions read only host values.
+:mod:`accel.patches`). Inside a pipeline call whose scheduler counts its steps (``scheduler.step_index``, as
+diffusers' flow-matching, DPM-Solver, UniPC and Euler schedulers do) and whose timesteps do not repeat, the
+step is read from that counter: no host-device synchronisation at all. Otherwise (a bare transformer, or a
+scheduler without a step counter) the timestep tensor is read, one synchronisation per transformer call.
+Per-block decisions read only host values.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class StepTracker:
         self.patch_log = PatchLog("core")
         self.patch_log.wrap(transformer, "forward", self._forward)
         self._schedulers: set[int] = set()
+        self._clock: Any = None  # the scheduler whose step_index counts this trajectory's steps, if any
         self._last_key: float | None = None
         self._step = -1
         self._branch = 0
@@ -97,7 +101,11 @@ class StepTracker:
 
         def set_timesteps(inner, *args, **kwargs):
             result = inner(*args, **kwargs)
-            self.reset(num_steps=_count_steps(getattr(scheduler, "timesteps", None)))
+            timesteps = getattr(scheduler, "timesteps", None)
+            steps = _count_steps(timesteps)
+            self.reset(num_steps=steps)
+            counts_steps = hasattr(scheduler, "step_index") and steps is not None and steps == len(timesteps)
+            self._clock = scheduler if counts_steps else None
             return result
 
         self.patch_log.wrap(scheduler, "set_timesteps", set_timesteps)
@@ -120,11 +128,24 @@ class StepTracker:
         for fn in list(self._listeners):
             fn()
 
-    def _advance(self, key: float | None) -> None:
+    def _clock_key(self) -> tuple | None:
+        """The step key from the watched scheduler's step counter, or None once it cannot be trusted (no such
+        scheduler, or its trajectory is over: later calls are bare calls)."""
+        if self._clock is None:
+            return None
+        index = self._clock.step_index
+        if index is not None and (not isinstance(index, int) or index >= (self.num_steps or 0)):
+            self._clock = None
+            self.reset()  # the pipeline's trajectory is over: a later bare call starts a new one
+            return None
+        return ("step_index", -1 if index is None else index)
+
+    def _advance(self, key: Any) -> None:
         if self._step >= 0 and key is not None and key == self._last_key:
             self._branch += 1
             return
-        if self._step >= 0 and key is not None and self._last_key is not None and key > self._last_key:
+        ordered = isinstance(key, float) and isinstance(self._last_key, float)
+        if self._step >= 0 and ordered and key > self._last_key:
             self.reset()  # the noise level went up: a new trajectory on a bare transformer
         if self._step < 0:
             self._trajectory += 1
@@ -143,7 +164,8 @@ class StepTracker:
         """Enter a transformer call: advance step and branch; False for a re-entrant call."""
         if self.current is not None:  # re-entrant call (e.g. a technique calling the model): no new step
             return False
-        self._advance(_timestep_key(self._timestep(args, kwargs)))
+        key = self._clock_key()
+        self._advance(key if key is not None else _timestep_key(self._timestep(args, kwargs)))
         self.current = StepContext(self._step, self._branch, self.num_steps, self._trajectory)
         return True
 
@@ -156,6 +178,9 @@ class StepTracker:
             return inner(*args, **kwargs)
         try:
             return inner(*args, **kwargs)
+        except BaseException:
+            self._clock = None  # an interrupted pipeline call: what follows may be bare calls
+            raise
         finally:
             self._end()
 

@@ -134,3 +134,27 @@ def test_apply_accepts_a_torch_compile_wrapper_and_a_pipeline_holding_one(tiny_p
         assert handle.stats().blocks_skipped > 0
         assert handle.target.transformer is original
     assert "forward" not in original.transformer_blocks[0].__dict__
+
+
+def test_inside_a_pipeline_call_the_step_comes_from_the_scheduler_without_reading_the_timestep(
+    tiny_pixart_pipeline, monkeypatch
+):
+    import accel.context
+
+    reads = []
+    original = accel.context._timestep_key
+    monkeypatch.setattr(accel.context, "_timestep_key", lambda value: reads.append(1) or original(value))
+    pipe = tiny_pixart_pipeline
+    kwargs = dict(output_type="latent", height=16, width=16, use_resolution_binning=False, guidance_scale=1.0)
+    with accel.apply(pipe, CacheConfig(schedule=fora(layout_of(pipe), 6, 2))) as handle:
+        pipe("red apple", num_inference_steps=6, **kwargs)
+        assert reads == [], "a host-device synchronisation per call that the scheduler's counter avoids"
+        assert handle.stats().blocks_skipped == 3 * len(pipe.transformer.transformer_blocks)
+        tracker = handle.target.tracker
+        # after the trajectory, bare calls fall back to the timestep (the counter is over)
+        model = pipe.transformer
+        latents = torch.randn(1, 4, 8, 8)
+        text = torch.randn(1, 16, 16)
+        for t in (900.0, 500.0):
+            model(latents, encoder_hidden_states=text, timestep=torch.tensor([t]), return_dict=False)
+        assert len(reads) == 2 and tracker._step == 1 and tracker._branch == 0
