@@ -92,8 +92,10 @@ class ApplyHandle(Handle):
         self.parts = parts
 
     def patches(self) -> list[PatchRecord]:
-        """Every technique's changes, in the order they were applied."""
-        return [record for part in self.parts.values() for record in part.patches()]
+        """Every change in place: the core's step tracking (technique ``"core"``, shared by all techniques on
+        this transformer) while it is needed, then each technique's, in the order they were applied."""
+        core = self.target.tracker.patch_log.records if not self.removed else []
+        return core + [record for part in self.parts.values() for record in part.patches()]
 
     def __getitem__(self, config_type: type) -> Handle:
         """The handle of one technique, e.g. ``handle[CacheConfig].decision_log``."""
