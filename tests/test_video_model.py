@@ -26,6 +26,15 @@ if not render_clips.EMOJI.is_file():
     pytest.skip(f"dataset not found: {render_clips.EMOJI}", allow_module_level=True)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: these small convolutions and matmuls only lose time to a second one on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def emoji():
     return render_clips.load_emoji()
