@@ -13,7 +13,8 @@ works it out itself: it wraps the transformer's ``forward`` and the pipeline sch
 The tracker's bookkeeping runs eagerly, outside compiled code (its wrapper is fenced, see
 :mod:`accel.patches`). Inside a pipeline call whose scheduler counts its steps (``scheduler.step_index``, as
 diffusers' flow-matching, DPM-Solver, UniPC and Euler schedulers do) and whose timesteps do not repeat, the
-step is read from that counter: no host-device synchronisation at all. Otherwise (a bare transformer, or a
+step is read from that counter: after the first steps of a trajectory (where the timestep is read too, to
+see the counter move with it), no host-device synchronisation at all. Otherwise (a bare transformer, or a
 scheduler without a step counter) the timestep tensor is read, one synchronisation per transformer call.
 Per-block decisions read only host values.
 """
@@ -76,12 +77,15 @@ class StepTracker:
         self.num_steps: int | None = None
         self.active: dict[type, Any] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._call_listeners: list[Callable[[], None]] = []
         self._timestep_arg = timestep_arg
         self._timestep_position = self._position_of(transformer, timestep_arg)
         self.patch_log = PatchLog("core")
-        self.patch_log.wrap(transformer, "forward", self._forward)
+        self.patch_log.wrap_call(transformer, self._forward)
         self._schedulers: set[int] = set()
         self._clock: Any = None  # the scheduler whose step_index counts this trajectory's steps, if any
+        self._clock_trusted = False  # whether the clock was seen to move with the timestep in this trajectory
+        self._probe: tuple | None = None  # (clock key, timestep) of the trajectory's first call, until trusted
         self._last_key: float | None = None
         self._step = -1
         self._branch = 0
@@ -106,6 +110,7 @@ class StepTracker:
             self.reset(num_steps=steps)
             counts_steps = hasattr(scheduler, "step_index") and steps is not None and steps == len(timesteps)
             self._clock = scheduler if counts_steps else None
+            self._clock_trusted, self._probe = False, None
             return result
 
         self.patch_log.wrap(scheduler, "set_timesteps", set_timesteps)
@@ -113,6 +118,15 @@ class StepTracker:
     def add_reset_listener(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` at the start of every trajectory."""
         self._listeners.append(fn)
+
+    def add_call_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` (eagerly) at the start of every transformer call that is not re-entrant."""
+        self._call_listeners.append(fn)
+
+    def remove_call_listener(self, fn: Callable[[], None]) -> None:
+        """Stop calling ``fn`` at calls."""
+        if fn in self._call_listeners:
+            self._call_listeners.remove(fn)
 
     def remove_reset_listener(self, fn: Callable[[], None]) -> None:
         """Stop calling ``fn`` on resets."""
@@ -140,6 +154,19 @@ class StepTracker:
             return None
         return ("step_index", -1 if index is None else index)
 
+    def _check_clock(self, key: tuple, timestep: float | None) -> tuple | None:
+        """Until the scheduler's counter has been seen to move, read the timestep too (the first calls of a
+        trajectory only): a timestep that changes while the counter stands still means nobody steps this
+        scheduler (e.g. a hand-written loop), and the timesteps count the steps instead."""
+        if self._probe is None:
+            self._probe = (key, timestep)
+        elif key != self._probe[0]:
+            self._clock_trusted = True
+        elif timestep != self._probe[1]:
+            self._clock = None
+            return None
+        return key
+
     def _advance(self, key: Any) -> None:
         if self._step >= 0 and key is not None and key == self._last_key:
             self._branch += 1
@@ -164,7 +191,11 @@ class StepTracker:
         """Enter a transformer call: advance step and branch; False for a re-entrant call."""
         if self.current is not None:  # re-entrant call (e.g. a technique calling the model): no new step
             return False
+        for fn in list(self._call_listeners):
+            fn()
         key = self._clock_key()
+        if key is not None and not self._clock_trusted:
+            key = self._check_clock(key, _timestep_key(self._timestep(args, kwargs)))
         self._advance(key if key is not None else _timestep_key(self._timestep(args, kwargs)))
         self.current = StepContext(self._step, self._branch, self.num_steps, self._trajectory)
         return True

@@ -45,6 +45,11 @@ class MethodWrapper:
         setattr(obj, name, method)
 
     @property
+    def method(self) -> Any:
+        """The function installed on the instance."""
+        return self._method
+
+    @property
     def active(self) -> bool:
         """Whether the wrapper still intercepts calls."""
         return self._fn is not None

@@ -15,6 +15,7 @@ rows, so samples never share entries. The dynamic (first-block) policy's per-sam
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple
@@ -34,7 +35,10 @@ from accel.caching.policy import FirstBlockPolicy
 from accel.caching.schedule import Schedule, layout_of
 from accel.caching.state import Feature, FeatureCache, map_feature, residual_of, sum_features
 from accel.caching.stats import CacheStats
+from accel.hooks import MethodWrapper
 from accel.patches import PatchLog, eager
+
+logger = logging.getLogger(__name__)
 
 
 class _Plan(NamedTuple):
@@ -106,12 +110,14 @@ class CacheEngine(PerSampleBlocks):
         self._active: tuple | None = None
         self.patch_log = patch_log
         self._wrapped: set[tuple[int, int]] = set()  # (block, component or -1) with a wrapper installed
+        self._call_wrappers: dict[int, MethodWrapper] = {}  # block -> the wrapper of its forward or compiled call
         try:
             self._install(None if self.dynamic else self._plan(None))
         except BaseException:
             self.detach()
             raise
         self.tracker.add_reset_listener(self.reset)
+        self.tracker.add_call_listener(self._check_wrappers)
 
     def _install(self, plan: _Plan | None) -> None:
         """Wrap every block (to store residuals, reuse them, and count what ran) and the components the plan
@@ -119,7 +125,9 @@ class CacheEngine(PerSampleBlocks):
         never, runs unwrapped."""
         for block in self.blocks:
             if (block.index, -1) not in self._wrapped:
-                self.patch_log.wrap(block.module, "forward", partial(self._block_forward, block))
+                self._call_wrappers[block.index] = self.patch_log.wrap_call(
+                    block.module, partial(self._block_forward, block)
+                )
                 self._wrapped.add((block.index, -1))
             for c in block.present:
                 if plan is None or (block.index, int(c)) in self._wrapped or not plan.partial[block.index, c]:
@@ -143,10 +151,25 @@ class CacheEngine(PerSampleBlocks):
         positions = tuple(parameters.index(n) if n in parameters else None for n in stack.outputs)
         return _Block(index, stack, module, np.array(present, dtype=int), positions)
 
+    def _check_wrappers(self) -> None:
+        """At each transformer call: a block compiled in place after its compiled call was wrapped (a new
+        ``module.compile()``) has replaced the wrapper; wrap the new compiled call, saying so once."""
+        for index, wrapper in list(self._call_wrappers.items()):
+            module = self.blocks[index].module
+            if wrapper.name == "_compiled_call_impl" and module.__dict__.get(wrapper.name) is not wrapper.method:
+                logger.info(
+                    "accel: block %d was compiled again after accel.apply; wrapping its new compiled call", index
+                )
+                self._call_wrappers[index] = self.patch_log.wrap_call(
+                    module, partial(self._block_forward, self.blocks[index])
+                )
+
     def detach(self) -> None:
         """Remove every wrapper and drop all cached state."""
         self.patch_log.undo()
         self._wrapped.clear()
+        self._call_wrappers.clear()
+        self.tracker.remove_call_listener(self._check_wrappers)
         self.tracker.remove_reset_listener(self.reset)
         self.reset()
 

@@ -232,6 +232,11 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--dtype", default="fp32", help="bf16, fp16 or fp32")
     parser.add_argument("--compile", action="store_true", help="also time with every block compiled (inductor)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend for --compile")
+    parser.add_argument(
+        "--methods",
+        default="compute-all,fora-2,fora-3,delta-dit,fbc-never",
+        help="comma list of compute-all, fora-2, fora-3, delta-dit, fbc-never (compute-all and fora-2 are needed)",
+    )
     args = parser.parse_args(argv)
 
     from accel.eval.runtime import RuntimeConfig
@@ -242,7 +247,12 @@ def run(argv: list[str]) -> dict:
         args.layers, args.heads, args.head_dim, args.sample_size, args.steps, args.batch,
         device=args.device, dtype=DTYPES[runtime.dtype],
     )  # fmt: skip
-    methods = default_methods(work.model, args.steps)
+    every = default_methods(work.model, args.steps)
+    chosen = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = set(chosen) - set(every)
+    if unknown or not {"compute-all", "fora-2"} <= set(chosen):
+        raise ValueError(f"--methods: use names from {', '.join(every)}, compute-all and fora-2 among them")
+    methods = {name: every[name] for name in chosen}
     total = full_macs(work.loop)
     saved: dict[str, float] = {}
     timings = compare(work, methods, args.repeats, saved)
@@ -252,21 +262,15 @@ def run(argv: list[str]) -> dict:
     )
     rows = print_table(f"eager: {title}", timings, total, saved)
     overhead = timings["compute-all"].median / timings["full"].median - 1
-    fbc_overhead = timings["fbc-never"].median / timings["full"].median - 1
-    print(
-        f"overhead vs unwrapped: compute-all {100 * overhead:+.2f}%, "
-        f"first-block never reusing {100 * fbc_overhead:+.2f}%"
-    )
-    result = {
-        "overhead": round(overhead, 4),
-        "fbc_overhead": round(fbc_overhead, 4),
-        "fora2_speedup": round(rows["fora-2"][0], 3),
-        "fora2_ideal": round(rows["fora-2"][1], 3),
-        "fora3_speedup": round(rows["fora-3"][0], 3),
-        "fora3_ideal": round(rows["fora-3"][1], 3),
-        "delta_dit_speedup": round(rows["delta-dit"][0], 3),
-        "delta_dit_ideal": round(rows["delta-dit"][1], 3),
-    }
+    print(f"overhead of compute-all vs unwrapped: {100 * overhead:+.2f}%")
+    result = {"overhead": round(overhead, 4)}
+    if "fbc-never" in timings:
+        result["fbc_overhead"] = round(timings["fbc-never"].median / timings["full"].median - 1, 4)
+        print(f"overhead of the first-block policy never reusing: {100 * result['fbc_overhead']:+.2f}%")
+    for name in ("fora-2", "fora-3", "delta-dit"):
+        if name in rows:
+            key = name.replace("-", "_").replace("fora_", "fora")
+            result[f"{key}_speedup"], result[f"{key}_ideal"] = round(rows[name][0], 3), round(rows[name][1], 3)
     if args.compile:
         eager_full = timings["full"].median
         compiled, recompiles = compiled_comparison(work, methods, args.repeats, args.backend)
@@ -282,8 +286,8 @@ def run(argv: list[str]) -> dict:
             compiled_speedup=round(eager_full / compiled["full"].median, 3),
             compiled_overhead=round(compiled_overhead, 4),
             compiled_fora2_speedup=round(compiled_rows["fora-2"][0], 3),
-            compiled_fora3_speedup=round(compiled_rows["fora-3"][0], 3),
-            compiled_fbc_overhead=round(compiled["fbc-never"].median / compiled["full"].median - 1, 4),
             recompiles=recompiles,
         )
+        if "fbc-never" in compiled:
+            result["compiled_fbc_overhead"] = round(compiled["fbc-never"].median / compiled["full"].median - 1, 4)
     return result
