@@ -311,6 +311,13 @@ def train_dit(args: argparse.Namespace) -> None:
         _restore_optimizer(optimizer, {k: v.to(args.device) for k, v in tensors.items()}, meta["optimizer"])
         generator.set_state(tensors["generator"])
         step, losses = meta["step"], meta["losses"]
+    elif args.init is not None:  # no checkpoint here (a new session): start from an exported transformer
+        exported = load_file(args.init / "transformer" / "diffusion_pytorch_model.safetensors")
+        model.load_state_dict({k: v.float() for k, v in exported.items()})
+        ema = {name: p.detach().clone() for name, p in model.named_parameters()}
+        summary = args.init / "training.json"
+        step = json.loads(summary.read_text()).get("dit_steps", 0) if summary.exists() else 0
+        logger.info("dit: no checkpoint; starting from %s (step %d; fresh optimiser state)", args.init, step)
     deadline, last_save, window = time.time() + 60 * args.minutes, time.time(), []
     bar = tqdm(desc="dit", initial=step, mininterval=30)
     while time.time() < deadline and step < args.max_steps:
@@ -449,6 +456,9 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init", type=Path, default=None, help="dit: without a checkpoint, start from this exported folder's weights"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
