@@ -12,6 +12,16 @@ def _seeded():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: the tiny models are launch-bound and run many times faster on a busy CPU than with
+    several threads spinning."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

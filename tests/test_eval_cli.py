@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from conftest import build_tiny_pixart_pipeline
-from eval_helpers import one_thread  # noqa: F401
 
 from accel.cli import main
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 from conftest import build_tiny_pixart_pipeline
-from eval_helpers import PROMPTS, one_thread, small_config  # noqa: F401
+from eval_helpers import PROMPTS, small_config
 
 import accel.eval.harness as harness
 from accel.eval.cost import TimingConfig

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from conftest import build_tiny_pixart_pipeline
-from eval_helpers import one_thread  # noqa: F401
 
 from accel.caching import CacheConfig, FirstBlockPolicy, fora, layout_of
 from accel.eval.generation import call_kwargs, generate

@@ -6,7 +6,6 @@ import types
 
 import pytest
 import torch
-from eval_helpers import one_thread  # noqa: F401
 
 from accel.eval.metrics import METRICS, PSNR_CAP_DB, MetricInputs, MetricSuite, MetricWeights
 

@@ -31,13 +31,9 @@ CALL = {"max_sequence_length": 16}
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the tiny model is launch-bound: extra threads only contend with other work on the machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,8 @@ if not render_clips.EMOJI.is_file():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: these small convolutions and matmuls only lose time to a second one on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
