@@ -35,7 +35,7 @@ from accel.hooks import MethodWrapper
 PHASES = ("weights", "processors", "forwards")
 
 Phase = Literal["weights", "processors", "forwards"]
-PatchKind = Literal["wrap", "attribute", "processor", "module", "parameter", "callback"]
+PatchKind = Literal["wrap", "attribute", "processor", "module", "parameter"]
 
 _MISSING = object()
 
@@ -56,7 +56,7 @@ class PatchRecord:
 
     Attributes:
         technique: the name of the technique that made it, e.g. ``"caching"``.
-        kind: ``"wrap"``, ``"attribute"``, ``"processor"``, ``"module"``, ``"parameter"`` or ``"callback"``.
+        kind: ``"wrap"``, ``"attribute"``, ``"processor"``, ``"module"`` or ``"parameter"``.
         owner: the object changed (a module, a scheduler, ...).
         name: the attribute, method, submodule or parameter name changed on ``owner``.
     """
@@ -160,10 +160,6 @@ class PatchLog:
         previous = module._parameters[name]
         module._parameters[name] = parameter
         self._add("parameter", module, name, lambda: module._parameters.__setitem__(name, previous))
-
-    def on_undo(self, fn: Callable[[], None], owner: Any = None, name: str = "") -> None:
-        """Run ``fn`` when the log is undone, in order with the changes (e.g. to drop state)."""
-        self._add("callback", owner, name or getattr(fn, "__name__", "callback"), fn)
 
     def undo(self) -> None:
         """Undo every change, newest first. Idempotent: an undone log is empty."""

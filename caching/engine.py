@@ -4,7 +4,7 @@ Compile-safe by design: each wrapper (``_block_forward``, ``_component_forward``
 :mod:`accel.patches`) that asks an eager helper what to do, then either returns the reused value or calls the
 original forward, which ``torch.compile`` traces as a region of its own. No decision, step index or cache
 lookup is ever traced, so the compiled regions carry no guards on them and recompiles do not grow with the step
-count. Only the blocks and components the plan may reuse are wrapped at all.
+count. Every block is wrapped; a component only where the plan reuses it inside a block that runs.
 
 State lives per branch (see :mod:`accel.context`): a pipeline that calls the transformer separately for
 the conditional and unconditional prediction gets separate caches, and every cached tensor keeps its batch
@@ -109,7 +109,7 @@ class CacheEngine(PerSampleBlocks):
         self._macs: dict[tuple, float] = {}
         self._active: tuple | None = None
         self.patch_log = patch_log
-        self._wrapped: set[tuple[int, int]] = set()  # (block, component or -1) with a wrapper installed
+        self._wrapped_components: set[tuple[int, int]] = set()  # (block, component) with a wrapper installed
         self._call_wrappers: dict[int, MethodWrapper] = {}  # block -> the wrapper of its forward or compiled call
         try:
             self._install(None if self.dynamic else self._plan(None))
@@ -124,17 +124,20 @@ class CacheEngine(PerSampleBlocks):
         may reuse inside a running block: a component that is only ever reused with its whole block, or
         never, runs unwrapped."""
         for block in self.blocks:
-            if (block.index, -1) not in self._wrapped:
+            if block.index not in self._call_wrappers:
                 self._call_wrappers[block.index] = self.patch_log.wrap_call(
                     block.module, partial(self._block_forward, block)
                 )
-                self._wrapped.add((block.index, -1))
             for c in block.present:
-                if plan is None or (block.index, int(c)) in self._wrapped or not plan.partial[block.index, c]:
+                if (
+                    plan is None
+                    or (block.index, int(c)) in self._wrapped_components
+                    or not plan.partial[block.index, c]
+                ):
                     continue
                 module = getattr(block.module, self._module_name(block.stack, c))
                 self.patch_log.wrap(module, "forward", partial(self._component_forward, block, int(c)))
-                self._wrapped.add((block.index, int(c)))
+                self._wrapped_components.add((block.index, int(c)))
 
     def _module_name(self, stack: BlockStack, component: int) -> str:
         name = self.components[component]
@@ -167,7 +170,7 @@ class CacheEngine(PerSampleBlocks):
     def detach(self) -> None:
         """Remove every wrapper and drop all cached state."""
         self.patch_log.undo()
-        self._wrapped.clear()
+        self._wrapped_components.clear()
         self._call_wrappers.clear()
         self.tracker.remove_call_listener(self._check_wrappers)
         self.tracker.remove_reset_listener(self.reset)
@@ -366,7 +369,7 @@ class CacheEngine(PerSampleBlocks):
             return call.finish(output)
         self._after_block(block, call.key)
         for c in block.present:
-            if (block.index, int(c)) not in self._wrapped:
+            if (block.index, int(c)) not in self._wrapped_components:
                 self.stats_data.computed[self.components[c]] += 1
         if call.store:
             cache = call.state.blocks.setdefault(block.index, self._new_cache(self.policy.forecast_order))
