@@ -148,6 +148,10 @@ def full_macs(loop: Callable[[], torch.Tensor]) -> float:
     return counter.get_total_flops() / 2
 
 
+#: the policies :func:`default_methods` builds, by name
+METHOD_NAMES = ("compute-all", "fora-2", "fora-3", "delta-dit", "fbc-never")
+
+
 def default_methods(model: torch.nn.Module, steps: int) -> dict[str, object]:
     """The caching policies every comparison times: compute-all (the overhead), FORA-2/3, Delta-DiT and the
     first-block policy with a threshold that never reuses (its overhead)."""
@@ -243,15 +247,14 @@ def run(argv: list[str]) -> dict:
 
     runtime = RuntimeConfig(device=args.device, dtype=canonical_dtype(args.dtype), compile=args.compile)
     runtime.check()
+    chosen = [name.strip() for name in args.methods.split(",") if name.strip()]  # checked before any compute
+    if set(chosen) - set(METHOD_NAMES) or not {"compute-all", "fora-2"} <= set(chosen):
+        raise ValueError(f"--methods: use names from {', '.join(METHOD_NAMES)}, compute-all and fora-2 among them")
     work = pixart_workload(
         args.layers, args.heads, args.head_dim, args.sample_size, args.steps, args.batch,
         device=args.device, dtype=DTYPES[runtime.dtype],
     )  # fmt: skip
     every = default_methods(work.model, args.steps)
-    chosen = [name.strip() for name in args.methods.split(",") if name.strip()]
-    unknown = set(chosen) - set(every)
-    if unknown or not {"compute-all", "fora-2"} <= set(chosen):
-        raise ValueError(f"--methods: use names from {', '.join(every)}, compute-all and fora-2 among them")
     methods = {name: every[name] for name in chosen}
     total = full_macs(work.loop)
     saved: dict[str, float] = {}
