@@ -154,10 +154,13 @@ def train_vae(args: argparse.Namespace) -> None:
     logger.info("vae: %d steps, last reconstruction loss %.4f", step, rec.item())
 
 
-def load_vae(work: Path):
-    """The trained autoencoder from ``work/vae.safetensors``, in eval mode."""
+def load_vae(work: Path, init: Path | None = None):
+    """The trained autoencoder from ``work/vae.safetensors`` (else from the exported folder ``init``), in eval mode."""
     from diffusers import AutoencoderKL
 
+    if not (work / "vae.safetensors").exists() and init is not None:
+        logger.info("vae: no checkpoint in %s; using the exported one in %s", work, init)
+        return AutoencoderKL.from_pretrained(init / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
     vae = AutoencoderKL(**VAE_CONFIG)
     tensors, _ = load_checkpoint(work / "vae.safetensors")
     vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -173,7 +176,7 @@ def encode(args: argparse.Namespace) -> None:
 
     from accel.eval.minilm import minilm_model_dir
 
-    vae = load_vae(args.work)
+    vae = load_vae(args.work, args.init)
     images, captions = load_images("train")
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mean for i in range(0, len(images), 64)])
@@ -240,11 +243,20 @@ def train_dit(args: argparse.Namespace) -> None:
         _restore_optimizer(optimizer, tensors, meta["optimizer"])
         torch.set_rng_state(tensors["rng"])
         step, losses = meta["step"], meta["losses"]
+    elif args.init is not None:  # no checkpoint here (a new session): start from the exported transformer
+        exported = load_file(args.init / "transformer" / "diffusion_pytorch_model.safetensors")
+        model.load_state_dict({k: v.float() for k, v in exported.items()})
+        ema = {name: p.detach().clone() for name, p in model.named_parameters()}
+        summary = json.loads((args.init / "training.json").read_text())
+        step, losses = summary["dit_steps"], summary["loss_per_100_steps"]
+        logger.info("dit: no checkpoint; starting from %s (step %d; fresh optimiser state)", args.init, step)
+    # lr warm-up over the first 500 steps of this optimiser's life (again after a start from an export)
+    first_step = step if not path.exists() else 0
     deadline, last_save = time.time() + 60 * args.minutes, time.time()
-    bar, window = tqdm(desc="dit", initial=step), []
+    bar, window = tqdm(desc="dit", initial=step, mininterval=30), []
     while time.time() < deadline and step < args.max_steps:
         x_t, t, text, mask, target = _flow_batch(data, args.batch, args.caption_dropout)
-        lr = args.lr * min(1.0, (step + 1) / 500)
+        lr = args.lr * min(1.0, (step - first_step + 1) / 500)
         for group in optimizer.param_groups:
             group["lr"] = lr
         prediction = model(x_t, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t).sample
@@ -292,7 +304,7 @@ def export(args: argparse.Namespace) -> None:
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     weights.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     transformer.load_state_dict(weights)
-    vae = load_vae(args.work)
+    vae = load_vae(args.work, args.init)
     with safe_open(args.work / "encoded.safetensors", "pt") as f:
         vae.register_to_config(scaling_factor=float(f.metadata()["scaling_factor"]))
     folder = minilm_model_dir()
@@ -324,6 +336,9 @@ def main() -> None:
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init", type=Path, default=None, help="without checkpoints in --work, start from this exported folder"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
