@@ -77,7 +77,7 @@ class StepTracker:
         self.num_steps: int | None = None
         self.active: dict[type, Any] = {}
         self._listeners: list[Callable[[], None]] = []
-        self._call_listeners: list[Callable[[], None]] = []
+        self._call_listeners: list[Callable[[tuple, dict], None]] = []
         self._timestep_arg = timestep_arg
         self._timestep_position = self._position_of(transformer, timestep_arg)
         self.patch_log = PatchLog("core")
@@ -119,11 +119,12 @@ class StepTracker:
         """Call ``fn()`` at the start of every trajectory."""
         self._listeners.append(fn)
 
-    def add_call_listener(self, fn: Callable[[], None]) -> None:
-        """Call ``fn()`` (eagerly) at the start of every transformer call that is not re-entrant."""
+    def add_call_listener(self, fn: Callable[[tuple, dict], None]) -> None:
+        """Call ``fn(args, kwargs)`` (eagerly, with the transformer's positional and keyword arguments) at the start
+        of every transformer call that is not re-entrant."""
         self._call_listeners.append(fn)
 
-    def remove_call_listener(self, fn: Callable[[], None]) -> None:
+    def remove_call_listener(self, fn: Callable[[tuple, dict], None]) -> None:
         """Stop calling ``fn`` at calls."""
         if fn in self._call_listeners:
             self._call_listeners.remove(fn)
@@ -192,7 +193,7 @@ class StepTracker:
         if self.current is not None:  # re-entrant call (e.g. a technique calling the model): no new step
             return False
         for fn in list(self._call_listeners):
-            fn()
+            fn(args, kwargs)
         key = self._clock_key()
         if key is not None and not self._clock_trusted:
             key = self._check_clock(key, _timestep_key(self._timestep(args, kwargs)))

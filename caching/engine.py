@@ -154,7 +154,7 @@ class CacheEngine(PerSampleBlocks):
         positions = tuple(parameters.index(n) if n in parameters else None for n in stack.outputs)
         return _Block(index, stack, module, np.array(present, dtype=int), positions)
 
-    def _check_wrappers(self) -> None:
+    def _check_wrappers(self, args: tuple = (), kwargs: dict | None = None) -> None:
         """At each transformer call: a block compiled in place after its compiled call was wrapped (a new
         ``module.compile()``) has replaced the wrapper; wrap the new compiled call, saying so once."""
         for index, wrapper in list(self._call_wrappers.items()):

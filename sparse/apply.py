@@ -1,0 +1,148 @@
+"""``SparseAttentionConfig`` and its apply function: a sparse plan on a transformer, through the patch log.
+
+At apply, the plan is checked against the model (layers, heads) before anything changes; then every layer with
+a non-dense head gets a sparse processor (:mod:`accel.sparse.processors`). At each transformer call, eagerly and
+outside compiled code, the handle reads the call's token grid and gives every layer its
+:class:`~accel.sparse.kernels.LayerAttention` for that grid (built once per grid and reused), so compiled
+blocks see the same objects call after call and do not recompile.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from accel.adapters import token_grid
+from accel.api import Handle, Target, register
+from accel.plan import Plan
+from accel.sparse.kernels import BACKENDS, Backend, LayerAttention
+from accel.sparse.patterns import TokenGrid
+from accel.sparse.plan import check_plan, plan_density
+from accel.sparse.processors import SparseLayer, sparse_processor_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseAttentionConfig:
+    """Run each attention head of a model under its pattern from ``plan``.
+
+    Attributes:
+        plan: a sparse-attention plan (:func:`accel.sparse.make_plan`, :func:`accel.sparse.uniform_plan`,
+            :func:`accel.sparse.search` or ``Plan.load``).
+        backend: ``"auto"`` (FlexAttention), ``"flex"``, ``"sdpa"`` (materialised mask) or ``"reference"``.
+        block_size: the block mask's tile; default by sequence length
+            (:func:`accel.sparse.kernels.default_block_size`).
+    """
+
+    plan: Plan
+    backend: Backend = "auto"
+    block_size: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.plan, Plan):
+            raise TypeError(f"SparseAttentionConfig.plan must be an accel Plan, got {type(self.plan).__name__}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"SparseAttentionConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise ValueError(f"SparseAttentionConfig.block_size must be a power of two >= 16, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class SparseStats:
+    """What a sparse plan did so far.
+
+    Attributes:
+        grids: the token grids seen.
+        density: the plan's attention density on the last grid (fraction of query-key pairs computed).
+        block_density: the fraction of tiles the sparse launches compute, averaged over sparse layers, or None.
+        sparse_calls: eager attention calls that ran the sparse kernels (compiled calls are not counted).
+        passthrough_calls: eager calls of patched layers that went to the original processor.
+    """
+
+    grids: tuple[TokenGrid, ...]
+    density: float | None
+    block_density: float | None
+    sparse_calls: int
+    passthrough_calls: int
+
+
+class SparseHandle(Handle):
+    """Handle of :class:`SparseAttentionConfig`: per-layer state, the grid listener, and the processor swaps."""
+
+    def __init__(self, target: Target, config: SparseAttentionConfig):
+        super().__init__("sparse_attention")
+        self.target, self.config = target, config
+        self.patterns = check_plan(config.plan, target.transformer, target.spec)
+        self.layers: list[SparseLayer] = []
+        self._kernels: dict[tuple, list[LayerAttention | None]] = {}
+        self._grid: TokenGrid | None = None
+        from accel.sparse.plan import sparse_layers
+
+        modules = sparse_layers(target.transformer, target.spec)
+        components = {c.name: c for stack in target.spec.stacks for c in stack.components}
+        planned = []
+        for index, ((geometry, module), patterns) in enumerate(zip(modules, self.patterns, strict=True)):
+            if all(p.kind == "dense" for p in patterns):
+                continue
+            attr = components[geometry.component].processor_attr
+            layer = SparseLayer(index)
+            planned.append((module, sparse_processor_for(getattr(module, attr), layer), attr))
+            self.layers.append(layer)
+        for module, processor, attr in planned:  # every processor was found before the first swap
+            self.patch_log.set_processor(module, processor, attr)
+        target.tracker.add_call_listener(self._on_call)
+        if not self.layers:
+            logger.warning("the sparse plan is dense in every layer: nothing is patched, outputs are unchanged")
+
+    def _grid_of(self, args: tuple, kwargs: dict) -> TokenGrid:
+        inputs = dict(kwargs)
+        if "hidden_states" not in inputs and args:
+            inputs["hidden_states"] = args[0]
+        return TokenGrid(*token_grid(self.target.transformer, self.target.spec, inputs))
+
+    def _on_call(self, args: tuple, kwargs: dict) -> None:
+        if not self.layers:
+            return
+        grid = self._grid_of(args, kwargs)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+        key = (grid, str(device))
+        if key not in self._kernels:
+            self._kernels[key] = [
+                LayerAttention(self.patterns[layer.index], grid, device, self.config.backend, self.config.block_size)
+                for layer in self.layers
+            ]
+        for layer, kernel in zip(self.layers, self._kernels[key], strict=True):
+            layer.attention = kernel
+        self._grid = grid
+
+    def stats(self) -> SparseStats:
+        """Grids seen, density on the last grid and call counts; see :class:`SparseStats`."""
+        blocks = [
+            kernel.block_density()
+            for kernels in self._kernels.values()
+            for kernel in kernels
+            if kernel is not None and kernel.block_density() is not None
+        ]
+        return SparseStats(
+            grids=tuple(dict.fromkeys(grid for grid, _ in self._kernels)),
+            density=plan_density(self.patterns, self._grid) if self._grid is not None else None,
+            block_density=sum(blocks) / len(blocks) if blocks else None,
+            sparse_calls=sum(layer.sparse_calls for layer in self.layers),
+            passthrough_calls=sum(layer.passthrough_calls for layer in self.layers),
+        )
+
+    def _remove(self) -> None:
+        self.target.tracker.remove_call_listener(self._on_call)
+        for layer in self.layers:
+            layer.attention = None
+        super()._remove()
+
+
+@register(SparseAttentionConfig, name="sparse_attention", phase="processors")
+def apply_sparse(target: Target, config: SparseAttentionConfig) -> SparseHandle:
+    """Swap in sparse processors for ``config.plan``; see :class:`SparseHandle`."""
+    return SparseHandle(target, config)

@@ -1,0 +1,146 @@
+"""Running one layer's per-head patterns: the fallback chain of kernels.
+
+:class:`LayerAttention` is built eagerly, once per layer and token grid, outside compiled code: it groups the
+heads by kind (dense heads run through SDPA, sparse heads through one block-sparse launch, skip heads are
+zeros) and prepares the launch's inputs. Calling it is plain tensor code, so a compiled block traces it.
+
+Backends, each tested against :func:`accel.sparse.reference.reference_attention`:
+
+* ``"flex"``: FlexAttention with a block mask whose ``mask_mod`` is :func:`accel.sparse.patterns.allowed`
+  over per-head tables, so every sparse head of the layer shares one launch; compiled (on CPU and GPU);
+* ``"sdpa"``: SDPA with a materialised boolean mask (``heads x length x length``): the last resort;
+* ``"reference"``: the float32 specification.
+
+``"auto"`` picks ``"flex"``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from accel.sparse.patterns import HeadPattern, HeadTables, TokenGrid, allowed, dense_mask
+from accel.sparse.reference import check_qkv, reference_attention
+
+Backend = Literal["auto", "flex", "sdpa", "reference"]
+BACKENDS = ("auto", "flex", "sdpa", "reference")
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention(query, key, value, block_mask, scale=None):
+    """FlexAttention, compiled (directly when already inside compiled code)."""
+    if torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        return flex(query, key, value, block_mask=block_mask, scale=scale)
+    return _compiled_flex()(query, key, value, block_mask=block_mask, scale=scale)
+
+
+def default_block_size(length: int) -> int:
+    """Block size of the block mask: 128 (the kernels' tile) for long sequences, finer for short ones so that
+    small grids can still be sparse."""
+    return 128 if length >= 4096 else 64 if length >= 1024 else 32
+
+
+def block_mask_for(
+    patterns: Sequence[HeadPattern], grid: TokenGrid, device: torch.device | str, block_size: int | None = None
+):
+    """A FlexAttention ``BlockMask`` for ``patterns`` (one per head of the launch) on ``grid``."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    tables = HeadTables.build(patterns, grid, device)
+
+    def mask_mod(batch, head, query, key):
+        return allowed(tables, grid, head, query, key)
+
+    size = block_size or default_block_size(grid.length)
+    return create_block_mask(mask_mod, None, len(patterns), grid.length, grid.length, device=device, BLOCK_SIZE=size)
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
+
+
+class LayerAttention:
+    """One layer's attention heads under per-head patterns, on one token grid.
+
+    Args:
+        patterns: one pattern per head.
+        grid: the tokens of the calls it will serve.
+        device: where the calls run.
+        backend: one of :data:`BACKENDS`.
+        block_size: the block mask's block size (``"flex"``); default :func:`default_block_size`.
+    """
+
+    def __init__(
+        self,
+        patterns: Sequence[HeadPattern],
+        grid: TokenGrid,
+        device: torch.device | str = "cpu",
+        backend: Backend = "auto",
+        block_size: int | None = None,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.patterns, self.grid = tuple(patterns), grid
+        self.backend = "flex" if backend == "auto" else backend
+        kinds = [p.kind for p in self.patterns]
+        self.dense_heads = [h for h, kind in enumerate(kinds) if kind == "dense"]
+        self.sparse_heads = [h for h, kind in enumerate(kinds) if kind == "sparse"]
+        self.all_dense = len(self.dense_heads) == len(kinds)
+        sparse = [self.patterns[h] for h in self.sparse_heads]
+        self.block_mask = self.mask = None
+        if sparse and self.backend == "flex":
+            self.block_mask = block_mask_for(sparse, grid, device, block_size)
+        elif sparse and self.backend == "sdpa":
+            self.mask = dense_mask(sparse, grid, device)
+        self._index = {
+            name: torch.tensor(heads, dtype=torch.long, device=device)
+            for name, heads in (("dense", self.dense_heads), ("sparse", self.sparse_heads))
+        }
+
+    def block_density(self) -> float | None:
+        """The fraction of (query block, key block) tiles the sparse heads' launch computes, or None."""
+        if self.block_mask is None:
+            return None
+        return 1.0 - self.block_mask.sparsity() / 100.0
+
+    def _sparse(self, query, key, value, scale):
+        if self.backend == "flex":
+            return flex_attention(query, key, value, self.block_mask, scale)
+        if self.backend == "sdpa":
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=self.mask, scale=scale)
+            return out.masked_fill(~self.mask.any(-1, keepdim=True), 0.0)  # rows that see no key: 0, not NaN
+        return reference_attention(query, key, value, [self.patterns[h] for h in self.sparse_heads], self.grid, scale)
+
+    def __call__(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
+    ) -> torch.Tensor:
+        """Attention output ``(batch, heads, length, head_dim)`` of ``query``, ``key``, ``value``, each
+        ``(batch, heads, length, head_dim)``."""
+        if self.all_dense or (not torch.compiler.is_compiling() and _is_fake(query)):
+            # fake tensors: a shape-only run (the cache engine counting MACs) counts the heads as dense
+            return F.scaled_dot_product_attention(query, key, value, scale=scale)
+        out = torch.zeros_like(query)
+        for name, run in (("dense", F.scaled_dot_product_attention), ("sparse", self._sparse)):
+            heads = self._index[name]
+            if len(heads):
+                part = run(*(t.index_select(1, heads) for t in (query, key, value)), scale=scale)
+                out = out.index_copy(1, heads, part.to(out.dtype))
+        return out
+
+    def check(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Raise ``ValueError`` if the inputs do not fit this layer's heads and grid (eager callers)."""
+        check_qkv(query, key, value, len(self.patterns), self.grid)
