@@ -26,9 +26,9 @@ COMMANDS = {
 HELP = {
     "info": "list supported models and what accel knows about one",
     "schedule": "write a heuristic caching schedule (FORA, Delta-DiT, T-GATE, compute-all) as JSON",
-    "generate": "generate images with any method (full, fora-2, a schedule JSON, ...)",
+    "generate": "generate images or video clips with any method (full, fora-2, a schedule JSON, ...)",
     "eval": "score methods for quality vs speed and write a report",
-    "demo": "evaluate the headline methods on the bundled default model in a few minutes",
+    "demo": "evaluate the headline methods on the bundled default model in a few minutes (--video: the video model)",
     "search": "search caching schedules for a Pareto front of quality vs speed",
 }
 

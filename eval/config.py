@@ -41,6 +41,17 @@ BUILTIN_PROMPTS = (
     "tangerine",
 )
 
+#: prompts of ``accel demo --video``: captions of the bundled video model's training clips (an emoji and a motion)
+BUILTIN_VIDEO_PROMPTS = (
+    "red apple sliding to the right",
+    "cat face zooming in",
+    "rocket sliding up",
+    "ghost rotating clockwise",
+)
+
+#: methods of ``accel demo --video`` (a few, so it takes a few minutes on a CPU)
+DEFAULT_VIDEO_METHODS = ("full", "steps-10", "fora-2", "fora-3", "taylorseer-3")
+
 DEFAULT_METHODS = (
     "full",
     "steps-10",
@@ -68,7 +79,10 @@ RUNTIME_FIELD = {"prefix": False}
 class EvalConfig:
     """One evaluation: which model, methods, prompts and metrics, and how to time them."""
 
-    model: str | None = field(default=None, metadata=_help("pipeline folder or hub id; omitted: the bundled model"))
+    model: str | None = field(
+        default=None,
+        metadata=_help("pipeline folder or hub id; bundled-video: the bundled video model; omitted: the bundled model"),
+    )
     methods: tuple[str, ...] = field(
         default=DEFAULT_METHODS, metadata=_help("comma-separated methods (see `accel eval --list-methods`)")
     )
@@ -87,7 +101,13 @@ class EvalConfig:
             "them is their run-to-run noise (0: not measured)"
         ),
     )
-    metrics: tuple[str, ...] = field(default=tuple(METRICS), metadata=_help("comma-separated metric keys"))
+    metrics: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_help(
+            f"comma-separated metric keys ({', '.join(METRICS)}); omitted: every one that scores the pipeline's "
+            "output (images, or video clips: motion is for clips only)"
+        ),
+    )
     real_images: str | None = field(
         default=None, metadata=_help("FID/KID reference set (.npz with 'images' or a folder); default: full-compute")
     )
@@ -105,7 +125,7 @@ class EvalConfig:
             raise ValueError("no prompts")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
-        unknown = [m for m in self.metrics if m not in METRICS]
+        unknown = [m for m in self.metrics or () if m not in METRICS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
         if self.noise_seed_sets < 0:

@@ -33,7 +33,7 @@ class TimingConfig:
     Attributes:
         warmup: untimed rounds before the timed ones.
         repeats: timed rounds; the median is reported with the spread.
-        batch: prompts per timed pipeline call (latency per image = call time / batch).
+        batch: prompts per timed pipeline call (latency per image, or per clip, = call time / batch).
     """
 
     warmup: int = 1
@@ -50,14 +50,18 @@ def latency(
     around: Callable[[], AbstractContextManager] | None,
     baseline: Callable[[], object] | None,
     config: TimingConfig,
+    unit: str = "image",
 ) -> dict:
     """Time ``run`` (inside ``around()``, entered untimed) interleaved with ``baseline`` (if given).
 
+    Args:
+        unit: what one prompt gives, ``"image"`` or ``"clip"``: names the per-sample latency.
+
     Returns:
         ``samples_s`` and ``median_s`` / ``spread`` (half the range over the median) per pipeline call,
-        ``per_image_s``, the baseline's own samples, and ``speedup`` = baseline median / method median (1.0
-        when there is no baseline, i.e. for the baseline itself), and ``speedup_fastest`` = ratio of the
-        fastest repeats (less sensitive to other jobs on the machine).
+        ``per_image_s`` (``per_clip_s`` for clips), the baseline's own samples, and ``speedup`` = baseline
+        median / method median (1.0 when there is no baseline, i.e. for the baseline itself), and
+        ``speedup_fastest`` = ratio of the fastest repeats (less sensitive to other jobs on the machine).
     """
     fns = {"method": run, **({"baseline": baseline} if baseline is not None else {})}
     timings = time_interleaved(
@@ -71,7 +75,7 @@ def latency(
         "samples_s": list(method.samples),
         "median_s": method.median,
         "spread": method.spread,
-        "per_image_s": method.median / config.batch,
+        f"per_{unit}_s": method.median / config.batch,
         "batch": config.batch,
         "warmup": config.warmup,
         "repeats": config.repeats,

@@ -1,7 +1,13 @@
-"""Running a pipeline the same way for every method, and images on disk.
+"""Running a pipeline the same way for every method, and its samples (images or video clips) on disk.
 
 Every sample ``i`` gets its own generator seeded ``seeds[i]``, so a prompt and seed give the same starting
-noise whatever the batch it lands in: images of different methods compare one to one.
+noise whatever the batch it lands in: samples of different methods compare one to one.
+
+A video pipeline (one whose ``__call__`` takes ``num_frames``, whose output has ``.frames``: Wan, LTX-Video,
+HunyuanVideo, CogVideoX) gives clips ``(N, F, 3, H, W)``. A clip is stored losslessly as one PNG *filmstrip*:
+its F frames side by side, ``(H, F * W)`` pixels, with the frame count in the PNG text chunk
+:data:`FRAMES_KEY`. So the image code (atomic PNG writes, resuming from files on disk, reference sets) serves
+clips unchanged, and :func:`load_samples` gives back ``(N, F, 3, H, W)`` from the files alone.
 """
 
 from __future__ import annotations
@@ -16,9 +22,20 @@ from typing import Any
 import numpy as np
 import torch
 
+#: PNG text chunk holding a filmstrip's frame count (absent on a plain image)
+FRAMES_KEY = "accel-frames"
+#: frames per second of the animated WebP files made from clips (``accel generate`` and the HTML report)
+ANIMATION_FPS = 8
+
+
+def generates_video(pipe: Any) -> bool:
+    """Whether ``pipe`` makes video clips (its ``__call__`` takes ``num_frames``), known before any compute."""
+    return "num_frames" in inspect.signature(type(pipe).__call__).parameters
+
 
 def call_kwargs(pipe: Any, overrides: dict | None = None) -> dict:
-    """Keyword arguments that make ``pipe(...)`` return ``(N, 3, H, W)`` float images in [0, 1] offline.
+    """Keyword arguments that make ``pipe(...)`` return ``(N, 3, H, W)`` float images (or ``(N, F, 3, H, W)``
+    clips) in [0, 1] offline.
 
     Turns off caption cleaning (needs extra packages) and resolution binning (resizes outside its bins) where
     the pipeline has them, and caps ``max_sequence_length`` at the tokenizer's limit. ``overrides`` win.
@@ -39,13 +56,32 @@ def call_kwargs(pipe: Any, overrides: dict | None = None) -> dict:
 def pipeline_defaults(pipe: Any, bundled: bool, overrides: dict | None = None) -> tuple[dict, float]:
     """Call arguments (see :func:`call_kwargs`) and guidance scale for ``pipe``.
 
-    The bundled default model brings its own (``accel.pipelines.default.DEFAULT_CALL_KWARGS`` and
-    ``DEFAULT_GUIDANCE_SCALE``); any other pipeline gets its ``__call__``'s default guidance scale (4.5 if none).
+    A bundled model brings its own: the image model ``accel.pipelines.default.DEFAULT_CALL_KWARGS`` and
+    ``DEFAULT_GUIDANCE_SCALE``, the video model ``accel.pipelines.video.DEFAULT_VIDEO_CALL_KWARGS`` (its clip
+    size, frame count and guidance scale). Any other pipeline gets its ``__call__``'s default guidance scale
+    (4.5 if none).
+
+    Raises:
+        ValueError: an override the pipeline's ``__call__`` does not name (e.g. ``num_frames`` for an image
+            pipeline; a ``**kwargs`` there would swallow it unused), before any compute.
     """
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    named = [name for name, p in parameters.items() if name != "self" and p.kind is not p.VAR_KEYWORD]
+    unknown = sorted(set(overrides or {}) - set(named))
+    if unknown:
+        raise ValueError(
+            f"{type(pipe).__name__} takes no {unknown} (pipeline arguments given as JSON); it takes: {', '.join(named)}"
+        )
     kwargs = call_kwargs(pipe)
-    parameter = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    parameter = parameters.get("guidance_scale")
     guidance = parameter.default if parameter is not None and isinstance(parameter.default, float) else 4.5
-    if bundled:
+    if bundled and generates_video(pipe):
+        from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS
+
+        video = dict(DEFAULT_VIDEO_CALL_KWARGS)
+        guidance = video.pop("guidance_scale")
+        kwargs.update(video)
+    elif bundled:
         from accel.pipelines.default import DEFAULT_CALL_KWARGS, DEFAULT_GUIDANCE_SCALE
 
         kwargs.update(DEFAULT_CALL_KWARGS)
@@ -62,7 +98,8 @@ def generate(
     guidance_scale: float,
     kwargs: dict,
 ) -> torch.Tensor:
-    """Images for ``prompts`` with per-sample ``seeds``: ``(N, 3, H, W)`` float32 in [0, 1] on the CPU."""
+    """Samples for ``prompts`` with per-sample ``seeds``, float32 in [0, 1] on the CPU: images ``(N, 3, H, W)``,
+    or clips ``(N, F, 3, H, W)`` from a video pipeline (its output has ``.frames``)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     device = getattr(pipe, "device", torch.device("cpu"))
@@ -74,6 +111,11 @@ def generate(
         generator=generators,
         **kwargs,
     )
+    if hasattr(output, "frames"):
+        frames = output.frames
+        if not isinstance(frames, torch.Tensor):  # (N, F, H, W, 3) numpy
+            frames = torch.from_numpy(np.asarray(frames)).permute(0, 1, 4, 2, 3)
+        return frames.float().clamp(0, 1).cpu()
     images = output.images if hasattr(output, "images") else output[0]
     if not isinstance(images, torch.Tensor):
         images = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
@@ -81,19 +123,47 @@ def generate(
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``(N, 3, H, W)`` [0, 1] float -> uint8, rounded."""
+    """``(..., 3, H, W)`` [0, 1] float -> uint8, rounded."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """Write one ``(3, H, W)`` uint8 or [0, 1] float image atomically (a temporary file, then a rename)."""
+def save_png(image: torch.Tensor, path: Path, text: dict[str, str] | None = None) -> None:
+    """Write one ``(3, H, W)`` uint8 or [0, 1] float image atomically (a temporary file, then a rename), with
+    ``text`` in PNG text chunks."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     array = (to_uint8(image) if image.is_floating_point() else image).permute(1, 2, 0).numpy()
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    Image.fromarray(array).save(partial, format="PNG")
+    Image.fromarray(array).save(partial, format="PNG", pnginfo=info)
     partial.replace(path)
+
+
+def filmstrip(clip: torch.Tensor) -> torch.Tensor:
+    """A clip ``(F, 3, H, W)`` as one image ``(3, H, F * W)``: its frames side by side, first on the left."""
+    return torch.cat(list(clip.unbind(0)), dim=-1)
+
+
+def unstrip(strips: torch.Tensor, frames: int) -> torch.Tensor:
+    """Filmstrips ``(N, 3, H, F * W)`` -> clips ``(N, F, 3, H, W)``."""
+    count, channels, height, width = strips.shape
+    if width % frames:
+        raise ValueError(f"a filmstrip {width} pixels wide cannot hold {frames} frames of equal width")
+    clips = strips.reshape(count, channels, height, frames, width // frames)  # (N, 3, H, F, W)
+    return clips.permute(0, 3, 1, 2, 4).contiguous()
+
+
+def save_sample(sample: torch.Tensor, path: Path) -> None:
+    """Write an image ``(3, H, W)`` as a PNG, or a clip ``(F, 3, H, W)`` as a PNG filmstrip with its frame count
+    (see the module docstring)."""
+    if sample.ndim == 4:
+        save_png(filmstrip(sample), path, {FRAMES_KEY: str(sample.shape[0])})
+    else:
+        save_png(sample, path)
 
 
 def load_pngs(paths: Sequence[Path]) -> torch.Tensor:
@@ -102,6 +172,56 @@ def load_pngs(paths: Sequence[Path]) -> torch.Tensor:
 
     arrays = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def png_frames(path: Path) -> int | None:
+    """The frame count of a PNG filmstrip written by :func:`save_sample`; None for a plain image."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        value = getattr(image, "text", {}).get(FRAMES_KEY)
+    return None if value is None else int(value)
+
+
+def load_samples(paths: Sequence[Path]) -> torch.Tensor:
+    """Samples written by :func:`save_sample`: images ``(N, 3, H, W)`` or clips ``(N, F, 3, H, W)``, uint8.
+
+    Raises:
+        ValueError: the files mix images and clips, or clips of different lengths.
+    """
+    counts = {png_frames(path) for path in paths}
+    if len(counts) > 1:
+        raise ValueError(f"{len(paths)} files mix frame counts {sorted(counts, key=str)} (None: a plain image)")
+    frames = counts.pop() if counts else None
+    strips = load_pngs(paths)
+    return strips if frames is None else unstrip(strips, frames)
+
+
+def animation_bytes(clip: torch.Tensor, size: int | None = None, fps: int = ANIMATION_FPS) -> bytes:
+    """A clip ``(F, 3, H, W)`` (uint8 or [0, 1] float) as a looping lossless animated WebP, frames shrunk to fit
+    ``size`` x ``size`` pixels if given."""
+    import io
+
+    from PIL import Image
+
+    clip = to_uint8(clip) if clip.is_floating_point() else clip
+    frames = [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in clip]
+    if size is not None and max(frames[0].size) > size:
+        for frame in frames:
+            frame.thumbnail((size, size))
+    buffer = io.BytesIO()
+    frames[0].save(
+        buffer, format="WEBP", save_all=True, append_images=frames[1:], lossless=True, duration=1000 // fps, loop=0
+    )
+    return buffer.getvalue()
+
+
+def save_animation(clip: torch.Tensor, path: Path) -> None:
+    """Write a clip ``(F, 3, H, W)`` as an animated WebP (see :func:`animation_bytes`), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    partial.write_bytes(animation_bytes(clip))
+    partial.replace(path)
 
 
 def load_image_set(path: str | Path) -> torch.Tensor:

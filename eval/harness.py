@@ -2,12 +2,18 @@
 
 ``run_evaluation(config, out)`` writes, under ``out``:
 
-* ``images/<method>-<key>/<index>.png``: every generated image, named by prompt index;
+* ``images/<method>-<key>/<index>.png``: every generated image, named by prompt index; from a video pipeline
+  every clip, as a PNG filmstrip of its frames (:mod:`accel.eval.generation`), its trial recording ``frames``;
 * ``trials/<method>-<key>.json``: one finished trial (status, config as applied, metrics, latency samples,
   MACs, memory). ``key`` hashes the model's weights, the method (and a JSON method's file content), the
   prompts, seeds, step count, guidance scale and pipeline arguments, so an interrupted run started again
   skips every finished trial and every image already on disk;
-* ``results.json``: the run's provenance and all trials (data first), then ``report.md`` and ``report.html``.
+* ``results.json``: the run's provenance and all trials (data first), then ``report.md`` and ``report.html``
+  (and, for clips, ``animations/<method>-<key>/<index>.webp``, which the page shows and links to).
+
+A video pipeline is told by its ``__call__`` (:func:`~accel.eval.generation.generates_video`) once loaded,
+before anything is generated: then a sample is a clip, latency and MACs are per clip, and the metrics are those
+that score clips (:func:`~accel.eval.metrics.metric_keys`; asking for one that does not is an error then).
 
 Several processes (``torchrun --nproc_per_node N -m accel.cli eval ...``) split the prompts with accelerate's
 ``PartialState().split_between_processes``; each writes its images, and the main process scores them, times
@@ -20,11 +26,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import platform
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +36,20 @@ from tqdm.auto import tqdm
 
 from accel.eval.config import EvalConfig
 from accel.eval.cost import MACS_HOW, count_macs, latency, peak_memory
-from accel.eval.generation import generate, load_image_set, load_pngs, pipeline_defaults, save_png, weights_checksum
+from accel.eval.generation import (
+    generate,
+    generates_video,
+    load_image_set,
+    load_samples,
+    pipeline_defaults,
+    png_frames,
+    save_sample,
+    weights_checksum,
+)
 from accel.eval.methods import Method, UnsupportedMethod, apply_method, parse_methods
-from accel.eval.metrics import MetricInputs, MetricSuite
+from accel.eval.metrics import MetricInputs, MetricSuite, metric_keys
 from accel.eval.noise import run_to_run_noise
+from accel.eval.provenance import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -57,42 +70,17 @@ class RunContext:
     model_fingerprint: dict
     reference: torch.Tensor | None = None
     suite: MetricSuite | None = None
+    media: str = "image"  # or "video": the pipeline makes clips
 
     @property
     def is_main(self) -> bool:
+        """Whether this is the process that scores, times and reports."""
         return self.state.is_main_process
 
-
-def versions() -> dict:
-    """Versions of everything that shapes the numbers."""
-    import accelerate
-    import diffusers
-    import transformers
-
-    import accel
-
-    found = {
-        "accel": accel.__version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "python": sys.version.split()[0],
-    }
-    try:
-        import torchmetrics
-
-        found["torchmetrics"] = torchmetrics.__version__
-    except ImportError:
-        pass
-    return found
-
-
-def describe_device(device: torch.device) -> str:
-    """E.g. ``"cuda: NVIDIA H100 80GB HBM3"`` or ``"cpu: x86_64, 2 threads"``."""
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"{device.type}: {platform.machine()}, {torch.get_num_threads()} threads"
+    @property
+    def unit(self) -> str:
+        """What one prompt gives: ``"image"`` or ``"clip"``."""
+        return "clip" if self.media == "video" else "image"
 
 
 def trial_key(context: RunContext, method: Method) -> str:
@@ -117,14 +105,15 @@ def _write_json(path: Path, data: dict) -> None:
     partial.replace(path)
 
 
-def _image_paths(directory: Path, count: int) -> list[Path]:
+def _sample_paths(directory: Path, count: int) -> list[Path]:
     return [directory / f"{index:05d}.png" for index in range(count)]
 
 
 def generate_shard(context: RunContext, method: Method, directory: Path) -> str | None:
-    """This process's share of the method's images, skipping those on disk; the reason if unsupported."""
+    """This process's share of the method's images (or clips), skipping those on disk; the reason if
+    unsupported."""
     config = context.config
-    paths = _image_paths(directory, len(config.prompts))
+    paths = _sample_paths(directory, len(config.prompts))
     with context.state.split_between_processes(list(range(len(paths)))) as shard:
         todo = [i for i in shard if not paths[i].exists()]
     batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
@@ -133,15 +122,18 @@ def generate_shard(context: RunContext, method: Method, directory: Path) -> str 
     try:
         with apply_method(method, context.pipe, config.steps) as applied:
             bar = tqdm(
-                batches, desc=f"{method.name}: images", unit="batch", disable=not context.state.is_local_main_process
+                batches,
+                desc=f"{method.name}: {context.unit}s",
+                unit="batch",
+                disable=not context.state.is_local_main_process,
             )
             for batch in bar:
                 applied.reset()
                 prompts = [config.prompts[i] for i in batch]
                 seeds = [config.seeds[i] for i in batch]
-                images = generate(context.pipe, prompts, seeds, applied.steps, context.guidance_scale, context.kwargs)
-                for index, image in zip(batch, images):
-                    save_png(image, paths[index])
+                samples = generate(context.pipe, prompts, seeds, applied.steps, context.guidance_scale, context.kwargs)
+                for index, sample in zip(batch, samples):
+                    save_sample(sample, paths[index])
     except UnsupportedMethod as error:
         return str(error)
     return None
@@ -169,20 +161,21 @@ def measure_cost(context: RunContext, method: Method) -> dict:
             yield
 
     baseline = None if method.kind == "full" else (lambda: run(config.steps))
-    timed = latency(lambda: run(steps), around, baseline, timing)
+    timed = latency(lambda: run(steps), around, baseline, timing, unit=context.unit)
     return {
         "config": applied_config,
         "steps": steps,
         "latency": timed,
-        "macs": {"per_call": macs, "per_image": macs / timing.batch, "how": MACS_HOW},
+        "macs": {"per_call": macs, f"per_{context.unit}": macs / timing.batch, "how": MACS_HOW},
         "memory": memory,
         "technique_stats": stats,
     }
 
 
 def score(context: RunContext, method: Method, directory: Path, keys: list[str] | None = None) -> dict:
-    """The metrics (all, or ``keys``) on the method's images (all processes' shares), against full compute."""
-    images = load_pngs(_image_paths(directory, len(context.config.prompts)))
+    """The metrics (all, or ``keys``) on the method's images or clips (all processes' shares), against full
+    compute."""
+    images = load_samples(_sample_paths(directory, len(context.config.prompts)))
     if method.kind == "full":
         context.reference = images
     inputs = MetricInputs(images=images, reference=context.reference, prompts=context.config.prompts)
@@ -193,10 +186,10 @@ def resume_trial(context: RunContext, method: Method, path: Path, directory: Pat
     """A trial an earlier run finished; metrics asked for now but not then are computed from its images."""
     record = json.loads(path.read_text())
     done = record.get("metric_keys", [])
-    missing = [k for k in context.config.metrics if k not in done] if record["status"] == "ok" else []
+    missing = [k for k in context.suite.keys if k not in done] if record["status"] == "ok" else []
     if record["status"] == "ok" and context.is_main:
         if method.kind == "full":
-            context.reference = load_pngs(_image_paths(directory, len(context.config.prompts)))
+            context.reference = load_samples(_sample_paths(directory, len(context.config.prompts)))
         if missing:
             record["metrics"].update(score(context, method, directory, missing))
             record["metric_keys"] = [*record["metric_keys"], *missing]
@@ -226,7 +219,9 @@ def run_trial(context: RunContext, method: Method) -> dict:
             logger.warning("%s: unsupported: %s", method.name, reason)
         else:
             record.update(status="ok", images=str(directory.relative_to(context.out)), **cost)
-            record.update(metrics=score(context, method, directory), metric_keys=list(context.config.metrics))
+            if context.media == "video":
+                record["frames"] = png_frames(directory / "00000.png")
+            record.update(metrics=score(context, method, directory), metric_keys=list(context.suite.keys))
         _write_json(path, record)
     context.state.wait_for_everyone()
     return json.loads(path.read_text())
@@ -237,7 +232,8 @@ def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext
     prepare the metrics.
 
     Raises:
-        ValueError: the configured device is not available here (before anything is loaded).
+        ValueError: the configured device is not available here (before anything is loaded); a metric that
+            cannot score what the pipeline makes, or a pipeline argument it does not take (before any compute).
     """
     from accelerate import PartialState
 
@@ -248,12 +244,14 @@ def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext
         torch.set_num_threads(config.threads)
     if device.type == "cuda" and state.num_processes > 1:
         device = state.device
-    bundled = pipe is None and config.model is None
-    if pipe is None:
-        from accel.pipelines.loading import load_pipeline
+    from accel.pipelines.loading import is_bundled, load_pipeline
 
+    bundled = pipe is None and is_bundled(config.model)
+    if pipe is None:
         pipe = load_pipeline(config.model, torch_dtype=runtime.torch_dtype, device=str(device))
         runtime.compile_pipeline(pipe)
+    media = "video" if generates_video(pipe) else "image"
+    keys = metric_keys(config.metrics, media, type(pipe).__name__)
     kwargs, guidance = pipeline_defaults(pipe, bundled, config.pipeline_kwargs)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
@@ -265,7 +263,10 @@ def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext
         **({"compiled": True} if runtime.compile else {}),  # absent when eager: earlier runs' trial keys hold
     }
     real = load_image_set(config.real_images) if config.real_images else None
-    suite = MetricSuite(config.metrics, config.weights, real=real, real_label=config.real_images or "")
+    label = config.real_images or ""  # "": the suite names the full-compute images
+    if not label and media == "video":
+        label = "the frames of the full-compute clips of the same prompts and seeds"
+    suite = MetricSuite(keys, config.weights, real=real, real_label=label)
     context = RunContext(
         config=config,
         out=out,
@@ -275,6 +276,7 @@ def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext
         guidance_scale=guidance if config.guidance_scale is None else config.guidance_scale,
         model_fingerprint=fingerprint,
         suite=suite,
+        media=media,
     )
     return context
 
@@ -291,7 +293,7 @@ def measure_noise(context: RunContext, full: Method, full_trial: dict) -> dict |
     None on the others, or when not asked for.
     """
     config = context.config
-    keys = [k for k in config.metrics if k in NOISE_METRICS]
+    keys = [k for k in context.suite.keys if k in NOISE_METRICS]
     if not config.noise_seed_sets or not keys or full_trial.get("status") != "ok":
         return None
     count = len(config.prompts)
@@ -304,7 +306,7 @@ def measure_noise(context: RunContext, full: Method, full_trial: dict) -> dict |
         context.state.wait_for_everyone()
     if not context.is_main:
         return None
-    runs = [context.reference, *(load_pngs(_image_paths(d, count)) for d in directories)]
+    runs = [context.reference, *(load_samples(_sample_paths(d, count)) for d in directories)]
     values: dict[str, list[float]] = {}
     better = {}
     for images in runs:
@@ -320,31 +322,6 @@ def measure_noise(context: RunContext, full: Method, full_trial: dict) -> dict |
         "noise": run_to_run_noise(values),
         "better": {name: better[name] for name in values},
         "how": f"spread (max - min) over full compute with {len(seeds)} seed sets, the run's own first",
-    }
-
-
-def _file_sha256(source: str) -> str | None:
-    path = Path(source)
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
-def provenance(context: RunContext) -> dict:
-    """What the run was: model, settings, prompts, seeds, versions, device."""
-    config = context.config
-    return {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": context.model_fingerprint,
-        "transformer_class": type(getattr(context.pipe, "transformer", None)).__name__,
-        "config": config.to_dict(),
-        "pipeline_call_kwargs": context.kwargs,
-        "guidance_scale": context.guidance_scale,
-        "prompts_source": config.prompts_source,
-        "prompts_file_sha256": _file_sha256(config.prompts_source),
-        "prompts_sha256": config.prompts_sha256,
-        "seeds": list(config.seeds),
-        "versions": versions(),
-        "device": describe_device(torch.device(context.pipe.device)),
-        "num_processes": context.state.num_processes,
     }
 
 

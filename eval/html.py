@@ -3,6 +3,10 @@
 Sections: the run, the summary table, one Pareto plot per quality metric (speedup on x, the metric on y,
 the front highlighted and joined), image grids (one row per prompt and seed, full compute first), the
 unsupported methods with their reasons, what each metric computed, and provenance.
+
+A video run's grid shows each clip as a looping animated WebP (lossless) beside the full-compute clip of the
+same prompt and seed; each links to its file ``animations/<method>-<key>/<index>.webp``, which
+:func:`write_animations` writes from the PNG filmstrips (:func:`accel.eval.report.write_reports` calls it).
 """
 
 from __future__ import annotations
@@ -13,8 +17,18 @@ import io
 import math
 from pathlib import Path
 
+from accel.eval.generation import animation_bytes, load_samples, save_animation
 from accel.eval.metrics import PSNR_CAP_DB
-from accel.eval.report import fronts, metric_info, metric_names, noise_lines, ok_trials, run_summary, summary_rows
+from accel.eval.report import (
+    fronts,
+    metric_info,
+    metric_names,
+    noise_lines,
+    ok_trials,
+    run_summary,
+    sample_unit,
+    summary_rows,
+)
 
 GRID_PROMPTS = 8
 THUMBNAIL = 128
@@ -120,23 +134,52 @@ def _thumbnail(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def animation_file(trial: dict, index: int) -> str:
+    """Where the animation of clip ``index`` of ``trial`` goes, relative to the output folder."""
+    return f"animations/{Path(trial['images']).name}/{index:05d}.webp"
+
+
+def write_animations(results: dict, out: str | Path) -> list[Path]:
+    """Every clip of every trial that ran as an animated WebP (:func:`animation_file`), skipping those on disk
+    (a trial's folder name holds its key, so its clips never change); nothing for an image run. Returns the
+    files written."""
+    if sample_unit(results) != "clip":
+        return []
+    out, written = Path(out), []
+    for trial in ok_trials(results):
+        for strip in sorted((out / trial["images"]).glob("[0-9]*.png")):
+            path = out / animation_file(trial, int(strip.stem))
+            if not path.exists():
+                save_animation(load_samples([strip])[0], path)
+                written.append(path)
+    return written
+
+
+def _cell(out: Path, trial: dict, index: int, unit: str) -> str:
+    """One grid cell: the image's thumbnail, or the clip's animation linking to its file."""
+    path = out / trial["images"] / f"{index:05d}.png"
+    if not path.exists():
+        return "missing"
+    alt = html.escape(trial["method"])
+    if unit != "clip":
+        return f'<img src="{_thumbnail(path)}" alt="{alt}">'
+    data = base64.b64encode(animation_bytes(load_samples([path])[0], THUMBNAIL)).decode()
+    link = html.escape(animation_file(trial, index))
+    return f'<a href="{link}"><img src="data:image/webp;base64,{data}" alt="{alt}"></a>'
+
+
 def image_grid(results: dict, out: Path) -> str:
-    """One row per prompt and seed (the first few), one column per method that ran, full compute first."""
-    trials = ok_trials(results)
+    """One row per prompt and seed (the first few), one column per method that ran, full compute first; clips
+    as animations."""
+    trials, unit = ok_trials(results), sample_unit(results)
     run = results["run"]
     prompts = run["config"]["prompts"][:GRID_PROMPTS]
     head = "".join(f"<th>{html.escape(t['method'])}</th>" for t in trials)
     rows = [f"<tr><th>prompt / seed</th>{head}</tr>"]
     for index, prompt in enumerate(prompts):
-        cells = []
-        for trial in trials:
-            path = out / trial["images"] / f"{index:05d}.png"
-            cell = (
-                f'<img src="{_thumbnail(path)}" alt="{html.escape(trial["method"])}">' if path.exists() else "missing"
-            )
-            cells.append(f"<td>{cell}</td>")
+        cells = "".join(f"<td>{_cell(out, trial, index, unit)}</td>" for trial in trials)
         label = f"{html.escape(prompt)}<br><span class='muted'>seed {run['seeds'][index]}</span>"
-        rows.append(f"<tr><td class='prompt'>{label}</td>{''.join(cells)}</tr>")
+        rows.append(f"<tr><td class='prompt'>{label}</td>{cells}</tr>")
     return f"<table class='grid'>{''.join(rows)}</table>"
 
 
@@ -214,6 +257,15 @@ def _provenance(results: dict) -> str:
     return f"<h2>Provenance</h2><table class='provenance'>{cells}</table>"
 
 
+def _grid_heading(results: dict) -> str:
+    if sample_unit(results) != "clip":
+        return "<h2>Images: same prompt and seed across methods</h2>"
+    return (
+        "<h2>Clips: same prompt and seed across methods</h2><p class='muted'>Full compute first; each clip loops "
+        "(animated WebP, lossless); click one for its file.</p>"
+    )
+
+
 def html_report(results: dict, out: str | Path) -> str:
     """The whole page; image files are read from ``out`` and embedded."""
     all_fronts = fronts(results)
@@ -227,7 +279,7 @@ def html_report(results: dict, out: str | Path) -> str:
         f"({timing['warmup']} warm-up, {timing['repeats']} timed rounds, batch {timing['batch']}).</p>",
         "<h2>Pareto fronts</h2>",
         _plots(results, all_fronts),
-        "<h2>Images: same prompt and seed across methods</h2>",
+        _grid_heading(results),
         image_grid(results, Path(out)),
         _details(results),
         _provenance(results),

@@ -11,7 +11,14 @@ key         results
 ``clip``    ``CLIP-score-<model>/<weights>`` (:mod:`accel.eval.clip_score`) where open-clip weights are on
             disk (a given checkpoint, or open-clip's cache), else ``alignment-<encoders>`` from the bundled
             offline scorer of :mod:`accel.eval.alignment`
+``motion``  ``motion-accuracy`` (video only): how often the motion classifier of :mod:`accel.eval.motion`
+            reads each clip's motion as its prompt says; unavailable while that module is not installed
 ==========  ============================================================================================
+
+Video clips ``(N, F, 3, H, W)``: PSNR and SSIM compare each clip with the full-compute clip of the same prompt
+and seed, frame by frame, averaged over the frames (one value per clip, then the mean over clips); LPIPS,
+FID/KID and the prompt score take every frame as an image (``N * F`` frames, each with its clip's prompt).
+:data:`METRIC_MEDIA` says what each key scores; :func:`metric_keys` picks or checks the keys for a run.
 
 All metrics read the images as saved (8-bit PNG). A result is a dict with ``value`` (None when the metric
 could not be computed), ``better`` (``"higher"`` or ``"lower"``), ``computed`` (a sentence) and, when
@@ -81,8 +88,8 @@ class MetricInputs:
     """What one trial's metrics see.
 
     Attributes:
-        images: ``(N, 3, H, W)`` uint8, the method's images.
-        reference: ``(N, 3, H, W)`` uint8, the full-compute images of the same prompts and seeds.
+        images: ``(N, 3, H, W)`` uint8, the method's images; or ``(N, F, 3, H, W)`` uint8, its video clips.
+        reference: the full-compute images (or clips) of the same prompts and seeds, the same shape.
         prompts: the N prompts.
     """
 
@@ -90,19 +97,78 @@ class MetricInputs:
     reference: torch.Tensor
     prompts: tuple[str, ...]
 
+    def __post_init__(self):
+        if self.images.ndim not in (4, 5) or self.images.shape[-3] != 3:
+            raise ValueError(f"expected (N, 3, H, W) images or (N, F, 3, H, W) clips, got {tuple(self.images.shape)}")
+
+    @property
+    def frames(self) -> int | None:
+        """Frames per clip; None for images."""
+        return self.images.shape[1] if self.images.ndim == 5 else None
+
+    @property
+    def frame_images(self) -> torch.Tensor:
+        """Every frame as an image, ``(N * F, 3, H, W)`` (the images themselves for images)."""
+        return self.images.flatten(0, 1) if self.frames else self.images
+
+    @property
+    def frame_reference(self) -> torch.Tensor:
+        """The reference's frames, ``(N * F, 3, H, W)``."""
+        return self.reference.flatten(0, 1) if self.reference.ndim == 5 else self.reference
+
+    @property
+    def frame_prompts(self) -> list[str]:
+        """Each frame's prompt (its clip's), ``N * F`` of them."""
+        return [prompt for prompt in self.prompts for _ in range(self.frames or 1)]
+
+    def samples(self) -> str:
+        """``"4 images"`` or ``"68 frames of 4 clips"``, for the ``computed`` sentences."""
+        if self.frames is None:
+            return f"{len(self.images)} images"
+        return f"{len(self.frame_images)} frames of {len(self.images)} clips"
+
 
 MetricFn = Callable[["MetricSuite", MetricInputs], dict[str, dict]]
 METRICS: dict[str, MetricFn] = {}
+#: metric key -> what it scores: ``("image", "video")``, or ``("video",)`` for a video-only metric
+METRIC_MEDIA: dict[str, tuple[str, ...]] = {}
 
 
-def register_metric(key: str) -> Callable[[MetricFn], MetricFn]:
-    """Decorator adding a metric function ``fn(suite, inputs) -> {result name: result}`` under ``key``."""
+def register_metric(key: str, media: tuple[str, ...] = ("image", "video")) -> Callable[[MetricFn], MetricFn]:
+    """Decorator adding a metric function ``fn(suite, inputs) -> {result name: result}`` under ``key``, for the
+    ``media`` it scores."""
 
     def decorator(fn: MetricFn) -> MetricFn:
         METRICS[key] = fn
+        METRIC_MEDIA[key] = tuple(media)
         return fn
 
     return decorator
+
+
+def metric_keys(keys: Sequence[str] | None, media: str, pipeline: str = "the pipeline") -> tuple[str, ...]:
+    """The metrics of a run whose pipeline makes ``media`` (``"image"`` or ``"video"``).
+
+    Args:
+        keys: the keys asked for; None: every registered metric that scores ``media``.
+        media: what the pipeline makes.
+        pipeline: its name, for the error message.
+
+    Raises:
+        ValueError: an unknown key, or one that cannot score ``media`` (e.g. ``motion`` on an image pipeline).
+    """
+    if keys is None:
+        return tuple(key for key in METRICS if media in METRIC_MEDIA[key])
+    unknown = [k for k in keys if k not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
+    wrong = [k for k in keys if media not in METRIC_MEDIA[k]]
+    if wrong:
+        raise ValueError(
+            f"metrics {wrong} score {' or '.join(METRIC_MEDIA[wrong[0]])} only, but {pipeline} makes {media}s; "
+            f"leave them out of --metrics (those for {media}s: {', '.join(metric_keys(None, media))})"
+        )
+    return tuple(keys)
 
 
 class MetricSuite:
@@ -177,8 +243,23 @@ def psnr(candidate: torch.Tensor, reference: torch.Tensor, peak: torch.Tensor | 
     return (10 * torch.log10(peak**2 / mse)).clamp(max=PSNR_CAP_DB)  # mse 0 -> inf -> the cap
 
 
+def _per_clip(per_frame: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+    """``(N * F,)`` per-frame values -> ``(N,)`` each clip's mean over its frames."""
+    return per_frame.reshape(len(inputs.images), inputs.frames).mean(dim=1)
+
+
 @register_metric("psnr")
 def psnr_metric(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
+    """PSNR against full compute: per image, or per clip averaged over its frames."""
+    if inputs.frames is not None:
+        per_frame = psnr(_floats(inputs.frame_images), _floats(inputs.frame_reference))
+        per_clip = _per_clip(per_frame, inputs)
+        computed = (
+            f"mean over {len(per_clip)} clips of the clip's PSNR (dB, 8-bit frames) against the full-compute clip with "
+            f"the same prompt and seed, frame by frame, averaged over its {inputs.frames} frames; identical frames "
+            f"count as {PSNR_CAP_DB:g} dB"
+        )
+        return {"PSNR": result(per_clip.mean(), better="higher", computed=computed, min=float(per_clip.min()))}
     per_image = psnr(_floats(inputs.images), _floats(inputs.reference))
     computed = (
         f"mean over {len(per_image)} images of PSNR (dB, 8-bit images) against the full-compute image with the same "
@@ -189,11 +270,23 @@ def psnr_metric(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
 
 @register_metric("ssim")
 def ssim(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
+    """SSIM against full compute: over the images, or per clip averaged over its frames."""
     computed = "mean SSIM (torchmetrics, Gaussian 11x11) against the full-compute images, same prompts and seeds"
+    if inputs.frames is not None:
+        computed = (
+            f"mean over {len(inputs.images)} clips of the clip's SSIM (torchmetrics, Gaussian 11x11) against the "
+            f"full-compute clip with the same prompt and seed, frame by frame, averaged over its {inputs.frames} frames"
+        )
     try:
         from torchmetrics.functional.image import structural_similarity_index_measure
     except ImportError as error:
         return {"SSIM": unavailable("higher", computed, f"SSIM needs torchmetrics ({error}): {EVAL_EXTRA}")}
+    if inputs.frames is not None:
+        per_frame = structural_similarity_index_measure(
+            _floats(inputs.frame_images), _floats(inputs.frame_reference), data_range=1.0, reduction="none"
+        )
+        per_clip = _per_clip(per_frame, inputs)
+        return {"SSIM": result(per_clip.mean(), better="higher", computed=computed, min=float(per_clip.min()))}
     value = structural_similarity_index_measure(_floats(inputs.images), _floats(inputs.reference), data_range=1.0)
     return {"SSIM": result(value, better="higher", computed=computed)}
 
@@ -217,11 +310,14 @@ def _lpips_model(net: str):
 def lpips(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
     net = suite.weights.lpips_net
     name = f"LPIPS-{net}"
-    computed = f"mean LPIPS ({net} backbone, torchmetrics) against the full-compute images, same prompts and seeds"
+    computed = (
+        f"mean LPIPS ({net} backbone, torchmetrics) over {inputs.samples()} against the full-compute ones, same "
+        "prompts and seeds"
+    )
     try:
         model = suite.cached("lpips", lambda: _lpips_model(net))
         with torch.no_grad():
-            value = model(_floats(inputs.images), _floats(inputs.reference))
+            value = model(_floats(inputs.frame_images), _floats(inputs.frame_reference))
     except (ImportError, FileNotFoundError, RuntimeError, ValueError) as error:
         return {name: unavailable("lower", computed, str(error))}
     return {name: result(value, better="lower", computed=computed)}
@@ -251,10 +347,10 @@ def fid(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
         reason = f"no FID feature extractor: {error} ({EVAL_EXTRA})"
         return {"FID": unavailable("lower", "FID", reason), "KID": unavailable("lower", "KID", reason)}
     suffix = feature.metric_suffix
-    real = suite.real if suite.real is not None else inputs.reference
+    real = suite.real if suite.real is not None else inputs.frame_reference
     real_features = suite.cached("fid-real", lambda: extract_features(real, feature))
-    fake_features = extract_features(inputs.images, feature)
-    what = f"between this method's {len(fake_features)} images and {suite.real_label} ({len(real_features)} images)"
+    fake_features = extract_features(inputs.frame_images, feature)
+    what = f"between this method's {inputs.samples()} and {suite.real_label} ({len(real_features)} images)"
     caveat = "biased upwards with few images: compare only at equal image counts (within one report); prefer KID"
     notes = {"extractor": suffix, "note": caveat, **({"fallback": fallback} if fallback else {})}
     try:
@@ -297,13 +393,45 @@ def clip(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
             raise
         reason = f"neither CLIP score nor the bundled alignment scorer is available: {error}"
         return {"alignment": unavailable("higher", "prompt-image alignment", reason)}
-    scores = torch.as_tensor(scorer.score(_floats(inputs.images), list(inputs.prompts))).float()
+    scores = torch.as_tensor(scorer.score(_floats(inputs.frame_images), inputs.frame_prompts)).float()
     name = getattr(scorer, "metric_name", "alignment")
     if fallback is None:
-        computed = f"mean CLIP score, max(100 cos, 0), open-clip {name} (Hessel et al. 2021)"
+        computed = f"mean CLIP score over {inputs.samples()}, max(100 cos, 0), open-clip {name} (Hessel et al. 2021)"
         return {name: result(scores.mean(), better="higher", computed=computed)}
     computed = (
-        f"mean prompt-image alignment score of the bundled offline scorer {name} (accel.eval.alignment; "
+        f"mean prompt-image alignment score over {inputs.samples()} of the bundled offline scorer {name} "
+        "(accel.eval.alignment; "
         "comparable with itself only, not with CLIP scores)"
     )
     return {name: result(scores.mean(), better="higher", computed=computed, note=fallback)}
+
+
+MOTION_NAME = "motion-accuracy"
+
+
+@register_metric("motion", media=("video",))
+def motion(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
+    """How often the motion classifier of :mod:`accel.eval.motion` reads each clip's motion as its prompt says."""
+    computed = (
+        f"fraction of {len(inputs.images)} clips whose motion the classifier of accel.eval.motion reads as the one "
+        "their prompt names"
+    )
+    if inputs.frames is None:
+        return {MOTION_NAME: unavailable("higher", computed, "motion scores video clips; these are images")}
+    try:
+        from accel.eval.motion import load_motion_scorer, motion_accuracy
+    except ImportError as error:
+        reason = f"accel.eval.motion (the motion classifier) is not importable in this installation: {error}"
+        return {MOTION_NAME: unavailable("higher", computed, reason)}
+    try:
+        scorer = suite.cached("motion", load_motion_scorer)
+        values = motion_accuracy(scorer, _floats(inputs.images), list(inputs.prompts))
+    except (ImportError, FileNotFoundError, OSError, RuntimeError, ValueError) as error:
+        reason = f"the motion classifier of accel.eval.motion could not score these clips: {error}"
+        return {MOTION_NAME: unavailable("higher", computed, reason)}
+    scalars = (int, float, str)
+    details = {k: v for k, v in values.items() if k != "accuracy" and isinstance(v, scalars) and v == v}  # no NaN
+    if values.get("accuracy") is None:
+        reason = f"none of the {len(inputs.prompts)} prompts names a motion the classifier knows ({details})"
+        return {MOTION_NAME: unavailable("higher", computed, reason)}
+    return {MOTION_NAME: result(values["accuracy"], better="higher", computed=computed, **details)}

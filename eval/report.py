@@ -32,6 +32,11 @@ def metric_info(results: dict, name: str) -> dict:
     return next((r for r in found if r.get("value") is not None), found[0] if found else {})
 
 
+def sample_unit(results: dict) -> str:
+    """What one prompt gave in the run: ``"image"``, or ``"clip"`` for a video pipeline."""
+    return "clip" if results["run"].get("media") == "video" else "image"
+
+
 def ok_trials(results: dict) -> list[dict]:
     """Trials that ran."""
     return [t for t in results["trials"] if t.get("status") == "ok"]
@@ -87,22 +92,22 @@ def _format_value(value: float | None) -> str:
 
 def summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary table: one row per trial, unsupported ones included."""
-    names = metric_names(results)
+    names, unit = metric_names(results), sample_unit(results)
     full = next((t for t in ok_trials(results) if t["kind"] == "full"), None)
-    full_macs = full["macs"]["per_image"] if full else None
-    header = ["method", "steps", "speedup", "s/image", "GMACs/image", "MACs vs full", "peak MiB", *names]
+    full_macs = full["macs"][f"per_{unit}"] if full else None
+    header = ["method", "steps", "speedup", f"s/{unit}", f"GMACs/{unit}", "MACs vs full", "peak MiB", *names]
     rows = []
     for trial in results["trials"]:
         if trial.get("status") != "ok":
             rows.append([trial["method"], "unsupported", *[""] * (len(header) - 2)])
             continue
-        timing, macs = trial["latency"], trial["macs"]["per_image"]
+        timing, macs = trial["latency"], trial["macs"][f"per_{unit}"]
         rows.append(
             [
                 trial["method"],
                 str(trial["steps"]),
                 f"{timing['speedup']:.2f}x",
-                f"{timing['per_image_s']:.3f} ±{100 * timing['spread']:.0f}%",
+                f"{timing[f'per_{unit}_s']:.3f} ±{100 * timing['spread']:.0f}%",
                 f"{macs / 1e9:.3f}",
                 f"{macs / full_macs:.2f}" if full_macs else "n/a",
                 f"{trial['memory']['peak_bytes'] / 2**20:.1f}",
@@ -129,12 +134,13 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def run_summary(results: dict) -> str:
-    """One sentence: model, prompts, steps, device."""
+    """One sentence: model, prompts (and clip length), steps, device."""
     run = results["run"]
     config = run["config"]
+    clips = f" (clips of {run['frames']} frames)" if run.get("media") == "video" and run.get("frames") else ""
     return (
         f"{run['model']['model']} ({run['model']['pipeline_class']}, {run['transformer_class']}), "
-        f"{len(run['seeds'])} prompts ({run['prompts_source']}), {config['steps']} steps, guidance "
+        f"{len(run['seeds'])} prompts{clips} ({run['prompts_source']}), {config['steps']} steps, guidance "
         f"{run.get('guidance_scale', config['guidance_scale'])}, seeds {run['seeds'][0]}..{run['seeds'][-1]}, "
         f"on {run['device']}, "
         f"{run['num_processes']} process(es), {run['created']}"
@@ -187,9 +193,11 @@ def markdown_report(results: dict) -> str:
 
 
 def write_reports(results: dict, out: str | Path) -> None:
-    """Write ``report.md`` and ``report.html`` next to ``results.json``."""
-    from accel.eval.html import html_report
+    """Write ``report.md`` and ``report.html`` next to ``results.json`` (and a video run's animations, see
+    :func:`accel.eval.html.write_animations`)."""
+    from accel.eval.html import html_report, write_animations
 
     out = Path(out)
+    write_animations(results, out)
     (out / "report.md").write_text(markdown_report(results))
     (out / "report.html").write_text(html_report(results, out))

@@ -1,4 +1,4 @@
-"""Loading pipelines for the CLI and the harness: the bundled default model, a local folder, or a hub id."""
+"""Loading pipelines for the CLI and the harness: a bundled model, a local folder, or a hub id."""
 
 from __future__ import annotations
 
@@ -10,13 +10,24 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+#: ``--model`` name of the bundled text-to-video model (:mod:`accel.pipelines.video`); omitting ``--model`` (None)
+#: or ``"bundled-default"`` gives the bundled text-to-image model. A local folder of that name: ``./bundled-video``.
+BUNDLED_VIDEO = "bundled-video"
+BUNDLED_IMAGE = "bundled-default"
+
+
+def is_bundled(model: str | None) -> bool:
+    """Whether ``model`` names a bundled model (which then brings its own call arguments)."""
+    return model in (None, BUNDLED_IMAGE, BUNDLED_VIDEO)
+
 
 def load_pipeline(model: str | None = None, torch_dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
     """Load a diffusers pipeline.
 
     Args:
-        model: None for the bundled default model; a local folder written by ``save_pretrained``; or a hub id
-            such as ``"PixArt-alpha/PixArt-XL-2-512x512"`` (needs network access or the local hub cache).
+        model: None (or ``"bundled-default"``) for the bundled default model; ``"bundled-video"`` for the bundled
+            video model; a local folder written by ``save_pretrained``; or a hub id such as
+            ``"PixArt-alpha/PixArt-XL-2-512x512"`` (needs network access or the local hub cache).
         torch_dtype: dtype of the weights.
         device: where to put the pipeline.
 
@@ -24,10 +35,14 @@ def load_pipeline(model: str | None = None, torch_dtype: torch.dtype = torch.flo
         ValueError: a hub id that can be neither downloaded nor found in the cache, with how to pass a local
             folder instead.
     """
-    if model is None:
+    if model is None or model == BUNDLED_IMAGE:
         from accel.pipelines.default import load_default_pipeline
 
         return load_default_pipeline(torch_dtype=torch_dtype, device=device)
+    if model == BUNDLED_VIDEO:
+        from accel.pipelines.video import load_default_video_pipeline
+
+        return load_default_video_pipeline(torch_dtype=torch_dtype, device=device)
     from diffusers import DiffusionPipeline
 
     path = Path(model).expanduser()

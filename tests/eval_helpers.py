@@ -20,3 +20,55 @@ def small_config(**overrides) -> EvalConfig:
         threads=1,
     )
     return EvalConfig(**{**values, **overrides})
+
+
+VIDEO_PROMPTS = ("a red apple", "a blue car")
+
+
+def build_tiny_wan_pipeline():
+    """A stock ``WanPipeline`` with a tiny random T5, Wan VAE and 2-block transformer; no download. Call it with
+    :data:`TINY_VIDEO_KWARGS`: clips of 5 frames of 16 x 16 (latents 3 x 8 x 8, 48 tokens)."""
+    import torch
+    from conftest import _word_tokenizer
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    )
+    vae = AutoencoderKLWan(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[True],
+        scale_factor_temporal=2,
+        scale_factor_spatial=2,
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+    )
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=2.0)
+    pipe = WanPipeline(
+        tokenizer=_word_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for module in (text_encoder, vae, transformer):
+        module.eval().requires_grad_(False)
+    return pipe
+
+
+#: call arguments of :func:`build_tiny_wan_pipeline`'s pipeline
+TINY_VIDEO_KWARGS = {"height": 16, "width": 16, "num_frames": 5}

@@ -94,7 +94,7 @@ def test_named_weight_files_must_exist(tmp_path):
 def test_unknown_metric_lists_the_known_ones():
     with pytest.raises(ValueError, match="known: .*psnr"):
         MetricSuite(["psnr", "beauty"])
-    assert set(METRICS) == {"psnr", "ssim", "lpips", "fid", "clip"}
+    assert set(METRICS) == {"psnr", "ssim", "lpips", "fid", "clip", "motion"}
 
 
 def test_clip_score_is_used_where_its_weights_exist(monkeypatch, tmp_path):

@@ -24,14 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
-def config_of(args: argparse.Namespace) -> EvalConfig:
-    """The :class:`EvalConfig` the flags describe."""
-    base = {}
+def config_of(args: argparse.Namespace, defaults: dict | None = None) -> EvalConfig:
+    """The :class:`EvalConfig` the flags describe, over ``defaults`` (EvalConfig values, e.g. those of
+    ``accel demo --video``) and a ``--config`` file (which overrides the defaults)."""
+    base = dict(defaults or {})
     if args.config_file:
         path = Path(args.config_file)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        base = json.loads(path.read_text())
+        base.update(json.loads(path.read_text()))
     if args.prompts_file:
         path = Path(args.prompts_file)
         base["prompts"] = list(read_prompts(path))
@@ -51,14 +52,15 @@ def summarize(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Evaluate, write ``results.json``, ``report.md`` and ``report.html``, print the summary."""
+def run(args: argparse.Namespace, defaults: dict | None = None) -> int:
+    """Evaluate, write ``results.json``, ``report.md`` and ``report.html``, print the summary (``defaults``: see
+    :func:`config_of`)."""
     if args.list_methods:
         print(usage())
         return 0
     from accel.eval.harness import run_evaluation
 
-    results = run_evaluation(config_of(args), args.out)
+    results = run_evaluation(config_of(args, defaults), args.out)
     if results is not None:
         print(summarize(results))
         print(f"\nreport: {Path(args.out) / 'report.html'} (data: {Path(args.out) / 'results.json'})")

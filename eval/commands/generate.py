@@ -1,4 +1,9 @@
-"""Generate images with any method (full, fora-2, a schedule JSON, ...)."""
+"""Generate images or video clips with any method (full, fora-2, a schedule JSON, ...).
+
+Images are written as PNG files. A video pipeline's clips (``--model bundled-video``, or a Wan, LTX-Video, ...
+folder) are written twice: losslessly as a PNG filmstrip (frames side by side, frame count in the PNG, the form
+``accel eval`` stores; :mod:`accel.eval.generation`) and as a looping animated WebP to watch.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +33,12 @@ class GenerateConfig:
             "names (the bundled model's front when --method is omitted); the same as --method DIR@S"
         },
     )
-    model: str | None = field(default=None, metadata={"help": "pipeline folder or hub id; omitted: the bundled model"})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "pipeline folder or hub id; bundled-video: the bundled video model; omitted: the bundled one"
+        },
+    )
     steps: int = field(default=20, metadata={"help": "denoising steps (steps-N overrides)"})
     seed: int = field(default=0, metadata={"help": "image i of a prompt is generated with seed + i"})
     num_images: int = field(default=1, metadata={"help": "images per prompt"})
@@ -57,16 +67,17 @@ class GenerateConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``accel generate``: one per :class:`GenerateConfig` field, the prompts and the output folder."""
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    parser.add_argument("--out", required=True, help="folder for the PNG files")
+    parser.add_argument("--out", required=True, help="folder for the PNG files (and a video's WebP animations)")
     add_config_arguments(parser, GenerateConfig)
     parser.epilog = "methods:\n" + usage()
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate every prompt's images with the method and save them as PNG."""
-    from accel.eval.generation import generate, pipeline_defaults, save_png
+    """Generate every prompt's images (or clips) with the method and save them."""
+    from accel.eval.generation import generate, pipeline_defaults
     from accel.eval.methods import UnsupportedMethod, apply_method, parse_method
+    from accel.pipelines.loading import is_bundled
 
     config = config_from_args(args, cls=GenerateConfig)
     config.runtime.check()
@@ -74,22 +85,18 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(config.threads)
     method = parse_method(config.method_name)
     pipe = config.runtime.load_pipeline(config.model)
-    kwargs, guidance = pipeline_defaults(pipe, config.model is None, config.pipeline_kwargs)
+    kwargs, guidance = pipeline_defaults(pipe, is_bundled(config.model), config.pipeline_kwargs)
     guidance = guidance if config.guidance_scale is None else config.guidance_scale
     prompts = [p for p in args.prompt for _ in range(config.num_images)]
     seeds = [config.seed + i for p in args.prompt for i in range(config.num_images)]
-    out = Path(args.out)
     try:
         with apply_method(method, pipe, config.steps, instrument=True) as applied:
             applied.reset()
-            images = generate(pipe, prompts, seeds, applied.steps, guidance, kwargs)
+            samples = generate(pipe, prompts, seeds, applied.steps, guidance, kwargs)
             stats = applied.stats()
     except UnsupportedMethod as error:
         raise ValueError(f"{method.name} cannot run on this pipeline: {error}") from None
-    for index, (image, prompt, seed) in enumerate(zip(images, prompts, seeds)):
-        path = out / f"{method.slug}-{index:03d}-seed{seed}.png"
-        save_png(image, path)
-        print(f"{path}\t{prompt}")
+    save(samples, prompts, seeds, Path(args.out) / method.slug)
     if stats:
         logger.info(
             "%s: %.0f%% of component calls reused, %.0f%% of block MACs saved",
@@ -98,3 +105,24 @@ def run(args: argparse.Namespace) -> int:
             100 * stats["macs_saved_fraction"],
         )
     return 0
+
+
+def save(samples: torch.Tensor, prompts: list[str], seeds: list[int], stem: Path) -> None:
+    """Write sample ``i`` as ``<stem>-<i>-seed<seed>.png`` (a clip also as ``.webp``) and print its path and prompt.
+
+    Args:
+        samples: images ``(N, 3, H, W)`` or clips ``(N, F, 3, H, W)``, float in [0, 1].
+        prompts: the N prompts.
+        seeds: the N seeds.
+        stem: the output folder and the method's slug.
+    """
+    from accel.eval.generation import save_animation, save_sample
+
+    for index, (sample, prompt, seed) in enumerate(zip(samples, prompts, seeds)):
+        path = stem.with_name(f"{stem.name}-{index:03d}-seed{seed}.png")
+        save_sample(sample, path)
+        if sample.ndim == 4:  # a clip: (F, 3, H, W)
+            save_animation(sample, path.with_suffix(".webp"))
+            print(f"{path}\t{path.with_suffix('.webp')}\t{prompt}")
+        else:
+            print(f"{path}\t{prompt}")
