@@ -8,6 +8,8 @@ Prints, in one run:
   and its mean score of generated images against their own prompt vs a shuffled prompt;
 * seconds per denoising step at batch 1 with classifier-free guidance (median of repeats).
 
+``--video`` runs the bundled video model's benchmark instead (:mod:`accel.bench.video_model`).
+
 FID from a few hundred images is strongly biased (see ``accel.eval.fid``): compare the two models at equal
 sample counts, and read KID beside it.
 """
@@ -108,8 +110,16 @@ def scorer_checks(images: torch.Tensor, captions: list[str], split: np.ndarray, 
 
 
 def run(argv: list[str]) -> dict:
-    """Measure and print; return the headline numbers."""
+    """Measure and print; return the headline numbers. ``--video``: the video model's benchmark instead
+    (:mod:`accel.bench.video_model`, which takes the remaining arguments)."""
+    if "--video" in argv:
+        from accel.bench.video_model import run as run_video
+
+        return run_video([arg for arg in argv if arg != "--video"])
     parser = argparse.ArgumentParser(prog="python -m accel.bench model")
+    parser.add_argument(
+        "--video", action="store_true", help="benchmark the bundled video model instead (see --video --help)"
+    )
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=50)

@@ -1,0 +1,305 @@
+"""``python -m accel.bench model --video``: is the bundled video model trained, and do its clips move as told?
+
+Prompts are captions of held-out object/motion pairs (``heldout`` in ``data/emoji/clip_split.json``: objects
+and motions both seen in training, never together). For ``--samples`` of them the run generates one clip each
+with the trained transformer and with a freshly initialised one (``WanTransformer3DModel.from_config``, seed
+0), then prints:
+
+* per-frame FID-EffNetLite0 and KID-EffNetLite0 of ``--frames-per-clip`` evenly spaced frames of every clip
+  against the same frames of ``--real-clips`` rendered clips of held-out pairs (``scripts/render_clips.py``);
+* motion accuracy (:mod:`accel.eval.motion`): how often the motion classifier finds the motion each clip's
+  caption names, for both models, against chance (1/13), and on the rendered clips themselves;
+* the alignment scorer's mean per-frame score of trained clips against their own prompt vs a shuffled one;
+* seconds per denoising step at batch 1 with classifier-free guidance (a whole call, text encoding and VAE
+  decoding included, divided by its steps; median of repeats);
+* tokens per clip, from the pipeline's configs (latent frames x latent rows / patch x latent columns / patch).
+
+The final JSON line carries ``targets``: the trained FID below half the untrained one, motion accuracy at
+least twice chance, and at least 512 tokens per clip. FID from a few hundred frames is strongly biased (see
+``accel.eval.fid``): compare the two models at equal counts, and read KID beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from accel.eval.config import RUNTIME_FIELD, add_config_arguments, config_from_args
+from accel.eval.runtime import RuntimeConfig
+from accel.eval.timing import timed
+from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+RENDER_SCRIPT = ROOT / "scripts" / "render_clips.py"
+TIMING_REPEATS = 2
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoBenchConfig:
+    """Settings of the video model benchmark; every field is a flag (``--real-clips``, ``--device``, ...)."""
+
+    samples: int = field(default=64, metadata=_help("clips generated per model, one per held-out pair"))
+    steps: int = field(default=20, metadata=_help("denoising steps per clip"))
+    batch: int = field(default=8, metadata=_help("clips per pipeline call"))
+    real_clips: int = field(default=128, metadata=_help("rendered held-out clips the frames are compared with"))
+    frames_per_clip: int = field(default=5, metadata=_help("evenly spaced frames per clip scored for FID/KID"))
+    seed: int = field(default=0, metadata=_help("seed of the prompt draw; clip i is generated with seed + i"))
+    model: str | None = field(default=None, metadata=_help("video pipeline folder; omitted: the bundled model"))
+    motion_weights: str | None = field(default=None, metadata=_help("motion classifier; omitted: the shipped one"))
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata=RUNTIME_FIELD)
+
+    def __post_init__(self) -> None:
+        frames = DEFAULT_VIDEO_CALL_KWARGS["num_frames"]
+        for name, low in (("samples", 2), ("steps", 1), ("batch", 1), ("real_clips", 2), ("frames_per_clip", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
+        if self.frames_per_clip > frames:
+            raise ValueError(
+                f"--frames-per-clip must be at most {frames} (frames per clip), got {self.frames_per_clip}"
+            )
+        for name in ("model", "motion_weights"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"--{name.replace('_', '-')} {path} does not exist")
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+
+
+def load_render_clips(path: Path = RENDER_SCRIPT) -> ModuleType:
+    """``scripts/render_clips.py`` as a module (it needs the repository's ``data/emoji``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"clip renderer not found at {path}; run the video benchmark from a repository clone")
+    module = sys.modules.get("render_clips")
+    if module is None or Path(module.__file__).resolve() != path.resolve():
+        spec = importlib.util.spec_from_file_location("render_clips", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["render_clips"] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    if not module.EMOJI.is_file():
+        raise FileNotFoundError(f"emoji data set not found at {module.EMOJI}; run from a clone of the repository")
+    return module
+
+
+@dataclass(frozen=True)
+class HeldOutData:
+    """What the benchmark compares against: generation prompts, and rendered clips with their captions."""
+
+    prompts: list[str]
+    real_clips: torch.Tensor  # (R, F, 3, H, W) float in [0, 1]
+    real_captions: list[str]
+
+
+def held_out_data(config: VideoBenchConfig, render_clips: ModuleType) -> HeldOutData:
+    """``config.samples`` held-out captions and ``config.real_clips`` rendered held-out clips (seeded draws)."""
+    images, names, split = render_clips.load_emoji()
+    pairs = render_clips.split_pairs(split)["heldout"]
+    specs = render_clips.clip_specs(split, "heldout", 1, seed=config.seed + 1)
+    for name, count in (("samples", config.samples), ("real_clips", config.real_clips)):
+        if count > len(pairs):
+            raise ValueError(f"--{name.replace('_', '-')} must be at most {len(pairs)} (held-out pairs), got {count}")
+    rng = np.random.default_rng(config.seed)
+    prompts = [render_clips.caption(names[i], motion) for i, motion in (pairs[k] for k in rng.permutation(len(pairs)))]
+    real_specs = [specs[k] for k in rng.permutation(len(specs))[: config.real_clips]]
+    rendered = np.stack([render_clips.render_clip(images[s.index], s.motion, s.seed) for s in real_specs])
+    clips = torch.from_numpy(rendered).permute(0, 1, 4, 2, 3).float() / 255  # (R, F, 3, H, W)
+    captions = [render_clips.caption(names[s.index], s.motion) for s in real_specs]
+    return HeldOutData(prompts[: config.samples], clips, captions)
+
+
+# -- the model -----------------------------------------------------------------------------------------------
+
+
+def tokens_per_clip(pipe, call_kwargs: dict = DEFAULT_VIDEO_CALL_KWARGS) -> int:
+    """Transformer tokens of one clip: latent frames x (latent height / patch) x (latent width / patch)."""
+    vae, transformer = pipe.vae.config, pipe.transformer.config
+    latent_frames = (call_kwargs["num_frames"] - 1) // vae.scale_factor_temporal + 1
+    latent_height = call_kwargs["height"] // vae.scale_factor_spatial
+    latent_width = call_kwargs["width"] // vae.scale_factor_spatial
+    patch_frames, patch_height, patch_width = transformer.patch_size
+    return latent_frames // patch_frames * (latent_height // patch_height) * (latent_width // patch_width)
+
+
+def generate_clips(pipe, prompts: list[str], steps: int, batch: int, seed: int = 0) -> torch.Tensor:
+    """Clips ``(N, F, 3, H, W)`` float in [0, 1], one per prompt, clip ``i`` seeded with ``seed + i``."""
+    chunks = []
+    for start in tqdm(range(0, len(prompts), batch), desc="generating clips", leave=False):
+        part = prompts[start : start + batch]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(part))]
+        frames = pipe(
+            part, num_inference_steps=steps, generator=generators, output_type="pt", **DEFAULT_VIDEO_CALL_KWARGS
+        ).frames  # (B, F, 3, H, W)
+        chunks.append(torch.as_tensor(frames).float().clamp(0, 1).cpu())
+    return torch.cat(chunks)
+
+
+def untrained_copy(pipe, runtime: RuntimeConfig | None = None):
+    """The same pipeline with its transformer re-initialised from its config (seed 0), on the trained one's
+    device and dtype (and compiled if ``runtime`` says so)."""
+    torch.manual_seed(0)
+    transformer = type(pipe.transformer).from_config(pipe.transformer.config).eval().requires_grad_(False)
+    transformer.to(pipe.transformer.device, pipe.transformer.dtype)
+    untrained = copy.copy(pipe)
+    untrained.register_modules(transformer=transformer)
+    if runtime is not None:
+        runtime.compile_pipeline(untrained)
+    return untrained
+
+
+def seconds_per_step(pipe, steps: int, repeats: int = TIMING_REPEATS) -> float:
+    """Median wall-clock seconds per step of one clip at batch 1 with CFG (whole call / steps; warm-up first)."""
+    times = []
+    for index in range(repeats + 1):
+        _, seconds = timed(partial(generate_clips, pipe, ["red apple sliding to the right"], steps, 1, index))
+        if index:
+            times.append(seconds / steps)
+    return float(np.median(times))
+
+
+# -- metrics -------------------------------------------------------------------------------------------------
+
+
+def frame_subset(clips: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` evenly spaced frames of every clip, ``(N, F, 3, H, W)`` -> ``(N * count, 3, H, W)``."""
+    chosen = torch.from_numpy(np.linspace(0, clips.shape[1] - 1, count).round().astype(np.int64))
+    return clips[:, chosen].flatten(0, 1)
+
+
+def frame_features(scorer, clips: torch.Tensor, count: int) -> torch.Tensor:
+    """The alignment scorer's frozen EfficientNet-Lite0 features of ``count`` frames per clip,
+    ``(N * count, taps + 1280)``; the last 1280 columns are the pooled head, the FID-EffNetLite0 features."""
+    frames = frame_subset(clips, count)
+    chunks = [scorer.frozen_image_features(frames[i : i + 64]) for i in tqdm(range(0, len(frames), 64), leave=False)]
+    return torch.cat(chunks).double().cpu()
+
+
+def alignment_scores(scorer, features: torch.Tensor, prompts: list[str], count: int) -> dict[str, float]:
+    """Mean per-frame alignment of generated frames with their own prompt and with a shuffled prompt."""
+    shuffled = [prompts[(i + len(prompts) // 2) % len(prompts)] for i in range(len(prompts))]
+    with torch.no_grad():
+        images = scorer.heads.embed_image_features(features.float())  # (N * count, 384)
+        own = scorer.embed_prompts(prompts).repeat_interleave(count, dim=0)
+        other = scorer.embed_prompts(shuffled).repeat_interleave(count, dim=0)
+    return {
+        "score_matched": float(100 * (images * own).sum(-1).mean()),
+        "score_shuffled": float(100 * (images * other).sum(-1).mean()),
+    }
+
+
+def score(config: VideoBenchConfig, data: HeldOutData, trained: torch.Tensor, untrained: torch.Tensor) -> dict:
+    """FID/KID, motion accuracies and alignment scores of the two models' clips (see the module docstring)."""
+    from accel.eval.alignment import load_alignment_scorer
+    from accel.eval.efficientnet_lite import FEATURE_DIM
+    from accel.eval.fid import FidKidConfig, fid_kid_from_features
+    from accel.eval.motion import load_motion_scorer, motion_accuracy
+
+    motion = load_motion_scorer(config.motion_weights)
+    result = {
+        "motion_accuracy": motion_accuracy(motion, trained, data.prompts)["accuracy"],
+        "motion_accuracy_untrained": motion_accuracy(motion, untrained, data.prompts)["accuracy"],
+        "motion_accuracy_real": motion_accuracy(motion, data.real_clips, data.real_captions)["accuracy"],
+        "motion_chance": 1 / len(motion.motion_names),
+    }
+    scorer = load_alignment_scorer()
+    count = config.frames_per_clip
+    logger.info("frame features: %d real, 2 x %d generated", len(data.real_clips) * count, len(trained) * count)
+    real = frame_features(scorer, data.real_clips, count)[:, -FEATURE_DIM:]
+    trained_features = frame_features(scorer, trained, count)
+    for name, features in (("trained", trained_features), ("untrained", frame_features(scorer, untrained, count))):
+        metrics = fid_kid_from_features(real, features[:, -FEATURE_DIM:], "EffNetLite0", FidKidConfig())
+        result[f"fid_{name}"] = metrics["FID-EffNetLite0"]
+        result[f"kid_{name}"] = metrics["KID-EffNetLite0"]
+        result[f"kid_{name}_std"] = metrics["KID-EffNetLite0-std"]
+    return {**result, **alignment_scores(scorer, trained_features, data.prompts, count)}
+
+
+def targets(result: dict) -> dict[str, bool]:
+    """The benchmark's pass/fail lines."""
+    accuracy = result["motion_accuracy"]
+    return {
+        "fid_trained_below_half_untrained": result["fid_trained"] < 0.5 * result["fid_untrained"],
+        "motion_accuracy_at_least_twice_chance": accuracy is not None and accuracy >= 2 * result["motion_chance"],
+        "tokens_per_clip_at_least_512": result["tokens_per_clip"] >= 512,
+    }
+
+
+def print_table(config: VideoBenchConfig, result: dict, real_clips: int) -> None:
+    """The human-readable summary printed before the JSON line."""
+    count = config.frames_per_clip
+    print(
+        f"default video model, {config.samples} clips of {config.steps} steps per model (held-out pairs), "
+        f"{count} frames each vs {real_clips * count} frames of {real_clips} rendered held-out clips; "
+        f"{result['tokens_per_clip']} tokens per clip"
+    )
+    print(f"{'':<12}{'FID-EffNetLite0':>17}{'KID-EffNetLite0':>17}{'motion accuracy':>17}")
+    for name, suffix in (("trained", ""), ("untrained", "_untrained")):
+        kid = f"{result[f'kid_{name}']:.4f}+-{result[f'kid_{name}_std']:.4f}"
+        print(f"{name:<12}{result[f'fid_{name}']:>17.1f}{kid:>17}{result[f'motion_accuracy{suffix}']:>17.3f}")
+    print(f"{'rendered':<12}{'':>17}{'':>17}{result['motion_accuracy_real']:>17.3f}")
+    print(f"motion chance: {result['motion_chance']:.3f} (1 / {round(1 / result['motion_chance'])} motions)")
+    print(
+        "alignment score of generated frames: "
+        f"own prompt {result['score_matched']:.1f}, shuffled {result['score_shuffled']:.1f}"
+    )
+    print(f"seconds per step (batch 1, CFG, {torch.get_num_threads()} threads): {result['seconds_per_step']:.3f}")
+    print("targets: " + ", ".join(f"{name} {'yes' if met else 'NO'}" for name, met in result["targets"].items()))
+
+
+def _rounded(result: dict) -> dict:
+    digits = {"fid": 2, "kid": 4, "seconds_per_step": 4}
+    return {
+        key: round(value, next((d for prefix, d in digits.items() if key.startswith(prefix)), 3))
+        if isinstance(value, float)
+        else value
+        for key, value in result.items()
+    }
+
+
+def run(argv: list[str]) -> dict:
+    """Measure and print; return the headline numbers (the JSON line of ``python -m accel.bench model --video``)."""
+    parser = argparse.ArgumentParser(prog="python -m accel.bench model --video", description=__doc__.splitlines()[0])
+    add_config_arguments(parser, VideoBenchConfig)
+    config = config_from_args(parser.parse_args(argv), cls=VideoBenchConfig)
+    device = config.runtime.check()
+    data = held_out_data(config, load_render_clips())
+    from accel.eval.motion import load_motion_scorer
+
+    load_motion_scorer(config.motion_weights)  # fails now, not after an hour of generation
+    pipe = load_default_video_pipeline(config.model, torch_dtype=config.runtime.torch_dtype, device=str(device))
+    config.runtime.compile_pipeline(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("generating %d clips of %d steps with each model", config.samples, config.steps)
+    trained = generate_clips(pipe, data.prompts, config.steps, config.batch, config.seed)
+    untrained = generate_clips(
+        untrained_copy(pipe, config.runtime), data.prompts, config.steps, config.batch, config.seed
+    )
+    result = {"tokens_per_clip": tokens_per_clip(pipe), **score(config, data, trained, untrained)}
+    result["seconds_per_step"] = seconds_per_step(pipe, config.steps)
+    result = {**_rounded(result), "targets": targets(result)}
+    print_table(config, result, len(data.real_clips))
+    return {
+        **result,
+        "samples": config.samples,
+        "steps": config.steps,
+        "real_clips": config.real_clips,
+        "frames_per_clip": config.frames_per_clip,
+        "runtime": asdict(config.runtime),
+    }
