@@ -109,7 +109,11 @@ class EvalConfig:
         ),
     )
     real_images: str | None = field(
-        default=None, metadata=_help("FID/KID reference set (.npz with 'images' or a folder); default: full-compute")
+        default=None,
+        metadata=_help(
+            "FID/KID reference set (.npz with 'images' or a folder; for a video pipeline, images its clips' frames "
+            "are compared with); default: full-compute"
+        ),
     )
     pipeline_kwargs: dict = field(default_factory=dict, metadata=_help("extra pipeline call arguments, as JSON"))
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata=RUNTIME_FIELD)

@@ -4,9 +4,10 @@ Sections: the run, the summary table, one Pareto plot per quality metric (speedu
 the front highlighted and joined), image grids (one row per prompt and seed, full compute first), the
 unsupported methods with their reasons, what each metric computed, and provenance.
 
-A video run's grid shows each clip as a looping animated WebP (lossless) beside the full-compute clip of the
-same prompt and seed; each links to its file ``animations/<method>-<key>/<index>.webp``, which
-:func:`write_animations` writes from the PNG filmstrips (:func:`accel.eval.report.write_reports` calls it).
+A video run's grid shows each clip as a looping animated WebP (quality 95, to keep the page small) beside the
+full-compute clip of the same prompt and seed; each links to its lossless file
+``animations/<method>-<key>/<index>.webp``, which :func:`write_animations` writes from the PNG filmstrips
+(:func:`accel.eval.report.write_reports` calls it).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def _cell(out: Path, trial: dict, index: int, unit: str) -> str:
     alt = html.escape(trial["method"])
     if unit != "clip":
         return f'<img src="{_thumbnail(path)}" alt="{alt}">'
-    data = base64.b64encode(animation_bytes(load_samples([path])[0], THUMBNAIL)).decode()
+    data = base64.b64encode(animation_bytes(load_samples([path])[0], THUMBNAIL, lossless=False)).decode()
     link = html.escape(animation_file(trial, index))
     return f'<a href="{link}"><img src="data:image/webp;base64,{data}" alt="{alt}"></a>'
 
@@ -262,7 +263,7 @@ def _grid_heading(results: dict) -> str:
         return "<h2>Images: same prompt and seed across methods</h2>"
     return (
         "<h2>Clips: same prompt and seed across methods</h2><p class='muted'>Full compute first; each clip loops "
-        "(animated WebP, lossless); click one for its file.</p>"
+        "(animated WebP, quality 95); click one for its lossless file.</p>"
     )
 
 

@@ -281,11 +281,10 @@ def ssim(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
         from torchmetrics.functional.image import structural_similarity_index_measure
     except ImportError as error:
         return {"SSIM": unavailable("higher", computed, f"SSIM needs torchmetrics ({error}): {EVAL_EXTRA}")}
-    if inputs.frames is not None:
-        per_frame = structural_similarity_index_measure(
-            _floats(inputs.frame_images), _floats(inputs.frame_reference), data_range=1.0, reduction="none"
-        )
-        per_clip = _per_clip(per_frame, inputs)
+    if inputs.frames is not None:  # float64: in float32 identical near-white frames score 0.9995
+        frames, reference = _floats(inputs.frame_images).double(), _floats(inputs.frame_reference).double()
+        per_frame = structural_similarity_index_measure(frames, reference, data_range=1.0, reduction="none")
+        per_clip = _per_clip(per_frame, inputs).float()
         return {"SSIM": result(per_clip.mean(), better="higher", computed=computed, min=float(per_clip.min()))}
     value = structural_similarity_index_measure(_floats(inputs.images), _floats(inputs.reference), data_range=1.0)
     return {"SSIM": result(value, better="higher", computed=computed)}
