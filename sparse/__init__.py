@@ -2,7 +2,7 @@
 skip, window over frames/rows/columns, sink-frame stripes, their union), chosen offline and run through a
 fallback chain of kernels.
 
-    plan = accel.sparse.uniform_plan(pipe.transformer, HeadPattern(window=(1, None, None)))
+    plan = accel.sparse.uniform_plan(pipe.transformer, HeadPattern(windows=((1, None, None),)))
     with accel.apply(pipe, accel.sparse.SparseAttentionConfig(plan=plan)) as handle:
         video = pipe(prompt).frames
     print(handle.stats())
@@ -10,6 +10,7 @@ fallback chain of kernels.
 
 from accel.sparse.apply import SparseAttentionConfig, SparseHandle, SparseStats
 from accel.sparse.kernels import LayerAttention
+from accel.sparse.offline import best_uniform_plan, check_plans, search
 from accel.sparse.patterns import HeadPattern, TokenGrid, density
 from accel.sparse.plan import (
     check_plan,
@@ -29,6 +30,8 @@ __all__ = [
     "SparseHandle",
     "SparseStats",
     "TokenGrid",
+    "best_uniform_plan",
+    "check_plans",
     "check_plan",
     "density",
     "describe_plan",
@@ -36,6 +39,7 @@ __all__ = [
     "make_plan",
     "plan_density",
     "reference_attention",
+    "search",
     "sparse_layers",
     "uniform_plan",
 ]

@@ -10,7 +10,9 @@ blocks see the same objects call after call and do not recompile.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,6 +25,9 @@ from accel.sparse.plan import check_plan, plan_density
 from accel.sparse.processors import SparseLayer, sparse_processor_for
 
 logger = logging.getLogger(__name__)
+
+#: ``(layer index, grid, device) -> kernel``: what runs a patched layer's attention on a grid
+KernelFactory = Callable[[int, TokenGrid, torch.device], Any]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,9 +77,10 @@ class SparseStats:
 class SparseHandle(Handle):
     """Handle of :class:`SparseAttentionConfig`: per-layer state, the grid listener, and the processor swaps."""
 
-    def __init__(self, target: Target, config: SparseAttentionConfig):
+    def __init__(self, target: Target, config: SparseAttentionConfig, kernel_factory: KernelFactory | None = None):
         super().__init__("sparse_attention")
         self.target, self.config = target, config
+        self._kernel_factory = kernel_factory or self._layer_attention
         self.patterns = check_plan(config.plan, target.transformer, target.spec)
         self.layers: list[SparseLayer] = []
         self._kernels: dict[tuple, list[LayerAttention | None]] = {}
@@ -111,13 +117,13 @@ class SparseHandle(Handle):
         device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
         key = (grid, str(device))
         if key not in self._kernels:
-            self._kernels[key] = [
-                LayerAttention(self.patterns[layer.index], grid, device, self.config.backend, self.config.block_size)
-                for layer in self.layers
-            ]
+            self._kernels[key] = [self._kernel_factory(layer.index, grid, device) for layer in self.layers]
         for layer, kernel in zip(self.layers, self._kernels[key], strict=True):
             layer.attention = kernel
         self._grid = grid
+
+    def _layer_attention(self, index: int, grid: TokenGrid, device: torch.device) -> LayerAttention:
+        return LayerAttention(self.patterns[index], grid, device, self.config.backend, self.config.block_size)
 
     def stats(self) -> SparseStats:
         """Grids seen, density on the last grid and call counts; see :class:`SparseStats`."""
@@ -125,7 +131,7 @@ class SparseHandle(Handle):
             kernel.block_density()
             for kernels in self._kernels.values()
             for kernel in kernels
-            if kernel is not None and kernel.block_density() is not None
+            if isinstance(kernel, LayerAttention) and kernel.block_density() is not None
         ]
         return SparseStats(
             grids=tuple(dict.fromkeys(grid for grid, _ in self._kernels)),

@@ -8,10 +8,11 @@ before or after them. A :class:`HeadPattern` says which keys each query of one h
 * ``skip``: none; the head contributes zeros to the output projection;
 * ``sparse``: the union of
 
-  - a **window** (diagonal band) with half-widths ``(frames, rows, columns)``: a query at ``(f, y, x)`` sees the
-    keys at ``(f', y', x')`` with ``|f - f'| <= window[0]``, ``|y - y'| <= window[1]``, ``|x - x'| <= window[2]``
+  - **windows** (diagonal bands), each with half-widths ``(frames, rows, columns)``: a query at ``(f, y, x)``
+    sees the keys at ``(f', y', x')`` with ``|f - f'| <= w[0]``, ``|y - y'| <= w[1]``, ``|x - x'| <= w[2]``
     (``None`` on an axis: unbounded). ``(0, None, None)`` is a per-frame block diagonal; ``(None, 1, 1)`` sees
     its own spatial neighbourhood in every frame: the multi-diagonal pattern of frame-major attention maps;
+    a head that needs both takes both;
   - **stripes** (vertical stripes of the attention map): the keys of the frames ``sink_frames`` (negative
     indices count from the last frame), which every query sees;
 
@@ -23,6 +24,7 @@ length. :func:`allowed` is the specification every kernel is tested against.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -31,6 +33,13 @@ import torch
 
 Kind = Literal["dense", "skip", "sparse"]
 
+#: half-widths ``(frames, rows, columns)`` of one window; ``None``: unbounded on that axis
+Window = tuple[int | None, int | None, int | None]
+
+
+def _window_order(window: Window) -> tuple:
+    return tuple(-1 if w is None else w for w in window)
+
 
 @dataclass(frozen=True, kw_only=True)
 class HeadPattern:
@@ -38,28 +47,30 @@ class HeadPattern:
 
     Attributes:
         kind: ``"dense"``, ``"skip"`` or ``"sparse"``.
-        window: for ``sparse``: half-widths ``(frames, rows, columns)``, each ``>= 0`` or ``None`` (unbounded);
-            ``None`` for no window part.
+        windows: for ``sparse``: windows, each half-widths ``(frames, rows, columns)``, each ``>= 0`` or
+            ``None`` (unbounded).
         sink_frames: for ``sparse``: frames whose keys every query sees.
     """
 
     kind: Kind = "sparse"
-    window: tuple[int | None, int | None, int | None] | None = None
+    windows: tuple[Window, ...] = ()
     sink_frames: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.kind not in ("dense", "skip", "sparse"):
             raise ValueError(f"HeadPattern.kind must be 'dense', 'skip' or 'sparse', got {self.kind!r}")
-        if self.kind != "sparse" and (self.window is not None or self.sink_frames):
-            raise ValueError(f"a {self.kind!r} head takes no window or sink_frames")
-        if self.window is not None:
-            window = tuple(self.window)
+        if self.kind != "sparse" and (self.windows or self.sink_frames):
+            raise ValueError(f"a {self.kind!r} head takes no windows or sink_frames")
+        windows = []
+        for window in self.windows:
+            window = tuple(window)
             if len(window) != 3 or any(w is not None and (not isinstance(w, int) or w < 0) for w in window):
                 raise ValueError(
-                    f"HeadPattern.window must be (frames, rows, columns) half-widths, each an int >= 0 or None; "
-                    f"got {self.window!r}"
+                    f"HeadPattern.windows must hold (frames, rows, columns) half-widths, each an int >= 0 or "
+                    f"None; got {self.windows!r}"
                 )
-            object.__setattr__(self, "window", window)
+            windows.append(window)
+        object.__setattr__(self, "windows", tuple(sorted(set(windows), key=_window_order)))
         if any(not isinstance(f, int) for f in self.sink_frames):
             raise ValueError(f"HeadPattern.sink_frames must be ints, got {self.sink_frames!r}")
         object.__setattr__(self, "sink_frames", tuple(sorted(set(self.sink_frames))))
@@ -77,20 +88,19 @@ class HeadPattern:
     def to_dict(self) -> dict:
         """JSON-ready fields."""
         data = asdict(self)
-        data["window"] = list(self.window) if self.window is not None else None
+        data["windows"] = [list(w) for w in self.windows]
         data["sink_frames"] = list(self.sink_frames)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> HeadPattern:
         """Inverse of :meth:`to_dict`."""
-        unknown = set(data) - {"kind", "window", "sink_frames"}
+        unknown = set(data) - {"kind", "windows", "sink_frames"}
         if unknown:
             raise ValueError(f"unknown HeadPattern fields {sorted(unknown)}")
-        window = data.get("window")
         return cls(
             kind=data.get("kind", "sparse"),
-            window=tuple(window) if window is not None else None,
+            windows=tuple(tuple(w) for w in data.get("windows", ())),
             sink_frames=tuple(data.get("sink_frames", ())),
         )
 
@@ -99,8 +109,8 @@ class HeadPattern:
         if self.kind != "sparse":
             return self.kind
         parts = []
-        if self.window is not None:
-            parts.append("window(" + ",".join("*" if w is None else str(w) for w in self.window) + ")")
+        for window in self.windows:
+            parts.append("window(" + ",".join("*" if w is None else str(w) for w in window) + ")")
         if self.sink_frames:
             parts.append("sink(" + ",".join(map(str, self.sink_frames)) + ")")
         return "+".join(parts) or "text-only"
@@ -145,7 +155,7 @@ class HeadTables:
     """Per-head pattern parameters as tensors, so that one mask function serves every head of a launch.
 
     Attributes:
-        window: ``(heads, 3)`` int64 half-widths; unbounded axes hold a huge value; ``-1`` rows: no window.
+        window: ``(heads, windows, 3)`` int64 half-widths; unbounded axes hold a huge value; ``-1`` rows: unused.
         sinks: ``(heads, frames)`` bool: the key frames every query of the head sees.
         dense: ``(heads,)`` bool: the head sees every key.
     """
@@ -157,12 +167,13 @@ class HeadTables:
     @classmethod
     def build(cls, patterns: Sequence[HeadPattern], grid: TokenGrid, device: torch.device | str = "cpu") -> HeadTables:
         """Tables for ``patterns`` (``skip`` heads get an empty mask) on ``grid``."""
-        window = torch.full((len(patterns), 3), -1, dtype=torch.int64)
+        count = max([len(p.windows) for p in patterns] + [1])
+        window = torch.full((len(patterns), count, 3), -1, dtype=torch.int64)
         sinks = torch.zeros(len(patterns), grid.frames, dtype=torch.bool)
         dense = torch.tensor([p.kind == "dense" for p in patterns], dtype=torch.bool)
         for head, pattern in enumerate(patterns):
-            if pattern.window is not None:
-                window[head] = torch.tensor([_UNBOUNDED if w is None else w for w in pattern.window])
+            for index, half_widths in enumerate(pattern.windows):
+                window[head, index] = torch.tensor([_UNBOUNDED if w is None else w for w in half_widths])
             for frame in pattern.sink_frames:
                 if -grid.frames <= frame < grid.frames:
                     sinks[head, frame] = True
@@ -192,10 +203,11 @@ def allowed(
     fq, fk = vq // area, vk // area
     yq, yk = (vq % area) // grid.width, (vk % area) // grid.width
     xq, xk = vq % grid.width, vk % grid.width
-    window = tables.window[head]  # (..., 3)
-    in_window = (
-        ((fq - fk).abs() <= window[..., 0]) & ((yq - yk).abs() <= window[..., 1]) & ((xq - xk).abs() <= window[..., 2])
-    )
+    df, dy, dx = (fq - fk).abs(), (yq - yk).abs(), (xq - xk).abs()
+    in_window = torch.zeros_like(df, dtype=torch.bool)
+    for index in range(tables.window.shape[1]):  # a few windows: unrolled, one scalar test each (kernel-friendly)
+        window = tables.window[head, index]  # (..., 3)
+        in_window = in_window | ((df <= window[..., 0]) & (dy <= window[..., 1]) & (dx <= window[..., 2]))
     sink = tables.sinks[head, fk]
     return tables.dense[head] | text_q | text_k | in_window | sink
 
@@ -218,6 +230,23 @@ def _band_pairs(length: int, half_width: int | None) -> int:
     return length * (2 * w + 1) - w * (w + 1)
 
 
+def _spatial_union(grid: TokenGrid, windows: Sequence[Window]) -> int:
+    """The (query, key) position pairs within one frame pair that any of ``windows`` covers (inclusion-exclusion:
+    the intersection of windows centred on one query is the window of the smallest half-widths)."""
+    total = 0
+    for size in range(1, len(windows) + 1):
+        for subset in itertools.combinations(windows, size):
+            rows = _smallest([w[1] for w in subset])
+            columns = _smallest([w[2] for w in subset])
+            total += (-1) ** (size + 1) * _band_pairs(grid.height, rows) * _band_pairs(grid.width, columns)
+    return total
+
+
+def _smallest(half_widths: Sequence[int | None]) -> int | None:
+    bounded = [w for w in half_widths if w is not None]
+    return min(bounded) if bounded else None
+
+
 def density(pattern: HeadPattern, grid: TokenGrid) -> float:
     """The fraction of (query, key) pairs ``pattern`` computes on ``grid`` (dense 1, skip 0), counted exactly
     without building the mask."""
@@ -225,16 +254,17 @@ def density(pattern: HeadPattern, grid: TokenGrid) -> float:
         return float(pattern.kind == "dense")
     area = grid.height * grid.width
     sinks = {f % grid.frames for f in pattern.sink_frames if -grid.frames <= f < grid.frames}
-    spatial = 0
-    if pattern.window is not None:
-        spatial = _band_pairs(grid.height, pattern.window[1]) * _band_pairs(grid.width, pattern.window[2])
-    frame_window = -1 if pattern.window is None else pattern.window[0]
+    by_offset: dict[int, int] = {}  # frame offset -> covered position pairs of one frame pair
     visual = 0
     for fq in range(grid.frames):
         for fk in range(grid.frames):
             if fk in sinks:
                 visual += area * area
-            elif frame_window is None or abs(fq - fk) <= frame_window:
-                visual += spatial
+                continue
+            offset = abs(fq - fk)
+            if offset not in by_offset:
+                active = [w for w in pattern.windows if w[0] is None or offset <= w[0]]
+                by_offset[offset] = _spatial_union(grid, active)
+            visual += by_offset[offset]
     text_pairs = grid.length**2 - grid.visual**2
     return (visual + text_pairs) / grid.length**2

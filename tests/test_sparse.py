@@ -4,6 +4,9 @@ composing with caching and torch.compile)."""
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import pytest
 import torch
 from tiny_models import TINY_MODELS, denoise
@@ -26,15 +29,17 @@ from accel.sparse import (
     sparse_layers,
     uniform_plan,
 )
+from accel.sparse.offline import compare_to_dense, run_pipeline, search
 from accel.sparse.patterns import dense_mask
+from accel.sparse.search import ErrorRecorder, candidate_patterns, choose
 
 WAN = TINY_MODELS["wan"]
 
 MIXED = [
     HeadPattern.dense(),
-    HeadPattern(window=(0, None, None)),
+    HeadPattern(windows=((0, None, None),)),
     HeadPattern.skip(),
-    HeadPattern(window=(None, 1, 1), sink_frames=(0,)),
+    HeadPattern(windows=((None, 1, 1), (0, None, None)), sink_frames=(0,)),
     HeadPattern(),
 ]
 
@@ -46,7 +51,7 @@ def _one_thread(one_thread):
 
 def test_window_mask_matches_a_hand_count():
     grid = TokenGrid(2, 2, 3)  # 12 tokens: frame 0 = 0..5, frame 1 = 6..11
-    mask = dense_mask([HeadPattern(window=(0, 0, 1))], grid)[0]
+    mask = dense_mask([HeadPattern(windows=((0, 0, 1),))], grid)[0]
     # token 4 = frame 0, row 1, column 1: sees columns 0..2 of row 1 in frame 0 only
     assert mask[4].nonzero().flatten().tolist() == [3, 4, 5]
     sink = dense_mask([HeadPattern(sink_frames=(-1,))], grid)[0]
@@ -55,13 +60,18 @@ def test_window_mask_matches_a_hand_count():
 
 def test_text_tokens_always_see_and_are_seen():
     grid = TokenGrid(2, 2, 2, text=3, text_first=True)
-    mask = dense_mask([HeadPattern(window=(0, 0, 0))], grid)[0]
+    mask = dense_mask([HeadPattern(windows=((0, 0, 0),))], grid)[0]
     assert mask[:3].all() and mask[:, :3].all()
     assert mask[3:, 3:].sum() == 8  # each visual token sees itself only
 
 
 @pytest.mark.parametrize(
-    "pattern", [HeadPattern(window=(1, 2, None)), HeadPattern(window=(0, 1, 1), sink_frames=(0, -1))]
+    "pattern",
+    [
+        HeadPattern(windows=((1, 2, None),)),
+        HeadPattern(windows=((0, 1, 1),), sink_frames=(0, -1)),
+        HeadPattern(windows=((0, None, None), (None, 1, 2), (2, 0, None)), sink_frames=(1,)),
+    ],
 )
 @pytest.mark.parametrize("grid", [TokenGrid(3, 4, 5), TokenGrid(4, 3, 2, text=4, text_first=False)])
 def test_density_is_counted_exactly(pattern, grid):
@@ -70,9 +80,9 @@ def test_density_is_counted_exactly(pattern, grid):
 
 def test_bad_patterns_are_refused():
     with pytest.raises(ValueError, match="half-widths"):
-        HeadPattern(window=(1, -1, None))
-    with pytest.raises(ValueError, match="takes no window"):
-        HeadPattern(kind="dense", window=(1, 1, 1))
+        HeadPattern(windows=((1, -1, None),))
+    with pytest.raises(ValueError, match="takes no windows"):
+        HeadPattern(kind="dense", windows=((1, 1, 1),))
     with pytest.raises(ValueError, match="kind"):
         HeadPattern(kind="diagonal")
 
@@ -112,12 +122,13 @@ def test_a_dense_plan_is_bit_identical_and_a_skip_plan_changes_what_it_should():
     with accel.apply(model, SparseAttentionConfig(plan=uniform_plan(model, HeadPattern.dense()))) as handle:
         assert torch.equal(_wan_forward(model), before)
         assert [p for p in handle.patches() if p.technique == "sparse_attention"] == []
-    everything = HeadPattern(window=(None, None, None))  # sparse kind, but it sees every key: through the kernels
+    everything = HeadPattern(windows=((None, None, None),))  # sparse, but it sees every key: through the kernels
     with accel.apply(model, SparseAttentionConfig(plan=make_plan([[HeadPattern.dense(), everything]] * 2))) as handle:
         assert (_wan_forward(model) - before).abs().max() < 1e-5
         assert handle.stats().sparse_calls == 2
     processors = [m.processor for _, m in sparse_layers(model)]
-    with accel.apply(model, SparseAttentionConfig(plan=uniform_plan(model, HeadPattern(window=(0, 1, 1))))) as handle:
+    local = uniform_plan(model, HeadPattern(windows=((0, 1, 1),)))
+    with accel.apply(model, SparseAttentionConfig(plan=local)) as handle:
         sparse = _wan_forward(model)
         stats = handle.stats()
     assert stats.sparse_calls == 2 and stats.passthrough_calls == 0 and stats.grids == (TokenGrid(2, 4, 4),)
@@ -151,7 +162,7 @@ def test_a_plan_for_another_model_is_refused_before_anything_changes():
 
 def test_sparse_and_caching_compose_in_one_apply():
     model = WAN.build()
-    plan = uniform_plan(model, HeadPattern(window=(0, None, None)))
+    plan = uniform_plan(model, HeadPattern(windows=((0, None, None),)))
     with accel.apply(model, SparseAttentionConfig(plan=plan)):
         sparse_only = denoise(model, WAN, [1], steps=6, cfg=False)
     with accel.apply(model, CacheConfig(schedule=fora(layout_of(model), 6, 1)), SparseAttentionConfig(plan=plan)) as h:
@@ -164,7 +175,7 @@ def test_sparse_and_caching_compose_in_one_apply():
 def test_sparse_under_compile_adds_no_frames_and_matches_eager():
     torch._dynamo.reset()
     model = WAN.build()
-    plan = uniform_plan(model, HeadPattern(window=(0, 1, 1), sink_frames=(0,)))
+    plan = uniform_plan(model, HeadPattern(windows=((0, 1, 1),), sink_frames=(0,)))
     with accel.apply(model, SparseAttentionConfig(plan=plan)):
         eager = denoise(model, WAN, [1, 2], steps=3, cfg=False)
     counter = CompileCounter()
@@ -178,3 +189,59 @@ def test_sparse_under_compile_adds_no_frames_and_matches_eager():
     assert after_three - plain <= 2  # the blocks recompile once for the sparse processors
     assert counter.frame_count == after_three  # and never again, whatever the step count
     assert (compiled - eager).abs().max() < 1e-4
+
+
+# --- the search ----------------------------------------------------------------------------------------------------
+
+
+def test_choose_is_the_exact_optimum_of_the_multiple_choice_program():
+    rng = np.random.default_rng(0)
+    errors = [rng.random((2, 4)), rng.random((1, 4))]
+    densities = np.array([1.0, 0.0, 0.3, 0.6])
+    choice = choose(errors, densities, np.zeros(4), target_density=0.5)
+    flat = np.concatenate(errors)
+    best = min(
+        (picks for picks in itertools.product(range(4), repeat=3) if densities[list(picks)].mean() <= 0.5 + 1e-9),
+        key=lambda picks: flat[np.arange(3), list(picks)].sum(),
+    )
+    assert [i for layer in choice.indices for i in layer] == list(best)
+    assert choice.density <= 0.5 + 1e-9
+    costs = np.array([4.0, 0.0, 1.0, 2.0])
+    budget = choose(errors, densities, costs, max_error=flat[:, 0].sum() + 0.5)
+    assert budget.error <= flat[:, 0].sum() + 0.5 + 1e-9 and budget.cost_ms < 12.0
+    with pytest.raises(ValueError, match="exactly one"):
+        choose(errors, densities, costs)
+
+
+def test_candidates_cover_the_named_pattern_families():
+    labels = {p.describe() for p in candidate_patterns(TokenGrid(9, 8, 8))}
+    assert {"dense", "skip", "window(0,*,*)", "window(*,1,1)", "window(*,1,1)+window(1,*,*)+sink(0)"} <= labels
+
+
+def test_the_recorder_scores_a_pattern_that_sees_everything_as_exact_and_skip_as_total_loss():
+    grid = TokenGrid(2, 4, 4)
+    candidates = [HeadPattern.dense(), HeadPattern(windows=((None, None, None),)), HeadPattern.skip()]
+    recorder = ErrorRecorder(candidates, rows=8, active=lambda: True, generator=torch.Generator().manual_seed(0))
+    recorder.grid = grid
+    q, k, v = (torch.randn(1, 3, grid.length, 8) for _ in range(3))
+    recorder(q, k, v)
+    errors = recorder.mean_errors()  # (heads, candidates): squared share of the layer's output
+    assert np.allclose(errors[:, :2], 0, atol=1e-10)
+    assert errors[:, 2].sum() == pytest.approx(1.0, rel=1e-5)  # skipping every head loses the whole output
+
+
+def test_search_on_a_wan_pipeline_meets_its_density_and_records_its_figures(tmp_path):
+    from eval_helpers import TINY_VIDEO_KWARGS, build_tiny_wan_pipeline
+
+    pipe = build_tiny_wan_pipeline()
+    with pytest.raises(ValueError, match="exactly one"):
+        search(pipe, ["a red apple"], steps=2)
+    plan = search(pipe, ["a red apple"], target_density=0.5, steps=3, rows=8, call_kwargs=TINY_VIDEO_KWARGS)
+    grid = TokenGrid(*plan.provenance["grid"][:3])
+    assert grid == TokenGrid(3, 4, 4)
+    assert plan_density(plan, grid) <= 0.5 + 1e-9
+    assert {"psnr", "ssim", "density", "predicted_psnr", "search_seconds"} <= set(plan.metrics)
+    dense = run_pipeline(pipe, ["a red apple"], 3, 0, TINY_VIDEO_KWARGS)
+    with accel.apply(pipe, SparseAttentionConfig(plan=Plan.load(plan.save(tmp_path / "p.json")))):
+        again = run_pipeline(pipe, ["a red apple"], 3, 0, TINY_VIDEO_KWARGS)
+    assert compare_to_dense(again, dense)["psnr"] == pytest.approx(plan.metrics["psnr"], abs=1e-3)

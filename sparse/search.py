@@ -1,0 +1,252 @@
+"""Choosing a pattern per layer and head offline: profile errors along the real trajectory, time the kernels,
+solve an integer program.
+
+1. **Profile** (:func:`profile_errors`): the pipeline runs dense on a few calibration prompts; at every
+   attention call of the chosen steps a recorder (in place of each layer's kernel, through the same sparse
+   processors) draws query rows and measures, per head and candidate pattern, the relative error of the head's
+   output on those rows, ``||O_pattern - O_dense|| / ||O_dense||``, averaged over calls.
+2. **Cost** (:func:`fit_cost_model`): the layer kernel is timed on this device and shape at several block
+   densities; a line through the points gives the time of one head as a function of its block density, beside
+   the time of one dense head through SDPA.
+3. **Choose** (:func:`choose`): one candidate per head minimising the summed error subject to a mean attention
+   density (or maximising the time saved subject to an error budget): a multiple-choice knapsack solved exactly
+   by ``scipy.optimize.milp``. Heads of a layer that share a pattern run in the layer's one launch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from accel.sparse.kernels import LayerAttention
+from accel.sparse.patterns import HeadPattern, HeadTables, TokenGrid, Window, allowed, density
+
+logger = logging.getLogger(__name__)
+
+
+def candidate_patterns(grid: TokenGrid) -> list[HeadPattern]:
+    """The candidates the search chooses from on ``grid``: dense, skip, per-frame blocks, spatial
+    neighbourhoods across frames (multi-diagonal), local 3-D windows, unions of a per-frame block with a
+    spatial neighbourhood, each with and without the first frame as a sink stripe."""
+    side = max(grid.height, grid.width)
+    radii = sorted({r for r in (1, 2, side // 4, side // 2) if 0 < r < side})
+    temporal: list[Window] = [(0, None, None), (1, None, None)]
+    spatial: list[Window] = [(None, r, r) for r in radii]
+    local: list[Window] = [(1, r, r) for r in radii]
+    shapes = [(w,) for w in temporal + spatial + local] + [(t, w) for t in temporal for w in spatial]
+    candidates = [HeadPattern.dense(), HeadPattern.skip()]
+    for windows in shapes:
+        candidates.append(HeadPattern(windows=windows))
+        if grid.frames > 1:
+            candidates.append(HeadPattern(windows=windows, sink_frames=(0,)))
+    return candidates
+
+
+class ErrorRecorder:
+    """Stands in for a layer's kernel while profiling: returns dense attention (the trajectory stays the dense
+    one) and accumulates each head's squared error under each candidate on sampled query rows, relative to the
+    squared norm of the whole layer's output there: a head that contributes little weighs little, and the heads'
+    errors add up as independent errors do (their sum estimates the layer's relative squared error).
+
+    Args:
+        candidates: the patterns to score.
+        rows: query rows drawn per call.
+        active: called at each attention call; record only when it returns True (e.g. the step is profiled).
+        generator: draws the rows.
+    """
+
+    all_dense = False  # the sparse processor computes queries, keys and values for it
+
+    def __init__(
+        self,
+        candidates: Sequence[HeadPattern],
+        rows: int,
+        active: Callable[[], bool],
+        generator: torch.Generator,
+    ):
+        self.candidates, self.rows, self.active, self.generator = list(candidates), rows, active, generator
+        self.grid: TokenGrid | None = None
+        self.errors: torch.Tensor | None = None  # (heads, candidates) summed relative errors
+        self.calls = 0
+
+    def __call__(self, query, key, value, scale=None):
+        out = F.scaled_dot_product_attention(query, key, value, scale=scale)
+        if self.grid is not None and self.active():
+            self._record(query.float(), key.float(), value.float(), scale)
+        return out
+
+    @torch.no_grad()
+    def _record(self, query, key, value, scale) -> None:
+        batch, heads, length, dim = query.shape
+        scale = 1.0 / math.sqrt(dim) if scale is None else scale
+        rows = torch.randperm(length, generator=self.generator)[: self.rows].to(query.device)
+        scores = torch.einsum("bhrd,bhkd->bhrk", query[:, :, rows], key) * scale  # (batch, heads, rows, length)
+        dense = torch.softmax(scores, -1) @ value
+        norm = dense.flatten(1).norm(dim=-1).clamp_min(1e-12)[:, None]  # (batch, 1): the whole layer's output
+        tables = HeadTables.build(self.candidates, self.grid, query.device)
+        keys = torch.arange(length, device=query.device)
+        errors = torch.zeros(heads, len(self.candidates), device=query.device)
+        for index in range(len(self.candidates)):
+            mask = allowed(tables, self.grid, torch.tensor(index, device=query.device), rows[:, None], keys[None])
+            if self.candidates[index].kind == "skip":
+                mask = torch.zeros_like(mask)
+            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+            errors[:, index] = ((weights @ value - dense).flatten(2).norm(dim=-1) / norm).square().mean(0)  # (heads,)
+        self.errors = errors if self.errors is None else self.errors + errors
+        self.calls += 1
+
+    def mean_errors(self) -> np.ndarray:
+        """``(heads, candidates)`` mean relative error over the recorded calls."""
+        if self.errors is None:
+            raise RuntimeError("no attention call was recorded: check the profiled steps and that the layer runs")
+        return (self.errors / self.calls).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Measured time of one head, in milliseconds, on one device and token grid.
+
+    Attributes:
+        dense_head: one head through SDPA.
+        sparse_head_fixed, sparse_head_per_density: one head through the sparse launch costs
+            ``sparse_head_fixed + sparse_head_per_density * block_density``.
+        points: the measured ``(block_density, ms per head)`` pairs the line was fitted to.
+    """
+
+    dense_head: float
+    sparse_head_fixed: float
+    sparse_head_per_density: float
+    points: tuple[tuple[float, float], ...]
+
+    def head_cost(self, pattern: HeadPattern, block_density: float) -> float:
+        """Predicted milliseconds of one head under ``pattern``."""
+        if pattern.kind == "skip":
+            return 0.0
+        if pattern.kind == "dense":
+            return self.dense_head
+        return self.sparse_head_fixed + self.sparse_head_per_density * block_density
+
+
+def _time_ms(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up (and compilation)
+    timings = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings.append(time.perf_counter() - start)
+    return 1000 * float(np.median(timings))
+
+
+@torch.no_grad()
+def fit_cost_model(
+    grid: TokenGrid,
+    heads: int,
+    head_dim: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    repeats: int = 5,
+) -> CostModel:
+    """Time one layer (``heads`` heads of ``head_dim``, batch 1) dense and under windows of several densities,
+    and fit :class:`CostModel`."""
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, grid.length, head_dim, generator=generator).to(device, dtype) for _ in range(3))
+    dense = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats) / heads
+    points = []
+    for frames in sorted({0, max(1, grid.frames // 4), max(1, grid.frames // 2)}):
+        kernel = LayerAttention([HeadPattern(windows=((frames, None, None),))] * heads, grid, device, backend)
+        elapsed = _time_ms(lambda kernel=kernel: kernel(q, k, v), device, repeats)
+        points.append((kernel.block_density() or 1.0, elapsed / heads))
+    x, y = np.array(points).T
+    slope, intercept = np.polyfit(x, y, 1) if len(set(x)) > 1 else (y.mean() / max(x.mean(), 1e-6), 0.0)
+    return CostModel(dense, max(float(intercept), 0.0), max(float(slope), 0.0), tuple(points))
+
+
+def block_densities(candidates: Sequence[HeadPattern], grid: TokenGrid, block_size: int | None = None) -> np.ndarray:
+    """The fraction of tiles each candidate's block mask computes on ``grid`` (dense 1, skip 0)."""
+    from accel.sparse.kernels import block_mask_for
+
+    values = []
+    for pattern in candidates:
+        if pattern.kind != "sparse":
+            values.append(float(pattern.kind == "dense"))
+        else:
+            values.append(1.0 - block_mask_for([pattern], grid, "cpu", block_size).sparsity() / 100.0)
+    return np.array(values)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The solver's answer: one candidate index per head of every layer, its summed error, mean density and
+    summed predicted time."""
+
+    indices: list[list[int]]
+    error: float
+    density: float
+    cost_ms: float
+
+
+def choose(
+    errors: Sequence[np.ndarray],
+    densities: np.ndarray,
+    costs: np.ndarray,
+    target_density: float | None = None,
+    max_error: float | None = None,
+) -> Choice:
+    """One candidate per head (an exact integer program, ``scipy.optimize.milp``).
+
+    Args:
+        errors: per layer, ``(heads, candidates)`` mean relative errors.
+        densities: ``(candidates,)`` attention density of each candidate.
+        costs: ``(candidates,)`` predicted milliseconds per head.
+        target_density: minimise the summed error subject to a mean density at most this; or
+        max_error: minimise the predicted time subject to a summed error at most this.
+
+    Raises:
+        ValueError: not exactly one of ``target_density`` and ``max_error``, or no feasible choice.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    if (target_density is None) == (max_error is None):
+        raise ValueError("give exactly one of target_density and max_error")
+    error = np.concatenate([np.asarray(e, dtype=float) for e in errors])  # (all heads, candidates)
+    heads, count = error.shape
+    one_each = np.kron(np.eye(heads), np.ones(count))  # each head picks exactly one candidate
+    constraints = [LinearConstraint(one_each, 1, 1)]
+    if target_density is not None:
+        constraints.append(LinearConstraint(np.tile(densities, heads)[None], -np.inf, target_density * heads))
+        objective = error.flatten()
+    else:
+        constraints.append(LinearConstraint(error.flatten()[None], -np.inf, max_error))
+        objective = np.tile(costs, heads) + 1e-6 * error.flatten()  # ties: the more accurate
+    result = milp(objective, constraints=constraints, integrality=np.ones(heads * count), bounds=Bounds(0, 1))
+    if result.x is None:
+        raise ValueError(f"no pattern choice meets the constraint ({result.message})")
+    picks = result.x.reshape(heads, count).argmax(1)
+    indices, start = [], 0
+    for layer in errors:
+        indices.append([int(i) for i in picks[start : start + len(layer)]])
+        start += len(layer)
+    return Choice(
+        indices=indices,
+        error=float(error[np.arange(heads), picks].sum()),
+        density=float(densities[picks].mean()),
+        cost_ms=float(costs[picks].sum()),
+    )
+
+
+def candidate_densities(candidates: Sequence[HeadPattern], grid: TokenGrid) -> np.ndarray:
+    """The exact attention density of each candidate on ``grid``."""
+    return np.array([density(p, grid) for p in candidates])
