@@ -109,6 +109,7 @@ def search(
     seed: int = 0,
     call_kwargs: dict | None = None,
     check_prompts: Sequence[str] | None = None,
+    rounds: int = 1,
 ) -> Plan:
     """Choose a pattern per layer and head for ``pipe``; see the module docstring.
 
@@ -123,6 +124,8 @@ def search(
         seed: seeds of the runs and of the row draws.
         call_kwargs: extra pipeline call arguments (size, frames, guidance).
         check_prompts: prompts of the end-to-end check (default: ``prompts``).
+        rounds: solve-and-calibrate rounds (:class:`Calibration`): after each solve, the (layer, pattern) pairs
+            the answer uses are measured end to end, until none is left unmeasured.
 
     Returns:
         The plan, with ``metrics`` holding its density, predicted error and time, the end-to-end PSNR/SSIM
@@ -151,10 +154,19 @@ def search(
     blocks = block_densities(candidates, grid)
     costs = np.array([cost.head_cost(p, b) for p, b in zip(candidates, blocks, strict=True)])
     densities = candidate_densities(candidates, grid)
-    weights = layer_sensitivity(pipe, prompts, errors, candidates, densities, target_density, steps, seed, call_kwargs)
-    weighted = [w * e for w, e in zip(weights, errors, strict=True)]
+    goal = target_density if target_density is not None else 0.4
+    probe = min((i for i, p in enumerate(candidates) if p.kind == "sparse"), key=lambda i: abs(densities[i] - goal))
+    calibration = Calibration(pipe, prompts, steps, seed, call_kwargs, errors, candidates, probe)
     max_error = None if min_psnr is None else 10 ** (-min_psnr / 10)
-    choice = choose(weighted, densities, costs, target_density, max_error)
+    for _ in range(rounds):  # solve, measure the pairs the answer relies on, solve again
+        choice = choose(calibration.weighted(), densities, costs, target_density, max_error)
+        missing = calibration.unmeasured(choice.indices)
+        if not missing:
+            break
+        for layer, candidate in sorted(missing):
+            calibration.measure(layer, candidate)
+    else:
+        choice = choose(calibration.weighted(), densities, costs, target_density, max_error)
     patterns = [[candidates[i] for i in layer] for layer in choice.indices]
     plan = make_plan(
         patterns,
@@ -168,7 +180,7 @@ def search(
             "seed": seed,
             "target_density": target_density,
             "min_psnr": min_psnr,
-            "layer_weights": [float(w) for w in weights],
+            "calibration_runs": len(calibration.factors),
             "grid": [grid.frames, grid.height, grid.width, grid.text],
         },
     )
@@ -186,39 +198,58 @@ def search(
     return Plan.from_dict({**plan.to_dict(), "metrics": metrics})
 
 
-def layer_sensitivity(
-    pipe: Any,
-    prompts: Sequence[str],
-    errors: Sequence[np.ndarray],
-    candidates: Sequence[HeadPattern],
-    densities: np.ndarray,
-    target_density: float | None,
-    steps: int,
-    seed: int,
-    call_kwargs: dict | None,
-) -> np.ndarray:
-    """Per layer, the factor that turns the profiled (local) head errors into end-to-end output MSE.
+class Calibration:
+    """Turns the profiled (local) head errors into predicted end-to-end output MSE, measured per layer and pattern.
 
-    A local error does not say how much it costs at the output: errors of early layers propagate through the
-    later ones and through the steps, and guidance scales them. So each layer in turn runs one probe pattern
-    on all its heads (the sparse candidate closest to ``target_density``, else to 0.4) while the others stay
-    dense; the output MSE against dense divided by the layer's profiled error under the probe is its factor.
+    A local error does not say what it costs at the output: errors of early layers propagate through the later
+    ones and through the steps, guidance scales them, and a pattern that drops far frames hurts differently from
+    one that drops far pixels. So for a (layer, pattern) pair the pipeline runs with that pattern on all the
+    layer's heads and every other layer dense; the output MSE against dense divided by the layer's summed
+    profiled error under the pattern is the pair's factor. Pairs not measured yet use the layer's probe factor.
+
+    Args:
+        pipe, prompts, steps, seed, call_kwargs: the calibration runs (as in :func:`search`).
+        errors: per layer, ``(heads, candidates)`` profiled errors.
+        candidates: the candidate patterns.
+        probe: the candidate measured first in every layer.
     """
-    goal = target_density if target_density is not None else 0.4
-    sparse = [i for i, p in enumerate(candidates) if p.kind == "sparse"]
-    probe = min(sparse, key=lambda i: abs(densities[i] - goal))
-    transformer = resolve(pipe).transformer
-    dense_patterns = [[HeadPattern.dense()] * len(layer) for layer in errors]
-    dense = run_pipeline(pipe, prompts, steps, seed, call_kwargs)
-    weights = []
-    for index, layer in enumerate(errors):
-        patterns = [list(p) for p in dense_patterns]
-        patterns[index] = [candidates[probe]] * len(layer)
-        plan = make_plan(patterns, model_class=type(transformer).__name__)
-        with apply(pipe, SparseAttentionConfig(plan=plan)):
-            mse = float((run_pipeline(pipe, prompts, steps, seed, call_kwargs) - dense).square().mean())
-        weights.append(mse / max(float(layer[:, probe].sum()), 1e-12))
-    return np.array(weights)
+
+    def __init__(self, pipe, prompts, steps, seed, call_kwargs, errors, candidates, probe: int):
+        self.pipe, self.prompts, self.steps, self.seed, self.call_kwargs = pipe, prompts, steps, seed, call_kwargs
+        self.errors, self.candidates, self.probe = errors, candidates, probe
+        self.model_class = type(resolve(pipe).transformer).__name__
+        self.dense = run_pipeline(pipe, prompts, steps, seed, call_kwargs)
+        self.factors: dict[tuple[int, int], float] = {}
+        for layer in range(len(errors)):
+            self.measure(layer, probe)
+
+    def measure(self, layer: int, candidate: int) -> float:
+        """Measure (and keep) the factor of one (layer, candidate) pair."""
+        patterns = [[HeadPattern.dense()] * len(e) for e in self.errors]
+        patterns[layer] = [self.candidates[candidate]] * len(self.errors[layer])
+        plan = make_plan(patterns, model_class=self.model_class)
+        with apply(self.pipe, SparseAttentionConfig(plan=plan)):
+            output = run_pipeline(self.pipe, self.prompts, self.steps, self.seed, self.call_kwargs)
+        mse = float((output - self.dense).square().mean())
+        self.factors[layer, candidate] = mse / max(float(self.errors[layer][:, candidate].sum()), 1e-12)
+        return self.factors[layer, candidate]
+
+    def weighted(self) -> list[np.ndarray]:
+        """Per layer, ``(heads, candidates)`` predicted output MSE of each head's choice."""
+        result = []
+        for layer, errors in enumerate(self.errors):
+            factors = [self.factors.get((layer, c), self.factors[layer, self.probe]) for c in range(errors.shape[1])]
+            result.append(errors * np.array(factors)[None])
+        return result
+
+    def unmeasured(self, indices: list[list[int]]) -> set[tuple[int, int]]:
+        """The sparse (layer, candidate) pairs of a choice whose factor is still a guess."""
+        return {
+            (layer, c)
+            for layer, picks in enumerate(indices)
+            for c in set(picks)
+            if self.candidates[c].kind == "sparse" and (layer, c) not in self.factors
+        }
 
 
 def check_plans(
