@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -134,20 +133,6 @@ class CostModel:
         return self.sparse_head_fixed + self.sparse_head_per_density * block_density
 
 
-def _time_ms(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (and compilation)
-    timings = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings.append(time.perf_counter() - start)
-    return 1000 * float(np.median(timings))
-
-
 @torch.no_grad()
 def fit_cost_model(
     grid: TokenGrid,
@@ -160,15 +145,20 @@ def fit_cost_model(
 ) -> CostModel:
     """Time one layer (``heads`` heads of ``head_dim``, batch 1) dense and under windows of several densities,
     and fit :class:`CostModel`."""
+    from accel.eval.timing import time_interleaved
+
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, grid.length, head_dim, generator=generator).to(device, dtype) for _ in range(3))
-    dense = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats) / heads
-    points = []
-    for frames in sorted({0, max(1, grid.frames // 4), max(1, grid.frames // 2)}):
-        kernel = LayerAttention([HeadPattern(windows=((frames, None, None),))] * heads, grid, device, backend)
-        elapsed = _time_ms(lambda kernel=kernel: kernel(q, k, v), device, repeats)
-        points.append((kernel.block_density() or 1.0, elapsed / heads))
+    kernels = {
+        frames: LayerAttention([HeadPattern(windows=((frames, None, None),))] * heads, grid, device, backend)
+        for frames in sorted({0, max(1, grid.frames // 4), max(1, grid.frames // 2)})
+    }
+    fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
+    fns.update({frames: (lambda kernel=kernel: kernel(q, k, v)) for frames, kernel in kernels.items()})
+    timings = time_interleaved(fns, repeats=repeats)
+    dense = 1000 * timings["dense"].median / heads
+    points = [(kernel.block_density() or 1.0, 1000 * timings[f].median / heads) for f, kernel in kernels.items()]
     x, y = np.array(points).T
     slope, intercept = np.polyfit(x, y, 1) if len(set(x)) > 1 else (y.mean() / max(x.mean(), 1e-6), 0.0)
     return CostModel(dense, max(float(intercept), 0.0), max(float(slope), 0.0), tuple(points))

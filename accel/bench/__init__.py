@@ -10,4 +10,5 @@ BENCHMARKS = {
     "search": "accel.bench.search",
     "model": "accel.bench.model",
     "gpu": "accel.bench.gpu",
+    "sparse": "accel.bench.sparse",
 }

@@ -1,0 +1,196 @@
+"""``python -m accel.bench sparse``: are the sparse kernels fast, and does a searched plan beat a uniform one?
+
+Two parts, one run:
+
+* **kernel rows**: one attention layer of random ``(1, heads, tokens, head_dim)`` inputs on a ``(frames, 16, 16)``
+  grid, dense SDPA against the sparse kernel at several attention densities (windows over frames), each as a
+  fraction of the ideal speed-up ``1 / density``: ``ratio = (t_sdpa / t_sparse) * density``.
+* **end to end** on the bundled video model: :func:`accel.sparse.search` at ``--target-density``, against the
+  best uniform plan (one pattern for every head) at the same density, both scored by PSNR/SSIM of the decoded
+  clips against the dense run of the same prompts and seeds, and timed against it.
+
+``--device cuda`` runs the kernel rows at Wan-1.3B-480p length (``--lengths 32760``, 12 heads x 128) in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from accel.eval.timing import time_interleaved
+from accel.sparse import HeadPattern, LayerAttention, TokenGrid, density
+
+#: the prompts of the end-to-end part: held-out object/motion pairs of the video model's training set
+PROMPTS = (
+    "red apple sliding to the right",
+    "yellow star bouncing",
+    "blue car zooming in",
+    "green frog rotating clockwise",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m accel.bench sparse", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--lengths", default="4096,8192,16384", help="kernel rows: token counts (multiples of 256)")
+    parser.add_argument("--densities", default="0.1,0.2,0.3,0.4,0.5", help="kernel rows: target densities")
+    parser.add_argument("--heads", type=int, default=None, help="kernel rows: heads (default 2 on CPU, 12 on GPU)")
+    parser.add_argument("--head-dim", type=int, default=None, help="kernel rows: head width (64 CPU, 128 GPU)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "flex", "sdpa"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--target-density", type=float, default=0.4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--prompts", type=int, default=2, help="end to end: how many of the built-in prompts")
+    parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        raise ValueError(f"--{name} takes comma-separated numbers, got {text!r}") from error
+    if not values:
+        raise ValueError(f"--{name} is empty")
+    return values
+
+
+def _check(args: argparse.Namespace) -> tuple[list[int], list[float], torch.dtype]:
+    lengths = [int(v) for v in _floats(args.lengths, "lengths")]
+    if any(n < 256 or n % 256 for n in lengths):
+        raise ValueError(f"--lengths must be multiples of 256 (frames of 16 x 16 tokens), got {lengths}")
+    densities = _floats(args.densities, "densities")
+    if any(not 0 < d < 1 for d in densities):
+        raise ValueError(f"--densities must lie in (0, 1), got {densities}")
+    if not 0 < args.target_density <= 1 or args.steps < 1 or args.repeats < 1:
+        raise ValueError("--target-density must be in (0, 1], --steps and --repeats >= 1")
+    if not 1 <= args.prompts <= len(PROMPTS):
+        raise ValueError(f"--prompts must be 1..{len(PROMPTS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but CUDA is not available here")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device != "cpu" else torch.float32)
+    return lengths, densities, dtype
+
+
+def _pattern_near(grid: TokenGrid, target: float) -> HeadPattern:
+    """The frame window (a band of whole frames) whose density is closest to ``target`` on ``grid``."""
+    options = [HeadPattern(windows=((w, None, None),)) for w in range(grid.frames)]
+    return min(options, key=lambda p: abs(density(p, grid) - target))
+
+
+def kernel_rows(args, lengths, densities, dtype) -> list[dict]:
+    """Time dense SDPA and the sparse kernel per length and density; see the module docstring."""
+    cuda = args.device != "cpu"
+    heads, dim = args.heads or (12 if cuda else 2), args.head_dim or (128 if cuda else 64)
+    return [row for length in lengths for row in _length_rows(args, length, densities, dtype, heads, dim)]
+
+
+def _length_rows(args, length: int, densities: list[float], dtype, heads: int, dim: int) -> list[dict]:
+    grid = TokenGrid(length // 256, 16, 16)
+    generator = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(1, heads, length, dim, generator=generator).to(args.device, dtype) for _ in range(3)]
+    kernels = {}
+    for target in densities:
+        pattern = _pattern_near(grid, target)
+        kernels[target] = (pattern, LayerAttention([pattern] * heads, grid, args.device, args.backend))
+    fns = {"sdpa": lambda: F.scaled_dot_product_attention(*qkv)}
+    fns.update({t: (lambda kernel=kernel: kernel(*qkv)) for t, (_, kernel) in kernels.items()})
+    timings = time_interleaved(fns, repeats=args.repeats)
+    sdpa, rows = timings["sdpa"].median, []
+    for target, (pattern, kernel) in kernels.items():
+        actual = density(pattern, grid)
+        row = {
+            "tokens": length,
+            "target": target,
+            "density": round(actual, 4),
+            "block_density": round(kernel.block_density() or 1.0, 4),
+            "sdpa_ms": round(1000 * sdpa, 3),
+            "sparse_ms": round(1000 * timings[target].median, 3),
+            "ratio": round(sdpa / timings[target].median * actual, 3),
+        }
+        print(
+            f"{length:>6} tokens  density {actual:.3f} (tiles {row['block_density']:.3f})  SDPA {row['sdpa_ms']:9.2f} "
+            f"ms  sparse {row['sparse_ms']:9.2f} ms  of ideal {row['ratio']:.2f}"
+        )
+        rows.append(row)
+    return rows
+
+
+def end_to_end(args) -> dict:
+    """Searched vs best uniform plan on the bundled video model; see the module docstring."""
+    from accel.api import apply
+    from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
+    from accel.sparse import SparseAttentionConfig, best_uniform_plan, describe_plan, search
+    from accel.sparse.offline import run_pipeline
+
+    pipe = load_default_video_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompts, kwargs = list(PROMPTS[: args.prompts]), DEFAULT_VIDEO_CALL_KWARGS
+    start = time.perf_counter()
+    plan = search(pipe, prompts, target_density=args.target_density, steps=args.steps, call_kwargs=kwargs)
+    minutes = (time.perf_counter() - start) / 60
+    uniform, uniform_check = best_uniform_plan(pipe, prompts, args.target_density, args.steps, call_kwargs=kwargs)
+
+    def sparse_run(chosen):
+        def run():
+            with apply(pipe, SparseAttentionConfig(plan=chosen)):
+                run_pipeline(pipe, prompts[:1], args.steps, 0, kwargs)
+
+        return run
+
+    timings = time_interleaved(
+        {
+            "dense": lambda: run_pipeline(pipe, prompts[:1], args.steps, 0, kwargs),
+            "searched": sparse_run(plan),
+            "uniform": sparse_run(uniform),
+        },
+        repeats=args.repeats,
+    )
+    print(f"searched plan: {describe_plan(plan)}")
+    print(f"best uniform plan: {describe_plan(uniform)}")
+    for name, figures in (("searched", plan.metrics), ("uniform", uniform_check)):
+        speedup = timings["dense"].median / timings[name].median
+        print(f"{name:>9}: PSNR {figures['psnr']:.2f} dB  SSIM {figures['ssim']:.3f}  speed-up {speedup:.2f}x")
+    return {
+        "e2e_speedup": round(timings["dense"].median / timings["searched"].median, 3),
+        "psnr_vs_dense": round(plan.metrics["psnr"], 2),
+        "ssim_vs_dense": round(plan.metrics["ssim"], 4),
+        "attention_density": round(plan.metrics["density"], 4),
+        "uniform_psnr_at_same_density": round(uniform_check["psnr"], 2),
+        "uniform_speedup": round(timings["dense"].median / timings["uniform"].median, 3),
+        "search_minutes": round(minutes, 2),
+    }
+
+
+def _at(rows: list[dict], target: float) -> float | None:
+    """The ratio at ``target`` density on the longest length."""
+    longest = max(r["tokens"] for r in rows)
+    matching = [r["ratio"] for r in rows if r["tokens"] == longest and abs(r["target"] - target) < 1e-9]
+    return matching[0] if matching else None
+
+
+def run(argv: list[str]) -> dict:
+    """Run the benchmark; returns the JSON line's fields."""
+    args = _parser().parse_args(argv)
+    lengths, densities, dtype = _check(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"kernel rows: {args.device}, {dtype}, backend {args.backend}")
+    rows = kernel_rows(args, lengths, densities, dtype)
+    result = {"flex_ratio_at_0.2": _at(rows, 0.2), "kernel_rows": rows}
+    if not args.skip_end_to_end:
+        result.update(end_to_end(args))
+        gain = result["psnr_vs_dense"] - result["uniform_psnr_at_same_density"]
+        result["targets"] = {
+            "density_at_most_0.4": result["attention_density"] <= 0.4,
+            "psnr_at_least_25": result["psnr_vs_dense"] >= 25,
+            "beats_uniform_by_1db": gain >= 1,
+            "flex_ratio_at_0.2_at_least_0.5": (result["flex_ratio_at_0.2"] or 0) >= 0.5,
+            "search_under_15_minutes": result["search_minutes"] < 15,
+        }
+    return result
