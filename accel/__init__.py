@@ -8,7 +8,7 @@ diffusers pipelines, through one front door::
     handle.remove()
 """
 
-from accel import caching  # noqa: E402  (registers the caching technique)
+from accel import caching, sparse  # the techniques register themselves on import
 from accel.adapters import BlockStack, Component, ModelSpec, register_model, supported_models
 from accel.api import ApplyHandle, Handle, apply, register
 from accel.compile import compile_blocks
@@ -29,5 +29,6 @@ __all__ = [
     "compile_blocks",
     "register",
     "register_model",
+    "sparse",
     "supported_models",
 ]

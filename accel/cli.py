@@ -1,7 +1,8 @@
 """The ``accel`` command: subcommands contributed by the technique packages.
 
 Each subcommand lives in a module exposing ``add_arguments(parser)`` and ``run(args) -> int`` and a module
-docstring whose first line is the subcommand's help. Modules are imported only when their subcommand runs, so
+docstring whose first line is the subcommand's help; a command several techniques share (``search``) has a
+module whose ``select(argv)`` names the technique's own module. Modules are imported only when their subcommand runs, so
 ``accel --help`` stays fast and optional dependencies stay optional.
 """
 
@@ -19,7 +20,7 @@ COMMANDS = {
     "generate": "accel.eval.commands.generate",
     "eval": "accel.eval.commands.evaluate",
     "demo": "accel.eval.commands.demo",
-    "search": "accel.caching.search.command",
+    "search": "accel.commands.search",
 }
 
 #: one-line help per subcommand, shown without importing the module
@@ -29,7 +30,7 @@ HELP = {
     "generate": "generate images or video clips with any method (full, fora-2, a schedule JSON, ...)",
     "eval": "score methods for quality vs speed and write a report",
     "demo": "evaluate the headline methods on the bundled default model in a few minutes (--video: the video model)",
-    "search": "search caching schedules for a Pareto front of quality vs speed",
+    "search": "search caching schedules (a quality-vs-speed front) or, --technique sparse, a sparse attention plan",
 }
 
 
@@ -54,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         module = importlib.import_module(COMMANDS[known.command])
+        if hasattr(module, "select"):  # a command shared by techniques: the technique's own module runs it
+            name, rest = module.select(rest)
+            module = importlib.import_module(name)
+    except ValueError as error:
+        print(f"accel {known.command}: error: {error}", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as error:
         print(f"accel {known.command} is not available in this installation: {error}", file=sys.stderr)
         return 2

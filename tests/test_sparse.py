@@ -245,3 +245,20 @@ def test_search_on_a_wan_pipeline_meets_its_density_and_records_its_figures(tmp_
     with accel.apply(pipe, SparseAttentionConfig(plan=Plan.load(plan.save(tmp_path / "p.json")))):
         again = run_pipeline(pipe, ["a red apple"], 3, 0, TINY_VIDEO_KWARGS)
     assert compare_to_dense(again, dense)["psnr"] == pytest.approx(plan.metrics["psnr"], abs=1e-3)
+
+
+def test_accel_search_technique_sparse_writes_a_plan_that_loads(tmp_path):
+    import json
+
+    from eval_helpers import TINY_VIDEO_KWARGS, build_tiny_wan_pipeline
+
+    from accel.cli import main
+
+    build_tiny_wan_pipeline().save_pretrained(tmp_path / "wan")
+    argv = ["search", "--technique", "sparse", "--model", str(tmp_path / "wan"), "--target-density", "0.5"]
+    argv += ["--steps", "2", "--rows", "8", "--out", str(tmp_path / "plan.json")]
+    argv += ["--pipeline-kwargs", json.dumps(TINY_VIDEO_KWARGS)]
+    assert main(argv) == 0
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.model_class == "WanTransformer3DModel" and plan.metrics["density"] <= 0.5 + 1e-9
+    assert main(["search", "--technique", "pruning", "--out", "x"]) == 2
