@@ -6,17 +6,23 @@ zeros) and prepares the launch's inputs. Calling it is plain tensor code, so a c
 
 Backends, each tested against :func:`accel.sparse.reference.reference_attention`:
 
+* ``"triton"``: the block-sparse flash-attention kernel of :mod:`accel.sparse.triton_attention` (every sparse
+  head in one launch, full tiles unmasked, the mask computed in-kernel in partial ones); GPU tensors only
+  (CPU under the Triton interpreter), needs the ``triton`` extra;
 * ``"flex"``: FlexAttention with a block mask whose ``mask_mod`` is :func:`accel.sparse.patterns.allowed`
   over per-head tables, so every sparse head of the layer shares one launch; compiled (on CPU and GPU);
 * ``"sdpa"``: SDPA with a materialised boolean mask (``heads x length x length``): the last resort;
 * ``"reference"``: the float32 specification.
 
-``"auto"`` picks ``"flex"``.
+The fallback chain is triton -> flex -> sdpa -> reference: ``"auto"`` picks ``"triton"`` when the layer's
+device is CUDA and triton is installed, else ``"flex"``; ``"sdpa"`` (memory quadratic in the length) and
+``"reference"`` (float32, for tests) are only ever chosen by name.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Sequence
 from typing import Literal
 
@@ -26,8 +32,16 @@ import torch.nn.functional as F
 from accel.sparse.patterns import HeadPattern, HeadTables, TokenGrid, allowed, dense_mask
 from accel.sparse.reference import check_qkv, reference_attention
 
-Backend = Literal["auto", "flex", "sdpa", "reference"]
-BACKENDS = ("auto", "flex", "sdpa", "reference")
+Backend = Literal["auto", "triton", "flex", "sdpa", "reference"]
+BACKENDS = ("auto", "triton", "flex", "sdpa", "reference")
+
+
+def auto_backend(device: torch.device | str) -> str:
+    """The first link of the fallback chain that runs on ``device``: ``"triton"`` on CUDA with triton installed,
+    else ``"flex"``."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "flex"
 
 
 @functools.cache
@@ -81,7 +95,7 @@ class LayerAttention:
         grid: the tokens of the calls it will serve.
         device: where the calls run.
         backend: one of :data:`BACKENDS`.
-        block_size: the block mask's block size (``"flex"``); default :func:`default_block_size`.
+        block_size: the block mask's block size (``"flex"``, ``"triton"``); default :func:`default_block_size`.
     """
 
     def __init__(
@@ -95,14 +109,19 @@ class LayerAttention:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.patterns, self.grid = tuple(patterns), grid
-        self.backend = "flex" if backend == "auto" else backend
+        self.backend = auto_backend(device) if backend == "auto" else backend
         kinds = [p.kind for p in self.patterns]
         self.dense_heads = [h for h, kind in enumerate(kinds) if kind == "dense"]
         self.sparse_heads = [h for h, kind in enumerate(kinds) if kind == "sparse"]
         self.all_dense = len(self.dense_heads) == len(kinds)
         sparse = [self.patterns[h] for h in self.sparse_heads]
-        self.block_mask = self.mask = None
-        if sparse and self.backend == "flex":
+        self.block_mask = self.mask = self.launch = None
+        if sparse and self.backend == "triton":
+            from accel.sparse.triton_attention import TritonSparseAttention  # ImportError names the extra
+
+            size = block_size or default_block_size(grid.length)
+            self.launch = TritonSparseAttention.build(sparse, grid, device, size, size)
+        elif sparse and self.backend == "flex":
             self.block_mask = block_mask_for(sparse, grid, device, block_size)
         elif sparse and self.backend == "sdpa":
             self.mask = dense_mask(sparse, grid, device)
@@ -113,11 +132,15 @@ class LayerAttention:
 
     def block_density(self) -> float | None:
         """The fraction of (query block, key block) tiles the sparse heads' launch computes, or None."""
+        if self.launch is not None:
+            return self.launch.table.density()
         if self.block_mask is None:
             return None
         return 1.0 - self.block_mask.sparsity() / 100.0
 
     def _sparse(self, query, key, value, scale):
+        if self.backend == "triton":
+            return self.launch(query, key, value, scale)
         if self.backend == "flex":
             return flex_attention(query, key, value, self.block_mask, scale)
         if self.backend == "sdpa":
