@@ -82,7 +82,7 @@ def profile_errors(
         return context is not None and context.step in wanted
 
     generator = torch.Generator().manual_seed(seed)
-    recorders = [ErrorRecorder(candidates, rows, active, generator) for _ in layers]
+    recorders = [ErrorRecorder(candidates, rows, active, generator, _out_weight(module)) for _, module in layers]
 
     def factory(index: int, grid: TokenGrid, device: torch.device) -> ErrorRecorder:
         recorders[index].grid = grid
@@ -304,6 +304,14 @@ def _grid_of_call(pipe: Any, prompts: Sequence[str], call_kwargs: dict | None) -
         target.tracker.remove_call_listener(listen)
         target.tracker.release()
     return seen[0]
+
+
+def _out_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """The output projection's weight of a diffusers attention module (``to_out[0]``), if it has one."""
+    out = getattr(module, "to_out", None)
+    first = out[0] if isinstance(out, torch.nn.ModuleList | torch.nn.Sequential) and len(out) else out
+    weight = getattr(first, "weight", None)
+    return weight.detach() if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
 
 
 class _Stop(Exception):

@@ -52,13 +52,16 @@ class ErrorRecorder:
     """Stands in for a layer's kernel while profiling: returns dense attention (the trajectory stays the dense
     one) and accumulates each head's squared error under each candidate on sampled query rows, relative to the
     squared norm of the whole layer's output there: a head that contributes little weighs little, and the heads'
-    errors add up as independent errors do (their sum estimates the layer's relative squared error).
+    errors add up as independent errors do (their sum estimates the layer's relative squared error). With the
+    layer's output projection, errors are measured after it, where they enter the residual stream: a head the
+    projection amplifies weighs more.
 
     Args:
         candidates: the patterns to score.
         rows: query rows drawn per call.
         active: called at each attention call; record only when it returns True (e.g. the step is profiled).
         generator: draws the rows.
+        out_weight: the output projection's weight ``(width, heads * head_dim)``, or None.
     """
 
     all_dense = False  # the sparse processor computes queries, keys and values for it
@@ -69,8 +72,10 @@ class ErrorRecorder:
         rows: int,
         active: Callable[[], bool],
         generator: torch.Generator,
+        out_weight: torch.Tensor | None = None,
     ):
         self.candidates, self.rows, self.active, self.generator = list(candidates), rows, active, generator
+        self.out_weight = out_weight
         self.grid: TokenGrid | None = None
         self.errors: torch.Tensor | None = None  # (heads, candidates) summed relative errors
         self.calls = 0
@@ -88,7 +93,9 @@ class ErrorRecorder:
         rows = torch.randperm(length, generator=self.generator)[: self.rows].to(query.device)
         scores = torch.einsum("bhrd,bhkd->bhrk", query[:, :, rows], key) * scale  # (batch, heads, rows, length)
         dense = torch.softmax(scores, -1) @ value
-        norm = dense.flatten(1).norm(dim=-1).clamp_min(1e-12)[:, None]  # (batch, 1): the whole layer's output
+        # the layer's output on those rows: heads concatenated, or summed through the projection
+        layer = dense.flatten(1) if self.out_weight is None else self._project(dense).sum(1).flatten(1)
+        norm = layer.norm(dim=-1).clamp_min(1e-12)[:, None]  # (batch, 1)
         tables = HeadTables.build(self.candidates, self.grid, query.device)
         keys = torch.arange(length, device=query.device)
         errors = torch.zeros(heads, len(self.candidates), device=query.device)
@@ -97,9 +104,19 @@ class ErrorRecorder:
             if self.candidates[index].kind == "skip":
                 mask = torch.zeros_like(mask)
             weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
-            errors[:, index] = ((weights @ value - dense).flatten(2).norm(dim=-1) / norm).square().mean(0)  # (heads,)
+            error = self._project(weights @ value - dense).flatten(2).norm(dim=-1)  # (batch, heads)
+            errors[:, index] = (error / norm).square().mean(0)
         self.errors = errors if self.errors is None else self.errors + errors
         self.calls += 1
+
+    def _project(self, out: torch.Tensor) -> torch.Tensor:
+        """Each head's part of the output projection: ``(batch, heads, rows, head_dim)`` -> ``(batch, heads, rows,
+        width)`` (unchanged without a projection); summing over heads gives the projected layer output."""
+        if self.out_weight is None:
+            return out
+        heads, dim = out.shape[1], out.shape[-1]
+        weight = self.out_weight.float().to(out.device).unflatten(1, (heads, dim))  # (width, heads, head_dim)
+        return torch.einsum("bhrd,whd->bhrw", out, weight)
 
     def mean_errors(self) -> np.ndarray:
         """``(heads, candidates)`` mean relative error over the recorded calls."""
