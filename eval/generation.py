@@ -122,6 +122,23 @@ def generate(
     return images.float().clamp(0, 1).cpu()
 
 
+def generate_in_batches(
+    pipe: Any, prompts: Sequence[str], steps: int, batch: int, kwargs: dict, seed: int = 0, desc: str = "generating"
+) -> torch.Tensor:
+    """:func:`generate` over ``prompts`` in batches of ``batch`` with a progress bar, sample ``i`` seeded
+    ``seed + i``; ``kwargs`` holds the call arguments, ``guidance_scale`` among them."""
+    from tqdm import tqdm
+
+    kwargs = dict(kwargs)
+    guidance = kwargs.pop("guidance_scale")
+    chunks = []
+    for start in tqdm(range(0, len(prompts), batch), desc=desc, leave=False):
+        part = list(prompts[start : start + batch])
+        seeds = [seed + start + i for i in range(len(part))]
+        chunks.append(generate(pipe, part, seeds, steps, guidance, kwargs))
+    return torch.cat(chunks)
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """``(..., 3, H, W)`` [0, 1] float -> uint8, rounded."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -37,12 +37,20 @@ logger = logging.getLogger(__name__)
 
 
 def run_pipeline(pipe: Any, prompts: Sequence[str], steps: int, seed: int, call_kwargs: dict | None) -> torch.Tensor:
-    """The pipeline's decoded output for ``prompts`` (one generator per prompt, seeded ``seed + i``) as float in
-    [0, 1]: ``(N, 3, H, W)`` images or ``(N, F, 3, H, W)`` videos."""
+    """The pipeline's decoded output for ``prompts`` (prompt ``i`` seeded ``seed + i``), float in [0, 1]:
+    ``(N, 3, H, W)`` images or ``(N, F, 3, H, W)`` videos."""
+    from accel.eval.generation import generate
+
+    kwargs = {"output_type": "pt", **(call_kwargs or {})}
+    guidance = kwargs.pop("guidance_scale", None)
+    if guidance is None:  # the pipeline's own default
+        return _call(pipe, prompts, steps, seed, kwargs)
+    return generate(pipe, prompts, [seed + i for i in range(len(prompts))], steps, guidance, kwargs)
+
+
+def _call(pipe: Any, prompts: Sequence[str], steps: int, seed: int, kwargs: dict) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-    output = pipe(
-        list(prompts), num_inference_steps=steps, generator=generators, output_type="pt", **(call_kwargs or {})
-    )
+    output = pipe(list(prompts), num_inference_steps=steps, generator=generators, **kwargs)
     result = output.frames if hasattr(output, "frames") else output.images
     return result.float().clamp(0, 1).cpu()
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from accel.eval.config import add_runtime_arguments, runtime_from_args
+from accel.eval.generation import generate_in_batches
 from accel.eval.runtime import RuntimeConfig
 from accel.eval.timing import timed
 from accel.pipelines.default import DEFAULT_CALL_KWARGS, DEFAULT_GUIDANCE_SCALE, load_default_pipeline
@@ -47,29 +47,15 @@ def load_dataset(path: str | Path = DATA_FILE) -> tuple[torch.Tensor, list[str],
 
 def generate(pipe, prompts: list[str], steps: int, batch: int, seed: int = 0) -> torch.Tensor:
     """Images ``(N, 3, 64, 64)`` float in [0, 1], one per prompt, sample ``i`` seeded with ``seed + i``."""
-    chunks = []
-    for start in tqdm(range(0, len(prompts), batch), desc="generating", leave=False):
-        part = prompts[start : start + batch]
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(part))]
-        output = pipe(
-            part,
-            num_inference_steps=steps,
-            guidance_scale=DEFAULT_GUIDANCE_SCALE,
-            generator=generators,
-            output_type="pt",
-            **DEFAULT_CALL_KWARGS,
-        )
-        chunks.append(output.images.float().clamp(0, 1).cpu())
-    return torch.cat(chunks)
+    kwargs = {"output_type": "pt", "guidance_scale": DEFAULT_GUIDANCE_SCALE, **DEFAULT_CALL_KWARGS}
+    return generate_in_batches(pipe, prompts, steps, batch, kwargs, seed)
 
 
 def untrained_copy(pipe, runtime: RuntimeConfig | None = None):
-    """The same pipeline with the transformer re-initialised from its config (seed 0), on the trained one's
+    """The same pipeline with its transformer re-initialised from its config (seed 0), on the trained one's
     device and dtype (and compiled if ``runtime`` says so)."""
-    from diffusers import PixArtTransformer2DModel
-
     torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel.from_config(pipe.transformer.config).eval().requires_grad_(False)
+    transformer = type(pipe.transformer).from_config(pipe.transformer.config).eval().requires_grad_(False)
     transformer.to(pipe.transformer.device, pipe.transformer.dtype)
     untrained = copy.copy(pipe)
     untrained.register_modules(transformer=transformer)

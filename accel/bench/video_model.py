@@ -22,7 +22,6 @@ least twice chance, and at least 512 tokens per clip. FID from a few hundred fra
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import logging
 import sys
@@ -35,7 +34,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from accel.bench.model import untrained_copy
 from accel.eval.config import RUNTIME_FIELD, add_config_arguments, config_from_args
+from accel.eval.generation import generate_in_batches
 from accel.eval.runtime import RuntimeConfig
 from accel.eval.timing import timed
 from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
@@ -140,28 +141,8 @@ def tokens_per_clip(pipe, call_kwargs: dict = DEFAULT_VIDEO_CALL_KWARGS) -> int:
 
 def generate_clips(pipe, prompts: list[str], steps: int, batch: int, seed: int = 0) -> torch.Tensor:
     """Clips ``(N, F, 3, H, W)`` float in [0, 1], one per prompt, clip ``i`` seeded with ``seed + i``."""
-    chunks = []
-    for start in tqdm(range(0, len(prompts), batch), desc="generating clips", leave=False):
-        part = prompts[start : start + batch]
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(part))]
-        frames = pipe(
-            part, num_inference_steps=steps, generator=generators, output_type="pt", **DEFAULT_VIDEO_CALL_KWARGS
-        ).frames  # (B, F, 3, H, W)
-        chunks.append(torch.as_tensor(frames).float().clamp(0, 1).cpu())
-    return torch.cat(chunks)
-
-
-def untrained_copy(pipe, runtime: RuntimeConfig | None = None):
-    """The same pipeline with its transformer re-initialised from its config (seed 0), on the trained one's
-    device and dtype (and compiled if ``runtime`` says so)."""
-    torch.manual_seed(0)
-    transformer = type(pipe.transformer).from_config(pipe.transformer.config).eval().requires_grad_(False)
-    transformer.to(pipe.transformer.device, pipe.transformer.dtype)
-    untrained = copy.copy(pipe)
-    untrained.register_modules(transformer=transformer)
-    if runtime is not None:
-        runtime.compile_pipeline(untrained)
-    return untrained
+    kwargs = {"output_type": "pt", **DEFAULT_VIDEO_CALL_KWARGS}
+    return generate_in_batches(pipe, prompts, steps, batch, kwargs, seed, desc="generating clips")
 
 
 def seconds_per_step(pipe, steps: int, repeats: int = TIMING_REPEATS) -> float:
