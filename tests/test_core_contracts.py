@@ -15,6 +15,7 @@ from torch._dynamo.testing import CompileCounter
 import accel
 from accel.api import Handle, Target, register, techniques, unregister
 from accel.caching import CacheConfig, FirstBlockPolicy, fora, layout_of
+from accel.sparse import HeadPattern, SparseAttentionConfig, uniform_plan
 
 TINY = TINY_MODELS["pixart"]
 
@@ -101,7 +102,12 @@ EXAMPLES = {
     ToyWeights: lambda model: ToyWeights(),
     ToyProcessor: lambda model: ToyProcessor(),
     ToyForward: lambda model: ToyForward(),
+    SparseAttentionConfig: lambda model: SparseAttentionConfig(
+        plan=uniform_plan(model, HeadPattern(windows=((0, 1, 1),), sink_frames=(0,)))
+    ),
 }
+#: techniques checked on another tiny model than pixart (sparse attention has processors for video models)
+MODELS = {"SparseAttentionConfig": TINY_MODELS["wan"]}
 #: frames a technique may compile beyond the plain compiled blocks: none is needed by a technique that wraps
 #: whole blocks; one that wraps a component inside a block splits the block's graph around it (a constant)
 EXTRA_FRAMES = {"ToyForward": 4}
@@ -110,7 +116,8 @@ VARIANTS = {"first-block": lambda model: CacheConfig(schedule=FirstBlockPolicy(t
 
 
 def _configs():
-    return {**{t.__name__: EXAMPLES[t] for t in TOYS}, "CacheConfig": EXAMPLES[CacheConfig], **VARIANTS}
+    techniques = (*TOYS, CacheConfig, SparseAttentionConfig)
+    return {**{t.__name__: EXAMPLES[t] for t in techniques}, **VARIANTS}
 
 
 def _state(model: torch.nn.Module) -> dict:
@@ -122,8 +129,13 @@ def _state(model: torch.nn.Module) -> dict:
     }  # fmt: skip
 
 
-def _run(model, steps: int = 12) -> torch.Tensor:
-    return denoise(model, TINY, [1, 2], steps=steps, cfg=True)
+def _run(model, tiny=TINY, steps: int = 12) -> torch.Tensor:
+    return denoise(model, tiny, [1, 2], steps=steps, cfg=True)
+
+
+def _tiny(name: str):
+    """The tiny model a technique is checked on (the pixart one unless the technique needs another family)."""
+    return MODELS.get(name, TINY)
 
 
 def test_every_registered_technique_is_under_contract():
@@ -133,10 +145,11 @@ def test_every_registered_technique_is_under_contract():
 
 @pytest.mark.parametrize("name", list(_configs()))
 def test_apply_then_remove_restores_every_object_and_bit_identical_outputs(name):
-    model = TINY.build()
-    before, reference = _state(model), _run(model)
+    tiny = _tiny(name)
+    model = tiny.build()
+    before, reference = _state(model), _run(model, tiny)
     handle = accel.apply(model, _configs()[name](model))
-    changed = _run(model)
+    changed = _run(model, tiny)
     assert handle.patches(), "a technique that changes nothing is a silent no-op"
     technique = next(iter(handle.parts.values())).patch_log.technique
     assert {record.technique for record in handle.patches()} == {"core", technique}
@@ -144,42 +157,45 @@ def test_apply_then_remove_restores_every_object_and_bit_identical_outputs(name)
     handle.remove()
     assert not torch.equal(changed, reference), "the technique should change the output"
     assert _state(model) == before
-    assert torch.equal(_run(model), reference)
+    assert torch.equal(_run(model, tiny), reference)
     assert handle.patches() == [] and handle.removed
     handle.remove()  # idempotent
 
 
 @pytest.mark.parametrize("name", list(_configs()))
 def test_applying_the_same_technique_twice_is_refused_and_leaves_the_first(name):
-    model = TINY.build()
+    tiny = _tiny(name)
+    model = tiny.build()
     config = _configs()[name](model)
     with accel.apply(model, config):
-        expected = _run(model)
+        expected = _run(model, tiny)
         with pytest.raises(ValueError, match="already applied"):
             accel.apply(model, config)
-        assert torch.equal(_run(model), expected)
+        assert torch.equal(_run(model, tiny), expected)
 
 
 @pytest.mark.parametrize("name", list(_configs()))
 def test_reset_restores_step_zero_behaviour(name):
-    model = TINY.build()
+    tiny = _tiny(name)
+    model = tiny.build()
     with accel.apply(model, _configs()[name](model)) as handle:
-        first = _run(model)
-        denoise(model, TINY, [3], steps=5, cfg=False)  # leave state behind from another trajectory
+        first = _run(model, tiny)
+        denoise(model, tiny, [3], steps=5, cfg=False)  # leave state behind from another trajectory
         handle.reset()
-        assert torch.equal(_run(model), first)
+        assert torch.equal(_run(model, tiny), first)
 
 
 @pytest.mark.parametrize("name", [n for n in _configs() if n != "ToyWeights"])
 def test_two_techniques_compose_in_phase_order_whatever_the_argument_order(name):
-    model = TINY.build()
-    reference = _run(model)
+    tiny = _tiny(name)
+    model = tiny.build()
+    reference = _run(model, tiny)
     outputs, orders = [], []
     for configs in ((_configs()[name](model), ToyWeights()), (ToyWeights(), _configs()[name](model))):
         with accel.apply(model, *configs) as handle:
-            outputs.append(_run(model))
+            outputs.append(_run(model, tiny))
             orders.append([record.technique for record in handle.patches() if record.technique != "core"])
-        assert torch.equal(_run(model), reference)
+        assert torch.equal(_run(model, tiny), reference)
     assert torch.equal(outputs[0], outputs[1])
     assert orders[0] == orders[1] and orders[0][0] == "toy-weights"
 
@@ -187,14 +203,15 @@ def test_two_techniques_compose_in_phase_order_whatever_the_argument_order(name)
 @pytest.mark.parametrize("name", list(_configs()))
 def test_compiled_frames_stay_bounded_and_do_not_grow_with_steps(name):
     torch._dynamo.reset()
-    model = TINY.build()
+    tiny = _tiny(name)
+    model = tiny.build()
     counter = CompileCounter()
     accel.compile_blocks(model, backend=counter)
-    _run(model, steps=12)
+    _run(model, tiny, steps=12)
     plain = counter.frame_count
     with accel.apply(model, _configs()[name](model)):
-        _run(model, steps=12)
+        _run(model, tiny, steps=12)
         at_12 = counter.frame_count
-        _run(model, steps=30)
+        _run(model, tiny, steps=30)
     assert at_12 - plain <= EXTRA_FRAMES.get(name, 2), (plain, at_12)
     assert counter.frame_count == at_12, f"frames grew with the step count: {at_12} -> {counter.frame_count}"
