@@ -9,7 +9,7 @@ Two parts, one run:
   best uniform plan (one pattern for every head) at the same density, both scored by PSNR/SSIM of the decoded
   clips against the dense run of the same prompts and seeds, and timed against it.
 
-``--device cuda`` runs the kernel rows at Wan-1.3B-480p length (``--lengths 32760``, 12 heads x 128) in bf16.
+``--device cuda`` runs the kernel rows at about Wan-1.3B-480p length (32,768 tokens, 12 heads x 128) in bf16.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m accel.bench sparse", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--lengths", default="4096,8192,16384", help="kernel rows: token counts (multiples of 256)")
+    parser.add_argument(
+        "--lengths", default=None, help="kernel rows: token counts, multiples of 256 (4096,8192,16384 CPU; 32768 GPU)"
+    )
     parser.add_argument("--densities", default="0.1,0.2,0.3,0.4,0.5", help="kernel rows: target densities")
     parser.add_argument("--heads", type=int, default=None, help="kernel rows: heads (default 2 on CPU, 12 on GPU)")
     parser.add_argument("--head-dim", type=int, default=None, help="kernel rows: head width (64 CPU, 128 GPU)")
@@ -61,7 +63,8 @@ def _floats(text: str, name: str) -> list[float]:
 
 
 def _check(args: argparse.Namespace) -> tuple[list[int], list[float], torch.dtype]:
-    lengths = [int(v) for v in _floats(args.lengths, "lengths")]
+    text = args.lengths or ("4096,8192,16384" if args.device == "cpu" else "32768")
+    lengths = [int(v) for v in _floats(text, "lengths")]
     if any(n < 256 or n % 256 for n in lengths):
         raise ValueError(f"--lengths must be multiples of 256 (frames of 16 x 16 tokens), got {lengths}")
     densities = _floats(args.densities, "densities")
