@@ -37,7 +37,8 @@ class SparseAttentionConfig:
     Attributes:
         plan: a sparse-attention plan (:func:`accel.sparse.make_plan`, :func:`accel.sparse.uniform_plan`,
             :func:`accel.sparse.search` or ``Plan.load``).
-        backend: ``"auto"`` (FlexAttention), ``"flex"``, ``"sdpa"`` (materialised mask) or ``"reference"``.
+        backend: ``"auto"`` (the Triton kernel on CUDA when triton is installed, else FlexAttention),
+            ``"triton"``, ``"flex"``, ``"sdpa"`` (materialised mask) or ``"reference"``.
         block_size: the block mask's tile; default by sequence length
             (:func:`accel.sparse.kernels.default_block_size`).
     """
