@@ -34,10 +34,20 @@ HELP = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusers-accel")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per available subcommand."""
     parser = argparse.ArgumentParser(prog="accel", description="Accelerate diffusers pipelines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"diffusers-accel {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in HELP.items():
         subparsers.add_parser(name, help=help_text, add_help=False)

@@ -48,3 +48,14 @@ def test_package_folders_resolve_as_installed():
         prefix = max((p for p in directories if name == p or name.startswith(p + ".")), key=len)
         folder = ROOT / directories[prefix] / Path(*name[len(prefix) :].split(".")[1:])
         assert (folder / "__init__.py").is_file(), f"{name}: no {folder / '__init__.py'}"
+
+
+def test_accel_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    from accel.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"diffusers-accel {version('diffusers-accel')}"
