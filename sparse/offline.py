@@ -182,7 +182,9 @@ def search(
     refined = 0
     if target_density is not None and refine:
         pool = _refinement_pool(patterns, candidates, densities, target_density)
-        patterns, refined = refine_layers(pipe, prompts, patterns, pool, grid, target_density, steps, seed, call_kwargs)
+        patterns, refined = refine_layers(
+            pipe, prompts, patterns, pool, grid, target_density, steps, seed, call_kwargs, calibration.dense
+        )
     plan = make_plan(
         patterns,
         model_class=type(transformer).__name__,
@@ -200,7 +202,8 @@ def search(
             "grid": [grid.frames, grid.height, grid.width, grid.text],
         },
     )
-    check = check_plans(pipe, [plan], check_prompts or prompts, steps, seed, call_kwargs)[0]
+    dense = calibration.dense if check_prompts is None else None  # the calibration prompts' dense run, once
+    check = check_plans(pipe, [plan], check_prompts or prompts, steps, seed, call_kwargs, dense)[0]
     metrics = {
         "density": plan_density(patterns, grid),
         "predicted_psnr": -10 * float(np.log10(max(choice.error, 1e-12))),
@@ -295,18 +298,18 @@ def refine_layers(
     steps: int,
     seed: int,
     call_kwargs: dict | None,
+    dense: torch.Tensor,
 ) -> tuple[list[list[HeadPattern]], int]:
     """Greedy end-to-end improvement of a plan: layer by layer, try giving every head of the layer one pattern of
-    ``pool``; keep the change that raises the PSNR against dense most while the mean density stays within
-    ``target_density``. The profile's per-head errors do not add up the way errors do at the output (they
-    compound through layers and steps), so the solver's answer is checked and corrected where it matters.
+    ``pool``; keep the change that raises the PSNR against ``dense`` (the dense output of ``prompts``) most while
+    the mean density stays within ``target_density``. The profile's per-head errors do not add up the way errors
+    do at the output (they compound through layers and steps), so the solver's answer is checked and corrected
+    where it matters.
 
     Returns:
         The refined patterns and the number of layers changed.
     """
     from accel.eval.metrics import psnr
-
-    dense = run_pipeline(pipe, prompts, steps, seed, call_kwargs)
 
     def score(candidate: list[list[HeadPattern]]) -> float:
         with apply(pipe, SparseAttentionConfig(plan=make_plan(candidate))):
@@ -330,10 +333,18 @@ def refine_layers(
 
 
 def check_plans(
-    pipe: Any, plans: Sequence[Plan], prompts: Sequence[str], steps: int, seed: int, call_kwargs: dict | None
+    pipe: Any,
+    plans: Sequence[Plan],
+    prompts: Sequence[str],
+    steps: int,
+    seed: int,
+    call_kwargs: dict | None,
+    dense: torch.Tensor | None = None,
 ) -> list[dict[str, float]]:
-    """PSNR/SSIM of each plan's output against the dense output of the same prompts and seeds."""
-    dense = run_pipeline(pipe, prompts, steps, seed, call_kwargs)
+    """PSNR/SSIM of each plan's output against the dense output of the same prompts and seeds (``dense``, when
+    the caller has it already)."""
+    if dense is None:
+        dense = run_pipeline(pipe, prompts, steps, seed, call_kwargs)
     results = []
     for plan in plans:
         with apply(pipe, SparseAttentionConfig(plan=plan)):
