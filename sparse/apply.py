@@ -75,6 +75,14 @@ class SparseStats:
     passthrough_calls: int
 
 
+def call_grid(target: Target, args: tuple, kwargs: dict) -> TokenGrid:
+    """The token grid of one transformer call, from its positional and keyword arguments."""
+    inputs = dict(kwargs)
+    if "hidden_states" not in inputs and args:
+        inputs["hidden_states"] = args[0]
+    return TokenGrid(*token_grid(target.transformer, target.spec, inputs))
+
+
 class SparseHandle(Handle):
     """Handle of :class:`SparseAttentionConfig`: per-layer state, the grid listener, and the processor swaps."""
 
@@ -104,16 +112,10 @@ class SparseHandle(Handle):
         if not self.layers:
             logger.warning("the sparse plan is dense in every layer: nothing is patched, outputs are unchanged")
 
-    def _grid_of(self, args: tuple, kwargs: dict) -> TokenGrid:
-        inputs = dict(kwargs)
-        if "hidden_states" not in inputs and args:
-            inputs["hidden_states"] = args[0]
-        return TokenGrid(*token_grid(self.target.transformer, self.target.spec, inputs))
-
     def _on_call(self, args: tuple, kwargs: dict) -> None:
         if not self.layers:
             return
-        grid = self._grid_of(args, kwargs)
+        grid = call_grid(self.target, args, kwargs)
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
         key = (grid, str(device))

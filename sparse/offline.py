@@ -21,7 +21,7 @@ import torch
 
 from accel.api import apply, resolve
 from accel.plan import Plan
-from accel.sparse.apply import SparseAttentionConfig, SparseHandle
+from accel.sparse.apply import SparseAttentionConfig, SparseHandle, call_grid
 from accel.sparse.patterns import HeadPattern, TokenGrid, density
 from accel.sparse.plan import make_plan, plan_density, sparse_layers, uniform_plan
 from accel.sparse.search import (
@@ -374,12 +374,7 @@ def _grid_of_call(pipe: Any, prompts: Sequence[str], call_kwargs: dict | None) -
     seen: list[TokenGrid] = []
 
     def listen(args: tuple, kwargs: dict) -> None:
-        from accel.adapters import token_grid
-
-        inputs = dict(kwargs)
-        if "hidden_states" not in inputs and args:
-            inputs["hidden_states"] = args[0]
-        seen.append(TokenGrid(*token_grid(target.transformer, target.spec, inputs)))
+        seen.append(call_grid(target, args, kwargs))
         raise _Stop
 
     target.tracker.acquire()
