@@ -30,6 +30,8 @@ from accel.caching.search.workers import Workers
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+#: random initial genomes drawn in a row without a new one before the constraints are taken to allow no more
+MAX_FRUITLESS_DRAWS = 1000
 
 
 def _pymoo() -> SimpleNamespace:
@@ -82,6 +84,7 @@ class GeneticSearch:
         self.seeds = dict(seeds)
         self.seed_names: dict[bytes, str] = {}
         self.workers = Workers()
+        self.exhaustive = False  # set by initial_genomes: the initial population holds every genome there is
         self.autosave_seconds = 60.0
         self._snapshot: dict | None = None
         self._last_save = time.perf_counter()
@@ -171,11 +174,14 @@ class GeneticSearch:
         return genome
 
     def initial_genomes(self) -> np.ndarray:
-        """Seeds (repaired, deduplicated) then random masks of random density, ``population`` at least."""
+        """Seeds (repaired, deduplicated) then random masks of random density, ``population`` of them, or all there
+        are: when the constraints leave fewer distinct genomes (e.g. ``first_steps`` covering every step), random
+        draws stop after :data:`MAX_FRUITLESS_DRAWS` in a row found nothing new, and :attr:`exhaustive` is set."""
         rng = np.random.default_rng(self.config.seed)
         genomes, seen = [], set()
         candidates = [(name, self.encoding.from_schedule(s)) for name, s in self.seeds.items()]
-        while len(genomes) < self.config.population or candidates:
+        fruitless = 0
+        while (len(genomes) < self.config.population and fruitless < MAX_FRUITLESS_DRAWS) or candidates:
             if candidates:
                 name, genome = candidates.pop(0)
                 genome = self.repair_genome(genome)
@@ -183,9 +189,19 @@ class GeneticSearch:
             else:
                 genome = self.repair_genome(rng.random(self.length) < rng.uniform(0.15, 0.9))
             key = genome.tobytes()
-            if key not in seen:
-                seen.add(key)
-                genomes.append(genome)
+            if key in seen:
+                fruitless += 1
+                continue
+            fruitless = 0
+            seen.add(key)
+            genomes.append(genome)
+        self.exhaustive = len(genomes) < self.config.population
+        if self.exhaustive:
+            logger.warning(
+                "the constraints leave only %d distinct schedules (population %d): evaluating them all, no evolution",
+                len(genomes),
+                self.config.population,
+            )
         return np.array(genomes, dtype=bool)
 
     def _set_objectives(self, pop, objectives: np.ndarray) -> None:
@@ -344,6 +360,8 @@ class GeneticSearch:
         progress = tqdm(desc="search", unit="candidate", disable=not self.workers.is_main)
         try:
             while self.config.generations is None or self.generation < self.config.generations:
+                if self.exhaustive and self.generation >= 1:  # all genomes evaluated: offspring would repeat them
+                    break
                 if self.workers.agree(deadline is not None and time.perf_counter() >= deadline):
                     break
                 progress.set_postfix(generation=self.generation)

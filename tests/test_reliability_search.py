@@ -1,0 +1,86 @@
+"""Reliability of ``accel search`` (issue 17): constraints that leave few schedules, checkpoints of another model,
+the budget's unit, atomic fronts.
+
+A stand-in evaluator scores a mask without running a model (cost = computed share, quality rising with it), so
+these tests run the real search loop in milliseconds.
+"""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+from accel.caching.schedule import ScheduleLayout
+from accel.caching.search import Constraints, EvaluatorConfig, SearchConfig
+from accel.caching.search.nsga import GeneticSearch
+
+pytest.importorskip("pymoo")
+
+STEPS = 4
+
+
+class MaskEvaluator:
+    """What :class:`GeneticSearch` needs of an evaluator, scoring a schedule from its mask alone."""
+
+    def __init__(self, prompts=("a", "b"), model_class="Tiny"):
+        self.layout = ScheduleLayout(model_class=model_class, num_blocks=2, components=("attn", "ff"))
+        self.prompts = list(prompts)
+        self.identity = {"model": model_class}
+        self.calls = 0
+
+    def measure(self, schedule, n=None, images=False):
+        self.calls += 1
+        share = float(schedule.mask.mean())
+        return {"relative_macs": share, "psnr": 10 + 30 * share + schedule.forecast_order, "prompts": n}
+
+    def objectives(self, metrics):
+        return np.array([metrics["relative_macs"], -metrics["psnr"]])
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging the test run) if the block takes longer than ``seconds``."""
+
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def config(**overrides):
+    values = dict(population=6, generations=3, evaluation=EvaluatorConfig(num_steps=STEPS))
+    return SearchConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize(
+    "constraints",
+    [Constraints(first_steps=10), Constraints(first_steps=2, last_steps=2)],
+    ids=["first-steps-cover-all", "first-and-last-cover-all"],
+)
+def test_search_ends_when_constraints_leave_fewer_schedules_than_the_population(constraints, tmp_path):
+    evaluator = MaskEvaluator()
+    with deadline(20):
+        search = GeneticSearch(evaluator, config(constraints=constraints), tmp_path, seeds={})
+        front = search.run()
+    assert search.exhaustive
+    # every step computes: the only freedom left is the forecast order gene (orders 0 and 1)
+    assert len(search.archive.order) == 2 and evaluator.calls == 2
+    assert all(genome.all() or genome[:-1].all() for genome, _ in front)
+    with deadline(20):  # a rerun resumes and ends at once, evaluating nothing again
+        again = GeneticSearch(evaluator, config(constraints=constraints), tmp_path, seeds={})
+        again.run()
+    assert evaluator.calls == 2
+
+
+def test_search_with_room_for_a_population_is_not_exhaustive(tmp_path):
+    search = GeneticSearch(MaskEvaluator(), config(), tmp_path, seeds={})
+    assert not search.exhaustive and len(search.initial_genomes()) == 6
