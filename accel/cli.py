@@ -54,6 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def subcommand(command: str, rest: list[str]) -> tuple[object, argparse.ArgumentParser, list[str]]:
+    """The module that runs ``accel COMMAND``, its argument parser, and ``rest`` without the flags that picked the
+    module (``--technique``). ``subcommand(c, rest)[1].parse_args(...)`` checks a command line without running it.
+
+    Raises:
+        ValueError: an unknown technique for a shared command.
+        ModuleNotFoundError: the command's module (an optional part) is not installed.
+    """
+    module = importlib.import_module(COMMANDS[command])
+    if hasattr(module, "select"):  # a command shared by techniques: the technique's own module runs it
+        name, rest = module.select(rest)
+        module = importlib.import_module(name)
+    parser = argparse.ArgumentParser(prog=f"accel {command}", description=HELP[command])
+    module.add_arguments(parser)
+    return module, parser, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``accel COMMAND ...``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -64,18 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        module = importlib.import_module(COMMANDS[known.command])
-        if hasattr(module, "select"):  # a command shared by techniques: the technique's own module runs it
-            name, rest = module.select(rest)
-            module = importlib.import_module(name)
+        module, sub, rest = subcommand(known.command, rest)
     except ValueError as error:
         print(f"accel {known.command}: error: {error}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as error:
         print(f"accel {known.command} is not available in this installation: {error}", file=sys.stderr)
         return 2
-    sub = argparse.ArgumentParser(prog=f"accel {known.command}", description=HELP[known.command])
-    module.add_arguments(sub)
     args = sub.parse_args(rest)
     try:
         return int(module.run(args) or 0)
