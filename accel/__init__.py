@@ -8,7 +8,7 @@ diffusers pipelines, through one front door::
     handle.remove()
 """
 
-from accel import caching, sparse  # the techniques register themselves on import
+from accel import caching, quant, sparse  # the techniques register themselves on import
 from accel.adapters import BlockStack, Component, ModelSpec, register_model, supported_models
 from accel.api import ApplyHandle, Handle, apply, register
 from accel.compile import compile_blocks
@@ -27,6 +27,7 @@ __all__ = [
     "apply",
     "caching",
     "compile_blocks",
+    "quant",
     "register",
     "register_model",
     "sparse",

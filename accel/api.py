@@ -8,6 +8,7 @@ are recorded in its :class:`~accel.patches.PatchLog` and undone exactly by ``rem
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +29,15 @@ class Target:
         spec: its adapter spec (blocks and components).
         tracker: the shared step tracker of the transformer.
         pipeline: the diffusers pipeline it came from, or ``None`` for a bare transformer.
+        configs: every config of the same :func:`apply` call, so that a technique can depend on another one
+            applied with it (cache-aware quantization calibrates under the caching schedule).
     """
 
     transformer: torch.nn.Module
     spec: ModelSpec
     tracker: StepTracker
     pipeline: Any | None = None
+    configs: tuple = ()
 
 
 class Handle:
@@ -226,7 +230,7 @@ def apply(pipe_or_transformer: Any, *configs: Any, spec: ModelSpec | None = None
             raise TypeError(f"No technique registered for {type(config).__name__}; known configs: {known}")
     if len({type(config) for config in configs}) != len(configs):
         raise ValueError("accel.apply got two configs of the same type; pass one per technique")
-    target = resolve(pipe_or_transformer, spec)
+    target = dataclasses.replace(resolve(pipe_or_transformer, spec), configs=tuple(configs))
     parts: dict[type, Handle] = {}
     handle = ApplyHandle(target, parts)
     target.tracker.acquire()  # held while applying, so a failure below unwraps a fresh tracker

@@ -6,6 +6,7 @@ A :class:`Plan` holds named channels, each an array over named axes:
 * ``("step", "block", "component")``: a caching schedule's compute mask;
 * ``("block", "head")``: a sparse-attention pattern per layer and head;
 * ``("step", "token")`` or ``("block", "token")``: per-token step budgets or activity;
+* ``("step", "block", "component", "channel")``: per-channel correction coefficients of quantized features;
 
 plus the sizes of those axes, the model it was made for, free-form ``settings`` (a channel's meaning, pattern
 parameters), ``provenance`` and measured ``metrics``. It saves as versioned JSON through the one allow-listed
@@ -26,7 +27,7 @@ PLAN_TYPE = "accel.Plan"
 PLAN_VERSION = 1
 
 #: axes a channel may run over
-AXES = ("step", "block", "component", "head", "token")
+AXES = ("step", "block", "component", "head", "token", "channel")
 
 #: channels with more values than this are stored in a safetensors file beside the JSON
 INLINE_LIMIT = 4096

@@ -1,0 +1,39 @@
+"""Cache-aware post-training quantization (CacheQuant on DiTs) through torchao's real low-precision kernels.
+
+Typical use::
+
+    import accel
+    config = accel.quant.QuantConfig(scheme="int8-dynamic")           # int8 weight-only, W8A8 dynamic, or fp8
+    with accel.apply(pipe, config) as handle:
+        images = pipe(prompts).images
+    print(handle.stats().weight_memory_ratio)
+
+    # cache-aware: layer selection and error correction calibrated along the cached trajectory
+    config = accel.quant.QuantConfig(scheme="int8-dynamic", min_sqnr=20.0, correct=True)
+    with accel.apply(pipe, accel.caching.CacheConfig(schedule=schedule), config):
+        images = pipe(prompts).images
+
+    plan = accel.quant.calibrate(pipe, config, cache=CacheConfig(schedule=schedule))   # once; plan.save(path)
+    accel.apply(pipe, accel.quant.QuantConfig(scheme="int8-dynamic", plan=plan))      # no calibration run
+"""
+
+from accel.quant import apply as _apply  # noqa: F401  (registers QuantConfig with accel.apply)
+from accel.quant.apply import QuantHandle, QuantStats
+from accel.quant.calibration import calibrate, candidate_layers
+from accel.quant.config import Calibration, QuantConfig
+from accel.quant.correction import CorrectionStatistics, fit_lines
+from accel.quant.schemes import SCHEMES, check_scheme, sqnr
+
+__all__ = [
+    "SCHEMES",
+    "Calibration",
+    "CorrectionStatistics",
+    "QuantConfig",
+    "QuantHandle",
+    "QuantStats",
+    "calibrate",
+    "candidate_layers",
+    "check_scheme",
+    "fit_lines",
+    "sqnr",
+]

@@ -1,0 +1,212 @@
+"""``QuantConfig``'s apply function: quantized weights and the error correction, through the patch log.
+
+At apply, the scheme is checked against the transformer's device; then, from the config's plan, from a
+calibration run (:func:`accel.quant.calibrate`, under the caching schedule applied in the same
+``accel.apply`` call when ``cache_aware``) or, with nothing to calibrate, for every candidate layer, each
+chosen ``nn.Linear`` gets a torchao quantized weight by :meth:`~accel.patches.PatchLog.replace_parameter`
+(``remove()`` puts the very original ``Parameter`` back, so outputs are bit-identical after removal). With
+correction coefficients in the plan, every component gets a wrapper that applies ``a * x + b`` per channel to
+what it computes (inside the cache's wrapper, so what the cache stores and reuses is the corrected output);
+the coefficients of a step are looked up eagerly, outside compiled code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from accel.api import Handle, Target, register
+from accel.patches import eager
+from accel.plan import Plan
+from accel.quant.calibration import _components, calibrate, candidate_layers
+from accel.quant.config import QuantConfig
+from accel.quant.schemes import FULL_PRECISION, check_scheme, dequantized, quantized_weight, sqnr, tensor_bytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantStats:
+    """What quantization did to one transformer.
+
+    Attributes:
+        scheme: the config's scheme.
+        weight_bytes_before: bytes of the transformer's parameters before quantization.
+        weight_bytes_after: the same with the quantized weights in place (int8/float8 data and their scales).
+        layers: candidate layer path -> its scheme, or ``"full"`` where it stays in full precision.
+        layers_per_scheme: how many layers per scheme (and ``"full"``).
+        sqnr: output SQNR (dB) per layer on its calibration inputs (from the plan; empty without calibration;
+            None stands for exact).
+        weight_sqnr: SQNR (dB) of each quantized weight against the original.
+        corrected_components: (block, component) pairs with correction coefficients.
+    """
+
+    scheme: str
+    weight_bytes_before: int
+    weight_bytes_after: int
+    layers: dict[str, str]
+    layers_per_scheme: dict[str, int]
+    sqnr: dict[str, float | None]
+    weight_sqnr: dict[str, float]
+    corrected_components: int
+
+    @property
+    def weight_memory_ratio(self) -> float:
+        """``weight_bytes_after / weight_bytes_before``."""
+        return self.weight_bytes_after / self.weight_bytes_before
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    return sum(tensor_bytes(parameter) for parameter in module.parameters())
+
+
+class _Correction:
+    """Per-component ``a * x + b`` of the current step, from a plan's correction channels."""
+
+    def __init__(self, target: Target, plan: Plan, device: torch.device, dtype: torch.dtype):
+        self.tracker = target.tracker
+        self.fitted = plan.channel("corrected")  # (steps, blocks, components) bool
+        scale = torch.as_tensor(plan.channel("correction_scale")).to(device, dtype)
+        shift = torch.as_tensor(plan.channel("correction_shift")).to(device, dtype)
+        self.steps = self.fitted.shape[0]
+        # one (scale, shift) pair of (channels,) tensors per step, block and component, made once
+        self.rows = {
+            (step, block, component): (scale[step, block, component], shift[step, block, component])
+            for step, block, component in zip(*self.fitted.nonzero())
+        }
+
+    def step_index(self, step: int, num_steps: int | None) -> int | None:
+        """The calibrated step that stands for ``step`` of a ``num_steps``-step trajectory (nearest by position)."""
+        if num_steps and num_steps != self.steps:
+            step = round(step * (self.steps - 1) / max(num_steps - 1, 1))
+        return step if step < self.steps else None
+
+    @eager
+    def coefficients(self, block: int, component: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        context = self.tracker.current
+        if context is None:
+            return None
+        step = self.step_index(context.step, context.num_steps)
+        return None if step is None else self.rows.get((step, block, component))
+
+    def forward(self, block: int, component: int, inner, *args, **kwargs):
+        output = inner(*args, **kwargs)
+        if not isinstance(output, torch.Tensor):
+            return output
+        coefficients = self.coefficients(block, component)
+        if coefficients is None:
+            return output
+        scale, shift = coefficients
+        width = output.shape[-1]
+        return torch.addcmul(shift[:width], output, scale[:width])
+
+
+class QuantHandle(Handle):
+    """Handle of an applied :class:`QuantConfig`: ``stats()`` and ``remove()``; :attr:`plan` is the plan used
+    (None when nothing was calibrated)."""
+
+    def __init__(self, target: Target, config: QuantConfig):
+        super().__init__("quant")
+        self.target, self.config = target, config
+        self.plan: Plan | None = None
+        self._stats: QuantStats | None = None
+
+    def install(self, plan: Plan | None) -> None:
+        """Quantize the layers ``plan`` chooses (every candidate without a plan) and install its correction."""
+        transformer = self.target.transformer
+        layers = candidate_layers(transformer, self.target.spec, self.config.layers)
+        if plan is None:
+            decisions = dict.fromkeys(layers, self.config.scheme)
+        else:
+            decisions = dict(plan.settings.get("layers", {}))
+            unknown = sorted(set(decisions) - set(layers))
+            if unknown or plan.model_class not in (None, type(transformer).__name__):
+                raise ValueError(
+                    f"the quantization plan was made for {plan.model_class} and names layers this "
+                    f"{type(transformer).__name__} lacks: {unknown[:5]}"
+                )
+        before = _weight_bytes(transformer)
+        weight_sqnr = {}
+        for name, linear in layers.items():
+            if decisions.get(name, FULL_PRECISION) == FULL_PRECISION:
+                continue
+            weight = quantized_weight(linear, self.config.scheme)
+            weight_sqnr[name] = sqnr(linear.weight.detach().float(), dequantized(weight))
+            self.patch_log.replace_parameter(linear, "weight", weight)
+        corrected = self._install_correction(plan) if plan is not None and "corrected" in plan.channels else 0
+        self.plan = plan
+        self._stats = QuantStats(
+            scheme=self.config.scheme,
+            weight_bytes_before=before,
+            weight_bytes_after=_weight_bytes(transformer),
+            layers={name: decisions.get(name, FULL_PRECISION) for name in layers},
+            layers_per_scheme=dict(Counter(decisions.get(name, FULL_PRECISION) for name in layers)),
+            sqnr=dict(plan.metrics.get("sqnr", {})) if plan is not None else {},
+            weight_sqnr=weight_sqnr,
+            corrected_components=corrected,
+        )
+
+    def _install_correction(self, plan: Plan) -> int:
+        from accel.caching import layout_of
+
+        layout = layout_of(self.target.transformer, self.target.spec)
+        if tuple(plan.components) != tuple(layout.components) or plan.sizes.get("block") != layout.num_blocks:
+            raise ValueError(
+                f"the plan's correction is for {plan.sizes.get('block')} blocks of {plan.components}, this model "
+                f"has {layout.num_blocks} of {layout.components}"
+            )
+        parameter = next(self.target.transformer.parameters())
+        correction = _Correction(self.target, plan, parameter.device, parameter.dtype)
+        fitted = correction.fitted.any(axis=0)  # (blocks, components)
+        count = 0
+        for block, component, module in _components(self.target, layout):
+            if fitted[block, component]:
+                self.patch_log.wrap(module, "forward", partial(correction.forward, block, component))
+                count += 1
+        return count
+
+    def stats(self) -> QuantStats | None:
+        """Memory before/after, layers per scheme, SQNR per layer (see :class:`QuantStats`)."""
+        return self._stats
+
+
+def _cache_config(target: Target, config: QuantConfig) -> Any:
+    """The CacheConfig to calibrate under: the one applied in the same ``accel.apply`` call, if cache-aware."""
+    from accel.caching import CacheConfig
+
+    if CacheConfig in target.tracker.active:
+        raise ValueError(
+            "QuantConfig calibrates the model it quantizes: apply it before CacheConfig, or both in one "
+            "accel.apply call (then calibration runs under the caching schedule)"
+        )
+    if not config.cache_aware:
+        return None
+    return next((c for c in target.configs if isinstance(c, CacheConfig)), None)
+
+
+@register(QuantConfig, name="quant", phase="weights")
+def apply_quant(target: Target, config: QuantConfig) -> QuantHandle:
+    """Quantize ``target``'s linear layers; returns the handle. Use ``accel.apply`` rather than this."""
+    parameter = next(target.transformer.parameters())
+    check_scheme(config.scheme, parameter.device)
+    plan = config.plan
+    if config.needs_calibration:
+        cache = _cache_config(target, config)
+        if target.pipeline is None:
+            raise ValueError(
+                "QuantConfig with min_sqnr or correct calibrates on prompts through a pipeline: apply it to the "
+                "pipeline, or pass plan=accel.quant.calibrate(transformer, config, run=...)"
+            )
+        plan = calibrate(target.pipeline, config, cache=cache, spec=target.spec)
+    handle = QuantHandle(target, config)
+    try:
+        handle.install(plan)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle

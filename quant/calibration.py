@@ -1,0 +1,348 @@
+"""Calibration: layer sensitivity and correction statistics measured along real (and cached) trajectories.
+
+:func:`calibrate` runs the calibration prompts through the pipeline (or a callable that drives a bare
+transformer) twice, each time under the caching schedule given, if any, so that every statistic comes from the
+trajectory the cache produces and not from the uncached one:
+
+1. *sensitivity*: recorders on the candidate linear layers keep ``rows_per_call`` input rows per call; each
+   layer's SQNR is then ``linear(x)`` in full precision against the quantized layer on those inputs. Layers
+   under ``min_sqnr`` stay in full precision.
+2. *correction* (``correct=True``): with the chosen layers quantized, every block call first runs the block
+   once more with its full-precision weights on the same inputs (a forward pre-hook, so it sees the inputs of
+   blocks the cache skips too) and records each component's full-precision output ``y``; the quantized
+   component's output ``x`` is recorded where it computes. Each step's ``y`` is paired with the ``x`` of the
+   step that computed what the cache reuses (itself when it computes), and the pairs feed
+   :class:`~accel.quant.correction.CorrectionStatistics`.
+
+The recorders are temporary: they go through a patch log (component wrappers, weight swaps) or torch hook
+handles (the block pre-hooks) that are undone before :func:`calibrate` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import accel
+from accel.api import resolve
+from accel.patches import PatchLog, eager
+from accel.plan import Plan
+from accel.quant.config import Calibration, QuantConfig
+from accel.quant.correction import CorrectionStatistics
+from accel.quant.schemes import FULL_PRECISION, quantized_weight, sqnr
+
+logger = logging.getLogger(__name__)
+
+Runner = Callable[[], Any]
+
+
+def candidate_layers(transformer: torch.nn.Module, spec, scope: str) -> dict[str, torch.nn.Linear]:
+    """The linear layers a config may quantize, by their path in ``transformer``: inside the blocks
+    (``scope="blocks"``) or everywhere (``"all"``)."""
+    names = {id(module): name for name, module in transformer.named_modules()}
+    if scope == "all":
+        roots = [transformer]
+    else:
+        roots = [block for _, block in spec.block_list(transformer)]
+    layers = {}
+    for root in roots:
+        for module in root.modules():
+            if isinstance(module, torch.nn.Linear):
+                layers[names[id(module)]] = module
+    return layers
+
+
+def pipeline_runner(pipe: Any, calibration: Calibration) -> Runner:
+    """A callable that runs ``calibration``'s prompts through ``pipe`` (final latents, no decoding)."""
+    from accel.eval.generation import call_kwargs
+
+    overrides = {"output_type": "latent", "num_inference_steps": calibration.num_inference_steps}
+    kwargs = call_kwargs(pipe, {**overrides, **calibration.call_kwargs})
+    prompts = list(calibration.prompts)
+
+    def run() -> None:
+        for start in range(0, len(prompts), calibration.batch):
+            chunk = prompts[start : start + calibration.batch]
+            generators = [torch.Generator().manual_seed(calibration.seed + start + i) for i in range(len(chunk))]
+            pipe(chunk, generator=generators, **kwargs)
+
+    return run
+
+
+def _under(pipe_or_transformer: Any, cache: Any, run: Runner) -> None:
+    """Run ``run()`` with ``cache`` (a CacheConfig, or None) applied for the duration."""
+    if cache is None:
+        run()
+        return
+    with accel.apply(pipe_or_transformer, replace(cache, count_macs=False)):
+        run()
+
+
+def record_layer_inputs(pipe_or_transformer, layers: dict, run: Runner, cache, rows_per_call: int) -> dict:
+    """Input rows ``(rows, in_features)`` of every layer of ``layers`` along the trajectories ``run`` makes
+    (under ``cache``): at most ``rows_per_call`` evenly spaced rows per call, float32 on the CPU."""
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    log = PatchLog("quant-calibration")
+
+    def recorder(name: str):
+        def forward(inner, x, *args, **kwargs):
+            flat = x.detach().reshape(-1, x.shape[-1])
+            stride = max(1, flat.shape[0] // rows_per_call)
+            rows[name].append(flat[::stride][:rows_per_call].float().cpu())
+            return inner(x, *args, **kwargs)
+
+        return forward
+
+    try:
+        for name, linear in layers.items():
+            log.wrap(linear, "forward", recorder(name))
+        _under(pipe_or_transformer, cache, run)
+    finally:
+        log.undo()
+    return {name: torch.cat(kept) for name, kept in rows.items() if kept}
+
+
+@torch.no_grad()
+def layer_sqnr(linear: torch.nn.Linear, weight: torch.Tensor, inputs: torch.Tensor) -> float:
+    """SQNR (dB) of ``linear`` with ``weight`` (quantized) in place of its own, on ``inputs`` ``(rows, in)``."""
+    x = inputs.to(linear.weight.device)
+    bias = linear.bias
+    reference = F.linear(x.float(), linear.weight.float(), None if bias is None else bias.float())
+    quantized = F.linear(x.to(linear.weight.dtype), weight, bias)
+    return sqnr(reference, quantized.float())
+
+
+class _CorrectionRecorder:
+    """The recorders of step 2 (see the module docstring); :attr:`statistics` holds what they gathered."""
+
+    def __init__(self, target, components: list[tuple[int, int, torch.nn.Module]], swaps: dict[int, list]):
+        self.tracker = target.tracker
+        self.blocks = [module for _, module in target.spec.block_list(target.transformer)]
+        self.components = components
+        self.swaps = swaps  # block index -> [(linear, full-precision weight, quantized weight)]
+        self.statistics = CorrectionStatistics()
+        self.held: dict[tuple[int, int, int], tuple[int, torch.Tensor]] = {}  # what each component last computed
+        self.pending: dict[tuple[int, int, int], tuple[int, torch.Tensor]] = {}  # full-precision output, this step
+        self.reference = False
+        self.last_step = -1
+
+    def install(self, log: PatchLog) -> list:
+        for block, component, module in self.components:
+            log.wrap(module, "forward", self._component(block, component))
+        hooks = [
+            module.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True)
+            for index, module in enumerate(self.blocks)
+        ]
+        self.tracker.add_reset_listener(self.flush)
+        return hooks
+
+    def uninstall(self, hooks: list) -> None:
+        for hook in hooks:
+            hook.remove()
+        self.tracker.remove_reset_listener(self.flush)
+
+    def _component(self, block: int, component: int):
+        def forward(inner, *args, **kwargs):
+            output = inner(*args, **kwargs)
+            self._record(block, component, output)
+            return output
+
+        return forward
+
+    @eager
+    def _record(self, block: int, component: int, output: Any) -> None:
+        context = self.tracker.current
+        if context is None or not isinstance(output, torch.Tensor):
+            return
+        self.last_step = max(self.last_step, context.step)
+        store = self.pending if self.reference else self.held
+        store[(block, component, context.branch)] = (context.step, output.detach())
+
+    def _pre_hook(self, index: int):
+        @eager
+        def hook(module, args, kwargs):
+            context = self.tracker.current
+            if context is None:
+                return None
+            self._pair(lambda key: key[0] == index and key[2] == context.branch)
+            self._full_precision(index, module, args, kwargs)
+            return None
+
+        return hook
+
+    @torch.no_grad()
+    def _full_precision(self, index: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """The block's forward (its class's, past any wrapper) with its full-precision weights, recording ``y``."""
+        swaps = self.swaps.get(index, [])
+        self.reference = True
+        try:
+            for linear, original, _ in swaps:
+                linear._parameters["weight"] = original
+            type(module).forward(module, *args, **kwargs)
+        finally:
+            for linear, _, quantized in swaps:
+                linear._parameters["weight"] = quantized
+            self.reference = False
+
+    def _pair(self, selects: Callable[[tuple], bool]) -> None:
+        """Pair the selected pending ``y`` with the ``x`` the cache reuses (the last one computed)."""
+        for key in [key for key in self.pending if selects(key)]:
+            _, y = self.pending.pop(key)
+            held = self.held.get(key)
+            if held is not None and held[1].shape == y.shape:
+                self.statistics.update((held[0], key[0], key[1]), held[1], y)
+
+    def flush(self) -> None:
+        """End of a trajectory: pair everything pending, forget what was computed."""
+        self._pair(lambda key: True)
+        self.held.clear()
+
+
+def _components(target, layout) -> list[tuple[int, int, torch.nn.Module]]:
+    """``(block index, component index in the schedule layout, module)`` of every component present."""
+    found = []
+    for index, (stack, block) in enumerate(target.spec.block_list(target.transformer)):
+        for component in stack.components:
+            module = getattr(block, component.module, None)
+            if isinstance(module, torch.nn.Module) and component.name in layout.components:
+                found.append((index, layout.components.index(component.name), module))
+    return found
+
+
+def _quantize(log: PatchLog, layers: dict, decisions: dict, scheme: str) -> dict[int, tuple]:
+    """Quantize the layers ``decisions`` picks, through ``log``; ``{id(linear): (linear, original, quantized)}``."""
+    swapped = {}
+    for name, linear in layers.items():
+        if decisions.get(name, FULL_PRECISION) == FULL_PRECISION:
+            continue
+        original = linear.weight
+        weight = quantized_weight(linear, scheme)
+        log.replace_parameter(linear, "weight", weight)
+        swapped[id(linear)] = (linear, original, weight)
+    return swapped
+
+
+def _correction_statistics(
+    pipe_or_transformer, target, layers, decisions, scheme, run: Runner, cache
+) -> tuple[CorrectionStatistics, int]:
+    """Step 2 of the module docstring: the correction statistics, and the number of steps seen."""
+    from accel.caching import layout_of
+
+    layout = layout_of(target.transformer, target.spec)
+    log = PatchLog("quant-calibration")
+    hooks: list = []
+    recorder = None
+    try:
+        swapped = _quantize(log, layers, decisions, scheme)
+        swaps: dict[int, list] = {}
+        for index, (_, block) in enumerate(target.spec.block_list(target.transformer)):
+            swaps[index] = [swapped[id(m)] for m in block.modules() if id(m) in swapped]
+        recorder = _CorrectionRecorder(target, _components(target, layout), swaps)
+        hooks = recorder.install(log)
+        _under(pipe_or_transformer, cache, lambda: (run(), recorder.flush()))
+    finally:
+        if recorder is not None:
+            recorder.uninstall(hooks)
+        log.undo()
+    return recorder.statistics, recorder.last_step + 1
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 3) if value != float("inf") else None
+
+
+def calibrate(
+    pipe_or_transformer: Any,
+    config: QuantConfig,
+    *,
+    cache: Any = None,
+    run: Runner | None = None,
+    spec=None,
+) -> Plan:
+    """Measure layer sensitivity (and, with ``config.correct``, fit the error correction) along the calibration
+    trajectories, under ``cache`` when given; returns the plan ``QuantConfig(plan=...)`` applies as it is.
+
+    Args:
+        pipe_or_transformer: the pipeline (or its transformer, with ``run``), not quantized yet.
+        config: the scheme, layer scope, ``min_sqnr``, ``correct`` and ``calibration`` settings.
+        cache: a :class:`~accel.caching.CacheConfig` with a static schedule to calibrate under (cache-aware),
+            or None (the uncached trajectory).
+        run: drives the calibration trajectories (e.g. a denoising loop over a bare transformer); default: the
+            pipeline over ``config.calibration``'s prompts.
+        spec: the model spec, for a transformer without a registered adapter.
+
+    Returns:
+        A :class:`~accel.plan.Plan` whose settings name each candidate layer's scheme (or ``"full"``) and hold
+        the schedule calibrated under, whose metrics hold each layer's SQNR (dB), and, with ``correct``,
+        channels ``correction_scale``/``correction_shift`` over (step, block, component, channel) and
+        ``corrected`` over (step, block, component).
+    """
+    from accel.caching import FirstBlockPolicy
+
+    if cache is not None and isinstance(cache.schedule, FirstBlockPolicy):
+        raise ValueError("cache-aware quantization calibrates under a static Schedule, not a FirstBlockPolicy")
+    target = resolve(pipe_or_transformer, spec)
+    calibration = config.calibration or Calibration()
+    if run is None:
+        if target.pipeline is None:
+            raise ValueError("calibrating a bare transformer needs run=..., a callable that drives its trajectories")
+        run = pipeline_runner(target.pipeline, calibration)
+    target.tracker.acquire()
+    try:
+        layers = candidate_layers(target.transformer, target.spec, config.layers)
+        inputs = record_layer_inputs(pipe_or_transformer, layers, run, cache, calibration.rows_per_call)
+        sqnrs = {
+            name: layer_sqnr(linear, quantized_weight(linear, config.scheme), inputs[name])
+            for name, linear in layers.items()
+            if name in inputs
+        }
+        bound = config.min_sqnr
+        decisions = {
+            name: FULL_PRECISION if bound is not None and sqnrs.get(name, float("inf")) < bound else config.scheme
+            for name in layers
+        }
+        plan = Plan(
+            sizes={},
+            model_class=type(target.transformer).__name__,
+            settings={
+                "technique": "quant",
+                "scheme": config.scheme,
+                "layer_scope": config.layers,
+                "min_sqnr": bound,
+                "layers": decisions,
+                "schedule": None if cache is None else cache.schedule.to_dict(),
+            },
+            provenance={"prompts": list(calibration.prompts), "seed": calibration.seed,
+                        "num_inference_steps": calibration.num_inference_steps},
+            metrics={"sqnr": {name: _finite(value) for name, value in sqnrs.items()}},
+        )  # fmt: skip
+        if config.correct:
+            plan = _with_correction(plan, pipe_or_transformer, target, layers, decisions, config.scheme, run, cache)
+    finally:
+        target.tracker.release()
+    logger.info("quantization plan: %d of %d layers quantized", sum(v != FULL_PRECISION for v in decisions.values()),
+                len(decisions))  # fmt: skip
+    return plan
+
+
+def _with_correction(plan: Plan, pipe_or_transformer, target, layers, decisions, scheme, run, cache) -> Plan:
+    """``plan`` with the fitted correction channels (see :func:`calibrate`)."""
+    from accel.caching import layout_of
+
+    statistics, steps = _correction_statistics(pipe_or_transformer, target, layers, decisions, scheme, run, cache)
+    if not statistics.sums:
+        raise ValueError("no component outputs were recorded for the correction: do the calibration runs call it?")
+    layout = layout_of(target.transformer, target.spec)
+    width = max(sums.shape[1] for sums in statistics.sums.values())
+    blocks, components = layout.num_blocks, len(layout.components)
+    scale, shift, fitted = statistics.coefficients(steps, blocks, components, width)
+    axes = ("step", "block", "component", "channel")
+    sizes = {"step": steps, "block": blocks, "component": components, "channel": width}
+    plan = replace(plan, sizes=sizes, components=tuple(layout.components))
+    plan = plan.with_channel("correction_scale", axes, scale).with_channel("correction_shift", axes, shift)
+    return plan.with_channel("corrected", axes[:3], fitted)

@@ -1,0 +1,259 @@
+"""Quantization (accel.quant): torchao weights through the patch log, layer selection by measured SQNR,
+cache-aware calibration and CacheQuant's error correction, plans as data, compile and batch contracts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import TINY_MODELS, denoise
+from torch._dynamo.testing import CompileCounter
+
+import accel
+from accel.caching import CacheConfig, fora, layout_of
+from accel.plan import INLINE_LIMIT, Plan
+from accel.quant import Calibration, QuantConfig, calibrate, check_scheme, fit_lines, sqnr
+from accel.quant.correction import CorrectionStatistics
+from accel.quant.schemes import FULL_PRECISION, tensor_bytes
+
+TINY = TINY_MODELS["pixart"]
+STEPS = 12
+EVAL_PROMPTS = [5, 6, 7, 8]
+
+
+def _run(model, prompts=EVAL_PROMPTS, steps: int = STEPS) -> torch.Tensor:
+    return denoise(model, TINY, prompts, steps=steps, cfg=True)
+
+
+def _calibration_run(model):
+    return lambda: denoise(model, TINY, [1, 2, 3, 4], steps=STEPS, cfg=True)
+
+
+def _latent_psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return sqnr(reference, output)
+
+
+# -- configs and schemes -------------------------------------------------------------------------------------
+
+
+def test_config_rejects_unknown_schemes_and_foreign_plans():
+    with pytest.raises(ValueError, match="int8-weight"):
+        QuantConfig(scheme="int4")
+    with pytest.raises(ValueError, match="'blocks' or 'all'"):
+        QuantConfig(layers="attention")
+    with pytest.raises(ValueError, match="quantization plan"):
+        QuantConfig(plan=Plan(sizes={"block": 2}))
+    with pytest.raises(ValueError, match="prompts"):
+        Calibration(prompts="a cat")
+
+
+def test_fp8_on_a_cpu_names_what_it_needs():
+    model = TINY.build()
+    with pytest.raises(RuntimeError, match="compute capability >= 8.9"):
+        check_scheme("fp8", "cpu")
+    with pytest.raises(RuntimeError, match="CUDA GPU"):
+        accel.apply(model, QuantConfig(scheme="fp8"))
+    assert not any(type(p) is not torch.nn.Parameter for p in model.parameters()), "nothing may stay quantized"
+
+
+@pytest.mark.parametrize("scheme,bound", [("int8-weight", 35.0), ("int8-dynamic", 30.0)])
+def test_int8_schemes_stay_within_an_error_bound_and_remove_restores_the_originals(scheme, bound):
+    model = TINY.build()
+    originals = {name: p for name, p in model.named_parameters()}
+    reference = _run(model)
+    with accel.apply(model, QuantConfig(scheme=scheme)) as handle:
+        quantized = _run(model)
+        stats = handle.stats()
+        replaced = [n for n, p in model.named_parameters() if p is not originals[n]]
+    assert _latent_psnr(quantized, reference) >= bound
+    assert not torch.equal(quantized, reference)
+    assert sorted(replaced) == sorted(f"{layer}.weight" for layer in stats.layers)
+    assert all(p is originals[n] for n, p in model.named_parameters())
+    assert torch.equal(_run(model), reference)
+
+
+def test_stats_count_weight_memory_and_layers():
+    model = TINY.build()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    with accel.apply(model, QuantConfig(scheme="int8-dynamic", layers="blocks")) as handle:
+        stats = handle.stats()
+    blocks = {n: m for n, m in linears.items() if n.startswith("transformer_blocks.")}
+    assert set(stats.layers) == set(blocks) and stats.layers_per_scheme == {"int8-dynamic": len(blocks)}
+    assert stats.weight_bytes_before == before
+    # int8 data is a quarter of float32; scales and zero points add at most 8 bytes per output channel
+    fp32 = sum(m.weight.numel() * 4 for m in blocks.values())
+    saved = stats.weight_bytes_before - stats.weight_bytes_after
+    assert fp32 * 3 / 4 - 8 * sum(m.out_features for m in blocks.values()) <= saved <= fp32 * 3 / 4
+    assert min(stats.weight_sqnr.values()) > 30
+
+
+def test_quantized_weight_bytes_count_the_inner_tensors():
+    from accel.quant.schemes import quantized_weight
+
+    linear = torch.nn.Linear(64, 32)
+    weight = quantized_weight(linear, "int8-weight")
+    names, _ = weight.__tensor_flatten__()
+    assert tensor_bytes(weight) == sum(getattr(weight, n).numel() * getattr(weight, n).element_size() for n in names)
+    assert tensor_bytes(weight) <= 0.3 * tensor_bytes(linear.weight)
+
+
+def test_a_batch_quantizes_each_sample_on_its_own():
+    model = TINY.build()
+    with accel.apply(model, QuantConfig(scheme="int8-dynamic")):
+        together = _run(model, [1, 2])
+        alone = torch.cat([_run(model, [1]), _run(model, [2])])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+# -- compile ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("correct", [False, True])
+def test_compiled_frames_stay_bounded_and_outputs_match_eager(correct):
+    model = TINY.build()
+    config = QuantConfig(scheme="int8-dynamic")
+    if correct:
+        plan = calibrate(model, QuantConfig(scheme="int8-dynamic", correct=True), run=_calibration_run(model))
+        config = QuantConfig(scheme="int8-dynamic", plan=plan)
+    with accel.apply(model, config):
+        eager = _run(model)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    accel.compile_blocks(model, backend=counter)
+    _run(model)
+    plain = counter.frame_count
+    with accel.apply(model, config):
+        compiled = _run(model)
+        at_12 = counter.frame_count
+        _run(model, steps=30)
+    # quantized weights recompile each block once; the correction's wrappers split a block at its components
+    assert at_12 - plain <= (2 if not correct else 2 + 2 * 3 * 2), (plain, at_12)
+    assert counter.frame_count == at_12, "frames grew with the step count"
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+# -- sensitivity ------------------------------------------------------------------------------------------------
+
+
+def test_layers_under_the_sqnr_bound_stay_in_full_precision():
+    model = TINY.build()
+    config = QuantConfig(scheme="int8-dynamic")
+    plan = calibrate(model, config, run=_calibration_run(model))
+    measured = plan.metrics["sqnr"]
+    assert set(measured) == set(plan.settings["layers"]) and all(v > 20 for v in measured.values())
+    bound = sorted(measured.values())[len(measured) // 2]
+    selective = calibrate(model, QuantConfig(scheme="int8-dynamic", min_sqnr=bound), run=_calibration_run(model))
+    expected = {n: FULL_PRECISION if v < bound else "int8-dynamic" for n, v in measured.items()}
+    assert selective.settings["layers"] == expected
+    with accel.apply(model, QuantConfig(scheme="int8-dynamic", min_sqnr=bound, plan=selective)) as handle:
+        stats = handle.stats()
+    assert stats.layers == expected and stats.sqnr == selective.metrics["sqnr"]
+    assert stats.layers_per_scheme[FULL_PRECISION] == sum(v < bound for v in measured.values()) > 0
+
+
+def test_a_bound_above_every_layer_keeps_the_model_exact():
+    model = TINY.build()
+    reference = _run(model)
+    config = QuantConfig(scheme="int8-dynamic", min_sqnr=1000.0)
+    plan = calibrate(model, config, run=_calibration_run(model))
+    with accel.apply(model, QuantConfig(scheme="int8-dynamic", plan=plan)) as handle:
+        assert torch.equal(_run(model), reference)
+        assert handle.stats().layers_per_scheme == {FULL_PRECISION: len(plan.settings["layers"])}
+
+
+# -- correction -------------------------------------------------------------------------------------------------
+
+
+def test_fit_lines_recovers_exact_lines_and_leaves_constant_channels_unscaled():
+    x = torch.randn(500, 3, dtype=torch.float64)
+    x[:, 2] = 0.5
+    y = x * torch.tensor([2.0, -1.0, 4.0], dtype=torch.float64) + torch.tensor([3.0, 0.25, 1.0], dtype=torch.float64)
+    statistics = CorrectionStatistics()
+    statistics.update((0, 0, 0), x[:200], y[:200])
+    statistics.update((0, 0, 0), x[200:], y[200:])
+    a, b = fit_lines(statistics.sums[(0, 0, 0)])
+    torch.testing.assert_close(a, torch.tensor([2.0, -1.0, 1.0]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(b, torch.tensor([3.0, 0.25, 2.5]), rtol=0, atol=1e-5)
+
+
+def test_cache_aware_correction_beats_the_naive_combination_on_held_out_prompts():
+    model = TINY.build()
+    reference = _run(model)
+    cache = CacheConfig(schedule=fora(layout_of(model), STEPS, 2))
+    config = QuantConfig(scheme="int8-dynamic", correct=True)
+    naive = calibrate(model, config, run=_calibration_run(model))
+    aware = calibrate(model, config, cache=cache, run=_calibration_run(model))
+    assert aware.settings["schedule"] == cache.schedule.to_dict() and naive.settings["schedule"] is None
+    psnrs = {}
+    quants = {"plain": QuantConfig(), "naive": QuantConfig(plan=naive), "aware": QuantConfig(plan=aware)}
+    for name, quant in quants.items():
+        with accel.apply(model, cache, quant) as handle:
+            psnrs[name] = _latent_psnr(_run(model), reference)
+            if name == "aware":
+                assert handle[QuantConfig].stats().corrected_components == 2 * 3
+    assert psnrs["aware"] >= max(psnrs["naive"], psnrs["plain"]) + 0.5, psnrs
+    assert torch.equal(_run(model), reference)
+
+
+def test_correction_pairs_reused_steps_with_the_step_that_computed():
+    model = TINY.build()
+    schedule = fora(layout_of(model), STEPS, 3)
+    cache = CacheConfig(schedule=schedule)
+    plan = calibrate(model, QuantConfig(correct=True), cache=cache, run=_calibration_run(model))
+    fitted = plan.channel("corrected")  # (steps, blocks, components): fitted where the component computed
+    assert fitted.shape == schedule.mask.shape and (fitted == schedule.mask).all()
+
+
+# -- plans and the front door -----------------------------------------------------------------------------------
+
+
+def test_apply_with_a_cache_calibrates_under_its_schedule(tiny_pixart_pipeline):
+    pipe = tiny_pixart_pipeline
+    calibration = Calibration(prompts=("a red cat", "a blue dog"), num_inference_steps=6, batch=2)
+    cache = CacheConfig(schedule=fora(layout_of(pipe), 6, 2))
+    config = QuantConfig(scheme="int8-dynamic", correct=True, min_sqnr=20.0, calibration=calibration)
+    expected = calibrate(pipe, config, cache=cache)
+    with accel.apply(pipe, cache, config) as handle:
+        plan = handle[QuantConfig].plan
+    assert plan.settings == expected.settings
+    for name in ("correction_scale", "correction_shift", "corrected"):
+        assert (plan.channel(name) == expected.channel(name)).all()
+    naive = QuantConfig(scheme="int8-dynamic", correct=True, cache_aware=False, calibration=calibration)
+    with accel.apply(pipe, cache, naive) as handle:
+        assert handle[QuantConfig].plan.settings["schedule"] is None
+
+
+def test_a_saved_plan_applies_without_calibrating(tmp_path, monkeypatch):
+    model = TINY.build()
+    plan = calibrate(model, QuantConfig(correct=True, min_sqnr=40.0), run=_calibration_run(model))
+    with accel.apply(model, QuantConfig(plan=plan)):
+        expected = _run(model)
+    plan.save(tmp_path / "quant.json")
+    large = plan.channel("correction_scale").size > INLINE_LIMIT  # large channels go to a safetensors file
+    assert (tmp_path / "quant.safetensors").is_file() == large
+    loaded = Plan.load(tmp_path / "quant.json")
+    monkeypatch.setattr("accel.quant.apply.calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    with accel.apply(model, QuantConfig(plan=loaded)):
+        assert torch.equal(_run(model), expected)
+
+
+def test_calibrating_needs_a_pipeline_or_a_runner_and_an_uncached_model():
+    model = TINY.build()
+    with pytest.raises(ValueError, match="pipeline"):
+        accel.apply(model, QuantConfig(min_sqnr=20.0))
+    with accel.apply(model, CacheConfig(schedule=fora(layout_of(model), STEPS, 2))):
+        with pytest.raises(ValueError, match="before CacheConfig"):
+            accel.apply(model, QuantConfig(correct=True))
+
+
+def test_quantization_composes_with_caching_in_phase_order():
+    model = TINY.build()
+    reference = _run(model)
+    cache = CacheConfig(schedule=fora(layout_of(model), STEPS, 2))
+    outputs, orders = [], []
+    for configs in ((cache, QuantConfig()), (QuantConfig(), cache)):
+        with accel.apply(model, *configs) as handle:
+            outputs.append(_run(model))
+            orders.append([r.technique for r in handle.patches() if r.technique != "core"])
+        assert torch.equal(_run(model), reference)
+    assert torch.equal(outputs[0], outputs[1]) and orders[0] == orders[1] and orders[0][0] == "quant"
