@@ -78,6 +78,7 @@ class StepTracker:
         self.active: dict[type, Any] = {}
         self._listeners: list[Callable[[], None]] = []
         self._call_listeners: list[Callable[[tuple, dict], None]] = []
+        self._step_listeners: list[Callable[[StepContext], None]] = []
         self._timestep_arg = timestep_arg
         self._timestep_position = self._position_of(transformer, timestep_arg)
         self.patch_log = PatchLog("core")
@@ -123,6 +124,16 @@ class StepTracker:
         """Call ``fn(args, kwargs)`` (eagerly, with the transformer's positional and keyword arguments) at the start
         of every transformer call that is not re-entrant."""
         self._call_listeners.append(fn)
+
+    def add_step_listener(self, fn: Callable[[StepContext], None]) -> None:
+        """Call ``fn(context)`` (eagerly) at every transformer call that is not re-entrant, once its step and branch
+        are known, before the transformer runs."""
+        self._step_listeners.append(fn)
+
+    def remove_step_listener(self, fn: Callable[[StepContext], None]) -> None:
+        """Stop calling ``fn`` at calls."""
+        if fn in self._step_listeners:
+            self._step_listeners.remove(fn)
 
     def remove_call_listener(self, fn: Callable[[tuple, dict], None]) -> None:
         """Stop calling ``fn`` at calls."""
@@ -199,6 +210,12 @@ class StepTracker:
             key = self._check_clock(key, _timestep_key(self._timestep(args, kwargs)))
         self._advance(key if key is not None else _timestep_key(self._timestep(args, kwargs)))
         self.current = StepContext(self._step, self._branch, self.num_steps, self._trajectory)
+        try:
+            for fn in list(self._step_listeners):
+                fn(self.current)
+        except BaseException:
+            self.current = None  # the call does not happen: the next one is not re-entrant
+            raise
         return True
 
     @eager

@@ -17,8 +17,10 @@ from accel.sparse.plan import (
     describe_plan,
     layer_patterns,
     make_plan,
+    plan_dense_steps,
     plan_density,
     sparse_layers,
+    trajectory_density,
     uniform_plan,
 )
 from accel.sparse.reference import reference_attention
@@ -37,9 +39,11 @@ __all__ = [
     "describe_plan",
     "layer_patterns",
     "make_plan",
+    "plan_dense_steps",
     "plan_density",
     "reference_attention",
     "search",
     "sparse_layers",
+    "trajectory_density",
     "uniform_plan",
 ]

@@ -18,10 +18,11 @@ import torch
 
 from accel.adapters import token_grid
 from accel.api import Handle, Target, register
+from accel.context import StepContext
 from accel.plan import Plan
 from accel.sparse.kernels import BACKENDS, Backend, LayerAttention
 from accel.sparse.patterns import TokenGrid
-from accel.sparse.plan import check_plan, plan_density
+from accel.sparse.plan import check_plan, plan_dense_steps, plan_density
 from accel.sparse.processors import SparseLayer, sparse_processor_for
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,14 @@ class SparseAttentionConfig:
             ``"triton"``, ``"flex"``, ``"sdpa"`` (materialised mask) or ``"reference"``.
         block_size: the block mask's tile; default by sequence length
             (:func:`accel.sparse.kernels.default_block_size`).
+        dense_steps: run the first this many denoising steps with dense attention; ``None`` (default) takes the
+            plan's own setting (:func:`accel.sparse.plan_dense_steps`).
     """
 
     plan: Plan
     backend: Backend = "auto"
     block_size: int | None = None
+    dense_steps: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.plan, Plan):
@@ -54,6 +58,10 @@ class SparseAttentionConfig:
             raise ValueError(f"SparseAttentionConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise ValueError(f"SparseAttentionConfig.block_size must be a power of two >= 16, got {self.block_size}")
+        if self.dense_steps is not None and (
+            not isinstance(self.dense_steps, int) or isinstance(self.dense_steps, bool) or self.dense_steps < 0
+        ):
+            raise ValueError(f"SparseAttentionConfig.dense_steps must be an integer >= 0, got {self.dense_steps!r}")
 
 
 @dataclass(frozen=True)
@@ -62,15 +70,21 @@ class SparseStats:
 
     Attributes:
         grids: the token grids seen.
-        density: the plan's attention density on the last grid (fraction of query-key pairs computed).
+        density: the plan's attention density on the last grid (fraction of query-key pairs computed) in a
+            sparse step.
+        mean_density: the density averaged over the transformer calls so far, dense steps counting as 1.
         block_density: the fraction of tiles the sparse launches compute, averaged over sparse layers, or None.
+        dense_step_calls: transformer calls in the plan's dense first steps.
         sparse_calls: eager attention calls that ran the sparse kernels (compiled calls are not counted).
-        passthrough_calls: eager calls of patched layers that went to the original processor.
+        passthrough_calls: eager calls of patched layers that went to the original processor (dense steps
+            included).
     """
 
     grids: tuple[TokenGrid, ...]
     density: float | None
+    mean_density: float | None
     block_density: float | None
+    dense_step_calls: int
     sparse_calls: int
     passthrough_calls: int
 
@@ -91,6 +105,10 @@ class SparseHandle(Handle):
         self.target, self.config = target, config
         self._kernel_factory = kernel_factory or self._layer_attention
         self.patterns = check_plan(config.plan, target.transformer, target.spec)
+        self.dense_steps = plan_dense_steps(config.plan) if config.dense_steps is None else config.dense_steps
+        self._densities: list[float] = []  # per transformer call
+        self._dense_calls = 0
+        self._grid_densities: dict[TokenGrid, float] = {}
         self.layers: list[SparseLayer] = []
         self._kernels: dict[tuple, list[LayerAttention | None]] = {}
         self._grid: TokenGrid | None = None
@@ -109,6 +127,7 @@ class SparseHandle(Handle):
         for module, processor, attr in planned:  # every processor was found before the first swap
             self.patch_log.set_processor(module, processor, attr)
         target.tracker.add_call_listener(self._on_call)
+        target.tracker.add_step_listener(self._on_step)
         if not self.layers:
             logger.warning("the sparse plan is dense in every layer: nothing is patched, outputs are unchanged")
 
@@ -125,6 +144,23 @@ class SparseHandle(Handle):
             layer.attention = kernel
         self._grid = grid
 
+    def _on_step(self, context: StepContext) -> None:
+        """In the dense first steps every patched layer passes through; the density of each call is recorded."""
+        if not self.layers or self._grid is None:
+            return
+        if context.step < self.dense_steps:
+            for layer in self.layers:
+                layer.attention = None
+            self._dense_calls += 1
+            self._densities.append(1.0)
+        else:
+            self._densities.append(self._grid_density(self._grid))
+
+    def _grid_density(self, grid: TokenGrid) -> float:
+        if grid not in self._grid_densities:
+            self._grid_densities[grid] = plan_density(self.patterns, grid)
+        return self._grid_densities[grid]
+
     def _layer_attention(self, index: int, grid: TokenGrid, device: torch.device) -> LayerAttention:
         return LayerAttention(self.patterns[index], grid, device, self.config.backend, self.config.block_size)
 
@@ -138,14 +174,17 @@ class SparseHandle(Handle):
         ]
         return SparseStats(
             grids=tuple(dict.fromkeys(grid for grid, _ in self._kernels)),
-            density=plan_density(self.patterns, self._grid) if self._grid is not None else None,
+            density=self._grid_density(self._grid) if self._grid is not None else None,
+            mean_density=sum(self._densities) / len(self._densities) if self._densities else None,
             block_density=sum(blocks) / len(blocks) if blocks else None,
+            dense_step_calls=self._dense_calls,
             sparse_calls=sum(layer.sparse_calls for layer in self.layers),
             passthrough_calls=sum(layer.passthrough_calls for layer in self.layers),
         )
 
     def _remove(self) -> None:
         self.target.tracker.remove_call_listener(self._on_call)
+        self.target.tracker.remove_step_listener(self._on_step)
         for layer in self.layers:
             layer.attention = None
         super()._remove()

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     goal.add_argument("--min-psnr", type=float, help="predicted PSNR against dense to keep (dB)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of the calibration runs")
     parser.add_argument("--rows", type=int, default=64, help="query rows sampled per attention call")
+    parser.add_argument(
+        "--dense-steps", type=int, default=0, help="first steps run dense (the target density is then averaged)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pipeline-kwargs", type=json.loads, default={}, help="extra pipeline call arguments, JSON")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -45,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.target_density is not None and not 0 < args.target_density <= 1:
         raise ValueError(f"--target-density must be in (0, 1], got {args.target_density}")
+    if not 0 <= args.dense_steps < args.steps:
+        raise ValueError(f"--dense-steps must be in 0..{args.steps - 1} (below --steps), got {args.dense_steps}")
     out = Path(args.out)
     if out.suffix != ".json":
         raise ValueError(f"--out names the plan's JSON file, e.g. plan.json; got {out}")
@@ -64,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         rows=args.rows,
         seed=args.seed,
         call_kwargs={**kwargs, "guidance_scale": guidance},
+        dense_steps=args.dense_steps,
     )
     path = plan.save(out)
     metrics = plan.metrics

@@ -23,7 +23,7 @@ from accel.api import apply, resolve
 from accel.plan import Plan
 from accel.sparse.apply import SparseAttentionConfig, SparseHandle, call_grid
 from accel.sparse.patterns import HeadPattern, TokenGrid, density
-from accel.sparse.plan import make_plan, plan_density, sparse_layers, uniform_plan
+from accel.sparse.plan import make_plan, plan_density, sparse_layers, trajectory_density, uniform_plan
 from accel.sparse.search import (
     ErrorRecorder,
     block_densities,
@@ -119,6 +119,7 @@ def search(
     check_prompts: Sequence[str] | None = None,
     rounds: int = 1,
     refine: bool = True,
+    dense_steps: int = 0,
 ) -> Plan:
     """Choose a pattern per layer and head for ``pipe``; see the module docstring.
 
@@ -137,6 +138,9 @@ def search(
             the answer uses are measured end to end, until none is left unmeasured.
         refine: with ``target_density``, improve the solved plan layer by layer end to end
             (:func:`refine_layers`).
+        dense_steps: the first steps run dense (saved in the plan). ``target_density`` is then the density
+            averaged over all ``steps`` (:func:`~accel.sparse.plan.trajectory_density`), so the sparse steps get
+            a lower one, and only sparse steps are profiled.
 
     Returns:
         The plan, with ``metrics`` holding its density, predicted error and time, the end-to-end PSNR/SSIM
@@ -151,9 +155,18 @@ def search(
         raise ValueError(f"target_density must be in (0, 1], got {target_density}")
     if not prompts or steps < 1 or rows < 1:
         raise ValueError("search needs at least one prompt, steps >= 1 and rows >= 1")
-    profile_steps = sorted(set(profile_steps or np.linspace(0, steps - 1, 4).round().astype(int).tolist()))
-    if profile_steps[0] < 0 or profile_steps[-1] >= steps:
-        raise ValueError(f"profile_steps must lie in 0..{steps - 1}, got {profile_steps}")
+    if not isinstance(dense_steps, int) or not 0 <= dense_steps < steps:
+        raise ValueError(f"dense_steps must be an integer in 0..{steps - 1}, got {dense_steps!r}")
+    sparse_target = None
+    if target_density is not None:
+        sparse_target = (target_density * steps - dense_steps) / (steps - dense_steps)
+        if sparse_target <= 0:
+            raise ValueError(f"{dense_steps} dense steps of {steps} already exceed a mean density of {target_density}")
+    first = dense_steps
+    default_profile = np.linspace(first, steps - 1, min(4, steps - first)).round().astype(int).tolist()
+    profile_steps = sorted(set(profile_steps or default_profile))
+    if profile_steps[0] < first or profile_steps[-1] >= steps:
+        raise ValueError(f"profile_steps must lie in {first}..{steps - 1} (the sparse steps), got {profile_steps}")
     start = time.perf_counter()
     transformer = resolve(pipe).transformer
     geometry = sparse_layers(transformer)[0][0]
@@ -165,26 +178,27 @@ def search(
     blocks = block_densities(candidates, grid)
     costs = np.array([cost.head_cost(p, b) for p, b in zip(candidates, blocks, strict=True)])
     densities = candidate_densities(candidates, grid)
-    goal = target_density if target_density is not None else 0.4
+    goal = sparse_target if sparse_target is not None else 0.4
     probe = min((i for i, p in enumerate(candidates) if p.kind == "sparse"), key=lambda i: abs(densities[i] - goal))
-    calibration = Calibration(pipe, prompts, steps, seed, call_kwargs, errors, candidates, probe)
+    calibration = Calibration(pipe, prompts, steps, seed, call_kwargs, errors, candidates, probe, dense_steps)
     max_error = None if min_psnr is None else 10 ** (-min_psnr / 10)
     for _ in range(rounds):  # solve, measure the pairs the answer relies on, solve again
-        choice = choose(calibration.weighted(), densities, costs, target_density, max_error)
+        choice = choose(calibration.weighted(), densities, costs, sparse_target, max_error)
         missing = calibration.unmeasured(choice.indices)
         if not missing:
             break
         for layer, candidate in sorted(missing):
             calibration.measure(layer, candidate)
     else:
-        choice = choose(calibration.weighted(), densities, costs, target_density, max_error)
+        choice = choose(calibration.weighted(), densities, costs, sparse_target, max_error)
     patterns = [[candidates[i] for i in layer] for layer in choice.indices]
     refined = 0
-    if target_density is not None and refine:
-        pool = _refinement_pool(patterns, candidates, densities, target_density)
+    if sparse_target is not None and refine:
+        pool = _refinement_pool(patterns, candidates, densities, sparse_target)
         patterns, refined = refine_layers(
-            pipe, prompts, patterns, pool, grid, target_density, steps, seed, call_kwargs, calibration.dense
-        )
+            pipe, prompts, patterns, pool, grid, sparse_target, steps, seed, call_kwargs, calibration.dense,
+            dense_steps,
+        )  # fmt: skip
     plan = make_plan(
         patterns,
         model_class=type(transformer).__name__,
@@ -201,11 +215,13 @@ def search(
             "refinement_moves": refined,
             "grid": [grid.frames, grid.height, grid.width, grid.text],
         },
+        dense_steps=dense_steps,
     )
     dense = calibration.dense if check_prompts is None else None  # the calibration prompts' dense run, once
     check = check_plans(pipe, [plan], check_prompts or prompts, steps, seed, call_kwargs, dense)[0]
     metrics = {
         "density": plan_density(patterns, grid),
+        "trajectory_density": trajectory_density(patterns, grid, steps, dense_steps),
         "predicted_psnr": -10 * float(np.log10(max(choice.error, 1e-12))),
         "predicted_ms_per_layer": choice.cost_ms / len(patterns),
         "dense_ms_per_layer": cost.dense_head * geometry.heads,
@@ -231,11 +247,12 @@ class Calibration:
         errors: per layer, ``(heads, candidates)`` profiled errors.
         candidates: the candidate patterns.
         probe: the candidate measured first in every layer.
+        dense_steps: the first steps the plans run dense.
     """
 
-    def __init__(self, pipe, prompts, steps, seed, call_kwargs, errors, candidates, probe: int):
+    def __init__(self, pipe, prompts, steps, seed, call_kwargs, errors, candidates, probe: int, dense_steps: int = 0):
         self.pipe, self.prompts, self.steps, self.seed, self.call_kwargs = pipe, prompts, steps, seed, call_kwargs
-        self.errors, self.candidates, self.probe = errors, candidates, probe
+        self.errors, self.candidates, self.probe, self.dense_steps = errors, candidates, probe, dense_steps
         self.model_class = type(resolve(pipe).transformer).__name__
         self.dense = run_pipeline(pipe, prompts, steps, seed, call_kwargs)
         self.factors: dict[tuple[int, int], float] = {}
@@ -246,7 +263,7 @@ class Calibration:
         """Measure (and keep) the factor of one (layer, candidate) pair."""
         patterns = [[HeadPattern.dense()] * len(e) for e in self.errors]
         patterns[layer] = [self.candidates[candidate]] * len(self.errors[layer])
-        plan = make_plan(patterns, model_class=self.model_class)
+        plan = make_plan(patterns, model_class=self.model_class, dense_steps=self.dense_steps)
         with apply(self.pipe, SparseAttentionConfig(plan=plan)):
             output = run_pipeline(self.pipe, self.prompts, self.steps, self.seed, self.call_kwargs)
         mse = float((output - self.dense).square().mean())
@@ -299,12 +316,13 @@ def refine_layers(
     seed: int,
     call_kwargs: dict | None,
     dense: torch.Tensor,
+    dense_steps: int = 0,
 ) -> tuple[list[list[HeadPattern]], int]:
     """Greedy end-to-end improvement of a plan: layer by layer, try giving every head of the layer one pattern of
     ``pool``; keep the change that raises the PSNR against ``dense`` (the dense output of ``prompts``) most while
-    the mean density stays within ``target_density``. The profile's per-head errors do not add up the way errors
-    do at the output (they compound through layers and steps), so the solver's answer is checked and corrected
-    where it matters.
+    the mean density stays within ``target_density`` (in the sparse steps: the first ``dense_steps`` run dense).
+    The profile's per-head errors do not add up the way errors do at the output (they compound through layers and
+    steps), so the solver's answer is checked and corrected where it matters.
 
     Returns:
         The refined patterns and the number of layers changed.
@@ -312,7 +330,7 @@ def refine_layers(
     from accel.eval.metrics import psnr
 
     def score(candidate: list[list[HeadPattern]]) -> float:
-        with apply(pipe, SparseAttentionConfig(plan=make_plan(candidate))):
+        with apply(pipe, SparseAttentionConfig(plan=make_plan(candidate, dense_steps=dense_steps))):
             return float(psnr(run_pipeline(pipe, prompts, steps, seed, call_kwargs), dense).mean())
 
     current, moves = score(patterns), 0
@@ -353,16 +371,29 @@ def check_plans(
 
 
 def best_uniform_plan(
-    pipe: Any, prompts: Sequence[str], target: float, steps: int, seed: int = 0, call_kwargs: dict | None = None
+    pipe: Any,
+    prompts: Sequence[str],
+    target: float,
+    steps: int,
+    seed: int = 0,
+    call_kwargs: dict | None = None,
+    dense_steps: int = 0,
 ) -> tuple[Plan, dict[str, float]]:
-    """The best single pattern for every head at attention density at most ``target``: each candidate that
-    fits is run end to end and the highest PSNR against dense wins."""
+    """The best single pattern for every head at attention density at most ``target`` (averaged over the
+    trajectory, whose first ``dense_steps`` steps run dense): each candidate that fits is run end to end and the
+    highest PSNR against dense wins."""
     transformer = resolve(pipe).transformer
     grid = _grid_of_call(pipe, prompts, call_kwargs)
-    fitting = [p for p in candidate_patterns(grid) if p.kind == "sparse" and density(p, grid) <= target]
+    fitting = [
+        p
+        for p in candidate_patterns(grid)
+        if p.kind == "sparse" and (dense_steps + (steps - dense_steps) * density(p, grid)) / steps <= target + 1e-9
+    ]
     if not fitting:
-        raise ValueError(f"no uniform candidate pattern has density <= {target} on {grid}")
-    plans = [uniform_plan(transformer, pattern) for pattern in fitting]
+        raise ValueError(
+            f"no uniform candidate pattern has density <= {target} on {grid} with {dense_steps} dense steps"
+        )
+    plans = [uniform_plan(transformer, pattern, dense_steps=dense_steps) for pattern in fitting]
     checks = check_plans(pipe, plans, prompts, steps, seed, call_kwargs)
     best = int(np.argmax([c["psnr"] for c in checks]))
     return plans[best], checks[best]

@@ -56,10 +56,13 @@ def make_plan(
     model_class: str | None = None,
     provenance: dict | None = None,
     metrics: dict | None = None,
+    dense_steps: int = 0,
 ) -> Plan:
-    """A plan from one list of head patterns per layer."""
+    """A plan from one list of head patterns per layer, whose first ``dense_steps`` denoising steps run dense
+    attention (the steps that lay out the picture: sparse errors there carry through every later step)."""
     if not patterns or any(not layer for layer in patterns):
         raise ValueError("a sparse plan needs at least one layer, each with at least one head")
+    _check_dense_steps(dense_steps)
     table: list[HeadPattern] = []
     heads = max(len(layer) for layer in patterns)
     values = np.full((len(patterns), heads), -1, dtype=np.int64)
@@ -72,10 +75,21 @@ def make_plan(
         sizes={"block": len(patterns), "head": heads},
         channels={},
         model_class=model_class,
-        settings={"technique": TECHNIQUE, "patterns": [p.to_dict() for p in table]},
+        settings={"technique": TECHNIQUE, "patterns": [p.to_dict() for p in table], "dense_steps": dense_steps},
         provenance=provenance or {},
         metrics=metrics or {},
     ).with_channel("pattern", ("block", "head"), values)
+
+
+def _check_dense_steps(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"dense_steps must be an integer >= 0, got {value!r}")
+    return value
+
+
+def plan_dense_steps(plan: Plan) -> int:
+    """How many first denoising steps ``plan`` runs dense (0 for plans saved before the setting existed)."""
+    return _check_dense_steps(plan.settings.get("dense_steps", 0))
 
 
 def layer_patterns(plan: Plan) -> list[list[HeadPattern]]:
@@ -96,8 +110,11 @@ def layer_patterns(plan: Plan) -> list[list[HeadPattern]]:
     return [[table[i] for i in row if i >= 0] for row in values]
 
 
-def uniform_plan(transformer: torch.nn.Module, pattern: HeadPattern, spec: ModelSpec | None = None) -> Plan:
-    """The same ``pattern`` for every head of every sparsifiable layer of ``transformer``."""
+def uniform_plan(
+    transformer: torch.nn.Module, pattern: HeadPattern, spec: ModelSpec | None = None, dense_steps: int = 0
+) -> Plan:
+    """The same ``pattern`` for every head of every sparsifiable layer of ``transformer`` (after the first
+    ``dense_steps`` steps, which run dense)."""
     layers = sparse_layers(transformer, spec)
     if not layers:
         raise ValueError(f"{type(transformer).__name__} has no self- or joint-attention layer to sparsify")
@@ -105,6 +122,7 @@ def uniform_plan(transformer: torch.nn.Module, pattern: HeadPattern, spec: Model
         [[pattern] * geometry.heads for geometry, _ in layers],
         model_class=type(transformer).__name__,
         provenance={"made_by": "uniform_plan", "pattern": pattern.to_dict()},
+        dense_steps=dense_steps,
     )
 
 
@@ -113,6 +131,19 @@ def plan_density(plan: Plan | Sequence[Sequence[HeadPattern]], grid: TokenGrid) 
     patterns = layer_patterns(plan) if isinstance(plan, Plan) else plan
     values = [density(p, grid) for layer in patterns for p in layer]
     return float(np.mean(values))
+
+
+def trajectory_density(
+    plan: Plan | Sequence[Sequence[HeadPattern]], grid: TokenGrid, steps: int, dense_steps: int | None = None
+) -> float:
+    """The attention density averaged over a ``steps``-step trajectory: the first ``dense_steps`` steps (default:
+    the plan's) count as 1, the others as :func:`plan_density`."""
+    if dense_steps is None:
+        dense_steps = plan_dense_steps(plan) if isinstance(plan, Plan) else 0
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    dense = min(dense_steps, steps)
+    return (dense + (steps - dense) * plan_density(plan, grid)) / steps
 
 
 def check_plan(plan: Plan, transformer: torch.nn.Module, spec: ModelSpec | None = None) -> list[list[HeadPattern]]:

@@ -24,9 +24,11 @@ from accel.sparse import (
     describe_plan,
     layer_patterns,
     make_plan,
+    plan_dense_steps,
     plan_density,
     reference_attention,
     sparse_layers,
+    trajectory_density,
     uniform_plan,
 )
 from accel.sparse.offline import compare_to_dense, run_pipeline, search
@@ -191,6 +193,48 @@ def test_sparse_under_compile_adds_no_frames_and_matches_eager():
     assert (compiled - eager).abs().max() < 1e-4
 
 
+def test_dense_first_steps_run_the_original_attention_and_count_in_the_mean_density(tmp_path):
+    model = WAN.build()
+    plain = denoise(model, WAN, [1], steps=3, cfg=False)
+    local = HeadPattern(windows=((0, 1, 1),))
+    with accel.apply(model, SparseAttentionConfig(plan=uniform_plan(model, local, dense_steps=3))) as handle:
+        assert torch.equal(denoise(model, WAN, [1], steps=3, cfg=False), plain)  # every step dense
+        assert handle.stats().sparse_calls == 0 and handle.stats().dense_step_calls == 3
+    plan = Plan.load(uniform_plan(model, local, dense_steps=1).save(tmp_path / "p.json"))
+    assert plan_dense_steps(plan) == 1
+    with accel.apply(model, SparseAttentionConfig(plan=plan)) as handle:
+        one_dense = denoise(model, WAN, [1], steps=3, cfg=False)
+        stats = handle.stats()
+    with accel.apply(model, SparseAttentionConfig(plan=plan, dense_steps=0)):  # the config overrides the plan
+        none_dense = denoise(model, WAN, [1], steps=3, cfg=False)
+    assert stats.dense_step_calls == 1 and stats.sparse_calls == 2 * 2  # two sparse steps, two layers
+    assert stats.mean_density == pytest.approx((1 + 2 * stats.density) / 3)
+    assert stats.mean_density == pytest.approx(trajectory_density(plan, stats.grids[0], 3))
+    assert not torch.equal(one_dense, none_dense) and not torch.equal(one_dense, plain)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="dense_steps"):
+            SparseAttentionConfig(plan=plan, dense_steps=bad)
+
+
+def test_dense_first_steps_under_compile_recompile_a_bounded_number_of_times():
+    torch._dynamo.reset()
+    model = WAN.build()
+    plan = uniform_plan(model, HeadPattern(windows=((0, 1, 1),)), dense_steps=1)
+    with accel.apply(model, SparseAttentionConfig(plan=plan)):
+        eager = denoise(model, WAN, [1, 2], steps=3, cfg=False)
+    counter = CompileCounter()
+    accel.compile_blocks(model, backend=counter)
+    denoise(model, WAN, [1, 2], steps=3, cfg=False)
+    plain = counter.frame_count
+    with accel.apply(model, SparseAttentionConfig(plan=plan)):
+        compiled = denoise(model, WAN, [1, 2], steps=3, cfg=False)
+        after_three = counter.frame_count
+        denoise(model, WAN, [1, 2], steps=6, cfg=False)
+    assert after_three - plain <= 4  # per block: the sparse processor, then the dense steps' pass-through
+    assert counter.frame_count == after_three
+    assert (compiled - eager).abs().max() < 1e-4
+
+
 # --- the search ----------------------------------------------------------------------------------------------------
 
 
@@ -236,10 +280,16 @@ def test_search_on_a_wan_pipeline_meets_its_density_and_records_its_figures(tmp_
     pipe = build_tiny_wan_pipeline()
     with pytest.raises(ValueError, match="exactly one"):
         search(pipe, ["a red apple"], steps=2)
-    plan = search(pipe, ["a red apple"], target_density=0.5, steps=3, rows=8, call_kwargs=TINY_VIDEO_KWARGS)
+    with pytest.raises(ValueError, match="already exceed"):
+        search(pipe, ["a red apple"], target_density=0.3, steps=3, dense_steps=1, call_kwargs=TINY_VIDEO_KWARGS)
+    plan = search(
+        pipe, ["a red apple"], target_density=0.5, steps=3, rows=8, call_kwargs=TINY_VIDEO_KWARGS, dense_steps=1
+    )
     grid = TokenGrid(*plan.provenance["grid"][:3])
-    assert grid == TokenGrid(3, 4, 4)
-    assert plan_density(plan, grid) <= 0.5 + 1e-9
+    assert grid == TokenGrid(3, 4, 4) and plan_dense_steps(plan) == 1
+    assert plan_density(plan, grid) <= 0.25 + 1e-9  # one dense step of three: the sparse ones average 0.25
+    assert trajectory_density(plan, grid, 3) == pytest.approx(plan.metrics["trajectory_density"])
+    assert plan.metrics["trajectory_density"] <= 0.5 + 1e-9
     assert {"psnr", "ssim", "density", "predicted_psnr", "search_seconds"} <= set(plan.metrics)
     dense = run_pipeline(pipe, ["a red apple"], 3, 0, TINY_VIDEO_KWARGS)
     with accel.apply(pipe, SparseAttentionConfig(plan=Plan.load(plan.save(tmp_path / "p.json")))):
