@@ -8,6 +8,7 @@ Typical use::
 """
 
 from accel.caching import engine as _engine  # noqa: F401  (registers CacheConfig with accel.apply)
+from accel.caching import tokens as _tokens  # noqa: F401  (registers TokenStepConfig with accel.apply)
 from accel.caching.config import CacheConfig, load_policy
 from accel.caching.engine import CacheHandle
 from accel.caching.heuristics import compute_all, delta_dit, fora, taylorseer, tgate
@@ -16,6 +17,7 @@ from accel.caching.schedule import Schedule, ScheduleLayout, layout_of
 from accel.caching.search.front import Front, load_front
 from accel.caching.state import FeatureCache
 from accel.caching.stats import CacheStats
+from accel.caching.tokens import TokenStepConfig, TokenStepHandle, TokenStepStats, ras_config
 
 __all__ = [
     "CacheConfig",
@@ -25,6 +27,9 @@ __all__ = [
     "FirstBlockPolicy",
     "Front",
     "Schedule",
+    "TokenStepConfig",
+    "TokenStepHandle",
+    "TokenStepStats",
     "ScheduleLayout",
     "compute_all",
     "delta_dit",
@@ -32,6 +37,7 @@ __all__ = [
     "layout_of",
     "load_front",
     "load_policy",
+    "ras_config",
     "taylorseer",
     "tgate",
 ]

@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounter
 
 import accel
 from accel.api import Handle, Target, register, techniques, unregister
-from accel.caching import CacheConfig, FirstBlockPolicy, fora, layout_of
+from accel.caching import CacheConfig, FirstBlockPolicy, TokenStepConfig, fora, layout_of
 from accel.quant import QuantConfig
 from accel.sparse import HeadPattern, SparseAttentionConfig, uniform_plan
 
@@ -107,18 +107,20 @@ EXAMPLES = {
         plan=uniform_plan(model, HeadPattern(windows=((0, 1, 1),), sink_frames=(0,)))
     ),
     QuantConfig: lambda model: QuantConfig(scheme="int8-dynamic"),
+    TokenStepConfig: lambda model: TokenStepConfig(budget=0.5),
 }
 #: techniques checked on another tiny model than pixart (sparse attention has processors for video models)
-MODELS = {"SparseAttentionConfig": TINY_MODELS["wan"]}
+MODELS = {"SparseAttentionConfig": TINY_MODELS["wan"], "TokenStepConfig": TINY_MODELS["wan"]}
 #: frames a technique may compile beyond the plain compiled blocks: none is needed by a technique that wraps
 #: whole blocks; one that wraps a component inside a block splits the block's graph around it (a constant)
-EXTRA_FRAMES = {"ToyForward": 4}
+EXTRA_FRAMES = {"ToyForward": 4, "TokenStepConfig": 4}
+# (per-token steps: its self-attention processors, and blocks that see all tokens and one or two bucket sizes)
 #: extra variants of a technique under contract
 VARIANTS = {"first-block": lambda model: CacheConfig(schedule=FirstBlockPolicy(threshold=0.2))}
 
 
 def _configs():
-    techniques = (*TOYS, CacheConfig, SparseAttentionConfig, QuantConfig)
+    techniques = (*TOYS, CacheConfig, SparseAttentionConfig, QuantConfig, TokenStepConfig)
     return {**{t.__name__: EXAMPLES[t] for t in techniques}, **VARIANTS}
 
 

@@ -1,0 +1,139 @@
+"""Self-attention over active queries with every key: current keys and values for the active tokens, a per-layer
+cache for the others.
+
+A block under per-token step allocation sees only its sample's active tokens, ``(rows, active, width)``, in
+the order of :attr:`ActiveTokens.index`. Its self-attention processor here computes queries, keys and values
+for those tokens exactly as the model's own processor does (projections, query/key norms, rotary embeddings
+already gathered to the active positions), writes the keys and values into the layer's full-length cache at
+the active positions, and attends from the active queries to the whole cache: current entries for the tokens
+computed now, the entries of their last computed step for the others. A step that computes every token
+(index ``0..tokens-1``) fills the cache and equals the model's attention.
+
+The processors read their :class:`ActiveTokens` and cache through the handle, which sets them eagerly before
+each transformer call; inside a compiled block they are ordinary tensor inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class ActiveTokens:
+    """What the processors of one transformer call read, set eagerly by the handle.
+
+    Attributes:
+        index: ``(rows, active)`` int64, the visual tokens computed at this call, per row, ascending.
+        caches: per self-attention layer (execution order), the ``(keys, values)`` of every token, each
+            ``(rows, tokens, heads, head_dim)``, for the current branch.
+    """
+
+    def __init__(self):
+        self.index: torch.Tensor | None = None
+        self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def _merge(cache: torch.Tensor, index: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """Write ``current: (rows, active, heads, head_dim)`` into ``cache: (rows, tokens, heads, head_dim)`` at
+    ``index: (rows, active)`` in place; returns the cache."""
+    where = index[:, :, None, None].expand_as(current)
+    return cache.scatter_(1, where, current.to(cache.dtype))
+
+
+def _wan_rotary(hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Wan's interleaved rotary embedding, as WanAttnProcessor applies it; cos/sin: (rows or 1, active, 1, dim).
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
+class TokenAttention:
+    """Base of the processors: the wrapped original and the layer's slot in :class:`ActiveTokens`."""
+
+    def __init__(self, original: Any, active: ActiveTokens, layer: int):
+        self.original, self.active, self.layer = original, active, layer
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``(rows, active, heads, head_dim)`` attention of the active queries over every cached key and value
+        after writing the current ``key`` and ``value`` of the active tokens into the cache."""
+        keys, values = self.active.caches[self.layer]
+        keys = _merge(keys, self.active.index, key)
+        values = _merge(values, self.active.index, value)
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+        return out.transpose(1, 2)
+
+
+class WanTokenAttention(TokenAttention):
+    """Self-attention of ``WanAttention`` (``WanAttnProcessor``) over the active tokens; rotary embeddings
+    arrive gathered to the active positions."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        """Same signature and result layout as ``WanAttnProcessor.__call__`` for self-attention."""
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        # (rows, active, heads * head_dim) -> (rows, active, heads, head_dim)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _wan_rotary(query, *rotary_emb), _wan_rotary(key, *rotary_emb)
+        out = self.attend(query, key, value).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class DefaultTokenAttention(TokenAttention):
+    """Self-attention of a diffusers ``Attention`` with ``AttnProcessor2_0`` (PixArt, DiT, ...): no group or
+    spatial norm, no mask."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        """Same signature and result as ``AttnProcessor2_0.__call__`` for self-attention on token sequences."""
+        residual = hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        # (rows, active, heads * head_dim) -> (rows, active, heads, head_dim)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = self.attend(query, key, value).flatten(2, 3).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _check_default(attn: torch.nn.Module) -> None:
+    if attn.group_norm is not None or attn.spatial_norm is not None:
+        raise ValueError("per-token steps: an attention with a group or spatial norm is not token-wise")
+
+
+def _registry() -> dict[type, tuple[type, Any]]:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    return {WanAttnProcessor: (WanTokenAttention, None), AttnProcessor2_0: (DefaultTokenAttention, _check_default)}
+
+
+def token_processor_for(attn: torch.nn.Module, original: Any, active: ActiveTokens, layer: int) -> TokenAttention:
+    """The processor running ``attn``'s self-attention over active queries, wrapping ``original``.
+
+    Raises:
+        ValueError: no processor here serves ``original``'s class (the message lists those that do), or the
+            module has parts that mix tokens.
+    """
+    registry = _registry()
+    found = registry.get(type(original))
+    if found is None:
+        names = ", ".join(sorted(c.__name__ for c in registry))
+        raise ValueError(f"per-token steps have no self-attention processor for {type(original).__name__}; "
+                         f"supported: {names}")  # fmt: skip
+    cls, check = found
+    if check is not None:
+        check(attn)
+    return cls(original, active, layer)

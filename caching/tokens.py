@@ -1,0 +1,457 @@
+"""Per-token step allocation for flow-matching DiTs: :class:`TokenStepConfig` and its handle.
+
+Full inference gives every visual token the same number of denoising steps. Here each sample (each batch row,
+each classifier-free-guidance branch) computes, at a sparse step, only its active tokens, chosen from its own
+velocity dynamics (:mod:`accel.caching.token_select`); an inactive token's velocity is its cached one, so the
+scheduler advances it with the cached (Euler) update and no model evaluation. How it runs:
+
+* at every transformer call, eagerly and outside compiled code, the handle picks each row's active tokens:
+  every token at the first ``dense_steps`` steps and the reset points, else a bucketed count
+  (:func:`~accel.caching.token_select.active_count`) of each row's highest scores;
+* the first block gathers the active tokens of ``hidden_states`` (and of the arguments the adapter says run
+  over the tokens, e.g. Wan's rotary embedding, so positions stay right); every block runs on
+  ``(rows, active, width)``: the linear, norm and feed-forward cost shrink with the count; modulation is per
+  sample and broadcasts; the last block scatters the result back;
+* self-attention (:mod:`accel.caching.token_attention`) lets the active queries see every key and value:
+  current ones for the active tokens, the per-layer cache of their last computed step for the others;
+* the output projection's per-token result is kept for the computed tokens and replaced by the cached velocity
+  for the others.
+
+Everything goes through the patch log (block and projection wraps, self-attention processors), so
+``remove()`` restores the model exactly. Under ``torch.compile`` the blocks see a handful of token counts
+(the buckets), so recompiles are bounded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from accel.adapters import is_flow_matching, token_grid
+from accel.api import Handle, Target, register
+from accel.caching.token_attention import ActiveTokens, token_processor_for
+from accel.caching.token_select import (
+    TokenHistory,
+    active_count,
+    ras_scores,
+    select,
+    sparse_fraction,
+    velocity_scores,
+)
+from accel.patches import eager
+
+Selector = Literal["velocity", "ras"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenStepConfig:
+    """Give tokens different numbers of denoising steps under a budget.
+
+    Attributes:
+        budget: the fraction of full compute's token-steps to compute, in (0, 1] (e.g. 0.5). Give this or
+            ``speedup``.
+        speedup: a target speed-up, read as the budget ``1 / speedup`` of token-steps (attention to every
+            key and the work outside the blocks do not shrink, so the measured speed-up is lower).
+        selector: ``"velocity"`` (ours: each row's own tokens by predicted error of their cached velocity) or
+            ``"ras"`` (RAS's released rule, one selection shared by every row and branch, as a baseline).
+        branches: for the velocity rule: ``"paired"``: the classifier-free-guidance branches of one prompt (rows
+            or calls that take the same latents) share one selection from their averaged scores, since a fresh
+            conditional velocity next to a stale unconditional one (or the reverse) is amplified by the
+            guidance scale; different prompts still select alone. ``"own"``: every row and branch selects alone.
+        dense_steps: the first steps compute every token (at least 1: they fill the caches).
+        reset_points: further steps that compute every token, as fractions of the trajectory (RAS resets at
+            about 0.4 and 0.73); used when the pipeline's step count is known.
+        buckets: sparse steps use active counts ``ceil(k * tokens / buckets)``, so compiled blocks see at most
+            two sizes besides the full one.
+        max_skipped_steps: a token skipped this many steps in a row is computed next, before any other;
+            ``None``: twice the average gap at the step's active fraction.
+        rate_floor: every token's velocity change rate is at least this share of its row's mean rate, so a
+            skipped token's priority grows with time even when its velocity stood still.
+        ras_starvation: RAS's ``starvation_scale`` (its released default 0.1).
+        assume_flow_matching: accept a bare transformer whose adapter does not say flow matching (the caller
+            vouches for its sampler); a pipeline's scheduler is always checked.
+    """
+
+    budget: float | None = None
+    speedup: float | None = None
+    selector: Selector = "velocity"
+    branches: Literal["paired", "own"] = "paired"
+    dense_steps: int = 2
+    reset_points: tuple[float, ...] = ()
+    buckets: int = 8
+    max_skipped_steps: int | None = None
+    rate_floor: float = 0.1
+    ras_starvation: float = 0.1
+    assume_flow_matching: bool = False
+
+    def __post_init__(self):
+        if (self.budget is None) == (self.speedup is None):
+            raise ValueError("TokenStepConfig needs exactly one of budget (a fraction of token-steps) and speedup")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise ValueError(f"TokenStepConfig.budget must be in (0, 1], got {self.budget}")
+        if self.speedup is not None and not self.speedup >= 1:
+            raise ValueError(f"TokenStepConfig.speedup must be >= 1, got {self.speedup}")
+        if self.branches not in ("paired", "own"):
+            raise ValueError(f"TokenStepConfig.branches must be 'paired' or 'own', got {self.branches!r}")
+        if self.selector not in ("velocity", "ras"):
+            raise ValueError(f"TokenStepConfig.selector must be 'velocity' or 'ras', got {self.selector!r}")
+        if self.dense_steps < 1 or self.buckets < 1:
+            raise ValueError("TokenStepConfig.dense_steps and buckets must be >= 1")
+        if any(not 0 < p < 1 for p in self.reset_points):
+            raise ValueError(f"TokenStepConfig.reset_points are fractions in (0, 1), got {self.reset_points}")
+        if self.max_skipped_steps is not None and self.max_skipped_steps < 1:
+            raise ValueError("TokenStepConfig.max_skipped_steps must be >= 1 or None")
+        if self.rate_floor < 0:
+            raise ValueError("TokenStepConfig.rate_floor must be >= 0")
+
+    @property
+    def fraction(self) -> float:
+        """The budget as a fraction of token-steps."""
+        return self.budget if self.budget is not None else 1.0 / self.speedup
+
+    def dense_at(self, step: int, num_steps: int | None) -> bool:
+        """Whether ``step`` computes every token."""
+        if step < self.dense_steps:
+            return True
+        return num_steps is not None and step in {round(p * num_steps) for p in self.reset_points}
+
+    def dense_count(self, num_steps: int) -> int:
+        """How many of ``num_steps`` steps compute every token."""
+        return sum(self.dense_at(step, num_steps) for step in range(num_steps))
+
+
+def ras_config(budget: float, num_steps: int) -> TokenStepConfig:
+    """RAS's released schedule for ``num_steps`` steps: dense for the first 4/30 of the steps, resets at 12/30
+    and 22/30, its selection rule."""
+    return TokenStepConfig(
+        budget=budget, selector="ras", dense_steps=max(1, round(4 * num_steps / 30)), reset_points=(0.4, 0.733)
+    )
+
+
+@dataclass(frozen=True)
+class TokenStepStats:
+    """What per-token step allocation did in the current (or last) trajectory.
+
+    Attributes:
+        active: per step, the fraction of tokens computed (mean over the step's transformer calls).
+        token_steps: the fraction of all token-steps computed.
+        heat_maps: per branch (transformer call within a step), ``(rows, frames, height, width)`` int32: how
+            many steps computed each token.
+        grid: the ``(frames, height, width)`` token grid.
+    """
+
+    active: tuple[float, ...]
+    token_steps: float
+    heat_maps: tuple[torch.Tensor, ...]
+    grid: tuple[int, int, int] | None
+
+
+class _Branch:
+    """The state of one branch (one transformer call within each step): history and attention caches."""
+
+    def __init__(self, rows: int, tokens: int):
+        self.rows, self.tokens = rows, tokens
+        self.history: TokenHistory | None = None
+        self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+class TokenStepHandle(Handle):
+    """Handle of :class:`TokenStepConfig`; see the module docstring."""
+
+    def __init__(self, target: Target, config: TokenStepConfig):
+        super().__init__("token_steps")
+        self.target, self.config = target, config
+        _check_applies(target, config)
+        model = target.transformer
+        self.blocks = [(stack, block) for stack, block in target.spec.block_list(model)]
+        self.active = ActiveTokens()
+        layers = []
+        for _, block in self.blocks:
+            for component in _self_attention(target, block):
+                attn = getattr(block, component.module)
+                original = getattr(attn, component.processor_attr)
+                processor = token_processor_for(attn, original, self.active, len(layers))
+                width = int(getattr(attn, component.inner_dim_attr))
+                heads = int(getattr(attn, component.heads_attr))
+                layers.append((attn, component.processor_attr, processor, heads, width // heads))
+        if not layers:
+            raise ValueError(f"{type(model).__name__} has no self-attention component for per-token steps")
+        self._geometry = [(heads, dim) for *_, heads, dim in layers]
+        self._params = [list(inspect.signature(block.forward).parameters) for _, block in self.blocks]
+        self._timestep_position = _position(model, target.spec.timestep_arg)
+        self._branches: dict[int, _Branch] = {}
+        self._call: dict[str, Any] = {}
+        self._fractions: dict[int, list[float]] = {}
+        self._ras_index: tuple[int, torch.Tensor] | None = None
+        self._shared: tuple[int, torch.Tensor] | None = None
+        self._first_input: tuple[int, Any] | None = None
+        self._paired_calls = False
+        self._grid: tuple[int, int, int] | None = None
+        for attn, attr, processor, *_ in layers:
+            self.patch_log.set_processor(attn, processor, attr)
+        for position, (_, block) in enumerate(self.blocks):
+            self.patch_log.wrap_call(block, self._block_wrapper(position))
+        self.patch_log.wrap_call(model.proj_out, self._projection)
+        target.tracker.add_call_listener(self._on_call)
+        target.tracker.add_reset_listener(self.reset)
+
+    # -- per call, eagerly ---------------------------------------------------------------------------------
+
+    def _on_call(self, args: tuple, kwargs: dict) -> None:
+        name = self.target.spec.timestep_arg
+        position = self._timestep_position
+        timestep = kwargs.get(name, args[position] if position is not None and position < len(args) else None)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self._call = {"timestep": timestep}
+        if isinstance(hidden, torch.Tensor):
+            rows = hidden.shape[0]
+            self._call["halves"] = rows % 2 == 0 and rows > 0 and torch.equal(hidden[: rows // 2], hidden[rows // 2 :])
+            self._call["input"] = hidden
+            inputs = {**kwargs, "hidden_states": hidden}
+            self._grid = tuple(token_grid(self.target.transformer, self.target.spec, inputs))
+
+    @eager
+    def _begin(self, hidden: torch.Tensor) -> None:
+        """Pick this call's active tokens and point the processors at the branch's caches."""
+        context = self.target.tracker.current
+        rows, tokens = hidden.shape[:2]
+        branch = self._branches.get(context.branch)
+        if branch is None or (branch.rows, branch.tokens) != (rows, tokens):
+            branch = self._branches[context.branch] = _Branch(rows, tokens)
+        if not branch.caches:
+            branch.caches = [
+                tuple(hidden.new_zeros(rows, tokens, heads, dim) for _ in range(2)) for heads, dim in self._geometry
+            ]
+        self._track_branches(context)
+        time = _times(self._call.get("timestep"), rows, hidden.device)
+        index = self._index(branch, context, time, hidden.device)
+        mask = torch.zeros(rows, tokens, dtype=torch.bool, device=hidden.device).scatter_(1, index, True)
+        self._call.update(branch=branch, index=index, mask=mask, time=time, step=context.step)
+        self._fractions.setdefault(context.step, []).append(index.shape[1] / tokens)
+        self.active.index, self.active.caches = index, branch.caches
+
+    def _track_branches(self, context) -> None:
+        """Whether later calls of a step take the latents of its first call (CFG in separate calls)."""
+        latents = self._call.get("input")
+        if context.branch == 0:
+            self._first_input = (context.step, latents)
+        elif self._first_input and self._first_input[0] == context.step and isinstance(latents, torch.Tensor):
+            first = self._first_input[1]
+            self._paired_calls = first.shape == latents.shape and torch.equal(first, latents)
+
+    def _index(self, branch: _Branch, context, time: torch.Tensor, device) -> torch.Tensor:
+        config, rows, tokens = self.config, branch.rows, branch.tokens
+        num_steps = context.num_steps
+        if branch.history is None or config.dense_at(context.step, num_steps):
+            return torch.arange(tokens, device=device).expand(rows, tokens)
+        dense = config.dense_count(num_steps) if num_steps else config.dense_steps
+        fraction = sparse_fraction(config.fraction, num_steps, dense)
+        sparse_index = context.step - sum(config.dense_at(s, num_steps) for s in range(context.step))
+        count = active_count(sparse_index, fraction, tokens, config.buckets)
+        if config.selector == "ras":
+            return self._ras_index_for(context, count).expand(rows, count)
+        return self._velocity_index(branch, context, time, count)
+
+    def _scores(self, branch: _Branch, time: torch.Tensor, count: int) -> torch.Tensor:
+        """Each row's velocity-rule scores, as multiples of the row's mean (so rows can be averaged)."""
+        skipped = self.config.max_skipped_steps or max(2, math.ceil(2 * branch.tokens / count))
+        scores = velocity_scores(branch.history, time, self.config.rate_floor, skipped)
+        return scores / scores.mean(-1, keepdim=True)
+
+    def _velocity_index(self, branch: _Branch, context, time: torch.Tensor, count: int) -> torch.Tensor:
+        """Our rule. ``branches="paired"``: the CFG branches of one prompt share a selection from their mean
+        scores, whether batched (the two halves of the rows take the same latents) or in separate calls (a
+        later call of the step takes the latents of the step's first call); other prompts select alone."""
+        paired = self.config.branches == "paired"
+        shared = self._shared
+        if paired and context.branch > 0 and self._paired_calls and shared and shared[0] == context.step:
+            if shared[1].shape[0] == branch.rows:
+                return shared[1]
+        scores = self._scores(branch, time, count)
+        if paired and context.branch == 0 and self._paired_calls:
+            others = [b for key, b in self._branches.items() if key != 0 and b.history is not None]
+            others = [b for b in others if (b.rows, b.tokens) == (branch.rows, branch.tokens)]
+            scores = sum([scores] + [self._scores(b, time, count) for b in others]) / (1 + len(others))
+        if paired and self._call.get("halves"):
+            half = (scores[: branch.rows // 2] + scores[branch.rows // 2 :]) / 2
+            scores = torch.cat([half, half])
+        index = select(scores, count)
+        if context.branch == 0:
+            self._shared = (context.step, index)
+        return index
+
+    def _ras_index_for(self, context, count: int) -> torch.Tensor:
+        """RAS: one selection per step, made at the step's first call from every branch's last velocities."""
+        if self._ras_index is None or self._ras_index[0] != context.step:
+            histories = [b.history for b in self._branches.values() if b.history is not None]
+            channels = int(self.target.transformer.config.out_channels)
+            width = histories[0].last.shape[-1]
+            channels = channels if width % channels == 0 else width
+            scores = ras_scores(histories, channels, self.config.ras_starvation)
+            index = select(scores[None], count, highest=False)
+            histories[0].drops += 1
+            histories[0].drops.scatter_(0, index[0], -1, reduce="add")  # the cached ones count one more drop
+            self._ras_index = (context.step, index)
+        return self._ras_index[1]
+
+    def _gather_argument(self, value: Any, index: torch.Tensor) -> Any:
+        if isinstance(value, tuple):
+            return tuple(self._gather_argument(v, index) for v in value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        cache = self._call.setdefault("gathered", {})
+        key = id(value)
+        if key not in cache:
+            rows = index.shape[0]
+            if value.shape[0] == 1:  # shared by every sample: each row takes its own tokens' entries
+                cache[key] = (value, value[0][index])
+            else:  # (rows, tokens, ...)
+                cache[key] = (value, value[torch.arange(rows, device=index.device)[:, None], index])
+        return cache[key][1]
+
+    def _block_wrapper(self, position: int):
+        first, last = position == 0, position == len(self.blocks) - 1
+        stack, _ = self.blocks[position]
+        params = self._params[position]
+        axes = [name for name, _ in stack.token_axes if name != "hidden_states"]
+
+        def wrapper(inner, *args, **kwargs):
+            if self.target.tracker.current is None:
+                return inner(*args, **kwargs)
+            args = list(args)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if first:
+                self._begin(hidden)
+                self._call["full"] = hidden
+                hidden = _gather_rows(hidden, self._call["index"])
+            if args:
+                args[0] = hidden
+            else:
+                kwargs["hidden_states"] = hidden
+            for name in axes:
+                where = params.index(name) if name in params else None
+                if where is not None and where < len(args):
+                    args[where] = self._gather_argument(args[where], self._call["index"])
+                elif name in kwargs:
+                    kwargs[name] = self._gather_argument(kwargs[name], self._call["index"])
+            out = inner(*args, **kwargs)
+            if last:
+                full, index = self._call["full"], self._call["index"]
+                out = full.scatter(1, index[..., None].expand(*index.shape, full.shape[-1]), out.to(full.dtype))
+            return out
+
+        return wrapper
+
+    def _projection(self, inner, hidden: torch.Tensor, *args, **kwargs):
+        out = inner(hidden, *args, **kwargs)
+        call = self._call
+        if self.target.tracker.current is None or "mask" not in call:
+            return out
+        branch: _Branch = call["branch"]
+        if branch.history is None:
+            branch.history = TokenHistory.start(out, call["time"], self.target.tracker.num_steps)
+            result = branch.history.last
+        else:
+            result = branch.history.update(out, call["mask"], call["time"])
+        self._call = {}
+        self.active.index = None
+        return result.clone()
+
+    # -- public ----------------------------------------------------------------------------------------------
+
+    def stats(self) -> TokenStepStats:
+        """Active fraction per step, token-steps computed and per-token heat maps; see :class:`TokenStepStats`."""
+        steps = [sum(v) / len(v) for _, v in sorted(self._fractions.items())]
+        maps = []
+        for _, branch in sorted(self._branches.items()):
+            if branch.history is None:
+                continue
+            counts = branch.history.computed.detach().cpu()
+            grid = self._grid if self._grid and math.prod(self._grid) == branch.tokens else (1, 1, branch.tokens)
+            maps.append(counts.view(branch.rows, *grid))
+        return TokenStepStats(
+            active=tuple(steps),
+            token_steps=sum(steps) / len(steps) if steps else 1.0,
+            heat_maps=tuple(maps),
+            grid=self._grid,
+        )
+
+    def reset(self) -> None:
+        """Drop the histories, caches and counts: the next call starts a trajectory."""
+        self._branches.clear()  # the current call's own data (from the call listener, which runs first) stays
+        self._fractions.clear()
+        self._ras_index = self._shared = self._first_input = None
+        self._paired_calls = False
+
+    def _remove(self) -> None:
+        self.target.tracker.remove_call_listener(self._on_call)
+        self.target.tracker.remove_reset_listener(self.reset)
+        self.reset()
+        self._call = {}
+        self.active.index, self.active.caches = None, []
+        super()._remove()
+
+
+def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(rows, tokens, width)`` -> ``(rows, active, width)`` at ``index: (rows, active)``."""
+    return hidden.gather(1, index[..., None].expand(*index.shape, hidden.shape[-1]))
+
+
+def _times(timestep: Any, rows: int, device) -> torch.Tensor:
+    """``(rows,)`` float32 timesteps of a call (a scalar timestep is every row's)."""
+    if timestep is None:
+        raise ValueError("per-token steps need the transformer's timestep argument")
+    value = torch.as_tensor(timestep, device=device).float().flatten()
+    return value.expand(rows) if value.numel() == 1 else value[:rows]
+
+
+def _position(module: torch.nn.Module, name: str) -> int | None:
+    parameters = list(inspect.signature(module.forward).parameters)
+    return parameters.index(name) if name in parameters else None
+
+
+def _self_attention(target: Target, block: torch.nn.Module):
+    stack = next(s for s, b in target.spec.block_list(target.transformer) if b is block)
+    for component in stack.components:
+        if component.kind == "attention" and component.attention == "self" and getattr(block, component.module, None):
+            yield component
+
+
+def _check_applies(target: Target, config: TokenStepConfig) -> None:
+    """Refuse models and samplers where per-token steps do not apply, before anything changes."""
+    model, spec = target.transformer, target.spec
+    name = type(model).__name__
+    if target.pipeline is not None and getattr(target.pipeline, "scheduler", None) is not None:
+        if not is_flow_matching(target.pipeline, spec):
+            scheduler = type(target.pipeline.scheduler).__name__
+            raise ValueError(
+                f"per-token steps need a flow-matching sampler (the cached velocity advances skipped tokens); "
+                f"{scheduler} with prediction_type={target.pipeline.scheduler.config.get('prediction_type')!r} "
+                "is not one"
+            )
+    elif not (spec.flow_matching or config.assume_flow_matching):
+        raise ValueError(
+            f"{name}'s adapter does not say flow matching; apply to the pipeline (its scheduler decides) or set "
+            "TokenStepConfig(assume_flow_matching=True) if this transformer samples a flow"
+        )
+    if spec.token_layout is None or spec.token_layout.text in ("first", "last"):
+        raise ValueError(
+            f"per-token steps support models whose blocks see only visual tokens (text by cross-attention); "
+            f"{name} is not one"
+        )
+    if any(stack.outputs != ("hidden_states",) for stack in spec.stacks):
+        raise ValueError(f"per-token steps need blocks that return hidden_states alone; {name}'s do not")
+    if any(dim != 1 for stack in spec.stacks for _, dim in stack.token_axes):
+        raise ValueError(f"per-token steps need token axes at dimension 1; {name}'s spec has others")
+    if not isinstance(getattr(model, "proj_out", None), torch.nn.Linear):
+        raise ValueError(f"per-token steps need a token-wise output projection `proj_out`; {name} has none")
+
+
+@register(TokenStepConfig, name="token_steps", phase="forwards")
+def apply_token_steps(target: Target, config: TokenStepConfig) -> TokenStepHandle:
+    """Run each sample's tokens under their own step budget; see :class:`TokenStepHandle`."""
+    return TokenStepHandle(target, config)
