@@ -107,6 +107,16 @@ class ApplyHandle(Handle):
             raise KeyError(f"no {getattr(config_type, '__name__', config_type)} was applied with this handle")
         return self.parts[config_type]
 
+    def __getattr__(self, name: str) -> Any:
+        """With one technique applied, its handle's own attributes (e.g. ``handle.decision_log``) are the
+        apply handle's too; with several, ``handle[ConfigType].name`` says which."""
+        parts = self.__dict__.get("parts")
+        if name.startswith("_") or not parts:
+            raise AttributeError(name)
+        if len(parts) == 1:
+            return getattr(next(iter(parts.values())), name)
+        raise AttributeError(f"{name!r}: several techniques are applied; use handle[ConfigType].{name}")
+
     def _remove(self) -> None:
         for config_type, part in reversed(list(self.parts.items())):
             part.remove()

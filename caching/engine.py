@@ -30,6 +30,7 @@ from accel.adapters import BlockStack
 from accel.api import Handle, Target, register
 from accel.caching.calls import COMPUTE, BlockCall, ComponentCall, RowDecision, StackCall
 from accel.caching.config import CacheConfig
+from accel.caching.notices import Notices
 from accel.caching.per_sample import Decision, PerSampleBlocks
 from accel.caching.policy import FirstBlockPolicy
 from accel.caching.schedule import Schedule, layout_of
@@ -101,6 +102,7 @@ class CacheEngine(PerSampleBlocks):
         ]
         self.stats_data = CacheStats.empty(self.components)
         self.decision_log: list[Decision] = []
+        self.notices = Notices(self.policy)
         self._branches: dict[int, _BranchState] = {}
         self._plans: dict[int, _Plan] = {}
         self._stacks: dict[str, list[int]] = {}  # stack path -> its block indices, in order
@@ -180,6 +182,7 @@ class CacheEngine(PerSampleBlocks):
         """Drop the cached features of all branches (a new trajectory starts). Called with the step count
         known (at ``set_timesteps``), it also wraps whatever the plan for that count may reuse, before any
         transformer call of the trajectory."""
+        self.notices.end_call(self.stats_data, self.decision_log)
         self._branches.clear()
         if not self.dynamic and self.tracker.num_steps and self.patch_log.records:
             self._install(self._plan(self.tracker.num_steps))
@@ -191,6 +194,8 @@ class CacheEngine(PerSampleBlocks):
         key = num_steps or 0
         if key not in self._plans:
             schedule = self.policy.resample(num_steps) if num_steps else self.policy
+            if schedule.num_steps != self.policy.num_steps:
+                self.notices.resampled(self.policy, schedule)
             mask = schedule.mask
             may_skip = np.zeros(len(self.blocks), dtype=bool)
             reused_whole = np.zeros((mask.shape[0], len(self.blocks)), dtype=bool)
@@ -234,6 +239,17 @@ class CacheEngine(PerSampleBlocks):
     def _saved(self, key: tuple) -> None:
         self.stats_data.macs_saved += self._macs.get(key, 0.0)
 
+    def _tally(self, component: int, reused: bool) -> None:
+        ctx = self.tracker.current
+        self.stats_data.add_call(self.components[component], None if ctx is None else ctx.step, reused)
+
+    def _watch(self, ctx) -> None:
+        """Watch each pipeline call for a policy that reuses nothing (see :class:`Notices`)."""
+        if ctx.trajectory == self.notices.watching:
+            return
+        expects = self.dynamic or bool(self._plan(ctx.num_steps).may_reuse.any())
+        self.notices.start_call(ctx.trajectory, ctx.num_steps, self.stats_data, len(self.decision_log), expects)
+
     def _after_block(self, block: _Block, key: tuple) -> None:
         self.stats_data.block_calls += 1
         self.stats_data.macs_blocks += self._macs.get(key, 0.0)
@@ -244,13 +260,16 @@ class CacheEngine(PerSampleBlocks):
             )
             self.stats_data.cache_bytes = held
             self.stats_data.peak_cache_bytes = max(self.stats_data.peak_cache_bytes, held)
+            ctx = self.tracker.current
+            if ctx is not None and ctx.num_steps and ctx.step >= ctx.num_steps - 1:
+                self.notices.end_call(self.stats_data, self.decision_log)
 
     def _skip(self, block: _Block, key: tuple, inputs: tuple, residual: Feature):
         """The block reused whole: ``inputs + residual``, or ``inputs`` as they are when ``residual`` is None
         (its residual was already added at the first block of a stack skipped at once)."""
         self.stats_data.blocks_skipped += 1
         for c in block.present:
-            self.stats_data.reused[self.components[c]] += 1
+            self._tally(int(c), reused=True)
         self._saved(key)
         self._after_block(block, key)
         if residual is None:
@@ -340,6 +359,7 @@ class CacheEngine(PerSampleBlocks):
             return BlockCall(COMPUTE, args, kwargs, previous=self._active)
         state = self._state(ctx.branch)
         key = self._block_key(block, args, kwargs)
+        self._watch(ctx)
         if self.dynamic:
             return self._enter_dynamic(block, key, state, ctx, args, kwargs)
         plan = self._plan(ctx.num_steps)
@@ -354,6 +374,8 @@ class CacheEngine(PerSampleBlocks):
             cache = state.blocks.get(block.index)
             if cache is not None and cache.matches(inputs):
                 return BlockCall(self._skip(block, key, inputs, cache.predict(ctx.step)))
+            if cache is None or not len(cache):
+                self.notices.nothing_cached(ctx.step, block.index, "the whole block")
         previous, self._active = self._active, (state, ctx.step, block.index, row, plan.may_reuse[block.index])
         return BlockCall(
             COMPUTE, args, kwargs, key, self._must_count(key), previous, state, ctx.step, inputs, skippable
@@ -370,7 +392,7 @@ class CacheEngine(PerSampleBlocks):
         self._after_block(block, call.key)
         for c in block.present:
             if (block.index, int(c)) not in self._wrapped_components:
-                self.stats_data.computed[self.components[c]] += 1
+                self._tally(int(c), reused=False)
         if call.store:
             cache = call.state.blocks.setdefault(block.index, self._new_cache(self.policy.forecast_order))
             cache.update(call.step, residual_of(output, call.inputs))
@@ -386,10 +408,12 @@ class CacheEngine(PerSampleBlocks):
         key = ("component", block.stack.path, name, _shape_key(args, kwargs)) if self.config.count_macs else ()
         cache = state.components.get((block.index, component))
         if not row[component] and cache is not None and len(cache) and _same_batch(cache, args, kwargs):
-            self.stats_data.reused[name] += 1
+            self.stats_data.add_call(name, step, reused=True)
             self._saved(key)
             return ComponentCall(cache.predict(step))
-        self.stats_data.computed[name] += 1
+        if not row[component] and (cache is None or not len(cache)):
+            self.notices.nothing_cached(step, block.index, name)
+        self.stats_data.add_call(name, step, reused=False)
         return ComponentCall(COMPUTE, key, self._must_count(key), state if store[component] else None, step)
 
     @eager

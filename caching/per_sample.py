@@ -103,7 +103,7 @@ class PerSampleBlocks:
         last block its refreshed residual."""
         self._after_block(block, key)
         for c in block.present:
-            self.stats_data.computed[self.components[c]] += 1
+            self._tally(int(c), reused=False)
         computed = as_tuple(output)
         if stack.mode == "all":
             if last:
@@ -123,7 +123,7 @@ class PerSampleBlocks:
         """After the first block: which samples compute the later blocks at this call."""
         self._after_block(block, key)
         for c in block.present:
-            self.stats_data.computed[self.components[c]] += 1
+            self._tally(int(c), reused=False)
         residual = _stream(block, residual_of(output, inputs))
         cache = state.first_residual
         previous = cache.predict(ctx.step) if cache is not None and cache.matches(residual) else None
@@ -152,8 +152,7 @@ class PerSampleBlocks:
         state.consecutive_reuse = torch.where(rows, 0, state.consecutive_reuse + 1)
         changes = None if change is None else tuple(change.tolist())
         self.decision_log.append(Decision(ctx.step, ctx.branch, tuple(rows.tolist()), changes))
-        self.stats_data.samples_computed += int(rows.sum())
-        self.stats_data.samples_reused += int((~rows).sum())
+        self.stats_data.add_samples(ctx.step, int(rows.sum()), int((~rows).sum()))
         return output
 
 

@@ -75,7 +75,9 @@ class Schedule:
     """A static caching schedule; see the module docstring.
 
     Attributes:
-        mask: bool array ``(num_steps, num_blocks, num_components)``; True = compute. Step 0 computes all.
+        mask: bool array ``(num_steps, num_blocks, num_components)``; True = compute. A reuse where nothing is
+            cached yet (at step 0, say, as some of ECAD's schedules do) computes instead, and the engine says so
+            once.
         components: names of the last mask axis, e.g. ``("self_attn", "cross_attn", "ffn")``.
         model_class: class name of the transformer it was made for (checked on apply), or None for any.
         reuse: ``"output"`` reuses each skipped component's output inside a running block;
@@ -103,8 +105,6 @@ class Schedule:
             raise ValueError(f"Schedule mask needs at least one step and one block, got shape {mask.shape}")
         if mask.shape[2] != len(self.components):
             raise ValueError(f"mask has {mask.shape[2]} components but {len(self.components)} names were given")
-        if not mask[0].all():
-            raise ValueError("step 0 must compute every component: nothing is cached before it")
         if self.reuse not in ("output", "residual"):
             raise ValueError(f"reuse must be 'output' or 'residual', got {self.reuse!r}")
         if not isinstance(self.forecast_order, int) or not 0 <= self.forecast_order <= 4:
@@ -134,6 +134,11 @@ class Schedule:
         if not isinstance(other, Schedule):
             return NotImplemented
         return self.to_dict() == other.to_dict()
+
+    def step_pattern(self) -> str:
+        """One character per step: ``C`` computes every component, ``-`` reuses every one, ``~`` some of each."""
+        per_step = self.mask.reshape(self.num_steps, -1)
+        return "".join("C" if row.all() else "-" if not row.any() else "~" for row in per_step)
 
     def should_compute(self, step: int, block: int, component: int | str) -> bool:
         """Whether ``component`` of ``block`` is recomputed at ``step`` (steps past the end compute)."""
@@ -242,6 +247,14 @@ class Schedule:
             provenance=dict(self.provenance),
             metrics=dict(self.metrics),
         )
+
+    @classmethod
+    def from_ecad(cls, path: str | Path) -> Schedule:
+        """Load one of ECAD's published schedule JSON files (PixArt-α/Σ) with ECAD's meaning: output reuse,
+        and a reuse with nothing cached yet computes (see :mod:`accel.caching.ecad`)."""
+        from accel.caching.ecad import load_ecad
+
+        return load_ecad(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Schedule:

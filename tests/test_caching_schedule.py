@@ -60,11 +60,10 @@ def test_generator_masks():
     assert mask[[0, 2, 4, 6]].all()
 
 
-def test_step_zero_must_compute():
+def test_step_zero_may_reuse():  # ECAD's schedules do; the engine computes there (tests/test_caching_notices.py)
     mask = np.ones((3, 4, 3), dtype=bool)
     mask[0, 1, 2] = False
-    with pytest.raises(ValueError, match="step 0"):
-        Schedule(mask=mask, components=LAYOUT.components)
+    assert Schedule(mask=mask, components=LAYOUT.components).step_pattern() == "~CC"
 
 
 def test_schedule_is_immutable_and_does_not_alias_input():
