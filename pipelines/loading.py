@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,52 @@ def load_pipeline(model: str | None = None, torch_dtype: torch.dtype = torch.flo
                 " and pass --model DIR."
             ) from error
     return pipe.to(device)
+
+
+def transformer_config_path(model: str | None = None) -> Path:
+    """The ``transformer/config.json`` of a pipeline (see :func:`load_pipeline` for ``model``); a hub id downloads
+    that one file (or finds it in the local hub cache), never the weights.
+
+    Raises:
+        ValueError: no such file, with what to pass instead.
+    """
+    if model is None or model in (BUNDLED_IMAGE, BUNDLED_VIDEO):
+        if model == BUNDLED_VIDEO:
+            from accel.pipelines.video import DEFAULT_VIDEO_MODEL_DIR as folder
+        else:
+            from accel.pipelines.default import DEFAULT_MODEL_DIR as folder
+        return folder / "transformer" / "config.json"
+    path = Path(model).expanduser()
+    if path.exists():
+        found = path / "transformer" / "config.json"
+        if not found.is_file():
+            raise ValueError(f"{path} has no transformer/config.json: is it a diffusers pipeline folder?")
+        return found
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(model, "config.json", subfolder="transformer"))
+    except Exception as error:  # hub errors come in many types: connection, not found, offline mode
+        raise ValueError(
+            f"could not read the transformer config of {model!r}: it is not a local folder, and fetching "
+            f"transformer/config.json from the Hugging Face hub failed ({type(error).__name__}). Pass --model DIR, a "
+            "folder with the pipeline (or just its transformer/config.json)."
+        ) from error
+
+
+def load_transformer_skeleton(model: str | None = None) -> torch.nn.Module:
+    """A pipeline's transformer built from its ``config.json`` alone, with its parameters on the meta device (no
+    weights read, nothing computed): its class, blocks and components, for ``accel info`` and ``accel schedule``.
+
+    Raises:
+        ValueError: the config cannot be found, or names a class diffusers does not have.
+    """
+    import diffusers
+
+    path = transformer_config_path(model)
+    config = json.loads(path.read_text())
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ValueError(f"{path}: _class_name {config.get('_class_name')!r} is not a diffusers model class")
+    with torch.device("meta"):
+        return cls.from_config(config)

@@ -25,7 +25,7 @@ SLOW_PYTHON = {
 }
 #: commands that run in the fast suite (seconds on the bundled model); every other command runs under ``slow``
 FAST_COMMANDS = (
-    "accel info --list",
+    "accel info",
     "accel schedule ",
     "accel eval --list-methods",
     "accel generate --method fora-2 --prompt",

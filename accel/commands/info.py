@@ -9,21 +9,25 @@ from accel.adapters import spec_for, supported_models
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``accel info``."""
-    parser.add_argument("--model", help="pipeline folder or hub id; omitted: the bundled default model")
+    parser.add_argument(
+        "--model",
+        help="pipeline folder or hub id (only its transformer/config.json is read); default: the bundled model",
+    )
     parser.add_argument("--list", action="store_true", help="only list the supported transformer classes")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the supported classes, then the blocks and components of the chosen model."""
+    """Print the supported classes, then the blocks and components of the chosen model's transformer, built from its
+    config alone (no weights are read or downloaded)."""
     print("Supported transformer classes:", ", ".join(supported_models()))
     if args.list:
         return 0
     from accel.caching import layout_of
-    from accel.pipelines.loading import load_pipeline
+    from accel.pipelines.loading import load_transformer_skeleton
 
-    pipe = load_pipeline(args.model)
-    layout = layout_of(pipe)
-    spec = spec_for(pipe.transformer)
+    transformer = load_transformer_skeleton(args.model)
+    layout = layout_of(transformer)
+    spec = spec_for(transformer)
     print(f"model: {layout.model_class}, {layout.num_blocks} blocks, components {', '.join(layout.components)}")
     for stack in spec.stacks:
         parts = ", ".join(f"{c.name}={c.module}" for c in stack.components)

@@ -1,4 +1,5 @@
-"""Write a heuristic caching schedule (FORA, Delta-DiT, T-GATE, compute-all) as JSON."""
+"""Write a caching schedule as JSON: a heuristic (FORA, Delta-DiT, T-GATE, compute-all) for a model, or one of
+ECAD's published schedules imported (``accel schedule import FILE --out OUT``)."""
 
 from __future__ import annotations
 
@@ -19,25 +20,42 @@ GENERATORS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``accel schedule``."""
-    parser.add_argument("generator", choices=sorted(GENERATORS))
-    parser.add_argument("--model", help="pipeline folder or hub id; omitted: the bundled default model")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--interval", type=int, default=2, help="FORA / Delta-DiT refresh interval")
+    parser.add_argument("generator", choices=[*sorted(GENERATORS), "import"], help="what to write; import: FILE")
+    parser.add_argument("file", nargs="?", help="import: an ECAD schedule JSON file (PixArt-alpha / PixArt-Sigma)")
+    parser.add_argument(
+        "--model",
+        help="pipeline folder or hub id whose layout the schedule must fit (only its transformer/config.json is "
+        "read); default: the bundled model",
+    )
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--interval", type=int, default=2, help="FORA / Delta-DiT interval (default: %(default)s)")
     parser.add_argument("--gate-step", type=int, default=None, help="T-GATE: first step with frozen cross-attention")
-    parser.add_argument("--reuse", choices=["output", "residual"], default="residual")
-    parser.add_argument("--forecast-order", type=int, default=0)
+    parser.add_argument("--reuse", choices=["output", "residual"], default="residual", help="default: %(default)s")
+    parser.add_argument("--forecast-order", type=int, default=0, help="default: %(default)s")
     parser.add_argument("--out", required=True, help="JSON file to write")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the schedule for the model's layout and save it."""
-    from accel.caching import layout_of
-    from accel.pipelines.loading import load_pipeline
+    """Build (or import) the schedule, check it fits the model's layout, and save it."""
+    from accel.caching import Schedule, layout_of
+    from accel.pipelines.loading import load_transformer_skeleton
 
-    layout = layout_of(load_pipeline(args.model))
-    schedule = GENERATORS[args.generator](layout, args)
+    if (args.generator == "import") != (args.file is not None):
+        raise ValueError("give FILE with `accel schedule import FILE`, and only then")
+    layout = layout_of(load_transformer_skeleton(args.model))
+    if args.generator == "import":
+        schedule = Schedule.from_ecad(args.file)
+        schedule.check_layout(layout)
+    else:
+        schedule = GENERATORS[args.generator](layout, args)
     path = schedule.save(args.out)
     logger.info(
-        "wrote %s: %d steps, %.0f%% of components computed", path, schedule.num_steps, 100 * schedule.compute_fraction
+        "wrote %s: %d steps, %.0f%% of components computed, reuse=%s; per step (C computes all, - reuses all, "
+        "~ some): %s",
+        path,
+        schedule.num_steps,
+        100 * schedule.compute_fraction,
+        schedule.reuse,
+        schedule.step_pattern(),
     )
     return 0
