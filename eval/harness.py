@@ -46,10 +46,11 @@ from accel.eval.generation import (
     save_sample,
     weights_checksum,
 )
-from accel.eval.methods import Method, UnsupportedMethod, apply_method, parse_methods
+from accel.eval.methods import Method, UnsupportedMethod, apply_method, check_method, check_steps, parse_methods
 from accel.eval.metrics import MetricInputs, MetricSuite, metric_keys
 from accel.eval.noise import run_to_run_noise
 from accel.eval.provenance import provenance
+from accel.eval.runtime import check_model, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +240,8 @@ def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext
 
     runtime = config.runtime
     device = runtime.check()
+    if pipe is None:
+        check_model(config.model)
     state = PartialState(cpu=device.type == "cpu")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -335,12 +338,22 @@ def run_evaluation(config: EvalConfig, out: str | Path, pipe: Any = None) -> dic
 
     Returns:
         The results (the content of ``results.json``) on the main process, None on the others.
+
+    Raises:
+        ValueError: before any compute, in one line: an output folder that cannot be written, a model, device,
+            step count or method that cannot run (every method is checked against the model first).
     """
     from accel.eval.report import write_reports
 
-    out = Path(out)
-    context = build_context(config, out, pipe)
     methods = parse_methods(config.methods)
+    config.runtime.check()
+    if pipe is None:
+        check_model(config.model)
+    out = check_output_dir(out)
+    context = build_context(config, out, pipe)
+    check_steps(context.pipe, config.steps, "--steps")
+    for method in methods:  # every method checked against the model before any compute
+        check_method(method, context.pipe, config.steps)
     trials = []
     bar = tqdm(methods, desc="methods", unit="method", disable=not context.is_main)
     for method in bar:

@@ -346,6 +346,61 @@ def parse_methods(text: str | list[str] | tuple[str, ...]) -> list[Method]:
     return [parse_method("full")] + [m for m in methods if m.kind != "full"]
 
 
+#: pipelines whose ``__call__`` takes another branch at one step that stock schedulers cannot serve (PixArt-Alpha
+#: reads the scheduler's second output, made for one-step distilled models) -> why
+ONE_STEP_FAILS = {
+    "PixArtAlphaPipeline": "its one-step branch reads a second output of the scheduler's step, which "
+    "this scheduler does not return",
+}
+#: schedulers whose step returns that second output (the denoised sample), so one step works with them
+ONE_STEP_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
+
+
+def check_steps(pipe: Any, steps: int, what: str = "steps") -> None:
+    """Raise ``ValueError`` if ``pipe`` cannot denoise in ``steps`` steps (see :data:`ONE_STEP_FAILS`)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {steps!r}")
+    reason = ONE_STEP_FAILS.get(type(pipe).__name__)
+    scheduler = type(getattr(pipe, "scheduler", None)).__name__
+    if steps == 1 and reason is not None and scheduler not in ONE_STEP_SCHEDULERS:
+        raise ValueError(f"{what}: {type(pipe).__name__} cannot run 1 step ({reason}); use 2 or more")
+
+
+def check_method(method: Method, pipe: Any, steps: int) -> None:
+    """Everything that can be known about ``method`` on ``pipe`` without running it, checked before any compute:
+    its step count, its file (read and parsed), its schedule against the model's layout, a front's pick.
+
+    Raises:
+        ValueError: in one line, the method and what is wrong with it (a missing or bad file, a schedule made for
+            another model, a parameter out of range for ``steps`` steps, a model accel has no adapter for).
+    """
+    kind = method.kind
+    try:
+        check_steps(pipe, method.params["steps"] if kind == "steps" else steps)
+        if kind in ("full", "steps"):
+            return
+        if getattr(pipe, "transformer", None) is None:
+            import torch
+
+            parts = [name for name, c in getattr(pipe, "components", {}).items() if isinstance(c, torch.nn.Module)]
+            raise ValueError(
+                f"caching needs a transformer pipeline; {type(pipe).__name__} has no transformer (its modules: "
+                f"{', '.join(parts) or 'none'})"
+            )
+        if kind.startswith("diffusers-"):
+            return  # diffusers' hooks say themselves what they cannot do, recorded as unsupported in its turn
+        from accel.caching import Schedule, layout_of
+
+        config = _cache_config(pipe, kind, method.params, steps, instrument=False)
+        if isinstance(config.schedule, Schedule):
+            config.schedule.check_layout(layout_of(pipe))
+    except UnsupportedMethod:
+        return  # a valid method this pipeline cannot run: the harness records why, in its turn
+    except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"method {method.name!r}: {message}") from None
+
+
 def apply_method(method: Method, pipe: Any, steps: int, instrument: bool = False) -> AbstractContextManager[Applied]:
     """Apply ``method`` to ``pipe`` for a ``steps``-step generation; a context manager yielding :class:`Applied`.
 

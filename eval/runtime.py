@@ -8,7 +8,10 @@ that a device this machine lacks ends in one clear error instead of a traceback 
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,4 +127,48 @@ class RuntimeConfig:
         from accel.pipelines.loading import load_pipeline
 
         device = self.check()
+        check_model(model)
         return self.compile_pipeline(load_pipeline(model, torch_dtype=self.torch_dtype, device=str(device)))
+
+
+def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a folder this process can write in, created if missing (call before any compute).
+
+    Raises:
+        ValueError: in one line, naming ``flag``: the path is a file, or the folder cannot be created or written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a folder (created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {path} cannot be written: {error.strerror or error}") from None
+    return path
+
+
+def check_model(model: str | None) -> None:
+    """Raise a one-line ``ValueError`` if ``model`` names a local path that is not a loadable pipeline folder
+    (missing, or its ``model_index.json`` unreadable or without ``_class_name``), before any loading. A hub id
+    (``org/name``) and the bundled names pass."""
+    from accel.pipelines.loading import is_bundled
+
+    if is_bundled(model):
+        return
+    path = Path(model).expanduser()
+    local = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model or path.exists()
+    if not local:
+        return
+    if not path.is_dir():
+        raise ValueError(f"--model {model}: no such folder (a local pipeline folder, or a hub id like org/name)")
+    index = path / "model_index.json"
+    try:
+        data = json.loads(index.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--model {model}: {index} is missing; not a diffusers pipeline folder") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--model {model}: {index} cannot be read as JSON ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
+        raise ValueError(f"--model {model}: {index} names no pipeline class (_class_name); not a pipeline folder")

@@ -133,15 +133,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from accel.caching.search.runner import search
+    from accel.eval.methods import check_steps
+    from accel.eval.runtime import check_output_dir
 
     config = config_from_args(args)
     runtime = runtime_from_args(args)
     runtime.check()
     prompts = read_prompts(args.prompts)
+    check_output_dir(args.out)
     torch.manual_seed(config.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = runtime.load_pipeline(args.model)
+    check_steps(pipe, config.evaluation.num_steps, "--steps")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     call_kwargs = model_defaults(args.model)[0]

@@ -32,7 +32,15 @@ def config_of(args: argparse.Namespace, defaults: dict | None = None) -> EvalCon
         path = Path(args.config_file)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        base.update(json.loads(path.read_text()))
+        try:
+            loaded = json.loads(path.read_text())
+        except ValueError as error:
+            raise ValueError(f"--config {path} is not valid JSON ({error}); fix it or leave it out") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(
+                f"--config {path} must hold a JSON object of EvalConfig fields, got {type(loaded).__name__}"
+            )
+        base.update(loaded)
     if args.prompts_file:
         path = Path(args.prompts_file)
         base["prompts"] = list(read_prompts(path))

@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Generate every prompt's images (or clips) with the method and save them."""
     from accel.eval.generation import generate, pipeline_defaults
-    from accel.eval.methods import UnsupportedMethod, apply_method, parse_method
+    from accel.eval.methods import UnsupportedMethod, apply_method, check_method, check_steps, parse_method
+    from accel.eval.runtime import check_output_dir
     from accel.pipelines.loading import is_bundled
 
     config = config_from_args(args, cls=GenerateConfig)
@@ -84,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     method = parse_method(config.method_name)
+    out = check_output_dir(args.out)
     pipe = config.runtime.load_pipeline(config.model)
+    check_steps(pipe, config.steps, "--steps")
+    check_method(method, pipe, config.steps)
     kwargs, guidance = pipeline_defaults(pipe, is_bundled(config.model), config.pipeline_kwargs)
     guidance = guidance if config.guidance_scale is None else config.guidance_scale
     prompts = [p for p in args.prompt for _ in range(config.num_images)]
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             stats = applied.stats()
     except UnsupportedMethod as error:
         raise ValueError(f"{method.name} cannot run on this pipeline: {error}") from None
-    save(samples, prompts, seeds, Path(args.out) / method.slug)
+    save(samples, prompts, seeds, out / method.slug)
     if stats:
         logger.info(
             "%s: %.0f%% of component calls reused, %.0f%% of block MACs saved",
