@@ -267,16 +267,29 @@ def load_image_set(path: str | Path) -> torch.Tensor:
     return load_pngs(files)
 
 
+def module_sha256(module: torch.nn.Module, digest: Any = None) -> Any:
+    """SHA-256 over a module's parameters and buffers: names, dtypes, shapes and exact bytes, in name order (a
+    compiled block's ``_orig_mod.`` prefix dropped). Unlike a float sum it does not change with the thread count,
+    the process or the device; returns the ``hashlib`` object (updated in place if ``digest`` is given)."""
+    digest = digest or hashlib.sha256()
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    for name in sorted(tensors, key=lambda n: n.replace("_orig_mod.", "")):
+        tensor = tensors[name].detach()
+        digest.update(f"{name.replace('_orig_mod.', '')}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        flat = tensor.contiguous().reshape(-1).cpu()
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest
+
+
 def weights_checksum(pipe: Any) -> str:
-    """A fingerprint of every weight of the pipeline's modules (sum and sum of squares per module), so a
-    retrained model in the same folder never resumes another model's trials."""
+    """A content hash of every weight of the pipeline's modules (:func:`module_sha256`, component by component),
+    so a retrained model in the same folder never resumes another model's trials, and the same model always
+    resumes its own, whatever the thread count or process."""
     digest = hashlib.sha256()
     for name in sorted(getattr(pipe, "components", {})):
         module = pipe.components[name]
         if isinstance(module, torch.nn.Module):
-            total = torch.zeros(2, dtype=torch.float64)
-            for parameter in module.parameters():
-                values = parameter.detach().double()
-                total += torch.stack([values.sum(), (values * values).sum()]).cpu()
-            digest.update(f"{name}:{type(module).__name__}:{total.tolist()}".encode())
+            digest.update(f"{name}:{type(module).__name__};".encode())
+            module_sha256(module, digest)
     return digest.hexdigest()[:16]

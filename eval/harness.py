@@ -5,7 +5,7 @@
 * ``images/<method>-<key>/<index>.png``: every generated image, named by prompt index; from a video pipeline
   every clip, as a PNG filmstrip of its frames (:mod:`accel.eval.generation`), its trial recording ``frames``;
 * ``trials/<method>-<key>.json``: one finished trial (status, config as applied, metrics, latency samples,
-  MACs, memory). ``key`` hashes the model's weights, the method (and a JSON method's file content), the
+  MACs, memory). ``key`` hashes the model's weights (their exact bytes, not a float sum that changes with the thread count), the method (and a JSON method's file content), the
   prompts, seeds, step count, guidance scale and pipeline arguments, so an interrupted run started again
   skips every finished trial and every image already on disk;
 * ``results.json``: the run's provenance and all trials (data first), then ``report.md`` and ``report.html``
@@ -84,11 +84,15 @@ class RunContext:
         return "clip" if self.media == "video" else "image"
 
 
-def trial_key(context: RunContext, method: Method) -> str:
-    """Hash of what determines a trial's outputs (see the module docstring)."""
+def key_material(context: RunContext, method: Method) -> dict:
+    """What determines a trial's outputs, as plain JSON: the model's identity (pipeline class, content hash of
+    its weights, dtype; not the path it was loaded from), the method (and a JSON method's file content), the
+    prompts, seeds, step count, guidance scale and pipeline arguments. Nothing in it changes with the thread count
+    or the number of processes."""
     config = context.config
+    model = {k: v for k, v in context.model_fingerprint.items() if k != "model"}
     material = {
-        "model": context.model_fingerprint,
+        "model": model,
         "method": method.fingerprint(),
         "prompts_sha256": config.prompts_sha256,
         "seeds": list(config.seeds),
@@ -96,7 +100,35 @@ def trial_key(context: RunContext, method: Method) -> str:
         "guidance_scale": context.guidance_scale,
         "pipeline_kwargs": context.kwargs,
     }
-    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(material, sort_keys=True, default=str))
+
+
+def trial_key(context: RunContext, method: Method) -> str:
+    """Hash of :func:`key_material`."""
+    material = key_material(context, method)
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def explain_recompute(context: RunContext, method: Method) -> None:
+    """Log why earlier trials of ``method`` in the output folder cannot be reused (what in their key differs)."""
+    material = key_material(context, method)
+    for path in sorted((context.out / "trials").glob(f"{method.slug}-*.json")):
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if earlier.get("method") != method.name:
+            continue
+        before = earlier.get("key_material")
+        if before is None:
+            why = "it was written by an earlier version of accel, which kept no key material"
+        else:
+            model, earlier_model = material["model"], before.get("model") or {}
+            differ = [f"model {k}" for k in model if model[k] != earlier_model.get(k)]
+            differ += [name for name in material if name != "model" and material[name] != before.get(name)]
+            why = f"{', '.join(differ) or 'its key'} differ"
+        if context.is_main:
+            logger.warning("%s: not reusing %s: %s; computing it again", method.name, path, why)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -206,9 +238,11 @@ def run_trial(context: RunContext, method: Method) -> dict:
     path, directory = context.out / "trials" / f"{name}.json", context.out / "images" / name
     if path.is_file():
         return resume_trial(context, method, path, directory)
+    explain_recompute(context, method)
     reason = generate_shard(context, method, directory)
     context.state.wait_for_everyone()
     record = {"method": method.name, "kind": method.kind, "params": method.params, "key": key}
+    record["key_material"] = key_material(context, method)
     if context.is_main:
         if reason is None:
             try:
