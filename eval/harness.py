@@ -5,9 +5,10 @@
 * ``images/<method>-<key>/<index>.png``: every generated image, named by prompt index; from a video pipeline
   every clip, as a PNG filmstrip of its frames (:mod:`accel.eval.generation`), its trial recording ``frames``;
 * ``trials/<method>-<key>.json``: one finished trial (status, config as applied, metrics, latency samples,
-  MACs, memory). ``key`` hashes the model's weights (their exact bytes, not a float sum that changes with the thread count), the method (and a JSON method's file content), the
-  prompts, seeds, step count, guidance scale and pipeline arguments, so an interrupted run started again
-  skips every finished trial and every image already on disk;
+  MACs, memory). ``key`` hashes the model's weights (their exact bytes, not a float sum that changes with the
+  thread count), the method (and a JSON method's file content), the prompts, seeds, step count, guidance scale
+  and pipeline arguments, so an interrupted run started again skips every finished trial and every image
+  already on disk, and says why when it cannot reuse an earlier trial of a method;
 * ``results.json``: the run's provenance and all trials (data first), then ``report.md`` and ``report.html``
   (and, for clips, ``animations/<method>-<key>/<index>.webp``, which the page shows and links to).
 
