@@ -25,10 +25,10 @@ STEPS = 4
 class MaskEvaluator:
     """What :class:`GeneticSearch` needs of an evaluator, scoring a schedule from its mask alone."""
 
-    def __init__(self, prompts=("a", "b"), model_class="Tiny"):
-        self.layout = ScheduleLayout(model_class=model_class, num_blocks=2, components=("attn", "ff"))
+    def __init__(self, prompts=("a", "b"), weights="0123"):
+        self.layout = ScheduleLayout(model_class="Tiny", num_blocks=2, components=("attn", "ff"))
         self.prompts = list(prompts)
-        self.identity = {"model": model_class}
+        self.model_identity = {"pipeline_class": "TinyPipeline", "weights": weights, "dtype": "float32"}
         self.calls = 0
 
     def measure(self, schedule, n=None, images=False):
@@ -84,3 +84,50 @@ def test_search_ends_when_constraints_leave_fewer_schedules_than_the_population(
 def test_search_with_room_for_a_population_is_not_exhaustive(tmp_path):
     search = GeneticSearch(MaskEvaluator(), config(), tmp_path, seeds={})
     assert not search.exhaustive and len(search.initial_genomes()) == 6
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    """The checkpoint's fingerprint covered layout, prompts and config, not the model: model A's evaluations
+    steered model B's search."""
+    GeneticSearch(MaskEvaluator(weights="aaaa"), config(generations=1), tmp_path, seeds={}).run()
+    other = GeneticSearch(MaskEvaluator(weights="bbbb"), config(generations=2), tmp_path, seeds={})
+    with pytest.raises(ValueError, match=r"holds a search of another model \(other weights.*--restart"):
+        other.run()
+    same = GeneticSearch(MaskEvaluator(weights="aaaa"), config(generations=2), tmp_path, seeds={})
+    assert same.load() and same.generation == 1
+
+
+def test_a_latency_model_fitted_on_another_model_is_refused(tmp_path):
+    from accel.caching.search.latency import LatencyModel
+    from accel.caching.search.runner import _latency_model
+
+    fitted = MaskEvaluator(weights="aaaa")
+    present = np.ones((2, 2), dtype=bool)
+    LatencyModel(coefficients=np.ones(7), present=present, model=fitted.model_identity).save(
+        tmp_path / "latency_model.json"
+    )
+    settings = config(evaluation=EvaluatorConfig(num_steps=STEPS, cost="fitted"))
+    assert _latency_model(fitted, settings, tmp_path, resume=True).model == fitted.model_identity
+    with pytest.raises(ValueError, match="latency_model.json was fitted on another model \\(weights differ\\)"):
+        _latency_model(MaskEvaluator(weights="bbbb"), settings, tmp_path, resume=True)
+
+
+def test_the_model_identity_is_the_weights_content():
+    from conftest import build_tiny_pixart_pipeline
+
+    from accel.caching.search.evaluator import model_identity
+
+    pipe = build_tiny_pixart_pipeline()
+    identity = model_identity(pipe)
+    assert identity == model_identity(build_tiny_pixart_pipeline())
+    assert identity["transformer_class"] == "PixArtTransformer2DModel" and identity["dtype"] == "float32"
+    pipe.transformer.proj_out.bias.data += 1e-6
+    assert model_identity(pipe)["weights"] != identity["weights"]
+
+
+@pytest.mark.parametrize("name", ["search_state.json", "search_state.npz"])
+def test_a_corrupt_checkpoint_names_its_path_and_the_way_out(tmp_path, name):
+    GeneticSearch(MaskEvaluator(), config(generations=1), tmp_path, seeds={}).run()
+    (tmp_path / name).write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match=f"checkpoint {tmp_path / name} cannot be read .*--restart"):
+        GeneticSearch(MaskEvaluator(), config(generations=2), tmp_path, seeds={}).load()

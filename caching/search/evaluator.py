@@ -80,6 +80,20 @@ def _accepts(fn, name: str) -> bool:
     return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
+def model_identity(pipe: Any) -> dict:
+    """What identifies the model a search ran on: pipeline and transformer classes, the weights' content hash
+    (:func:`accel.eval.generation.weights_checksum`, the same at any thread count) and the transformer's dtype.
+    Checkpoints and the fitted latency model record it and are refused by another model."""
+    from accel.eval.generation import weights_checksum
+
+    return {
+        "pipeline_class": type(pipe).__name__,
+        "transformer_class": type(pipe.transformer).__name__,
+        "weights": weights_checksum(pipe),
+        "dtype": str(getattr(pipe.transformer, "dtype", "")).removeprefix("torch."),
+    }
+
+
 class Evaluator:
     """Scores schedules on one pipeline and prompt set; see the module docstring.
 
@@ -95,6 +109,7 @@ class Evaluator:
             raise ValueError("the search needs at least one calibration prompt")
         self.pipe, self.prompts, self.config = pipe, list(prompts), config
         self.layout = layout_of(pipe)
+        self.model_identity = model_identity(pipe)
         call = type(pipe).__call__
         defaults = {"clean_caption": False, "use_resolution_binning": False, **(call_kwargs or {})}
         self.call_kwargs = {k: v for k, v in defaults.items() if _accepts(call, k)}

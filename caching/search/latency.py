@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from accel.caching.schedule import Schedule
+from accel.serialization import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,14 @@ class LatencyModel:
         coefficients: non-negative seconds per unit of each feature.
         present: bool ``(blocks, components)``.
         fixed_seconds: time outside the denoising loop's transformer work that no schedule changes.
+        model: the identity of the model it was fitted on (:func:`accel.caching.search.evaluator.model_identity`),
+            None if unknown (a file written before it was recorded).
     """
 
     coefficients: np.ndarray
     present: np.ndarray
     fixed_seconds: float = 0.0
+    model: dict | None = None
 
     def seconds(self, mask: np.ndarray, forecast_order: int = 0) -> float:
         """Predicted seconds of a run under ``mask`` forecasting to ``forecast_order``."""
@@ -80,6 +84,7 @@ class LatencyModel:
             "coefficients": self.coefficients.tolist(),
             "present": self.present.astype(int).tolist(),
             "fixed_seconds": self.fixed_seconds,
+            **({"model": self.model} if self.model is not None else {}),
         }
 
     @classmethod
@@ -94,16 +99,24 @@ class LatencyModel:
             coefficients=coefficients,
             present=np.asarray(data["present"], dtype=bool),
             fixed_seconds=float(data["fixed_seconds"]),
+            model=data.get("model"),
         )
 
     def save(self, path: str | Path) -> None:
-        """Write as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        """Write as JSON, atomically."""
+        write_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyModel:
-        """Read :meth:`save` output."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read :meth:`save` output.
+
+        Raises:
+            ValueError: a corrupt or foreign file, naming it and what to do.
+        """
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path} cannot be read as a latency model ({error}); delete it to fit it again") from None
 
 
 def fit_latency_model(evaluator, schedules: list[Schedule], repeats: int = 2, batch: int = 2) -> LatencyModel:
@@ -134,7 +147,7 @@ def fit_latency_model(evaluator, schedules: list[Schedule], repeats: int = 2, ba
     features = np.stack([latency_features(s.mask, present, s.forecast_order) for s in schedules])
     seconds = np.array([min(timings[name].samples) for name in names])
     coefficients, _ = nnls(features, seconds)
-    model = LatencyModel(coefficients=coefficients, present=present)
+    model = LatencyModel(coefficients=coefficients, present=present, model=evaluator.model_identity)
     predicted = features @ coefficients
     error = float(np.median(np.abs(predicted - seconds) / seconds))
     logger.info("latency model fitted on %d timed schedules: median error %.1f%%", len(schedules), 100 * error)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -57,6 +58,20 @@ def _pymoo() -> SimpleNamespace:
         TwoPointCrossover=TwoPointCrossover,
         StaticProblem=StaticProblem,
     )
+
+
+_DISCARD = "run again with --restart to discard the checkpoint (or move it away)"
+
+
+def read_checkpoint_json(path: Path) -> dict:
+    """The checkpoint's JSON; a corrupt file raises a one-line ``ValueError`` naming it and what to do."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"checkpoint {path} cannot be read ({error}); {_DISCARD}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} is not a JSON object; {_DISCARD}")
+    return state
 
 
 class BudgetExhausted(Exception):
@@ -241,6 +256,7 @@ class GeneticSearch:
 
     def _fingerprint(self) -> dict:
         fingerprint = {
+            "model": self.evaluator.model_identity,
             "layout": asdict(self.layout),
             "prompts": self.evaluator.prompts,
             "search": self.config.fingerprint(),
@@ -296,14 +312,30 @@ class GeneticSearch:
         json_path, npz_path = self._paths()
         if not json_path.exists():
             return False
-        state = json.loads(json_path.read_text())
-        if state.get("version") != STATE_VERSION or state.get("fingerprint") != self._fingerprint():
+        state = read_checkpoint_json(json_path)
+        if state.get("version") != STATE_VERSION:
             raise ValueError(
-                f"{self.out_dir} holds a search with other settings (model, prompts or search config); "
-                "pass another --out, or --restart to discard it"
+                f"{json_path} is a version {state.get('version')} checkpoint, this accel writes version "
+                f"{STATE_VERSION}; pass another --out, or --restart to discard it"
             )
-        with np.load(npz_path) as data:
-            arrays = {key: data[key] for key in data.files}
+        saved, current = state.get("fingerprint") or {}, self._fingerprint()
+        differ = [name for name in current if saved.get(name) != current[name]]
+        if differ:
+            what = {
+                "model": "another model (other weights, class or dtype)",
+                "layout": "another model layout",
+                "prompts": "other calibration prompts",
+                "search": "other settings of the search config",
+            }
+            found = ", ".join(what.get(name, f"other {name}") for name in differ)
+            raise ValueError(
+                f"{self.out_dir} holds a search of {found}; pass another --out, or --restart to discard it"
+            )
+        try:
+            with np.load(npz_path) as data:
+                arrays = {key: data[key] for key in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"checkpoint {npz_path} cannot be read ({error}); {_DISCARD}") from None
         self.archive = Archive.restore(arrays, state["archive_metrics"])
         self.elapsed = state["elapsed_seconds"]
         if state["generation"] > 0:

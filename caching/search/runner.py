@@ -135,6 +135,7 @@ def search(
     front_info = {
         **(info or {}),
         "model_class": evaluator.layout.model_class,
+        "model_identity": evaluator.model_identity,
         "num_steps": config.evaluation.num_steps,
         "prompts": evaluator.prompts,
         "method": config.method,
@@ -154,7 +155,16 @@ def _latency_model(evaluator: Evaluator, config: SearchConfig, out_dir: Path, re
     """The search's fitted latency model: the saved one when resuming (so scores do not change), else fitted."""
     path = out_dir / "latency_model.json"
     if resume and path.is_file():
-        return LatencyModel.load(path)
+        saved = LatencyModel.load(path)
+        if saved.model is None:
+            logger.warning("%s records no model identity (an older file): reused as it is", path)
+        elif saved.model != evaluator.model_identity:
+            differ = [k for k in evaluator.model_identity if saved.model.get(k) != evaluator.model_identity[k]]
+            raise ValueError(
+                f"{path} was fitted on another model ({', '.join(differ)} differ); pass another --out, or --restart "
+                "to fit it again"
+            )
+        return saved
     model = fit_latency_model(evaluator, list(seed_schedules(evaluator, config).values()))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(path)
