@@ -123,6 +123,24 @@ class TokenStepConfig:
         """How many of ``num_steps`` steps compute every token."""
         return sum(self.dense_at(step, num_steps) for step in range(num_steps))
 
+    def active_counts(self, num_steps: int, tokens: int) -> list[int]:
+        """Tokens each of ``num_steps`` steps computes on a model with ``tokens`` tokens (what the handle will do
+        in a pipeline, whose step count it knows)."""
+        fraction = sparse_fraction(self.fraction, num_steps, self.dense_count(num_steps))
+        counts, sparse = [], 0
+        for step in range(num_steps):
+            if self.dense_at(step, num_steps):
+                counts.append(tokens)
+            else:
+                counts.append(active_count(sparse, fraction, tokens, self.buckets))
+                sparse += 1
+        return counts
+
+    def planned_fraction(self, num_steps: int, tokens: int) -> float:
+        """The fraction of token-steps :meth:`active_counts` computes (the budget, unless the dense steps alone
+        exceed it or the smallest bucket is above the sparse steps' share)."""
+        return sum(self.active_counts(num_steps, tokens)) / (num_steps * tokens)
+
 
 def ras_config(budget: float, num_steps: int) -> TokenStepConfig:
     """RAS's released schedule for ``num_steps`` steps: dense for the first 4/30 of the steps, resets at 12/30

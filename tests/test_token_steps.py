@@ -50,6 +50,9 @@ def test_sparse_fraction_makes_the_whole_trajectory_meet_the_budget():
         fraction = sparse_fraction(budget, steps, dense)
         assert math.isclose(dense + (steps - dense) * fraction, budget * steps)
     assert sparse_fraction(0.4, None, 2) == 0.4
+    config = TokenStepConfig(budget=0.3, dense_steps=2, reset_points=(0.5,), buckets=16)
+    assert config.active_counts(20, 576)[:3] == [576, 576, config.active_counts(20, 576)[2]]
+    assert config.active_counts(20, 576)[10] == 576 and abs(config.planned_fraction(20, 576) - 0.3) < 1 / 16 / 17
 
 
 def test_a_token_skipped_too_long_is_taken_first_whatever_its_velocity():

@@ -11,4 +11,5 @@ BENCHMARKS = {
     "model": "accel.bench.model",
     "gpu": "accel.bench.gpu",
     "sparse": "accel.bench.sparse",
+    "tokens": "accel.bench.tokens",
 }
