@@ -9,10 +9,9 @@ trajectory the cache produces and not from the uncached one:
    under ``min_sqnr`` stay in full precision.
 2. *correction* (``correct=True``): with the chosen layers quantized, every block call first runs the block
    once more with its full-precision weights on the same inputs (a forward pre-hook, so it sees the inputs of
-   blocks the cache skips too) and records each component's full-precision output ``y``; the quantized
-   component's output ``x`` is recorded where it computes. Each step's ``y`` is paired with the ``x`` of the
-   step that computed what the cache reuses (itself when it computes), and the pairs feed
-   :class:`~accel.quant.correction.CorrectionStatistics`.
+   the cached trajectory, whatever the cache does with the block) and records each component's full-precision
+   output ``y``; the quantized component's output ``x`` is recorded where it computes. Each step's ``(x, y)``
+   pair of a computing component feeds :class:`~accel.quant.correction.CorrectionStatistics`.
 
 The recorders are temporary: they go through a patch log (component wrappers, weight swaps) or torch hook
 handles (the block pre-hooks) that are undone before :func:`calibrate` returns.
@@ -190,11 +189,12 @@ class _CorrectionRecorder:
             self.reference = False
 
     def _pair(self, selects: Callable[[tuple], bool]) -> None:
-        """Pair the selected pending ``y`` with the ``x`` the cache reuses (the last one computed)."""
+        """Pair the selected pending ``y`` with the ``x`` the component computed at the same step (a reused
+        component has no ``x`` of its own step and gives no pair)."""
         for key in [key for key in self.pending if selects(key)]:
-            _, y = self.pending.pop(key)
+            step, y = self.pending.pop(key)
             held = self.held.get(key)
-            if held is not None and held[1].shape == y.shape:
+            if held is not None and held[1].shape == y.shape and held[0] == step:
                 self.statistics.update((held[0], key[0], key[1]), held[1], y)
 
     def flush(self) -> None:

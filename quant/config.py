@@ -74,9 +74,9 @@ class QuantConfig:
         min_sqnr: keep in full precision every layer whose output SQNR (dB), measured on its inputs along the
             calibration trajectories, is below this (mixed precision); None quantizes every selected layer.
         correct: CacheQuant's decoupled error correction: per step, block, component and output channel, a
-            linear map ``a * x + b`` fitted on calibration data (``a = cov(y, x) / var(x)``,
-            ``b = mean(y) - a * mean(x)``) from the quantized component output ``x`` a step computes to the
-            full-precision outputs ``y`` of the steps that reuse it, applied where the component computes.
+            linear map ``a * x + b`` (``a = cov(y, x) / var(x)``, ``b = mean(y) - a * mean(x)``) fitted on
+            calibration data from the quantized component output ``x`` to the full-precision one ``y`` on the
+            same inputs, applied where the component computes, so the cache stores and reuses corrected values.
         cache_aware: calibrate under the caching schedule of a ``CacheConfig`` applied in the same
             ``accel.apply`` call (False: calibrate on the uncached trajectory, the naive combination).
         calibration: the calibration prompts and settings (defaults when None and calibration is needed).

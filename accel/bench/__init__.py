@@ -12,4 +12,5 @@ BENCHMARKS = {
     "gpu": "accel.bench.gpu",
     "sparse": "accel.bench.sparse",
     "tokens": "accel.bench.tokens",
+    "quant": "accel.bench.quant",
 }

@@ -1,0 +1,286 @@
+"""``python -m accel.bench quant``: quantization alone, caching alone, and their naive and cache-aware combinations.
+
+On the bundled image model, in one run, on ``--images`` held-out prompts (the emoji set's test captions, one
+seed each), latency interleaved (one warm-up round, ``--repeats`` timed ones, speedup of the fastest):
+
+* ``full``: full precision, no cache;
+* ``int8-weight``, ``int8-dynamic``: every linear layer quantized (torchao), no calibration;
+* per ``--target-speedups`` value ``s``: ``cache@s``, the bundled caching front's member at about ``s``x;
+  ``cache+int8@s``, the same schedule with plain int8-dynamic; ``naive@s``, the same schedule with int8-dynamic
+  whose layer selection and error correction were calibrated *without* the cache; ``aware@s``, calibrated under
+  the schedule (cache-aware) with CacheQuant's correction;
+* with ``--search``: ``searched``, CacheQuant's dynamic-programming schedule computed from the change matrices
+  of the *quantized* model (the quantized model in the loop), at the budget of the fastest target, then
+  calibrated cache-aware under it.
+
+Per row: measured speedup, weight memory of the transformer (bytes, ratio to full), PSNR of the decoded images
+vs full compute (same seeds), FID and KID (EfficientNet-Lite0 features, against the emoji set) and the
+prompt-alignment score, with the run-to-run noise of full compute over ``--seed-sets`` seed sets. A table, then
+one JSON line.
+
+``--device cuda`` instead times fp8, int8-dynamic and int8-weight against bf16 on a random-weight PixArt-XL-sized
+transformer (28 blocks, width 1152, 4096 tokens) in a 20-step loop with every block compiled (inductor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from contextlib import ExitStack, contextmanager, nullcontext
+from types import SimpleNamespace
+
+import torch
+
+import accel
+from accel.caching import CacheConfig, Schedule, load_front
+from accel.caching.search.command import DEFAULT_PROMPTS, model_defaults
+from accel.caching.search.evaluator import Evaluator, EvaluatorConfig
+from accel.eval.comparison import measure_methods, score_methods
+from accel.eval.noise import within_noise
+from accel.quant import Calibration, QuantConfig, calibrate
+
+logger = logging.getLogger(__name__)
+
+#: first seed of each full-compute seed set (the first is the one every method shares)
+SEED_SETS = (1000, 2000, 3000, 4000, 5000)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m accel.bench quant")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--images", type=int, default=64, help="held-out prompts (one image each) per method")
+    parser.add_argument("--batch", type=int, default=4, help="prompts per pipeline call, scored and timed alike")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed-sets", type=int, default=3, help="full-compute seed sets for the noise (2..5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--target-speedups", default="2,3", help="caching front members to combine, e.g. 2,3")
+    parser.add_argument(
+        "--min-sqnr", type=float, default=None, help="layer selection bound (dB) of the calibrated rows"
+    )
+    parser.add_argument("--calibration-prompts", type=int, default=8, help="how many of the search's prompts")
+    parser.add_argument("--search", action="store_true", help="add the DP schedule of the quantized model")
+    parser.add_argument("--no-fid", action="store_true", help="skip FID, KID and the prompt score")
+    parser.add_argument("--device", default="cpu", help="cpu: the bundled model; cuda: the PixArt-XL-sized rows")
+    parser.add_argument("--gpu-steps", type=int, default=20)
+    return parser
+
+
+def run(argv: list[str]) -> dict:
+    """Measure, print the table; return the headline numbers."""
+    args = _parser().parse_args(argv)
+    if args.device.startswith("cuda"):
+        return run_gpu(args)
+    if not 2 <= args.seed_sets <= len(SEED_SETS):
+        raise ValueError(f"--seed-sets must be in 2..{len(SEED_SETS)}, got {args.seed_sets}")
+    torch.set_num_threads(args.threads)
+    from accel.bench.search import _prompts_and_reference
+    from accel.eval.runtime import RuntimeConfig
+    from accel.pipelines.default import DEFAULT_FRONT_DIR
+
+    pipe = RuntimeConfig(device="cpu").load_pipeline(None)
+    pipe.set_progress_bar_config(disable=True)
+    call_kwargs, defaults = model_defaults(None)
+    guidance = defaults.get("guidance_scale", EvaluatorConfig().guidance_scale)
+    prompts, reference = _prompts_and_reference(SimpleNamespace(eval_prompts=None, model=None, images=args.images))
+    evaluator = Evaluator(
+        pipe, prompts, EvaluatorConfig(num_steps=args.steps, seed=SEED_SETS[0], guidance_scale=guidance), call_kwargs
+    )
+    calibration = Calibration(
+        prompts=DEFAULT_PROMPTS[: args.calibration_prompts],
+        num_inference_steps=args.steps,
+        batch=args.batch,
+        call_kwargs={**call_kwargs, "guidance_scale": guidance},
+    )
+    front = load_front(DEFAULT_FRONT_DIR)
+    targets = [float(part) for part in args.target_speedups.split(",") if part.strip()]
+    schedules = {f"{t:g}": front.pick(target_speedup=t, num_steps=args.steps) for t in targets}
+    if args.search:
+        schedules["searched"] = _searched_schedule(pipe, calibration, evaluator, schedules, args)
+    contexts, memory, plans = _contexts(pipe, schedules, calibration, args.min_sqnr)
+    rows, images = measure_methods(evaluator, contexts, args.batch, args.repeats)
+    for name, row in rows.items():
+        row["weight_bytes"], row["ideal_speedup"] = memory[name], _ideal(evaluator, name, schedules)
+    noise = None
+    if not args.no_fid:
+        noise = score_methods(
+            rows, images, reference, evaluator, batch=args.batch, noise_seeds=SEED_SETS[1 : args.seed_sets],
+            reference_seed=10_000,
+        )  # fmt: skip
+        _add_kid(rows, images, reference)
+    return _summarise(rows, noise, schedules, plans, args)
+
+
+def _ideal(evaluator: Evaluator, name: str, schedules: dict[str, Schedule]) -> float:
+    """``1 / relative MACs`` of the row's schedule (1 without one)."""
+    key = name.split("@")[-1] if "@" in name else ("searched" if name == "searched" else None)
+    if key not in schedules:
+        return 1.0
+    return 1 / evaluator.cost_model.relative_macs(schedules[key].mask)
+
+
+def _contexts(pipe, schedules: dict[str, Schedule], calibration: Calibration, min_sqnr) -> tuple[dict, dict, dict]:
+    """Context factories of every row, the transformer's weight bytes under each, and the calibrated plans."""
+    from accel.quant.apply import _weight_bytes
+
+    def applied(*configs):
+        return lambda: accel.apply(pipe, *configs)
+
+    contexts = {
+        "full": nullcontext,
+        "int8-weight": applied(QuantConfig(scheme="int8-weight")),
+        "int8-dynamic": applied(QuantConfig(scheme="int8-dynamic")),
+    }
+    plans = {}
+    calibrated = QuantConfig(scheme="int8-dynamic", min_sqnr=min_sqnr, correct=True, calibration=calibration)
+    naive = plans["naive"] = calibrate(pipe, calibrated, cache=None)
+    for key, schedule in schedules.items():
+        cache = CacheConfig(schedule=schedule, count_macs=False)
+        suffix = "" if key == "searched" else f"@{key}"
+        aware = calibrate(pipe, calibrated, cache=cache)
+        plans[f"aware{suffix}" if suffix else "searched"] = aware
+        if key != "searched":
+            contexts[f"cache{suffix}"] = applied(cache)
+            contexts[f"cache+int8{suffix}"] = applied(cache, QuantConfig(scheme="int8-dynamic"))
+            contexts[f"naive{suffix}"] = applied(cache, QuantConfig(scheme="int8-dynamic", plan=naive))
+            contexts[f"aware{suffix}"] = applied(cache, QuantConfig(scheme="int8-dynamic", plan=aware))
+        else:
+            contexts["searched"] = applied(cache, QuantConfig(scheme="int8-dynamic", plan=aware))
+    memory = {}
+    for name, context in contexts.items():
+        with context():
+            memory[name] = _weight_bytes(pipe.transformer)
+    return contexts, memory, plans
+
+
+def _searched_schedule(pipe, calibration, evaluator: Evaluator, schedules: dict, args) -> Schedule:
+    """CacheQuant's DP schedule from the change matrices of the int8-dynamic model, with as many refresh steps
+    as the fastest target's schedule computes on average (the quantized model in the loop)."""
+    from accel.caching.search.dp import cachequant_mask
+
+    fastest = max(schedules.values(), key=lambda s: 1 / max(s.mask.mean(), 1e-9))
+    updates = max(2, int(round(fastest.mask.mean() * args.steps)))
+    with accel.apply(pipe, QuantConfig(scheme="int8-dynamic")):
+        quantized = Evaluator(
+            pipe, list(calibration.prompts), EvaluatorConfig(num_steps=args.steps, guidance_scale=evaluator.config.
+                                                             guidance_scale), calibration.call_kwargs,
+        )  # fmt: skip
+    mask = cachequant_mask(quantized.change, updates)
+    return Schedule(
+        mask=mask,
+        components=tuple(evaluator.layout.components),
+        model_class=evaluator.layout.model_class,
+        forecast_order=fastest.forecast_order,
+        provenance={"method": "cachequant-dp on the int8-dynamic model", "num_updates": updates},
+    )
+
+
+def _add_kid(rows: dict, images: dict, reference: torch.Tensor) -> None:
+    """KID (EfficientNet-Lite0 features, against the FID reference) of every row."""
+    from accel.eval.fid import EfficientNetLite0Features, FidKidConfig, extract_features, fid_kid_from_features
+
+    feature = EfficientNetLite0Features()
+    real = extract_features(reference, feature)
+    for name, decoded in images.items():
+        scores = fid_kid_from_features(real, extract_features(decoded, feature), "x", FidKidConfig(kid_subsets=50))
+        rows[name]["kid"] = scores["KID-x"]
+
+
+def _summarise(rows: dict, noise: dict | None, schedules: dict, plans: dict, args) -> dict:
+    full = rows["full"]
+    for row in rows.values():
+        row["weight_memory_ratio"] = row["weight_bytes"] / full["weight_bytes"]
+        row["within_noise"] = bool(noise is not None and within_noise(row, full, noise))
+    _print_table(rows, noise, args)
+    first = f"@{next(iter(k for k in schedules if k != 'searched'))}" if schedules else ""
+    combined = [n for n in rows if n.startswith("aware") or n == "searched"]
+    within = [n for n in combined if rows[n]["within_noise"]]
+    best = max(within or combined, key=lambda n: rows[n]["speedup"]) if combined else None
+    kept = {name: plan.settings["layers"] for name, plan in plans.items()}
+    return {
+        "int8_speedup": round(rows["int8-dynamic"]["speedup"], 3),
+        "int8_weight_speedup": round(rows["int8-weight"]["speedup"], 3),
+        "weight_memory_ratio": round(rows["int8-dynamic"]["weight_memory_ratio"], 4),
+        "naive_psnr": round(rows.get(f"naive{first}", {}).get("psnr", float("nan")), 3),
+        "aware_psnr": round(rows.get(f"aware{first}", {}).get("psnr", float("nan")), 3),
+        "combined_speedup": None if best is None else round(rows[best]["speedup"], 3),
+        "combined_row": best,
+        "combined_within_noise": bool(best is not None and rows[best]["within_noise"]),
+        "noise": None if noise is None else {k: v for k, v in noise.items() if k in ("fid", "prompt_score")},
+        "full_precision_layers": {name: sum(v == "full" for v in layers.values()) for name, layers in kept.items()},
+        "steps": args.steps,
+        "images": args.images,
+        "rows": {name: {k: round(float(v), 4) for k, v in row.items()} for name, row in rows.items()},
+    }
+
+
+def _print_table(rows: dict, noise: dict | None, args) -> None:
+    print(
+        f"bundled image model, {args.steps} steps, {args.images} held-out prompts, batch {args.batch}, "
+        f"{args.repeats} repeats (speedup of the fastest), {args.threads} thread(s); PSNR of decoded images vs full"
+    )
+    header = f"{'method':<18}{'speedup':>9}{'median':>8}{'ideal':>7}{'weights MB':>11}{'ratio':>7}{'PSNR':>8}"
+    print(header + (f"{'FID':>9}{'KID':>9}{'prompt':>8}  within noise" if noise else ""))
+    for name, row in rows.items():
+        line = f"{name:<18}{row['speedup']:>8.2f}x{row['median_speedup']:>7.2f}x{row['ideal_speedup']:>7.2f}"
+        line += f"{row['weight_bytes'] / 2**20:>11.2f}{row['weight_memory_ratio']:>7.3f}{row['psnr']:>8.2f}"
+        if noise:
+            line += f"{row['fid']:>9.2f}{row['kid']:>9.4f}{row['prompt_score']:>8.2f}  {row['within_noise']}"
+        print(line)
+    if noise:
+        print(
+            f"run-to-run noise over {len(noise['full_fids'])} full-compute seed sets: FID {noise['fid']:.2f} "
+            f"(values {', '.join(f'{v:.2f}' for v in noise['full_fids'])}), {noise['prompt_metric']} "
+            f"{noise['prompt_score']:.3f}"
+        )
+
+
+# -- GPU: fp8 / int8 on a PixArt-XL-sized transformer under compile --------------------------------------------------
+
+
+@contextmanager
+def _quantized(model: torch.nn.Module, scheme: str | None):
+    with ExitStack() as stack:
+        if scheme is not None:
+            stack.enter_context(accel.apply(model, QuantConfig(scheme=scheme)))
+        yield
+
+
+def run_gpu(args) -> dict:
+    """bf16 vs fp8, int8-dynamic and int8-weight on a random PixArt-XL-sized transformer, blocks compiled: one
+    model per scheme (quantized once, compiled once), timed interleaved."""
+    from accel.bench.caching import pixart_workload
+    from accel.eval.timing import time_interleaved
+    from accel.quant.apply import _weight_bytes
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available")
+    schemes = {"bf16": None, "fp8": "fp8", "int8-dynamic": "int8-dynamic", "int8-weight": "int8-weight"}
+    loops, memory, stacks = {}, {}, ExitStack()
+    for name, scheme in schemes.items():
+        work = pixart_workload(
+            layers=28, heads=16, head_dim=72, sample_size=128, steps=args.gpu_steps, text_dim=4096,
+            device=args.device, dtype=torch.bfloat16,
+        )  # fmt: skip
+        try:
+            stacks.enter_context(_quantized(work.model, scheme))
+        except RuntimeError as error:  # e.g. fp8 on a GPU without float8 matmuls
+            print(f"{name}: skipped ({error})")
+            continue
+        accel.compile_blocks(work.model)
+        loops[name], memory[name] = work.loop, _weight_bytes(work.model)
+    with stacks:
+        timings = time_interleaved(loops, repeats=args.repeats, warmup=1)
+    base = timings["bf16"].median
+    print(f"PixArt-XL-sized DiT (28 blocks, width 1152, 4096 tokens), {args.gpu_steps} steps, bf16, blocks compiled")
+    print(f"{'scheme':<14}{'seconds':>9}{'speedup':>9}{'weights GB':>11}{'ratio':>7}")
+    result = {}
+    for name, timing in timings.items():
+        speedup = base / timing.median
+        ratio = memory[name] / memory["bf16"]
+        print(f"{name:<14}{timing.median:>9.3f}{speedup:>8.2f}x{memory[name] / 2**30:>11.3f}{ratio:>7.3f}")
+        result[name] = {
+            "seconds": round(timing.median, 4),
+            "speedup": round(speedup, 3),
+            "weight_ratio": round(ratio, 4),
+        }
+    return {"device": torch.cuda.get_device_name(), "gpu": result}
