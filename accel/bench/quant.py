@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -153,22 +154,24 @@ def _contexts(pipe, schedules: dict[str, Schedule], calibration: Calibration, mi
 
 
 def _searched_schedule(pipe, calibration, evaluator: Evaluator, schedules: dict, args) -> Schedule:
-    """CacheQuant's DP schedule from the change matrices of the int8-dynamic model, with as many refresh steps
-    as the fastest target's schedule computes on average (the quantized model in the loop)."""
+    """CacheQuant's DP schedule from the change matrices of the int8-dynamic model on the calibration prompts,
+    with as many refresh steps as the fastest target's schedule computes on average (the quantized model in the
+    loop)."""
     from accel.caching.search.dp import cachequant_mask
+    from accel.caching.search.features import record_features
+    from accel.quant.calibration import pipeline_runner
 
     fastest = max(schedules.values(), key=lambda s: 1 / max(s.mask.mean(), 1e-9))
     updates = max(2, int(round(fastest.mask.mean() * args.steps)))
+    layout = evaluator.layout
     with accel.apply(pipe, QuantConfig(scheme="int8-dynamic")):
-        quantized = Evaluator(
-            pipe, list(calibration.prompts), EvaluatorConfig(num_steps=args.steps, guidance_scale=evaluator.config.
-                                                             guidance_scale), calibration.call_kwargs,
-        )  # fmt: skip
-    mask = cachequant_mask(quantized.change, updates)
+        with record_features(pipe.transformer, layout.components, sketch_size=4096) as recorder:
+            pipeline_runner(pipe, replace(calibration, batch=len(calibration.prompts)))()  # one trajectory
+    mask = cachequant_mask(recorder.change_matrices(), updates)
     return Schedule(
         mask=mask,
-        components=tuple(evaluator.layout.components),
-        model_class=evaluator.layout.model_class,
+        components=tuple(layout.components),
+        model_class=layout.model_class,
         forecast_order=fastest.forecast_order,
         provenance={"method": "cachequant-dp on the int8-dynamic model", "num_updates": updates},
     )
@@ -207,10 +210,17 @@ def _summarise(rows: dict, noise: dict | None, schedules: dict, plans: dict, arg
         "combined_within_noise": bool(best is not None and rows[best]["within_noise"]),
         "noise": None if noise is None else {k: v for k, v in noise.items() if k in ("fid", "prompt_score")},
         "full_precision_layers": {name: sum(v == "full" for v in layers.values()) for name, layers in kept.items()},
+        "layer_sqnr_min_median": {name: _spread(plan.metrics["sqnr"]) for name, plan in plans.items()},
         "steps": args.steps,
         "images": args.images,
         "rows": {name: {k: round(float(v), 4) for k, v in row.items()} for name, row in rows.items()},
     }
+
+
+def _spread(sqnrs: dict) -> list:
+    """``[min, median]`` of the layers' SQNR (dB; exact layers left out)."""
+    values = sorted(v for v in sqnrs.values() if v is not None)
+    return [values[0], values[len(values) // 2]] if values else []
 
 
 def _print_table(rows: dict, noise: dict | None, args) -> None:

@@ -1,0 +1,59 @@
+"""``python -m accel.bench quant``: arguments checked before any compute, the headline numbers read from the rows
+as documented, and (gpu) the PixArt-XL-sized rows."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from accel.bench import quant
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed-sets", "9"], "seed-sets"),
+        pytest.param(
+            ["--device", "cuda"], "CUDA", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")
+        ),
+    ],
+)
+def test_bad_arguments_fail_before_any_compute(argv, message):
+    with pytest.raises(ValueError, match=message):
+        quant.run(argv)
+
+
+def _row(speedup: float, psnr: float, fid: float, score: float, weight_bytes: int = 100) -> dict:
+    return {"speedup": speedup, "median_speedup": speedup, "ideal_speedup": speedup, "psnr": psnr, "fid": fid,
+            "kid": 0.01, "prompt_score": score, "weight_bytes": weight_bytes}  # fmt: skip
+
+
+def test_headline_numbers_come_from_the_rows(capsys):
+    rows = {
+        "full": _row(1.0, 100.0, 200.0, 12.0),
+        "int8-weight": _row(0.9, 50.0, 200.0, 12.0, 26),
+        "int8-dynamic": _row(0.8, 40.0, 201.0, 12.0, 26),
+        "naive@2": _row(1.9, 30.0, 203.0, 11.9, 26),
+        "aware@2": _row(1.8, 31.5, 202.0, 11.9, 26),
+        "naive@3": _row(2.8, 25.0, 230.0, 10.0, 26),
+        "aware@3": _row(3.1, 25.5, 229.0, 10.0, 26),
+    }
+    noise = {"fid": 5.0, "prompt_score": 0.5, "full_fids": [200.0, 204.0], "prompt_metric": "alignment"}
+    args = SimpleNamespace(steps=20, images=8, batch=4, repeats=1, threads=1)
+    plans = {}
+    result = quant._summarise(rows, noise, {"2": None, "3": None}, plans, args)
+    assert result["int8_speedup"] == 0.8 and result["weight_memory_ratio"] == 0.26
+    assert result["naive_psnr"] == 30.0 and result["aware_psnr"] == 31.5  # the first target's rows
+    # aware@3 is faster but its FID is beyond the noise: the combined point is aware@2, within the noise
+    assert result["combined_row"] == "aware@2" and result["combined_within_noise"]
+    assert "aware@3" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_rows_time_every_scheme_the_device_runs():
+    result = quant.run(["--device", "cuda", "--repeats", "1", "--gpu-steps", "2"])
+    assert {"bf16", "int8-dynamic", "int8-weight"} <= set(result["gpu"])
+    assert result["gpu"]["int8-dynamic"]["weight_ratio"] < 0.6  # int8 data against bf16
