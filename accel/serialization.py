@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,18 +96,62 @@ def load(path: str | Path, expected: type | tuple[type, ...] | None = None, **op
     return from_dict(read_json(path), expected, source=str(path), **options)
 
 
-def write_json(data: Any, path: str | Path) -> Path:
-    """Write ``data`` as indented JSON atomically (a temporary file in the same folder, then renamed), so an
-    interruption leaves the old file or the new one, never half of one."""
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(temporary)`` on a temporary file of this process beside ``path``, then rename it over
+    ``path`` (``os.replace``, atomic on one file system): an interruption at any point leaves the old file or the
+    new one, never half of one, and concurrent writers never share a temporary file (each gets its own name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=1)
-            file.write("\n")
+        write(Path(temporary))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(data: Any, path: str | Path, **options: Any) -> Path:
+    """Write ``data`` as indented JSON atomically (see :func:`write_atomically`); ``options`` go to
+    ``json.dumps`` (e.g. ``allow_nan=False``, ``default=...``)."""
+    text = json.dumps(data, indent=1, **options) + "\n"
+    return write_atomically(path, lambda temporary: temporary.write_text(text))
+
+
+class FolderInUse(ValueError):
+    """Another process holds the output folder's lock (:func:`lock_folder`)."""
+
+
+@contextmanager
+def lock_folder(folder: str | Path, command: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``fcntl.flock`` on ``folder/.accel.lock``, released when the process
+    ends, even by ``kill -9``) while the block runs, so two runs never write one output folder at once.
+
+    Raises:
+        FolderInUse: another process holds it; the message names the folder and the holder.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): runs are not guarded against each other
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".accel.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FolderInUse(f"{folder} is in use by {holder}; wait for it to finish or pass another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{command} (pid {os.getpid()})")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -27,7 +27,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from accel.eval.metrics import MetricInputs, MetricSuite, metric_keys
 from accel.eval.noise import run_to_run_noise
 from accel.eval.provenance import provenance
 from accel.eval.runtime import check_model, check_output_dir
+from accel.serialization import lock_folder, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +134,7 @@ def explain_recompute(context: RunContext, method: Method) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.part")
-    partial.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-    partial.replace(path)
+    write_json(data, path, allow_nan=False)  # atomic, through a temporary file of this process's own
 
 
 def _sample_paths(directory: Path, count: int) -> list[Path]:
@@ -377,14 +375,24 @@ def run_evaluation(config: EvalConfig, out: str | Path, pipe: Any = None) -> dic
     Raises:
         ValueError: before any compute, in one line: an output folder that cannot be written, a model, device,
             step count or method that cannot run (every method is checked against the model first).
+        accel.serialization.FolderInUse: another run is writing ``out`` (its lock is held until it ends).
     """
-    from accel.eval.report import write_reports
+    from accelerate import PartialState
 
     methods = parse_methods(config.methods)
-    config.runtime.check()
+    device = config.runtime.check()
     if pipe is None:
         check_model(config.model)
     out = check_output_dir(out)
+    main = PartialState(cpu=device.type == "cpu").is_main_process  # build_context's state: the same arguments
+    with lock_folder(out, "accel eval") if main else nullcontext():
+        return _run_locked(config, out, pipe, methods)
+
+
+def _run_locked(config: EvalConfig, out: Path, pipe: Any, methods: list[Method]) -> dict | None:
+    """:func:`run_evaluation` once ``out`` is checked and, on the main process, locked."""
+    from accel.eval.report import write_reports
+
     context = build_context(config, out, pipe)
     check_steps(context.pipe, config.steps, "--steps")
     for method in methods:  # every method checked against the model before any compute

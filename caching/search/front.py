@@ -4,6 +4,7 @@
 
     {"type": "accel.caching.search.Front", "version": 1,
      "schedules": ["schedule-00.json", ...],     # fastest last
+     "members": [{...Schedule...}, ...],         # the same schedules, what load_front reads (optional)
      "info": {"model": ..., "num_steps": 20, "prompts": [...], "search_minutes": 12.5, ...}}
 
 Each schedule's ``metrics`` hold what was measured: ``relative_macs``, ``ideal_speedup``, ``psnr`` (the
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from accel.caching.schedule import Schedule
+from accel.caching.search.archive import json_default
+from accel.serialization import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -102,19 +105,29 @@ class Front:
         return chosen.resample(num_steps) if num_steps else chosen
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``schedule-NN.json`` files and ``front.json`` into ``directory``; returns front.json's path."""
+        """Write ``schedule-NN.json`` files and ``front.json`` into ``directory``; returns front.json's path.
+
+        ``front.json`` holds every member too (``members``), and it alone is what :func:`load_front` reads, so
+        switching it (atomically, after the schedule files are written) switches the front whole: an interruption
+        at any point leaves the old front or the new one. Schedule files the new front no longer names are removed
+        last.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for old in directory.glob("schedule-*.json"):
-            old.unlink()
-        names = []
-        for index, schedule in enumerate(self.schedules):
-            name = f"schedule-{index:02d}.json"
+        names = [f"schedule-{index:02d}.json" for index in range(len(self.schedules))]
+        for name, schedule in zip(names, self.schedules):
             schedule.save(directory / name)
-            names.append(name)
-        path = directory / "front.json"
-        document = {"type": FRONT_TYPE, "version": FRONT_VERSION, "schedules": names, "info": self.info}
-        path.write_text(json.dumps(document, indent=1) + "\n")
+        document = {
+            "type": FRONT_TYPE,
+            "version": FRONT_VERSION,
+            "schedules": names,
+            "members": [schedule.to_dict() for schedule in self.schedules],
+            "info": self.info,
+        }
+        path = write_json(document, directory / "front.json", default=json_default)
+        for old in directory.glob("schedule-*.json"):
+            if old.name not in names:
+                old.unlink(missing_ok=True)
         return path
 
     def table(self) -> str:
@@ -137,8 +150,17 @@ def load_front(directory: str | Path) -> Front:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"no front.json in {directory}; run `accel search --out {directory}` first") from None
-    if data.get("type") != FRONT_TYPE or data.get("version") != FRONT_VERSION:
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); run `accel search --out {directory}` again") from None
+    if not isinstance(data, dict) or data.get("type") != FRONT_TYPE or data.get("version") != FRONT_VERSION:
         raise ValueError(f"{path} is not a {FRONT_TYPE} version {FRONT_VERSION} file")
+    members = data.get("members")
+    if members is not None:  # the front as it was saved, whole (schedule files may be mid-rewrite)
+        try:
+            schedules = tuple(Schedule.from_dict(member) for member in members)
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"{path}: a member is not a valid schedule ({error})") from None
+        return Front(schedules=schedules, info=data.get("info", {}))
     names = data.get("schedules", [])
     if any(not isinstance(n, str) or "/" in n or "\\" in n or n.startswith(".") for n in names):
         raise ValueError(f"{path}: schedule entries must be plain file names in the same folder")

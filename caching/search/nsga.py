@@ -3,8 +3,9 @@
 The loop uses pymoo's ask/tell interface; this module supplies the problem (binary genome, two minimised
 objectives: cost and ``-psnr``), the constraint repair, a mutation that adds whole-step / whole-column moves
 to bit flips, and candidate evaluation with an archive: a genome is never run twice with the same prompt
-count. The checkpoint (``search_state.json`` + ``search_state.npz`` in the output folder, no pickle) holds the
-population with its ranks, the archive of every evaluation and pymoo's random generator state; a run resumed
+count. The checkpoint (``search_state.json`` and the ``search_state-*.npz`` it names, in the output folder, no
+pickle) holds the population with its ranks, the archive of every evaluation and pymoo's random generator state;
+it is switched atomically (:meth:`GeneticSearch.save`), and a run resumed
 from it continues bit-identically to an uninterrupted one.
 """
 
@@ -27,6 +28,7 @@ from accel.caching.search.config import SearchConfig
 from accel.caching.search.evaluator import Evaluator
 from accel.caching.search.genome import Encoding, repair
 from accel.caching.search.workers import Workers
+from accel.serialization import write_atomically, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +254,15 @@ class GeneticSearch:
     # -- checkpoint --------------------------------------------------------------------------------------
 
     def _paths(self) -> tuple[Path, Path]:
-        return self.out_dir / "search_state.json", self.out_dir / "search_state.npz"
+        """The checkpoint's JSON, and the arrays file it names (``search_state.npz`` in checkpoints before names)."""
+        json_path = self.out_dir / "search_state.json"
+        try:
+            name = json.loads(json_path.read_text()).get("arrays_file", "search_state.npz")
+        except (OSError, ValueError, AttributeError):
+            name = "search_state.npz"
+        if not isinstance(name, str) or "/" in name or "\\" in name:
+            name = "search_state.npz"
+        return json_path, self.out_dir / name
 
     def _fingerprint(self) -> dict:
         fingerprint = {
@@ -280,7 +290,10 @@ class GeneticSearch:
         }
 
     def save(self) -> None:
-        """Write the last :meth:`snapshot` and the whole archive, atomically (npz first, then the json).
+        """Write the last :meth:`snapshot` and the whole archive, atomically: the arrays to a new
+        ``search_state-<token>.npz`` first, then ``search_state.json``, which names it, is switched in one rename
+        (the commit point), then the arrays files it no longer names are removed. An interruption at any point
+        leaves the previous checkpoint or the new one, whole.
 
         Between generation boundaries this keeps the evaluations made since (nothing is lost) while the state
         stays that of the last boundary, so a resumed run redoes the same generation, from the archive.
@@ -288,11 +301,16 @@ class GeneticSearch:
         if not self.workers.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        json_path, npz_path = self._paths()
+        json_path = self.out_dir / "search_state.json"
+        npz_path = self.out_dir / f"search_state-{os.getpid()}-{time.time_ns():x}.npz"
         snapshot = self._snapshot or {"arrays": {}, "generation": 0, "n_iter": None, "random_state": None}
-        tmp = npz_path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, **self.archive.arrays(self.length), **snapshot["arrays"])
-        os.replace(tmp, npz_path)
+        arrays = {**self.archive.arrays(self.length), **snapshot["arrays"]}
+
+        def write_npz(temporary: Path) -> None:
+            with temporary.open("wb") as file:
+                np.savez_compressed(file, **arrays)
+
+        write_atomically(npz_path, write_npz)
         state = {
             "version": STATE_VERSION,
             "fingerprint": self._fingerprint(),
@@ -301,10 +319,12 @@ class GeneticSearch:
             "elapsed_seconds": self.elapsed,
             "random_state": snapshot["random_state"],
             "archive_metrics": self.archive.metrics(),
+            "arrays_file": npz_path.name,
         }
-        tmp = json_path.with_suffix(".tmp.json")
-        tmp.write_text(json.dumps(state, default=json_default))
-        os.replace(tmp, json_path)
+        write_json(state, json_path, default=json_default)
+        for old in self.out_dir.glob("search_state*.npz"):
+            if old != npz_path:
+                old.unlink(missing_ok=True)
         self._last_save = time.perf_counter()
 
     def load(self) -> bool:

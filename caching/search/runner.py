@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from accel.caching.search.front import Front
 from accel.caching.search.latency import LatencyModel, fit_latency_model
 from accel.caching.search.nsga import GeneticSearch
 from accel.caching.search.seeds import dp_schedules, heuristic_schedules, ramp_schedules
+from accel.caching.search.workers import Workers
 from accel.eval.pareto import non_dominated
+from accel.serialization import lock_folder
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +105,18 @@ def search(
 
     Returns:
         the :class:`Front`, each schedule with ``metrics`` measured on all prompts (``image_psnr`` included).
+
+    Raises:
+        accel.serialization.FolderInUse: another search is writing ``out_dir`` (its lock is held until it ends).
     """
-    started = time.perf_counter()
     out_dir = Path(out_dir)
+    with lock_folder(out_dir, "accel search") if Workers().is_main else nullcontext():
+        return _search(pipe, prompts, config, out_dir, resume, call_kwargs, info, evaluator)
+
+
+def _search(pipe, prompts, config, out_dir: Path, resume, call_kwargs, info, evaluator) -> Front:
+    """:func:`search` once ``out_dir`` is locked."""
+    started = time.perf_counter()
     if evaluator is None:
         evaluator = Evaluator(pipe, prompts, config.evaluation, call_kwargs)
     if config.evaluation.cost == "fitted":
@@ -115,8 +127,8 @@ def search(
         search_seconds = time.perf_counter() - started
     else:
         if not resume:
-            for name in ("search_state.json", "search_state.npz"):
-                (out_dir / name).unlink(missing_ok=True)
+            for path in [out_dir / "search_state.json", *out_dir.glob("search_state*.npz")]:
+                path.unlink(missing_ok=True)
         seeds = seed_schedules(evaluator, config) if config.seed_schedules else {}
         genetic = GeneticSearch(evaluator, config, out_dir, seeds)
         found = genetic.run(resume=resume)
