@@ -125,9 +125,11 @@ def test_the_model_identity_is_the_weights_content():
     assert model_identity(pipe)["weights"] != identity["weights"]
 
 
-@pytest.mark.parametrize("name", ["search_state.json", "search_state.npz"])
+@pytest.mark.parametrize("name", ["search_state.json", "arrays"])
 def test_a_corrupt_checkpoint_names_its_path_and_the_way_out(tmp_path, name):
     GeneticSearch(MaskEvaluator(), config(generations=1), tmp_path, seeds={}).run()
+    if name == "arrays":
+        (name,) = [path.name for path in tmp_path.glob("search_state*.npz")]
     (tmp_path / name).write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match=f"checkpoint {tmp_path / name} cannot be read .*--restart"):
         GeneticSearch(MaskEvaluator(), config(generations=2), tmp_path, seeds={}).load()
