@@ -271,7 +271,52 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return mean_term + centred_real.square().sum() + centred_fake.square().sum() - 2 * trace_sqrt
 
 
-def fid_kid_from_features(real: torch.Tensor, fake: torch.Tensor, suffix: str, config: FidKidConfig) -> dict:
+def paired_kid(
+    real: torch.Tensor, fake: torch.Tensor, subsets: int, subset_size: int, seed: int
+) -> tuple[float, float]:
+    """KID of two feature sets whose rows are pairs (row ``i`` of both from the same prompt and seed, e.g. a method
+    against full compute), as mean and standard deviation over random subsets of pairs.
+
+    Each subset's squared MMD is the unbiased U-statistic over pairs ``i != j`` of
+    ``k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i)`` with KID's kernel ``(x.y / d + 1) ** 3``: the
+    diagonal cross terms ``k(x_i, y_i)`` of a pair are left out, so two identical sets score exactly 0. (The
+    two-sample estimator that torchmetrics uses counts them and, on paired sets, is biased below 0.)
+
+    Args:
+        real, fake: ``(N, D)`` features, the same ``N``.
+        subsets, subset_size: how many subsets of how many pairs.
+        seed: seeds the subsets.
+    """
+    if real.shape != fake.shape:
+        raise ValueError(f"paired KID needs feature sets of one shape, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    real, fake = real.double(), fake.double()
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        index = torch.randperm(len(real), generator=generator)[:subset_size]
+        x, y = real[index], fake[index]
+        kernel = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3  # noqa: E731
+        terms = kernel(x, x) + kernel(y, y) - kernel(x, y) - kernel(y, x)
+        off_diagonal = terms.sum() - terms.diagonal().sum()
+        values.append(off_diagonal / (subset_size * (subset_size - 1)))
+    values = torch.stack(values)
+    return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
+
+
+def bootstrap_fid_se(real: torch.Tensor, fake: torch.Tensor, paired: bool, resamples: int = 10, seed: int = 0) -> float:
+    """Standard deviation of FID over ``resamples`` bootstrap resamples of the images (the same indices on both
+    sides when ``paired``, else of ``fake`` alone): how much FID moves with the choice of images."""
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(resamples):
+        index = torch.randint(len(fake), (len(fake),), generator=generator)
+        values.append(float(frechet_distance(real[index] if paired else real, fake[index])))
+    return float(torch.tensor(values).std())
+
+
+def fid_kid_from_features(
+    real: torch.Tensor, fake: torch.Tensor, suffix: str, config: FidKidConfig, paired: bool = False
+) -> dict:
     """FID and KID of two feature sets.
 
     Args:
@@ -279,23 +324,30 @@ def fid_kid_from_features(real: torch.Tensor, fake: torch.Tensor, suffix: str, c
         fake: (N_fake, D) features of generated images.
         suffix: Extractor label that goes into the metric names, e.g. ``"EffNetLite0"``.
         config: Batch and KID settings.
+        paired: row ``i`` of both sets comes from one prompt and seed (a method against full compute): KID is then
+            :func:`paired_kid` (0 for identical sets), and the FID bootstrap resamples pairs.
 
     Returns:
-        ``{f"FID-{suffix}": float, f"KID-{suffix}": float (mean over subsets),
-        f"KID-{suffix}-std": float, "num_real": int, "num_fake": int, "kid_subset_size": int}``.
+        ``{f"FID-{suffix}": float, f"FID-{suffix}-se": float (bootstrap, see :func:`bootstrap_fid_se`),
+        f"KID-{suffix}": float (mean over subsets), f"KID-{suffix}-std": float, "num_real": int, "num_fake": int,
+        "kid_subset_size": int}``.
     """
-    _, KernelInceptionDistance = _torchmetrics_classes()
     subset_size = kid_subset_size(len(real), len(fake), config.kid_subset_size)
-    kid = KernelInceptionDistance(
-        feature=_Passthrough(real.shape[1]), subsets=config.kid_subsets, subset_size=subset_size
-    )
-    kid.update(real.double(), real=True)
-    kid.update(fake.double(), real=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        kid_mean, kid_std = kid.compute()
+    if paired:
+        kid_mean, kid_std = paired_kid(real, fake, config.kid_subsets, subset_size, config.seed)
+    else:
+        _, KernelInceptionDistance = _torchmetrics_classes()
+        kid = KernelInceptionDistance(
+            feature=_Passthrough(real.shape[1]), subsets=config.kid_subsets, subset_size=subset_size
+        )
+        kid.update(real.double(), real=True)
+        kid.update(fake.double(), real=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            kid_mean, kid_std = kid.compute()
     return {
         f"FID-{suffix}": float(frechet_distance(real, fake)),
+        f"FID-{suffix}-se": bootstrap_fid_se(real, fake, paired, seed=config.seed),
         f"KID-{suffix}": float(kid_mean),
         f"KID-{suffix}-std": float(kid_std),
         "num_real": len(real),

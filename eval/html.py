@@ -18,21 +18,27 @@ import io
 import math
 from pathlib import Path
 
+from accel.eval.decision import floors, value_noise
 from accel.eval.generation import animation_bytes, load_samples, save_animation
 from accel.eval.metrics import PSNR_CAP_DB
 from accel.eval.report import (
+    decision_rows,
     fronts,
     metric_info,
     metric_names,
     noise_lines,
+    noise_note,
+    noisy_metrics,
     ok_trials,
     run_summary,
     sample_unit,
     summary_rows,
+    value_of,
 )
 
 GRID_PROMPTS = 8
-THUMBNAIL = 128
+#: images larger than this are embedded downscaled to it (smaller ones as they are, scaled up smoothly on the page)
+THUMBNAIL = 256
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1150px; color: #222; }
@@ -42,11 +48,13 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; white-spac
 th { background: #f3f3f3; white-space: normal; }
 .scroll { overflow-x: auto; }
 td:first-child, th:first-child { text-align: left; font-family: monospace; }
-tr.front td:first-child { font-weight: bold; } tr.unsupported td { color: #999; }
+tr.pick td:first-child { font-weight: bold; } tr.unsupported td { color: #999; }
+table.decision td { text-align: left; white-space: normal; }
 .plots { display: flex; flex-wrap: wrap; gap: 12px; }
 .plots svg { border: 1px solid #ddd; background: #fff; }
 .grid td, .grid th { border: none; padding: 2px; text-align: center; font-size: 12px; }
-.grid img { width: 96px; height: 96px; image-rendering: pixelated; display: block; }
+.grid img { width: 176px; height: 176px; object-fit: contain; image-rendering: auto; display: block; }
+.grid .psnr { font-size: 11px; color: #555; font-variant-numeric: tabular-nums; }
 .grid td.prompt { text-align: left; max-width: 140px; white-space: normal; }
 .provenance td { white-space: normal; }
 code, .mono { font-family: monospace; font-size: 12px; } .muted { color: #777; }
@@ -67,8 +75,16 @@ def _range(values: list[float]) -> tuple[float, float]:
     return low - pad, high + pad
 
 
-def pareto_svg(name: str, points: list[tuple[str, float, float]], front: list[str], better: str) -> str:
-    """Scatter of ``(method, speedup, value)`` with the front in red, joined in speedup order."""
+def pareto_svg(
+    name: str,
+    points: list[tuple[str, float, float]],
+    front: list[str],
+    better: str,
+    noise: dict[str, float] | None = None,
+) -> str:
+    """Scatter of ``(method, speedup, value)`` with the front in red, joined in speedup order; each dot with an
+    error bar of its ``noise`` (by method) and a hover title, each label joined to its dot by a leader line."""
+    noise = noise or {}
     width, height, left, right, top, bottom = 360, 270, 52, 16, 28, 40
     capped = [p for p in points if name == "PSNR" and p[2] >= PSNR_CAP_DB]
     shown = [p for p in points if p not in capped] or points
@@ -106,19 +122,37 @@ def pareto_svg(name: str, points: list[tuple[str, float, float]], front: list[st
         color = "#d62728" if method in front else "#1f77b4"
         cx, cy = sx(x), sy(y)
         is_capped = (method, x, y) in capped
+        spread = noise.get(method)
+        hover = f"{method}: {x:.2f}x, {name} {y:.4g}" + (f" ±{spread:.3g}" if spread else "")
+        if spread and not is_capped:  # the value's noise as a vertical bar
+            top_y, bottom_y = sy(min(y + spread, y1)), sy(max(y - spread, y0))
+            parts.append(
+                f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{top_y:.1f}" y2="{bottom_y:.1f}" stroke="{color}" '
+                'stroke-opacity="0.5"/>'
+            )
+        title = f"<title>{html.escape(hover)}</title>"
         if is_capped:  # off the scale: a triangle at the top edge
-            parts.append(f'<path d="M{cx:.1f},{cy - 5:.1f} l5,9 h-10 z" fill="{color}"/>')
+            parts.append(f'<path d="M{cx:.1f},{cy - 5:.1f} l5,9 h-10 z" fill="{color}">{title}</path>')
         else:
-            parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{color}"/>')
+            parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{color}">{title}</circle>')
         text = method + (" (identical)" if is_capped else "")
         box_width = 5.6 * len(text)
         right_half = cx > left + 0.6 * (width - left - right)
         bx = cx - 6 - box_width if right_half else cx + 6
-        ly = cy + 13 if is_capped else cy - 5
+        natural = ly = cy + 13 if is_capped else cy - 5
         while any(bx < b[1] and b[0] < bx + box_width and ly - 9 < b[3] and b[2] < ly + 1 for b in placed):
             ly += 11
         placed.append((bx, bx + box_width, ly - 9, ly + 1))
-        parts.append(f'<text x="{bx:.1f}" y="{ly:.1f}" font-size="10">{html.escape(text)}</text>')
+        if ly != natural:  # moved off its dot: a leader line from the label back to the dot
+            edge = bx + box_width if right_half else bx
+            parts.append(
+                f'<line x1="{cx:.1f}" y1="{cy:.1f}" x2="{edge:.1f}" y2="{ly - 3:.1f}" '
+                'stroke="#999" stroke-width="0.7"/>'
+            )
+        parts.append(
+            f'<text x="{bx:.1f}" y="{ly:.1f}" font-size="10"><title>{html.escape(hover)}</title>'
+            f"{html.escape(text)}</text>"
+        )
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -156,22 +190,34 @@ def write_animations(results: dict, out: str | Path) -> list[Path]:
     return written
 
 
+def _sample_psnr(trial: dict, index: int) -> str:
+    """The PSNR of one image (clip) of ``trial`` against full compute's, as a caption; empty where not measured."""
+    if trial["kind"] == "full":
+        return "<div class='psnr'>reference</div>"
+    per_sample = trial.get("metrics", {}).get("PSNR", {}).get("per_sample") or []
+    if index >= len(per_sample):
+        return ""
+    value = per_sample[index]
+    text = "identical" if value >= PSNR_CAP_DB else f"{value:.1f} dB"
+    return f"<div class='psnr'>{text}</div>"
+
+
 def _cell(out: Path, trial: dict, index: int, unit: str) -> str:
-    """One grid cell: the image's thumbnail, or the clip's animation linking to its file."""
+    """One grid cell: the image's thumbnail, or the clip's animation linking to its file, with its PSNR."""
     path = out / trial["images"] / f"{index:05d}.png"
     if not path.exists():
         return "missing"
     alt = html.escape(trial["method"])
     if unit != "clip":
-        return f'<img src="{_thumbnail(path)}" alt="{alt}">'
+        return f'<img src="{_thumbnail(path)}" alt="{alt}">' + _sample_psnr(trial, index)
     data = base64.b64encode(animation_bytes(load_samples([path])[0], THUMBNAIL, lossless=False)).decode()
     link = html.escape(animation_file(trial, index))
-    return f'<a href="{link}"><img src="data:image/webp;base64,{data}" alt="{alt}"></a>'
+    return f'<a href="{link}"><img src="data:image/webp;base64,{data}" alt="{alt}"></a>' + _sample_psnr(trial, index)
 
 
 def image_grid(results: dict, out: Path) -> str:
-    """One row per prompt and seed (the first few), one column per method that ran, full compute first; clips
-    as animations."""
+    """One row per prompt and seed (the first :data:`GRID_PROMPTS`), one column per method that ran, full compute
+    first, each image with its PSNR against full compute's; clips as animations."""
     trials, unit = ok_trials(results), sample_unit(results)
     run = results["run"]
     prompts = run["config"]["prompts"][:GRID_PROMPTS]
@@ -184,9 +230,23 @@ def image_grid(results: dict, out: Path) -> str:
     return f"<table class='grid'>{''.join(rows)}</table>"
 
 
-def _table(results: dict, all_fronts: dict[str, list[str]]) -> str:
+def _rows_html(header: list[str], rows: list[list[str]], css: str = "") -> str:
+    body = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+    return f"<div class='scroll'><table class='{css}'>{''.join(body)}</table></div>"
+
+
+def _decision(results: dict) -> str:
+    """The lead: per quality floor the fastest method meeting it, and the noise note."""
+    header, rows = decision_rows(results)
+    if not rows:
+        return "<p>No full-compute trial ran, so no method can be judged against it.</p>"
+    return _rows_html(header, rows, "decision") + f"<p class='muted'>{html.escape(noise_note(results))}</p>"
+
+
+def _table(results: dict) -> str:
     header, rows = summary_rows(results)
-    on_front = {name for front in all_fronts.values() for name in front}
+    picks = {floor.best["method"] for floor in floors(results) if floor.best is not None}
     statuses = {t["method"]: t.get("status") for t in results["trials"]}
     body = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for row in rows:
@@ -196,21 +256,23 @@ def _table(results: dict, all_fronts: dict[str, list[str]]) -> str:
                 f"<td colspan='{len(header) - 1}' style='text-align:left'>unsupported (see below)</td></tr>"
             )
             continue
-        css = "front" if row[0] in on_front else ""
+        css = "pick" if row[0] in picks else ""
         body.append(f"<tr class='{css}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-    note = "<p class='muted'>Bold: on the Pareto front of at least one metric.</p>"
+    note = "<p class='muted'>Bold: the fastest method at one of the quality floors above. ± as above.</p>"
     return f"<div class='scroll'><table>{''.join(body)}</table></div>{note}"
 
 
 def _plots(results: dict, all_fronts: dict[str, list[str]]) -> str:
-    svgs = []
+    """One plot per kind of metric (:func:`accel.eval.report.primary_metrics`), each value with its noise; a metric
+    whose noise exceeds the differences between the methods is left out (the tables flag it)."""
+    svgs, noisy = [], noisy_metrics(results)
     for name, front in all_fronts.items():
-        points = [
-            (t["method"], t["latency"]["speedup"], t["metrics"][name]["value"])
-            for t in ok_trials(results)
-            if t["metrics"].get(name, {}).get("value") is not None
-        ]
-        svgs.append(pareto_svg(name, points, front, metric_info(results, name).get("better", "higher")))
+        if name in noisy:
+            continue
+        trials = [t for t in ok_trials(results) if value_of(t, name) is not None]
+        points = [(t["method"], t["latency"]["speedup"], value_of(t, name)) for t in trials]
+        noise = {t["method"]: n for t in trials if t["kind"] != "full" and (n := value_noise(results, t, name))}
+        svgs.append(pareto_svg(name, points, front, metric_info(results, name).get("better", "higher"), noise))
     return f"<div class='plots'>{''.join(svgs)}</div>"
 
 
@@ -259,10 +321,20 @@ def _provenance(results: dict) -> str:
 
 
 def _grid_heading(results: dict) -> str:
-    if sample_unit(results) != "clip":
-        return "<h2>Images: same prompt and seed across methods</h2>"
+    total = len(results["run"]["config"]["prompts"])
+    shown = min(GRID_PROMPTS, total)
+    what = "clips" if sample_unit(results) == "clip" else "images"
+    counts = (
+        f"The first {shown} of the {total} prompts, one seed each; full compute first; under each {what[:-1]} its "
+        "PSNR against the full-compute one (the lower, the more it lost)."
+    )
+    if what == "images":
+        return (
+            f"<h2>Images: same prompt and seed across methods</h2><p class='muted'>{counts} Shown enlarged, "
+            "smoothly scaled.</p>"
+        )
     return (
-        "<h2>Clips: same prompt and seed across methods</h2><p class='muted'>Full compute first; each clip loops "
+        f"<h2>Clips: same prompt and seed across methods</h2><p class='muted'>{counts} Each clip loops "
         "(animated WebP, quality 95); click one for its lossless file.</p>"
     )
 
@@ -274,11 +346,13 @@ def html_report(results: dict, out: str | Path) -> str:
     body = [
         "<h1>Quality vs speed</h1>",
         f"<p>{html.escape(run_summary(results))}</p>",
-        "<h2>Summary</h2>",
-        _table(results, all_fronts),
+        "<h2>Which method to use</h2>",
+        _decision(results),
+        "<h2>All methods</h2>",
+        _table(results),
         f"<p class='muted'>Speedup: median latency of full compute over the method's, timed interleaved in one process "
         f"({timing['warmup']} warm-up, {timing['repeats']} timed rounds, batch {timing['batch']}).</p>",
-        "<h2>Pareto fronts</h2>",
+        "<h2>Quality vs speed (Pareto fronts in red; bars: noise; hover a dot for its numbers)</h2>",
         _plots(results, all_fronts),
         _grid_heading(results),
         image_grid(results, Path(out)),

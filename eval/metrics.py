@@ -243,6 +243,19 @@ def psnr(candidate: torch.Tensor, reference: torch.Tensor, peak: torch.Tensor | 
     return (10 * torch.log10(peak**2 / mse)).clamp(max=PSNR_CAP_DB)  # mse 0 -> inf -> the cap
 
 
+def _per_sample_result(values: torch.Tensor, *, better: str, computed: str, **details) -> dict:
+    """A metric's mean over samples with its spread: the worst sample (``min``/``max``), the standard error of the
+    mean (``se``) and every sample's value (``per_sample``, in prompt order), from which the report draws its
+    noise and per-image values."""
+    values = values.double().flatten()
+    worst = float(values.min() if better == "higher" else values.max())
+    se = float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
+    key = "min" if better == "higher" else "max"
+    return result(
+        values.mean(), better=better, computed=computed, **{key: worst}, se=se, per_sample=values.tolist(), **details
+    )
+
+
 def _per_clip(per_frame: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
     """``(N * F,)`` per-frame values -> ``(N,)`` each clip's mean over its frames."""
     return per_frame.reshape(len(inputs.images), inputs.frames).mean(dim=1)
@@ -259,13 +272,13 @@ def psnr_metric(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
             f"the same prompt and seed, frame by frame, averaged over its {inputs.frames} frames; identical frames "
             f"count as {PSNR_CAP_DB:g} dB"
         )
-        return {"PSNR": result(per_clip.mean(), better="higher", computed=computed, min=float(per_clip.min()))}
+        return {"PSNR": _per_sample_result(per_clip, better="higher", computed=computed)}
     per_image = psnr(_floats(inputs.images), _floats(inputs.reference))
     computed = (
         f"mean over {len(per_image)} images of PSNR (dB, 8-bit images) against the full-compute image with the same "
         f"prompt and seed; identical images count as {PSNR_CAP_DB:g} dB"
     )
-    return {"PSNR": result(per_image.mean(), better="higher", computed=computed, min=float(per_image.min()))}
+    return {"PSNR": _per_sample_result(per_image, better="higher", computed=computed)}
 
 
 @register_metric("ssim")
@@ -285,9 +298,11 @@ def ssim(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
         frames, reference = _floats(inputs.frame_images).double(), _floats(inputs.frame_reference).double()
         per_frame = structural_similarity_index_measure(frames, reference, data_range=1.0, reduction="none")
         per_clip = _per_clip(per_frame, inputs).float()
-        return {"SSIM": result(per_clip.mean(), better="higher", computed=computed, min=float(per_clip.min()))}
-    value = structural_similarity_index_measure(_floats(inputs.images), _floats(inputs.reference), data_range=1.0)
-    return {"SSIM": result(value, better="higher", computed=computed)}
+        return {"SSIM": _per_sample_result(per_clip, better="higher", computed=computed)}
+    per_image = structural_similarity_index_measure(
+        _floats(inputs.images), _floats(inputs.reference), data_range=1.0, reduction="none"
+    )
+    return {"SSIM": _per_sample_result(per_image, better="higher", computed=computed)}
 
 
 def _lpips_model(net: str):
@@ -353,17 +368,21 @@ def fid(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
     caveat = "biased upwards with few images: compare only at equal image counts (within one report); prefer KID"
     notes = {"extractor": suffix, "note": caveat, **({"fallback": fallback} if fallback else {})}
     try:
-        values = fid_kid_from_features(real_features, fake_features, suffix, FidKidConfig())
+        paired = suite.real is None  # the full-compute images of the same prompts and seeds
+        values = fid_kid_from_features(real_features, fake_features, suffix, FidKidConfig(), paired=paired)
     except (ValueError, ImportError) as error:
         return {
             f"FID-{suffix}": unavailable("lower", f"FID {what}", str(error)),
             f"KID-{suffix}": unavailable("lower", f"KID {what}", str(error)),
         }
-    kid_what = f"KID (mean of {FidKidConfig().kid_subsets} subsets of {values['kid_subset_size']}) {what}"
+    estimator = "unbiased over pairs i != j, the same prompt and seed" if paired else "unbiased two-sample"
+    kid_what = f"KID ({estimator}; mean of {FidKidConfig().kid_subsets} subsets of {values['kid_subset_size']}) {what}"
+    fid_se = values[f"FID-{suffix}-se"]
+    kid_std = values[f"KID-{suffix}-std"]
     return {
-        f"FID-{suffix}": result(values[f"FID-{suffix}"], better="lower", computed=f"FID {what}", **notes),
+        f"FID-{suffix}": result(values[f"FID-{suffix}"], better="lower", computed=f"FID {what}", se=fid_se, **notes),
         f"KID-{suffix}": result(
-            values[f"KID-{suffix}"], better="lower", computed=kid_what, std=values[f"KID-{suffix}-std"], **notes
+            values[f"KID-{suffix}"], better="lower", computed=kid_what, std=kid_std, se=kid_std, **notes
         ),
     }
 
@@ -394,15 +413,17 @@ def clip(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
         return {"alignment": unavailable("higher", "prompt-image alignment", reason)}
     scores = torch.as_tensor(scorer.score(_floats(inputs.frame_images), inputs.frame_prompts)).float()
     name = getattr(scorer, "metric_name", "alignment")
+    if inputs.frames is not None:
+        scores = _per_clip(scores, inputs)
     if fallback is None:
         computed = f"mean CLIP score over {inputs.samples()}, max(100 cos, 0), open-clip {name} (Hessel et al. 2021)"
-        return {name: result(scores.mean(), better="higher", computed=computed)}
+        return {name: _per_sample_result(scores, better="higher", computed=computed)}
     computed = (
         f"mean prompt-image alignment score over {inputs.samples()} of the bundled offline scorer {name} "
         "(accel.eval.alignment; "
         "comparable with itself only, not with CLIP scores)"
     )
-    return {name: result(scores.mean(), better="higher", computed=computed, note=fallback)}
+    return {name: _per_sample_result(scores, better="higher", computed=computed, note=fallback)}
 
 
 MOTION_NAME = "motion-accuracy"

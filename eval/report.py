@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from accel.eval.decision import family, floors, noise_dominated, value_noise
 from accel.eval.noise import within
 from accel.eval.pareto import pareto_front
 
@@ -42,10 +43,31 @@ def ok_trials(results: dict) -> list[dict]:
     return [t for t in results["trials"] if t.get("status") == "ok"]
 
 
+def measured_names(results: dict) -> list[str]:
+    """The metrics some trial has a value of (a metric unavailable everywhere is left out of the tables)."""
+    return [n for n in metric_names(results) if any(value_of(t, n) is not None for t in ok_trials(results))]
+
+
+def value_of(trial: dict, name: str) -> float | None:
+    """A trial's value of ``name``, or None."""
+    return trial.get("metrics", {}).get(name, {}).get("value")
+
+
+def primary_metrics(results: dict) -> list[str]:
+    """One measured metric per kind (fidelity, distribution, prompt, motion), the first of each: the rest of a kind
+    tells the same story (PSNR and SSIM, FID and KID)."""
+    seen, names = set(), []
+    for name in measured_names(results):
+        if family(name) not in seen:
+            seen.add(family(name))
+            names.append(name)
+    return names
+
+
 def fronts(results: dict) -> dict[str, list[str]]:
-    """Per metric with values, the Pareto front of speedup vs that metric."""
+    """Per primary metric (:func:`primary_metrics`), the Pareto front of speedup vs that metric."""
     found = {}
-    for name in metric_names(results):
+    for name in primary_metrics(results):
         points = [
             (t["method"], t["latency"]["speedup"], t["metrics"][name]["value"])
             for t in ok_trials(results)
@@ -83,6 +105,8 @@ def noise_lines(results: dict) -> list[str]:
 def _format_value(value: float | None) -> str:
     if value is None:
         return "n/a"
+    if abs(value) < 5e-5:
+        return "0"  # never "-0.0000"
     if abs(value) >= 100:
         return f"{value:.1f}"
     if abs(value) >= 1:
@@ -90,12 +114,68 @@ def _format_value(value: float | None) -> str:
     return f"{value:.4f}"
 
 
+def format_with_noise(results: dict, trial: dict, name: str) -> str:
+    """``"34.90 ±0.81"``: the value and its noise (:func:`accel.eval.decision.value_noise`), or ``"n/a"``."""
+    text = _format_value(value_of(trial, name))
+    noise = value_noise(results, trial, name)
+    if noise is None or text == "n/a":
+        return text
+    return f"{text} ±{noise:.0f}" if noise >= 10 else f"{text} ±{noise:.2g}"  # two significant digits
+
+
+def noisy_metrics(results: dict) -> list[str]:
+    """The measured metrics whose noise exceeds the differences between the methods."""
+    return [name for name in measured_names(results) if noise_dominated(results, name)]
+
+
+def decision_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the report's lead: per quality floor, the fastest method meeting it and how it compares
+    with plain fewer steps (:func:`accel.eval.decision.floors`)."""
+    header = ["quality floor", "fastest method meeting it", "speedup", "vs plain fewer steps"]
+    rows, noisy = [], noisy_metrics(results)
+    for floor in floors(results):
+        best = floor.best
+        flagged = [name for name in noisy if name in floor.label]
+        label = floor.label + (f" ({', '.join(flagged)} flagged: within noise says little)" if flagged else "")
+        if best is None:
+            rows.append([label, "-", "-", floor.verdict()])
+            continue
+        quality = ", ".join(
+            f"{name} {format_with_noise(results, best, name)}"
+            for name in primary_metrics(results)
+            if best["kind"] != "full" and value_of(best, name) is not None
+        )
+        method = best["method"] + (f" ({quality})" if quality else "")
+        rows.append([label, method, f"{best['latency']['speedup']:.2f}x", floor.verdict()])
+    return header, rows
+
+
+def noise_note(results: dict) -> str:
+    """What the ± of the tables means, and which metrics cannot rank the methods on this run."""
+    text = (
+        "±: the noise of a number: the run-to-run spread over full-compute seed sets where measured, else twice its "
+        "standard error over this run's images (FID: a bootstrap over the images; KID: its spread over subsets). "
+        "Within noise of full compute: worse by at most the noise of the difference (paired per prompt where "
+        "there are per-image values)."
+    )
+    noisy = noisy_metrics(results)
+    if noisy:
+        text += (
+            f" Flagged: {', '.join(noisy)}: the noise exceeds the differences between the methods, so on "
+            f"{len(results['run']['seeds'])} {sample_unit(results)}s they cannot rank them."
+        )
+    return text
+
+
 def summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the summary table: one row per trial, unsupported ones included."""
-    names, unit = metric_names(results), sample_unit(results)
+    """Header and rows of the summary table: one row per trial, unsupported ones included; each metric with its
+    noise; a metric no trial measured is left out."""
+    names, unit = measured_names(results), sample_unit(results)
+    noisy = set(noisy_metrics(results))
     full = next((t for t in ok_trials(results) if t["kind"] == "full"), None)
     full_macs = full["macs"][f"per_{unit}"] if full else None
-    header = ["method", "steps", "speedup", f"s/{unit}", f"GMACs/{unit}", "MACs vs full", "peak MiB", *names]
+    header = ["method", "steps", "speedup", f"s/{unit}", f"GMACs/{unit}", "MACs vs full", "peak MiB"]
+    header += [f"{n} (flagged: noise)" if n in noisy else n for n in names]
     rows = []
     for trial in results["trials"]:
         if trial.get("status") != "ok":
@@ -111,7 +191,7 @@ def summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
                 f"{macs / 1e9:.3f}",
                 f"{macs / full_macs:.2f}" if full_macs else "n/a",
                 f"{trial['memory']['peak_bytes'] / 2**20:.1f}",
-                *[_format_value(trial["metrics"].get(n, {}).get("value")) for n in names],
+                *[format_with_noise(results, trial, n) for n in names],
             ]
         )
     return header, rows
@@ -155,6 +235,14 @@ def markdown_report(results: dict) -> str:
         "# Quality vs speed",
         "",
         run_summary(results) + ".",
+        "",
+        "## Which method to use",
+        "",
+        markdown_table(*decision_rows(results)),
+        "",
+        noise_note(results),
+        "",
+        "## All methods",
         "",
         markdown_table(header, rows),
         "",
