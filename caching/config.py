@@ -43,6 +43,8 @@ class CacheConfig:
                 "CacheConfig.schedule must be a Schedule (e.g. accel.caching.fora(...) or Schedule.load(path)) "
                 f"or a FirstBlockPolicy, got {type(self.schedule).__name__}"
             )
+        if not isinstance(self.count_macs, bool):
+            raise TypeError(f"count_macs must be true or false, got {self.count_macs!r}")
         if self.cache_dtype is not None and self.cache_dtype not in _CACHE_DTYPES.values():
             raise ValueError(f"cache_dtype must be one of {list(_CACHE_DTYPES)} or None, got {self.cache_dtype}")
 
@@ -68,7 +70,7 @@ class CacheConfig:
         return cls(
             schedule=load_policy(data.get("schedule", {})),
             cache_dtype=_CACHE_DTYPES.get(dtype_name) if dtype_name else None,
-            count_macs=bool(data.get("count_macs", True)),
+            count_macs=data.get("count_macs", True),
         )
 
 

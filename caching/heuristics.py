@@ -21,9 +21,18 @@ import numpy as np
 from accel.caching.schedule import Reuse, Schedule, ScheduleLayout
 
 
+def _whole(value: object, name: str, low: int = 1) -> int:
+    """``value`` as an int ``>= low``; a fraction, bool or string is refused (``interval=2.5`` ran as another
+    interval before, without a word)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a whole number >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
 def _full(layout: ScheduleLayout, steps: int) -> np.ndarray:
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = _whole(steps, "steps")
     return np.ones((steps, layout.num_blocks, len(layout.components)), dtype=bool)
 
 
@@ -56,8 +65,8 @@ def fora(
     ``warmup`` steps are computed first and the interval counts from there (TaylorSeer's and MagCache's
     uncached first steps, when the early, structure-forming steps matter most).
     """
-    if interval < 1:
-        raise ValueError(f"interval must be >= 1, got {interval}")
+    interval = _whole(interval, "interval")
+    warmup = _whole(warmup, "warmup", 0)
     if not 0 <= warmup <= steps:
         raise ValueError(f"warmup must be in 0..{steps}, got {warmup}")
     mask = _full(layout, steps)
@@ -70,8 +79,7 @@ def fora(
 def taylorseer(layout: ScheduleLayout, steps: int, interval: int = 3, order: int = 1) -> Schedule:
     """TaylorSeer: compute everything every ``interval`` steps; in between, forecast each component's residual
     to order ``order`` (1: linear, diffusers' default) from its last ``order + 1`` computes."""
-    if order < 1:
-        raise ValueError(f"order must be >= 1 (order 0 is FORA), got {order}")
+    order = _whole(order, "order (order 0 is FORA)")
     schedule = fora(layout, steps, interval, "residual", order)
     return replace(schedule, provenance={"generator": "taylorseer", "interval": interval, "order": order})
 
@@ -88,8 +96,7 @@ def delta_dit(
     is reused between refreshes every ``interval`` steps; after it, the front fraction."""
     if not 0 < cached_blocks <= 1 or not 0 <= boundary <= 1:
         raise ValueError("cached_blocks must be in (0, 1] and boundary in [0, 1]")
-    if interval < 1:
-        raise ValueError(f"interval must be >= 1, got {interval}")
+    interval = _whole(interval, "interval")
     mask = _full(layout, steps)
     count = max(1, round(cached_blocks * layout.num_blocks))
     switch = round(boundary * steps)
@@ -114,7 +121,7 @@ def tgate(layout: ScheduleLayout, steps: int, gate_step: int | None = None) -> S
     """T-GATE: cross-attention computed for steps ``< gate_step`` (default: 40% of the steps), then reused."""
     if "cross_attn" not in layout.components:
         raise ValueError(f"T-GATE needs a cross-attention component; {layout.model_class} has {layout.components}")
-    gate = max(1, round(0.4 * steps)) if gate_step is None else gate_step
+    gate = max(1, round(0.4 * _whole(steps, "steps"))) if gate_step is None else _whole(gate_step, "gate_step")
     if not 1 <= gate <= steps:
         raise ValueError(f"gate_step must be in 1..{steps}, got {gate}")
     mask = _full(layout, steps)

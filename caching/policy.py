@@ -39,6 +39,11 @@ class FirstBlockPolicy:
     max_consecutive_reuse: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise TypeError(f"threshold must be a number >= 0, got {self.threshold!r}")
+        for name in ("warmup_steps", "final_steps"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise TypeError(f"{name} must be a whole number, got {getattr(self, name)!r}")
         if not self.threshold >= 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold}")
         if self.warmup_steps < 1:
@@ -92,7 +97,7 @@ def first_block_decision(
         return torch.ones(batch, dtype=torch.bool)
     if num_steps is not None and step >= num_steps - policy.final_steps:
         return torch.ones(batch, dtype=torch.bool)
-    compute = (change >= policy.threshold).cpu()
+    compute = ~(change < policy.threshold).cpu()  # a NaN or infinite change computes: it is no evidence of reuse
     if policy.max_consecutive_reuse is not None and consecutive_reuse is not None:
         compute |= consecutive_reuse.cpu() >= policy.max_consecutive_reuse
     return compute

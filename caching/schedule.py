@@ -98,7 +98,10 @@ class Schedule:
     metrics: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        mask = np.array(self.mask, dtype=bool, copy=True)
+        given = np.asarray(self.mask)
+        if given.dtype != bool and not (given.dtype.kind in "iuf" and np.isin(given, (0, 1)).all()):
+            raise ValueError(f"Schedule mask must hold booleans (or 0 and 1), got {given.dtype} with other values")
+        mask = np.array(given, dtype=bool, copy=True)
         if mask.ndim != 3:
             raise ValueError(f"Schedule mask must be (steps, blocks, components), got shape {mask.shape}")
         if mask.shape[0] < 1 or mask.shape[1] < 1:

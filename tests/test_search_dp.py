@@ -198,7 +198,9 @@ def test_latency_features_count_what_the_engine_runs():
 
 def test_parse_duration():
     assert parse_duration("30m") == 1800 and parse_duration("2h") == 7200
-    assert parse_duration("90s") == 90 and parse_duration("1.5") == 90
+    assert parse_duration("90s") == 90 and parse_duration("1.5h") == 5400
+    with pytest.raises(ValueError, match="give a unit: 90s, 90m or 90h"):
+        parse_duration("90")  # read as minutes before: --budget 90 ran for an hour and a half
     with pytest.raises(ValueError, match="30m"):
         parse_duration("soon")
 

@@ -69,6 +69,14 @@ def _parse_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 0,1; got {text!r}") from None
 
 
+def _duration(text: str) -> float:
+    """``--budget``'s value in seconds (:func:`parse_duration`), its error shown as argparse's own."""
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``accel search``."""
     parser.add_argument("--model", help="pipeline folder or hub id; omitted: the bundled default model")
@@ -82,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, f, kind, args in _fields(SearchConfig):
         flag = "--" + _FLAG_NAMES.get(name, name.split(".")[-1]).replace("_", "-")
         if name == "budget_seconds":
-            parser.add_argument(flag, dest=name, type=parse_duration, help="wall-clock limit, e.g. 30m, 2h, 90s")
+            help_text = "wall-clock limit with its unit: 90s, 30m, 2h (a bare number is refused)"
+            parser.add_argument(flag, dest=name, type=_duration, help=help_text)
             continue
         choices = list(args) if typing.get_origin(kind) is typing.Literal else None
         if typing.get_origin(kind) is tuple:

@@ -9,15 +9,18 @@ from typing import Literal
 from accel.caching.search.evaluator import EvaluatorConfig
 from accel.caching.search.genome import Constraints
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
-_UNIT_SECONDS = {None: 60.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)\s*$")
+_UNIT_SECONDS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0}
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in ``"30m"``, ``"2h"``, ``"90s"`` or ``"45"`` (minutes)."""
+    """Seconds in ``"30m"``, ``"2h"``, ``"90s"`` (the unit is required: a bare ``"90"`` is refused, since it was
+    read as minutes where seconds were as likely meant)."""
     match = _DURATION.match(str(text))
     if not match:
-        raise ValueError(f"cannot read the duration {text!r}; write e.g. 30m, 2h or 90s")
+        bare = re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", str(text))
+        hint = f"; give a unit: {str(text).strip()}s, {str(text).strip()}m or {str(text).strip()}h" if bare else ""
+        raise ValueError(f"cannot read the duration {text!r}{hint or '; write e.g. 30m, 2h or 90s'}")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
