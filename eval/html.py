@@ -324,9 +324,10 @@ def _grid_heading(results: dict) -> str:
     total = len(results["run"]["config"]["prompts"])
     shown = min(GRID_PROMPTS, total)
     what = "clips" if sample_unit(results) == "clip" else "images"
+    which = f"All {total} prompts" if shown == total else f"The first {shown} of the {total} prompts"
     counts = (
-        f"The first {shown} of the {total} prompts, one seed each; full compute first; under each {what[:-1]} its "
-        "PSNR against the full-compute one (the lower, the more it lost)."
+        f"{which}, one seed each; full compute first; under each {what[:-1]} its PSNR against the full-compute one "
+        "(the lower, the more it lost)."
     )
     if what == "images":
         return (

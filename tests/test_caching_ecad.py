@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 from test_caching_engine import generate
+from tiny_models import TINY_MODELS
 
 import accel
 from accel.caching import CacheConfig, Schedule, layout_of
 from accel.cli import main
+from accel.pipelines.loading import load_transformer_skeleton
 
 COMPONENTS = ("attn1", "attn2", "ff")
 
@@ -120,3 +122,12 @@ def test_schedule_import_command_reads_only_the_transformer_config(tiny_pixart_p
     assert "it has 28 blocks" in capsys.readouterr().err
     assert main(["info", "--model", str(folder)]) == 0
     assert "PixArtTransformer2DModel, 4 blocks" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tiny", TINY_MODELS.values(), ids=lambda t: t.name)
+def test_skeleton_from_config_has_the_models_layout(tiny, tmp_path):
+    model = tiny.model_class(**tiny.config)
+    model.save_config(tmp_path / "transformer")
+    skeleton = load_transformer_skeleton(str(tmp_path))
+    assert type(skeleton) is tiny.model_class and next(skeleton.parameters()).is_meta
+    assert layout_of(skeleton) == layout_of(model)
