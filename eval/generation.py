@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,11 +185,37 @@ def save_sample(sample: torch.Tensor, path: Path) -> None:
 
 
 def load_pngs(paths: Sequence[Path]) -> torch.Tensor:
-    """PNG files -> ``(N, 3, H, W)`` uint8."""
+    """PNG files -> ``(N, 3, H, W)`` uint8.
+
+    Raises:
+        ValueError: a file that cannot be read as an image, naming it and what to do.
+    """
     from PIL import Image
 
-    arrays = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    arrays = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB")))
+        except (OSError, ValueError, SyntaxError) as error:
+            raise ValueError(f"{path} cannot be read as an image ({error}); delete it and run again") from None
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def readable_sample(path: Path) -> bool:
+    """Whether a sample file is on disk and whole (PIL's ``verify``), so a resumed run can skip it; a damaged
+    one is reported (and then generated again)."""
+    from PIL import Image
+
+    if not path.exists():
+        return False
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (OSError, ValueError, SyntaxError) as error:
+        logging.getLogger(__name__).warning("%s cannot be read (%s): generating it again", path, error)
+        return False
 
 
 def png_frames(path: Path) -> int | None:

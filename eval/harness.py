@@ -44,6 +44,7 @@ from accel.eval.generation import (
     load_samples,
     pipeline_defaults,
     png_frames,
+    readable_sample,
     save_sample,
     weights_checksum,
 )
@@ -141,13 +142,20 @@ def _sample_paths(directory: Path, count: int) -> list[Path]:
     return [directory / f"{index:05d}.png" for index in range(count)]
 
 
+def saved_progress(out: Path) -> str:
+    """What an interrupted run left in ``out`` for the next one to reuse, in words."""
+    trials = len(list((out / "trials").glob("*.json")))
+    images = len(list((out / "images").glob("*/*.png")))
+    return f"{trials} finished trial{'s' if trials != 1 else ''} and {images} samples are kept in {out}"
+
+
 def generate_shard(context: RunContext, method: Method, directory: Path) -> str | None:
     """This process's share of the method's images (or clips), skipping those on disk; the reason if
     unsupported."""
     config = context.config
     paths = _sample_paths(directory, len(config.prompts))
     with context.state.split_between_processes(list(range(len(paths)))) as shard:
-        todo = [i for i in shard if not paths[i].exists()]
+        todo = [i for i in shard if not readable_sample(paths[i])]
     batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     if not batches:
         return None
@@ -214,9 +222,23 @@ def score(context: RunContext, method: Method, directory: Path, keys: list[str] 
     return context.suite.compute(inputs, keys)
 
 
-def resume_trial(context: RunContext, method: Method, path: Path, directory: Path) -> dict:
-    """A trial an earlier run finished; metrics asked for now but not then are computed from its images."""
-    record = json.loads(path.read_text())
+def read_trial(path: Path) -> dict | None:
+    """The trial record in ``path``, or None (with a warning naming it) if it cannot be read: then the trial is
+    computed again and the file replaced."""
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and record.get("status") in ("ok", "unsupported"):
+            return record
+        problem = "not a trial record"
+    except (OSError, ValueError) as error:
+        problem = str(error)
+    logger.warning("%s cannot be read (%s): computing this trial again", path, problem)
+    return None
+
+
+def resume_trial(context: RunContext, method: Method, path: Path, directory: Path, record: dict) -> dict:
+    """A trial an earlier run finished (``record``, read from ``path``); metrics asked for now but not then are
+    computed from its images."""
     done = record.get("metric_keys", [])
     missing = [k for k in context.suite.keys if k not in done] if record["status"] == "ok" else []
     if record["status"] == "ok" and context.is_main:
@@ -235,8 +257,9 @@ def run_trial(context: RunContext, method: Method) -> dict:
     key = trial_key(context, method)
     name = f"{method.slug}-{key}"
     path, directory = context.out / "trials" / f"{name}.json", context.out / "images" / name
-    if path.is_file():
-        return resume_trial(context, method, path, directory)
+    record = read_trial(path) if path.is_file() else None
+    if record is not None:
+        return resume_trial(context, method, path, directory, record)
     explain_recompute(context, method)
     reason = generate_shard(context, method, directory)
     context.state.wait_for_everyone()

@@ -9,6 +9,8 @@ that a device this machine lacks ends in one clear error instead of a traceback 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,3 +174,20 @@ def check_model(model: str | None) -> None:
         raise ValueError(f"--model {model}: {index} cannot be read as JSON ({error})") from None
     if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
         raise ValueError(f"--model {model}: {index} names no pipeline class (_class_name); not a pipeline folder")
+
+
+def resume_command(drop: tuple[str, ...] = ()) -> str:
+    """The command line this process was started with, as ``accel ...``, without the switches ``drop`` (e.g.
+    ``--restart``, which would discard what an interrupted run kept): what resumes an interrupted run."""
+    words = [word for word in sys.argv[1:] if word not in drop]
+    name = Path(sys.argv[0]).name if sys.argv else ""
+    if name in ("accel", "cli.py", "__main__.py"):
+        return shlex.join(["accel", *words])
+    return shlex.join([sys.argv[0], *words]) if sys.argv else "the same command"
+
+
+def report_interrupted(kept: str, drop: tuple[str, ...] = ()) -> int:
+    """Print the one line a command interrupted by Ctrl-C ends with: what was kept and the command that resumes
+    it (:func:`resume_command`); returns the exit status for an interrupt (130)."""
+    print(f"interrupted: {kept}; to resume, run: {resume_command(drop)}", file=sys.stderr)
+    return 130

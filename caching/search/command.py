@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import types
 import typing
@@ -137,13 +138,23 @@ def read_prompts(path: str | None) -> list[str]:
     return list(DEFAULT_PROMPTS) if path is None else list(read_prompts_file(path))
 
 
+def checkpoint_progress(out: Path) -> str:
+    """What the search checkpoint in ``out`` keeps, in words."""
+    try:
+        state = json.loads((out / "search_state.json").read_text())
+        count, generation = len(state["archive_metrics"]), state["generation"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no search checkpoint was written in {out} yet"
+    return f"the checkpoint in {out} keeps {count} evaluations ({generation} generations done)"
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the pipeline, search, save the front (and optionally the report)."""
     import torch
 
     from accel.caching.search.runner import search
     from accel.eval.methods import check_steps
-    from accel.eval.runtime import check_output_dir
+    from accel.eval.runtime import check_output_dir, report_interrupted
 
     config = config_from_args(args)
     runtime = runtime_from_args(args)
@@ -161,7 +172,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_sequence_length is not None:
         call_kwargs["max_sequence_length"] = args.max_sequence_length
     info = {"model": args.model or "default", "prompts_file": args.prompts, "runtime": dataclasses.asdict(runtime)}
-    front = search(pipe, prompts, config, args.out, resume=not args.restart, call_kwargs=call_kwargs, info=info)
+    try:
+        front = search(pipe, prompts, config, args.out, resume=not args.restart, call_kwargs=call_kwargs, info=info)
+    except KeyboardInterrupt:
+        return report_interrupted(checkpoint_progress(Path(args.out)), drop=("--restart",))
     if not len(front):  # a non-main process of a multi-process run: the main one reports
         return 0
     print(front.table())

@@ -66,9 +66,13 @@ def run(args: argparse.Namespace, defaults: dict | None = None) -> int:
     if args.list_methods:
         print(usage())
         return 0
-    from accel.eval.harness import run_evaluation
+    from accel.eval.harness import run_evaluation, saved_progress
+    from accel.eval.runtime import report_interrupted
 
-    results = run_evaluation(config_of(args, defaults), args.out)
+    try:
+        results = run_evaluation(config_of(args, defaults), args.out)
+    except KeyboardInterrupt:
+        return report_interrupted(saved_progress(Path(args.out)))
     if results is not None:
         print(summarize(results))
         print(f"\nreport: {Path(args.out) / 'report.html'} (data: {Path(args.out) / 'results.json'})")

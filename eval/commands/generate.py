@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     """Generate every prompt's images (or clips) with the method and save them."""
     from accel.eval.generation import generate, pipeline_defaults
     from accel.eval.methods import UnsupportedMethod, apply_method, check_method, check_steps, parse_method
-    from accel.eval.runtime import check_output_dir
+    from accel.eval.runtime import check_output_dir, report_interrupted
     from accel.pipelines.loading import is_bundled
 
     config = config_from_args(args, cls=GenerateConfig)
@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
             stats = applied.stats()
     except UnsupportedMethod as error:
         raise ValueError(f"{method.name} cannot run on this pipeline: {error}") from None
+    except KeyboardInterrupt:
+        return report_interrupted("nothing was written (the images are saved once all are made)")
     save(samples, prompts, seeds, out / method.slug)
     if stats:
         logger.info(
