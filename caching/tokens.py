@@ -235,6 +235,7 @@ class TokenStepHandle(Handle):
     @eager
     def _begin(self, hidden: torch.Tensor) -> None:
         """Pick this call's active tokens and point the processors at the branch's caches."""
+        _check_alone(self.target)
         context = self.target.tracker.current
         rows, tokens = hidden.shape[:2]
         branch = self._branches.get(context.branch)
@@ -439,10 +440,19 @@ def _self_attention(target: Target, block: torch.nn.Module):
             yield component
 
 
+def _check_alone(target: Target) -> None:
+    """Block caching reuses whole-sequence residuals that per-token steps cannot mix with, yet."""
+    from accel.caching.config import CacheConfig
+
+    if CacheConfig in target.tracker.active:
+        raise ValueError("TokenStepConfig does not compose with CacheConfig yet: apply one of them")
+
+
 def _check_applies(target: Target, config: TokenStepConfig) -> None:
     """Refuse models and samplers where per-token steps do not apply, before anything changes."""
     model, spec = target.transformer, target.spec
     name = type(model).__name__
+    _check_alone(target)
     if target.pipeline is not None and getattr(target.pipeline, "scheduler", None) is not None:
         if not is_flow_matching(target.pipeline, spec):
             scheduler = type(target.pipeline.scheduler).__name__

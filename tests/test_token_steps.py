@@ -190,3 +190,43 @@ def test_refuses_models_and_samplers_where_it_does_not_apply():
         with pytest.raises(ValueError):
             TokenStepConfig(**bad)
     assert TokenStepConfig(speedup=4.0).fraction == 0.25
+
+
+def test_block_caching_alongside_is_refused_in_either_order():
+    from accel.caching import CacheConfig, fora, layout_of
+
+    tiny = TINY_MODELS["wan"]
+    model = tiny.build()
+    cache = CacheConfig(schedule=fora(layout_of(model), STEPS, 2))
+    with accel.apply(model, cache), pytest.raises(ValueError, match="does not compose with CacheConfig"):
+        accel.apply(model, _config(budget=0.5))
+    with accel.apply(model, _config(budget=0.5)), accel.apply(model, cache):
+        with pytest.raises(ValueError, match="does not compose with CacheConfig"):
+            denoise(model, tiny, [1], steps=4, cfg=False)
+    reference = denoise(model, tiny, [1], steps=4, cfg=False)
+    assert torch.equal(reference, denoise(tiny.build(), tiny, [1], steps=4, cfg=False))
+
+
+@torch.no_grad()
+def _separate_calls(model, tiny, steps: int) -> None:
+    """A Wan-pipeline-style loop: the conditional and unconditional branches as two calls per step."""
+    latents = tiny.latents(2, torch.Generator().manual_seed(0))
+    cond, uncond = tiny.conditions([1, 2]), tiny.conditions([None, None])
+    timesteps = torch.linspace(1000, 1, steps)
+    for index, timestep in enumerate(timesteps):
+        t = timestep.expand(2)
+        v_cond = tiny.prediction(model(**tiny.forward_kwargs(latents, cond, t)), latents)
+        v_uncond = tiny.prediction(model(**tiny.forward_kwargs(latents, uncond, t)), latents)
+        step = (timesteps[index + 1] if index + 1 < steps else 0) / 1000 - timestep / 1000
+        latents = latents + step * (v_uncond + 4.0 * (v_cond - v_uncond))
+
+
+def test_cfg_branches_in_separate_calls_are_paired_by_their_latents():
+    tiny = TINY_MODELS["wan"]
+    model = tiny.build()
+    for branches in ("paired", "own"):
+        with accel.apply(model, _config(budget=0.4, branches=branches)) as handle:
+            _separate_calls(model, tiny, STEPS)
+            cond, uncond = handle.stats().heat_maps
+        assert torch.equal(cond, uncond) == (branches == "paired"), branches
+        assert not torch.equal(cond[0], cond[1])  # two prompts select apart either way
