@@ -217,6 +217,38 @@ def resolve(pipe_or_transformer: Any, spec: ModelSpec | None = None) -> Target:
     return Target(transformer=transformer, spec=model_spec, tracker=tracker, pipeline=pipeline)
 
 
+def diffusers_hooks(module: torch.nn.Module) -> dict[str, list[str]]:
+    """``{submodule name: [hook names]}`` of the hooks diffusers' hook registry (``diffusers.hooks.HookRegistry``,
+    e.g. ``transformer.enable_cache(...)``) holds on ``module`` and its submodules (``""``: the module itself)."""
+    found = {}
+    for name, submodule in module.named_modules():
+        registry = submodule.__dict__.get("_diffusers_hook")
+        order = list(getattr(registry, "_hook_order", []) or [])
+        if order:
+            found[name] = order
+    return found
+
+
+def check_no_diffusers_hooks(transformer: torch.nn.Module) -> None:
+    """Refuse a transformer that carries diffusers' own hooks (e.g. its ``enable_cache``): they wrap the same
+    ``forward`` methods, and removing them (``disable_cache()``) restores the forwards they saw, stripping accel's
+    wrappers without a word. Applied before diffusers' hooks, accel coexists with them.
+
+    Raises:
+        ValueError: which modules carry which hooks, and the two ways out.
+    """
+    found = diffusers_hooks(transformer)
+    if found:
+        names = sorted({hook for hooks in found.values() for hook in hooks})
+        where = ", ".join(name or type(transformer).__name__ for name in list(found)[:3])
+        more = f" and {len(found) - 3} more modules" if len(found) > 3 else ""
+        raise ValueError(
+            f"{type(transformer).__name__} carries diffusers hooks ({', '.join(names)}) on {where}{more}; their "
+            "removal (disable_cache()) would strip accel's wrappers. Remove them first (transformer.disable_cache()), "
+            "or apply accel before enabling them"
+        )
+
+
 def apply(pipe_or_transformer: Any, *configs: Any, spec: ModelSpec | None = None) -> ApplyHandle:
     """Apply acceleration techniques to a diffusers pipeline or transformer.
 
@@ -230,7 +262,8 @@ def apply(pipe_or_transformer: Any, *configs: Any, spec: ModelSpec | None = None
 
     Raises:
         TypeError: a config of an unknown type.
-        ValueError: no configs, an unsupported model, or a technique applied twice to the same model.
+        ValueError: no configs, an unsupported model, a technique applied twice to the same model, or a model
+            carrying diffusers' own hooks (:func:`check_no_diffusers_hooks`).
     """
     if not configs:
         raise ValueError("accel.apply needs at least one config, e.g. accel.caching.CacheConfig(...)")
@@ -240,6 +273,7 @@ def apply(pipe_or_transformer: Any, *configs: Any, spec: ModelSpec | None = None
             raise TypeError(f"No technique registered for {type(config).__name__}; known configs: {known}")
     if len({type(config) for config in configs}) != len(configs):
         raise ValueError("accel.apply got two configs of the same type; pass one per technique")
+    check_no_diffusers_hooks(resolve_transformer(pipe_or_transformer))  # before anything is wrapped
     target = dataclasses.replace(resolve(pipe_or_transformer, spec), configs=tuple(configs))
     parts: dict[type, Handle] = {}
     handle = ApplyHandle(target, parts)

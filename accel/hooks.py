@@ -59,15 +59,30 @@ class MethodWrapper:
         if self._fn is None:
             return
         self._fn = None
+        previous = self._previous
+        while getattr(previous, "_accel_wrapper", None) is not None and not previous._accel_wrapper.active:
+            previous = previous._accel_wrapper._previous  # unwind inner wrappers removed earlier
         if self.obj.__dict__.get(self.name) is self._method:
-            previous = self._previous
-            while getattr(previous, "_accel_wrapper", None) is not None and not previous._accel_wrapper.active:
-                previous = previous._accel_wrapper._previous  # unwind inner wrappers removed earlier
             if previous is _MISSING:
                 delattr(self.obj, self.name)
             else:
                 setattr(self.obj, self.name, previous)
-        # else: something wrapped on top of us; we stay in its chain as a pass-through.
+        elif not self._unlink_from_diffusers(previous):
+            pass  # something else wrapped on top of us; we stay in its chain as a pass-through
+
+    def _unlink_from_diffusers(self, previous: Any) -> bool:
+        """If diffusers' hook registry wrapped this method after us, put what we wrapped in our place in its
+        chain, so that removing its hooks later restores the method as it was before us (not our pass-through).
+        Returns whether we were found there."""
+        registry = self.obj.__dict__.get("_diffusers_hook")
+        below = getattr(type(self.obj), self.name).__get__(self.obj) if previous is _MISSING else previous
+        found = False
+        for reference in getattr(registry, "_fn_refs", []) if self.name == "forward" else []:
+            for attribute in ("forward", "original_forward"):
+                if getattr(reference, attribute, None) is self._method:
+                    setattr(reference, attribute, below)
+                    found = True
+        return found
 
 
 def wrap_method(obj: Any, name: str, fn: WrapperFn) -> MethodWrapper:
