@@ -87,6 +87,24 @@ class WanTokenAttention(TokenAttention):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+class LTXTokenAttention(TokenAttention):
+    """Self-attention of LTX-Video's ``LTXAttention`` (``LTXVideoAttnProcessor``) over the active tokens; the
+    rotary embedding arrives gathered to the active positions."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        """Same signature and result as ``LTXVideoAttnProcessor.__call__`` for self-attention without a mask."""
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query, key = apply_rotary_emb(query, image_rotary_emb), apply_rotary_emb(key, image_rotary_emb)
+        # (rows, active, heads * head_dim) -> (rows, active, heads, head_dim)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        out = self.attend(query, key, value).flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
 class DefaultTokenAttention(TokenAttention):
     """Self-attention of a diffusers ``Attention`` with ``AttnProcessor2_0`` (PixArt, DiT, ...): no group or
     spatial norm, no mask."""
@@ -115,9 +133,14 @@ def _check_default(attn: torch.nn.Module) -> None:
 
 def _registry() -> dict[type, tuple[type, Any]]:
     from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-    return {WanAttnProcessor: (WanTokenAttention, None), AttnProcessor2_0: (DefaultTokenAttention, _check_default)}
+    return {
+        WanAttnProcessor: (WanTokenAttention, None),
+        LTXVideoAttnProcessor: (LTXTokenAttention, None),
+        AttnProcessor2_0: (DefaultTokenAttention, _check_default),
+    }
 
 
 def token_processor_for(attn: torch.nn.Module, original: Any, active: ActiveTokens, layer: int) -> TokenAttention:

@@ -22,7 +22,7 @@ from accel.caching.token_select import (
 from accel.caching.tokens import ras_config
 
 STEPS = 12
-FAMILIES = ["wan", "pixart"]
+FAMILIES = ["wan", "pixart", "ltx"]
 
 
 def _config(**kwargs) -> TokenStepConfig:
