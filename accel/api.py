@@ -94,12 +94,16 @@ class ApplyHandle(Handle):
         super().__init__("accel")
         self.target = target
         self.parts = parts
+        #: the same configs on the pipeline's other denoisers (Wan 2.2's ``transformer_2``), by attribute name;
+        #: removed, reset and counted in :meth:`stats` with this handle
+        self.others: dict[str, ApplyHandle] = {}
 
     def patches(self) -> list[PatchRecord]:
         """Every change in place: the core's step tracking (technique ``"core"``, shared by all techniques on
         this transformer) while it is needed, then each technique's, in the order they were applied."""
         core = self.target.tracker.patch_log.records if not self.removed else []
-        return core + [record for part in self.parts.values() for record in part.patches()]
+        own = core + [record for part in self.parts.values() for record in part.patches()]
+        return own + [record for other in self.others.values() for record in other.patches()]
 
     def __getitem__(self, config_type: type) -> Handle:
         """The handle of one technique, e.g. ``handle[CacheConfig].decision_log``."""
@@ -118,22 +122,55 @@ class ApplyHandle(Handle):
         raise AttributeError(f"{name!r}: several techniques are applied; use handle[ConfigType].{name}")
 
     def _remove(self) -> None:
+        for other in reversed(list(self.others.values())):
+            other.remove()
         for config_type, part in reversed(list(self.parts.items())):
             part.remove()
             self.target.tracker.active.pop(config_type, None)
             self.target.tracker.release()
 
     def stats(self) -> Any:
-        """The technique's stats if one config was applied, else ``{config class name: stats}``."""
+        """The technique's stats if one config was applied, else ``{config class name: stats}``; with other
+        denoisers, summed over all of them (:func:`merge_stats`)."""
         if len(self.parts) == 1:
-            return next(iter(self.parts.values())).stats()
-        return {config_type.__name__: part.stats() for config_type, part in self.parts.items()}
+            own = next(iter(self.parts.values())).stats()
+        else:
+            own = {config_type.__name__: part.stats() for config_type, part in self.parts.items()}
+        return merge_stats(own, *(other.stats() for other in self.others.values()))
 
     def reset(self) -> None:
         """Start a new trajectory: the next transformer call is step 0 and every technique drops its state."""
         self.target.tracker.reset()
         for part in self.parts.values():
             part.reset()
+        for other in self.others.values():
+            other.reset()
+
+
+def merge_stats(first: Any, *others: Any) -> Any:
+    """Technique statistics of several denoisers as one: counts added field by field (numbers summed, lists
+    element-wise, dicts key-wise) for dataclass or dict stats of the same type; None counts as nothing."""
+    merged = first
+    for other in others:
+        merged = _add(merged, other)
+    return merged
+
+
+def _add(a: Any, b: Any) -> Any:
+    if a is None or b is None:
+        return b if a is None else a
+    if dataclasses.is_dataclass(a) and type(a) is type(b):
+        return dataclasses.replace(
+            a, **{f.name: _add(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a) if f.init}
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {key: _add(a.get(key), b.get(key)) for key in {**a, **b}}
+    if isinstance(a, list) and isinstance(b, list):
+        longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
+        return [_add(x, shorter[i]) if i < len(shorter) else x for i, x in enumerate(longer)]
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return a + b
+    return a
 
 
 Applier = Callable[[Target, Any], Handle]
@@ -206,9 +243,28 @@ def resolve_transformer(pipe_or_transformer: Any) -> torch.nn.Module:
     return unwrap_compiled(transformer)
 
 
-def resolve(pipe_or_transformer: Any, spec: ModelSpec | None = None) -> Target:
-    """Find the transformer (see :func:`resolve_transformer`), its spec and tracker."""
-    transformer = resolve_transformer(pipe_or_transformer)
+#: pipeline attributes holding a denoiser besides ``transformer``: Wan 2.2's low-noise expert
+EXTRA_DENOISERS = ("transformer_2",)
+
+
+def denoisers(pipe: Any) -> dict[str, torch.nn.Module]:
+    """A pipeline's denoisers by attribute name: ``transformer`` and those of :data:`EXTRA_DENOISERS` that are set
+    (Wan 2.2's ``transformer`` and ``transformer_2``, the high- and low-noise experts), compile wrappers looked
+    through."""
+    found = {}
+    for name in ("transformer", *EXTRA_DENOISERS):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            found[name] = unwrap_compiled(module)
+    return found
+
+
+def resolve(pipe_or_transformer: Any, spec: ModelSpec | None = None, transformer: Any = None) -> Target:
+    """Find the transformer (see :func:`resolve_transformer`; or ``transformer``, one of the pipeline's
+    :func:`denoisers`), its spec and tracker."""
+    if transformer is None:
+        transformer = resolve_transformer(pipe_or_transformer)
+    transformer = unwrap_compiled(transformer)
     pipeline = None if isinstance(pipe_or_transformer, torch.nn.Module) else pipe_or_transformer
     model_spec = spec_for(transformer, spec)
     tracker = tracker_for(transformer, model_spec.timestep_arg)
@@ -258,7 +314,10 @@ def apply(pipe_or_transformer: Any, *configs: Any, spec: ModelSpec | None = None
         spec: describe the model's blocks by hand when it has no registered adapter.
 
     Returns:
-        An :class:`ApplyHandle`; ``handle.remove()`` (or leaving a ``with`` block) restores the model.
+        An :class:`ApplyHandle`; ``handle.remove()`` (or leaving a ``with`` block) restores the model. A
+        pipeline with several denoisers (Wan 2.2's ``transformer`` and ``transformer_2``) gets the configs on
+        each, every one counting its steps from its own first call (its cache starts empty there); the handle
+        is the first's, with the others in ``handle.others``, removed, reset and counted with it.
 
     Raises:
         TypeError: a config of an unknown type.
@@ -273,8 +332,33 @@ def apply(pipe_or_transformer: Any, *configs: Any, spec: ModelSpec | None = None
             raise TypeError(f"No technique registered for {type(config).__name__}; known configs: {known}")
     if len({type(config) for config in configs}) != len(configs):
         raise ValueError("accel.apply got two configs of the same type; pass one per technique")
-    check_no_diffusers_hooks(resolve_transformer(pipe_or_transformer))  # before anything is wrapped
-    target = dataclasses.replace(resolve(pipe_or_transformer, spec), configs=tuple(configs))
+    found = {} if isinstance(pipe_or_transformer, torch.nn.Module) else denoisers(pipe_or_transformer)
+    if len(found) > 1:  # every denoiser is accelerated (Wan 2.2: both experts)
+        return _apply_each(pipe_or_transformer, found, configs, spec)
+    return _apply_one(pipe_or_transformer, next(iter(found.values()), None), configs, spec)
+
+
+def _apply_each(pipe: Any, found: dict[str, torch.nn.Module], configs: tuple, spec: ModelSpec | None) -> ApplyHandle:
+    """The configs applied to each denoiser of ``pipe``: the first's handle, holding the others'."""
+    for module in found.values():
+        check_no_diffusers_hooks(module)
+    handles: dict[str, ApplyHandle] = {}
+    try:
+        for name, module in found.items():
+            handles[name] = _apply_one(pipe, module, configs, spec)
+    except BaseException:
+        for handle in reversed(list(handles.values())):
+            handle.remove()
+        raise
+    first, *rest = handles
+    handles[first].others = {name: handles[name] for name in rest}
+    return handles[first]
+
+
+def _apply_one(pipe_or_transformer: Any, transformer: Any, configs: tuple, spec: ModelSpec | None) -> ApplyHandle:
+    """The configs applied to one transformer (``transformer``, or the one of ``pipe_or_transformer``)."""
+    check_no_diffusers_hooks(transformer if transformer is not None else resolve_transformer(pipe_or_transformer))
+    target = dataclasses.replace(resolve(pipe_or_transformer, spec, transformer), configs=tuple(configs))
     parts: dict[type, Handle] = {}
     handle = ApplyHandle(target, parts)
     target.tracker.acquire()  # held while applying, so a failure below unwraps a fresh tracker

@@ -124,3 +124,25 @@ def build_tiny_unet_pipeline():
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_tiny_wan22_pipeline(boundary_ratio: float = 0.5):
+    """:func:`build_tiny_wan_pipeline` as Wan 2.2: a second, differently seeded transformer ``transformer_2`` (the
+    low-noise expert) runs the steps whose timestep is below ``boundary_ratio`` of the training timesteps."""
+    import torch
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    pipe = build_tiny_wan_pipeline()
+    torch.manual_seed(1)
+    transformer_2 = WanTransformer3DModel(**pipe.transformer.config).eval().requires_grad_(False)
+    pipe = WanPipeline(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+        scheduler=pipe.scheduler,
+        transformer=pipe.transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=boundary_ratio,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -107,6 +107,14 @@ class Evaluator:
     def __init__(self, pipe: Any, prompts: list[str], config: EvaluatorConfig, call_kwargs: dict | None = None):
         if not prompts:
             raise ValueError("the search needs at least one calibration prompt")
+        from accel.api import denoisers
+
+        others = [name for name in denoisers(pipe) if name != "transformer"]
+        if others:
+            raise ValueError(
+                f"{type(pipe).__name__} has more denoisers ({', '.join(others)}) than `transformer`; the search "
+                "calibrates and scores one denoiser, so it cannot search this pipeline yet (accel.apply caches all)"
+            )
         self.pipe, self.prompts, self.config = pipe, list(prompts), config
         self.layout = layout_of(pipe)
         self.model_identity = model_identity(pipe)
