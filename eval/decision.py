@@ -46,12 +46,31 @@ def value(trial: dict, name: str) -> float | None:
 
 
 def value_noise(results: dict, trial: dict, name: str) -> float | None:
-    """The noise of one trial's number: the run-to-run spread where measured, else twice its standard error."""
+    """The noise of one trial's number as the report prints it: for a method, the noise of its difference from
+    full compute (:func:`difference_noise`), which is what the decisions compare; for full compute, the
+    run-to-run spread or twice its standard error, and None for a fidelity metric (it is the reference there)."""
+    full = full_trial(results)
+    if full is not None and trial is not full and trial["kind"] != "full":
+        noise = difference_noise(results, trial, full, name)
+        if noise is not None:
+            return noise
+    elif family(name) == "fidelity":
+        return None
     measured = results.get("noise", {}).get("noise", {}).get(name) if results.get("noise") else None
     if measured is not None:
         return measured
     se = trial.get("metrics", {}).get(name, {}).get("se")
     return None if se is None else 2 * se
+
+
+def needs_measured_noise(results: dict, name: str) -> bool:
+    """Whether "within the noise of full compute" cannot be judged for ``name`` without the run-to-run spread: a
+    distribution metric measured against full compute's own images (``paired``: full compute scores 0 by
+    construction, and only other seed sets show how far an equal method lands)."""
+    full = full_trial(results)
+    measured = (results.get("noise") or {}).get("noise", {})
+    paired = full is not None and full["metrics"].get(name, {}).get("paired", False)
+    return family(name) == "distribution" and name not in measured and paired
 
 
 def difference_noise(results: dict, trial: dict, full: dict, name: str) -> float | None:
@@ -105,15 +124,19 @@ class Floor:
         best: the fastest trial meeting it (full compute if nothing faster does), or None.
         best_steps: the fastest plain fewer-steps trial meeting it, or None.
         has_steps: whether the run has any ``steps-N`` trial.
+        reason: why the floor cannot be judged on this run (then ``best`` is None).
     """
 
     label: str
     best: dict | None
     best_steps: dict | None
     has_steps: bool
+    reason: str = ""
 
     def verdict(self) -> str:
         """One sentence on fewer steps there."""
+        if self.reason:
+            return self.reason
         if self.best is None:
             return "nothing meets it"
         if self.best["kind"] == "full":
@@ -148,10 +171,46 @@ def floors(results: dict) -> list[Floor]:
         label = " and ".join(judged) + " both within noise"
         tests.append((label, lambda t: all(within_noise(results, t, full, n) for n in judged)))
     has_steps = any(t["kind"] == "steps" for t in trials)
+    unjudged = [n for n in judged if needs_measured_noise(results, n)]
     found = []
     for label, meets in tests:
+        if any(n in label for n in unjudged):
+            reason = (
+                f"not judged: {', '.join(unjudged)} compares with full compute's own images (0 for full compute); "
+                "run with --noise-seed-sets 2 or more to measure how far other seeds of full compute land"
+            )
+            found.append(Floor(label, None, None, has_steps, reason))
+            continue
         passing = [t for t in trials if t["kind"] == "full" or meets(t)]
         best = max(passing, key=lambda t: t["latency"]["speedup"], default=None)
         steps = [t for t in passing if t["kind"] == "steps"]
         found.append(Floor(label, best, max(steps, key=lambda t: t["latency"]["speedup"], default=None), has_steps))
     return found
+
+
+def beaten_by_fewer_steps(results: dict, primary: list[str]) -> dict[str, str]:
+    """Methods (not full compute, not ``steps-N``) that a plain fewer-steps trial matches: at least as fast and
+    no worse in any of the ``primary`` metrics beyond the noise of the method's difference from full compute.
+    Maps each such method to the fastest such ``steps-N``."""
+    trials = ok_trials(results)
+    steps = sorted((t for t in trials if t["kind"] == "steps"), key=lambda t: -t["latency"]["speedup"])
+    found = {}
+    for trial in trials:
+        if trial["kind"] in ("full", "steps"):
+            continue
+        for other in steps:
+            if other["latency"]["speedup"] >= trial["latency"]["speedup"] and all(
+                _no_worse(results, other, trial, name) for name in primary
+            ):
+                found[trial["method"]] = other["method"]
+                break
+    return found
+
+
+def _no_worse(results: dict, other: dict, trial: dict, name: str) -> bool:
+    mine, theirs = value(trial, name), value(other, name)
+    if mine is None or theirs is None:
+        return True
+    noise = value_noise(results, trial, name) or 0.0
+    better = trial["metrics"][name].get("better", "higher")
+    return theirs >= mine - noise if better == "higher" else theirs <= mine + noise

@@ -227,7 +227,7 @@ def image_grid(results: dict, out: Path) -> str:
         cells = "".join(f"<td>{_cell(out, trial, index, unit)}</td>" for trial in trials)
         label = f"{html.escape(prompt)}<br><span class='muted'>seed {run['seeds'][index]}</span>"
         rows.append(f"<tr><td class='prompt'>{label}</td>{cells}</tr>")
-    return f"<table class='grid'>{''.join(rows)}</table>"
+    return f"<div class='scroll'><table class='grid'>{''.join(rows)}</table></div>"
 
 
 def _rows_html(header: list[str], rows: list[list[str]], css: str = "") -> str:

@@ -366,9 +366,9 @@ def fid(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
     fake_features = extract_features(inputs.frame_images, feature)
     what = f"between this method's {inputs.samples()} and {suite.real_label} ({len(real_features)} images)"
     caveat = "biased upwards with few images: compare only at equal image counts (within one report); prefer KID"
-    notes = {"extractor": suffix, "note": caveat, **({"fallback": fallback} if fallback else {})}
+    paired = suite.real is None  # the full-compute images of the same prompts and seeds
+    notes = {"extractor": suffix, "note": caveat, "paired": paired, **({"fallback": fallback} if fallback else {})}
     try:
-        paired = suite.real is None  # the full-compute images of the same prompts and seeds
         values = fid_kid_from_features(real_features, fake_features, suffix, FidKidConfig(), paired=paired)
     except (ValueError, ImportError) as error:
         return {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from accel.eval.decision import family, floors, noise_dominated, value_noise
+from accel.eval.decision import beaten_by_fewer_steps, family, floors, noise_dominated, value_noise
 from accel.eval.noise import within
 from accel.eval.pareto import pareto_front
 
@@ -153,11 +153,16 @@ def decision_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 def noise_note(results: dict) -> str:
     """What the ± of the tables means, and which metrics cannot rank the methods on this run."""
     text = (
-        "±: the noise of a number: the run-to-run spread over full-compute seed sets where measured, else twice its "
-        "standard error over this run's images (FID: a bootstrap over the images; KID: its spread over subsets). "
-        "Within noise of full compute: worse by at most the noise of the difference (paired per prompt where "
-        "there are per-image values)."
+        "±: the noise of a method's difference from full compute, which the floors compare: the run-to-run "
+        "spread over full-compute seed sets where measured (--noise-seed-sets), else twice the standard error over "
+        "this run's images (paired per prompt where there are per-image values; FID: a bootstrap over the images; "
+        "KID: its spread over subsets). Within noise of full compute: worse by at most that noise."
     )
+    beaten = beaten_by_fewer_steps(results, primary_metrics(results))
+    if beaten:
+        pairs = ", ".join(f"{method} (by {steps})" for method, steps in beaten.items())
+        metrics = ", ".join(primary_metrics(results))
+        text += f" Matched by plain fewer steps, at least as fast and no worse beyond noise in {metrics}: {pairs}."
     noisy = noisy_metrics(results)
     if noisy:
         text += (

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from accel.eval.decision import floors, noise_dominated
+from accel.eval.decision import beaten_by_fewer_steps, floors, noise_dominated
 from accel.eval.fid import FidKidConfig, fid_kid_from_features
 from accel.eval.html import html_report
 from accel.eval.report import decision_rows, markdown_report, summary_rows
@@ -148,3 +148,23 @@ def test_kid_of_full_compute_against_itself_is_zero_and_close_sets_are_not_negat
     kid_near = fid_kid_from_features(features, near, "X", FidKidConfig(), paired=True)["KID-X"]
     kid_far = fid_kid_from_features(features, far, "X", FidKidConfig(), paired=True)["KID-X"]
     assert 0 <= kid_near < kid_far
+
+
+def test_fid_against_full_computes_own_images_needs_the_measured_noise(results):
+    data, _ = results
+    for trial in data["trials"]:
+        trial["metrics"]["FID-EffNetLite0"]["paired"] = True  # the reference: full compute's own images
+    found = {floor.label: floor for floor in floors(data)}
+    fid = found["FID-EffNetLite0 within noise of full compute"]
+    assert fid.best is None and "--noise-seed-sets" in fid.verdict()
+    assert found["PSNR >= 30 dB"].best["method"] == "fora-3"  # the other floors stand
+    data["noise"] = {"noise": {"FID-EffNetLite0": 5.0}, "values": {}, "better": {}, "seeds": [0, 16], "how": "x"}
+    fid = {floor.label: floor for floor in floors(data)}["FID-EffNetLite0 within noise of full compute"]
+    assert fid.best["method"] == "steps-10"  # FID 1.5 <= 0 + 5.0 at 1.86x; fora-3's 9.0 at 2.5x is not
+
+
+def test_methods_that_plain_fewer_steps_matches_are_named(results):
+    data, _ = results
+    # steps-10 (1.86x) is faster than fora-2 (1.67x) with PSNR 34.9 vs 34.95 and FID 1.5 vs 3.0: within noise
+    assert beaten_by_fewer_steps(data, ["PSNR", "FID-EffNetLite0"]) == {"fora-2": "steps-10"}
+    assert "fora-2 (by steps-10)" in markdown_report(data)
