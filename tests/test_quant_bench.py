@@ -51,6 +51,18 @@ def test_headline_numbers_come_from_the_rows(capsys):
     assert "aware@3" in capsys.readouterr().out
 
 
+def test_scheme_rows_quantize_compile_and_time_each_model_and_skip_what_the_device_lacks(capsys, one_thread):
+    from accel.bench.caching import pixart_workload
+
+    def tiny():
+        return pixart_workload(layers=2, heads=2, head_dim=16, sample_size=8, steps=2, text_dim=32)
+
+    schemes = {"fp32": None, "fp8": "fp8", "int8-dynamic": "int8-dynamic"}
+    result = quant.compare_schemes(tiny, schemes, repeats=1, backend="eager")
+    assert set(result) == {"fp32", "int8-dynamic"} and "fp8: skipped" in capsys.readouterr().out
+    assert result["fp32"]["speedup"] == 1.0 and result["int8-dynamic"]["weight_ratio"] < 0.5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_rows_time_every_scheme_the_device_runs():
