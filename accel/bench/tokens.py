@@ -12,9 +12,10 @@ as full compute), timed as it goes:
 * ``ras``: RAS's released rule and dense schedule (:func:`~accel.caching.ras_config`) in the same machinery;
 * ``steps-N``: fewer flow-matching steps; ``fora-k``: block caching every k steps (FORA).
 
-Per row: measured speed-up (the generation pass against full compute's), PSNR and SSIM against full compute,
-FID and KID (EfficientNet-Lite0 features) against full compute with other seeds (so the full row shows the
-noise floor), the alignment score of each image (or frame) with its prompt, and on video the motion accuracy.
+Per row: measured speed-up (on the calibration prompts, all rows interleaved, the fastest of two rounds
+each), PSNR and SSIM against full compute, FID and KID (EfficientNet-Lite0 features) against full compute
+with other seeds (so the full row shows the noise floor), the alignment score of each image (or frame) with
+its prompt, and on video the motion accuracy.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ import torch
 
 import accel
 from accel.caching import CacheConfig, TokenStepConfig, fora, layout_of, ras_config
+from accel.eval.timing import time_interleaved
 
 TARGETS = (0.5, 0.25)
 #: held-out object/motion pairs of the video model's training set
@@ -67,10 +68,12 @@ class Model:
 
 
 def ours(budget: float, steps: int, branches: str = "paired") -> TokenStepConfig:
-    """Our configuration at ``budget``: two dense steps, resets at 0.4 and 0.73 of the trajectory above a budget
-    of 0.4, one at 0.5 above 0.25 (lower budgets cannot pay for them), 16 buckets."""
+    """Our configuration at ``budget``: RAS's dense schedule (3 of 20 steps first, resets at 0.4 and 0.73 of the
+    trajectory) from a budget of 0.4, fewer dense steps below (two first, one reset at 0.5 from 0.25, none
+    lower: low budgets cannot pay for them), 16 buckets."""
+    dense = 3 if budget >= 0.4 else 2
     resets = (0.4, 0.733) if budget >= 0.4 else (0.5,) if budget >= 0.25 else ()
-    return TokenStepConfig(budget=budget, dense_steps=2, reset_points=resets, buckets=16, branches=branches)
+    return TokenStepConfig(budget=budget, dense_steps=dense, reset_points=resets, buckets=16, branches=branches)
 
 
 def ras(budget: float, steps: int) -> TokenStepConfig:
@@ -82,32 +85,33 @@ def _applied(model: Model, config) -> Callable[[], AbstractContextManager]:
     return lambda: accel.apply(model.pipe, config)
 
 
-def _timed(model: Model, context, prompts: list[str], steps: int, seed: int = 0) -> tuple[torch.Tensor, float]:
-    with context():
-        start = time.perf_counter()
-        out = model.generate(prompts, steps, seed)
-        return out, time.perf_counter() - start
-
-
 def _fit(knobs: list[float], ratios: list[float]) -> tuple[float, float]:
     slope = (ratios[1] - ratios[0]) / (knobs[1] - knobs[0])
     return ratios[0] - slope * knobs[0], slope
 
 
+def _speedups(model: Model, runs: dict[str, tuple], repeats: int = 2) -> dict[str, float]:
+    """Per run ``name -> (context factory, steps)``, full compute's time over the run's on the probe prompts:
+    interleaved rounds after one warm-up call, the fastest round of each (the machine is shared)."""
+    probe = model.prompts[: model.probe]
+    model.generate(probe, runs["full"][1], 0)
+    fns = {name: (lambda n=n: model.generate(probe, n, 0)) for name, (_, n) in runs.items()}
+    timings = time_interleaved(fns, repeats=repeats, warmup=0, around={k: c for k, (c, _) in runs.items()})
+    return {name: min(timings["full"].samples) / min(timing.samples) for name, timing in timings.items()}
+
+
 def calibrate(model: Model, steps: int) -> dict[float, dict]:
     """Per target runtime ratio, the knob of every method (see the module docstring)."""
-    probe = model.prompts[: model.probe]
-    _timed(model, nullcontext, probe, steps)  # warm-up
-    full = _timed(model, nullcontext, probe, steps)[1]
-
-    def ratio(context, probe_steps=steps) -> float:
-        return _timed(model, context, probe, probe_steps)[1] / full
-
-    token_knobs = [ours(b, steps).planned_fraction(steps, model.tokens) for b in (0.5, 0.2)]
-    token_fit = _fit(token_knobs, [ratio(_applied(model, ours(b, steps))) for b in (0.5, 0.2)])
-    steps_fit = _fit([0.5, 0.25], [ratio(nullcontext, n) for n in (steps // 2, steps // 4)])
     layout = layout_of(model.pipe)
-    fora_ratios = [ratio(_applied(model, CacheConfig(schedule=fora(layout, steps, k)))) for k in (2, 4)]
+    probes = {"full": (nullcontext, steps)}
+    probes.update({f"ours-{b}": (_applied(model, ours(b, steps)), steps) for b in (0.5, 0.2)})
+    probes.update({f"steps-{n}": (nullcontext, n) for n in (steps // 2, steps // 4)})
+    probes.update({f"fora-{k}": (_applied(model, CacheConfig(schedule=fora(layout, steps, k))), steps) for k in (2, 4)})
+    ratios = {name: 1 / speedup for name, speedup in _speedups(model, probes).items()}
+    token_knobs = [ours(b, steps).planned_fraction(steps, model.tokens) for b in (0.5, 0.2)]
+    token_fit = _fit(token_knobs, [ratios["ours-0.5"], ratios["ours-0.2"]])
+    steps_fit = _fit([0.5, 0.25], [ratios[f"steps-{steps // 2}"], ratios[f"steps-{steps // 4}"]])
+    fora_ratios = [ratios["fora-2"], ratios["fora-4"]]
     fora_fit = _fit([1 / 2, 1 / 4], fora_ratios)
     budgets = np.round(np.arange(0.05, 1.0001, 0.01), 2)
     chosen = {}
@@ -121,7 +125,7 @@ def calibrate(model: Model, steps: int) -> dict[float, dict]:
         interval = min(range(2, steps + 1), key=lambda k: abs(fora_fit[0] + fora_fit[1] / k - target))
         chosen[target] = {"ours": best(ours), "ras": best(ras), "steps": number, "fora": interval}
     print(
-        f"{model.name}: calibration on {len(probe)} prompts: full {full:.2f} s; runtime ratio = {token_fit[0]:.2f} + "
+        f"{model.name}: calibration on {model.probe} prompts: runtime ratio = {token_fit[0]:.2f} + "
         f"{token_fit[1]:.2f} x token-steps, {steps_fit[0]:.2f} + {steps_fit[1]:.2f} x steps share, FORA-2/4 "
         f"{fora_ratios[0]:.2f}/{fora_ratios[1]:.2f}; chosen {chosen}"
     )
@@ -199,24 +203,25 @@ class Scores:
 def evaluate(model: Model, steps: int) -> dict:
     """Calibrate, generate every row, score; print the table; returns the rows and a heat map."""
     chosen = calibrate(model, steps)
-    full, full_seconds = _timed(model, nullcontext, model.prompts, steps)
+    full = model.generate(model.prompts, steps, 0)
     reference = model.generate(model.prompts, steps, REFERENCE_SEED)
     scores = Scores(model, full, reference)
     rows, heat = {}, None
-    for name, (target, context, row_steps, config) in methods(model, steps, chosen).items():
-        if name == "full":
-            samples, seconds = full, full_seconds
-        else:
+    every = methods(model, steps, chosen)
+    for name, (target, context, row_steps, config) in every.items():
+        samples = full
+        if name != "full":
             with context() as handle:
-                start = time.perf_counter()
                 samples = model.generate(model.prompts, row_steps, 0)
-                seconds = time.perf_counter() - start
                 if name == "ours@25":
                     stats = handle.stats()
                     heat = {"grid": stats.grid, "counts": stats.heat_maps[0][0].tolist(), "steps": steps}
-        rows[name] = {"target": target, "speedup": full_seconds / seconds, **scores(samples)}
+        rows[name] = {"target": target, **scores(samples)}
         if config is not None:
             rows[name]["token_steps"] = config.planned_fraction(steps, model.tokens)
+    speedups = _speedups(model, {name: (context, n) for name, (_, context, n, _) in every.items()})
+    for name, speedup in speedups.items():
+        rows[name]["speedup"] = speedup
     print_table(model, steps, rows)
     return {"rows": rows, "heat_map": heat, "knobs": {str(k): v for k, v in chosen.items()}}
 
