@@ -189,6 +189,22 @@ def _cache_config(target: Target, config: QuantConfig) -> Any:
     return next((c for c in target.configs if isinstance(c, CacheConfig)), None)
 
 
+def _check_schedule(target: Target, plan: Plan) -> None:
+    """Warn when a plan applied with a cache was calibrated under another schedule (or none): its correction
+    and layer choice were measured on another trajectory."""
+    from accel.caching import CacheConfig, Schedule
+
+    cache = next((c for c in target.configs if isinstance(c, CacheConfig)), None)
+    if cache is None or not isinstance(cache.schedule, Schedule):
+        return
+    if plan.settings.get("schedule") != cache.schedule.to_dict():
+        logger.warning(
+            "accel.quant: the plan was calibrated %s, and is applied with another caching schedule; calibrate "
+            "under this one (accel.quant.calibrate(pipe, config, cache=...)) for cache-aware statistics",
+            "without a cache" if plan.settings.get("schedule") is None else "under another schedule",
+        )
+
+
 @register(QuantConfig, name="quant", phase="weights")
 def apply_quant(target: Target, config: QuantConfig) -> QuantHandle:
     """Quantize ``target``'s linear layers; returns the handle. Use ``accel.apply`` rather than this."""
@@ -203,6 +219,8 @@ def apply_quant(target: Target, config: QuantConfig) -> QuantHandle:
                 "pipeline, or pass plan=accel.quant.calibrate(transformer, config, run=...)"
             )
         plan = calibrate(target.pipeline, config, cache=cache, spec=target.spec)
+    elif plan is not None:
+        _check_schedule(target, plan)
     handle = QuantHandle(target, config)
     try:
         handle.install(plan)

@@ -236,6 +236,18 @@ def test_a_saved_plan_applies_without_calibrating(tmp_path, monkeypatch):
         assert torch.equal(_run(model), expected)
 
 
+def test_a_plan_calibrated_without_the_cache_it_is_applied_with_says_so(caplog):
+    model = TINY.build()
+    cache = CacheConfig(schedule=fora(layout_of(model), STEPS, 2))
+    plans = {aware: calibrate(model, QuantConfig(correct=True), cache=cache if aware else None,
+                              run=_calibration_run(model)) for aware in (True, False)}  # fmt: skip
+    for aware, plan in plans.items():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="accel.quant.apply"), accel.apply(model, cache, QuantConfig(plan=plan)):
+            pass
+        assert ("calibrated without a cache" in caplog.text) == (not aware)
+
+
 def test_calibrating_needs_a_pipeline_or_a_runner_and_an_uncached_model():
     model = TINY.build()
     with pytest.raises(ValueError, match="pipeline"):
