@@ -23,7 +23,7 @@ import torch
 from accel.api import Handle, Target, register
 from accel.patches import eager
 from accel.plan import Plan
-from accel.quant.calibration import _components, calibrate, candidate_layers
+from accel.quant.calibration import calibrate, candidate_layers, component_modules
 from accel.quant.config import QuantConfig
 from accel.quant.schemes import FULL_PRECISION, check_scheme, dequantized, quantized_weight, sqnr, tensor_bytes
 
@@ -164,7 +164,7 @@ class QuantHandle(Handle):
         correction = _Correction(self.target, plan, parameter.device, parameter.dtype)
         fitted = correction.fitted.any(axis=0)  # (blocks, components)
         count = 0
-        for block, component, module in _components(self.target, layout):
+        for block, component, module in component_modules(self.target, layout):
             if fitted[block, component]:
                 self.patch_log.wrap(module, "forward", partial(correction.forward, block, component))
                 count += 1

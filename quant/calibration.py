@@ -203,7 +203,7 @@ class _CorrectionRecorder:
         self.held.clear()
 
 
-def _components(target, layout) -> list[tuple[int, int, torch.nn.Module]]:
+def component_modules(target, layout) -> list[tuple[int, int, torch.nn.Module]]:
     """``(block index, component index in the schedule layout, module)`` of every component present."""
     found = []
     for index, (stack, block) in enumerate(target.spec.block_list(target.transformer)):
@@ -242,7 +242,7 @@ def _correction_statistics(
         swaps: dict[int, list] = {}
         for index, (_, block) in enumerate(target.spec.block_list(target.transformer)):
             swaps[index] = [swapped[id(m)] for m in block.modules() if id(m) in swapped]
-        recorder = _CorrectionRecorder(target, _components(target, layout), swaps)
+        recorder = _CorrectionRecorder(target, component_modules(target, layout), swaps)
         hooks = recorder.install(log)
         _under(pipe_or_transformer, cache, lambda: (run(), recorder.flush()))
     finally:
