@@ -67,17 +67,23 @@ class MethodWrapper:
                 delattr(self.obj, self.name)
             else:
                 setattr(self.obj, self.name, previous)
-        elif not self._unlink_from_diffusers(previous):
+        elif not self._unlink_from_hooks(previous):
             pass  # something else wrapped on top of us; we stay in its chain as a pass-through
 
-    def _unlink_from_diffusers(self, previous: Any) -> bool:
-        """If diffusers' hook registry wrapped this method after us, put what we wrapped in our place in its
-        chain, so that removing its hooks later restores the method as it was before us (not our pass-through).
-        Returns whether we were found there."""
-        registry = self.obj.__dict__.get("_diffusers_hook")
+    def _unlink_from_hooks(self, previous: Any) -> bool:
+        """If diffusers' hook registry or accelerate's hooks (``_old_forward``: offloading) wrapped this method
+        after us, put what we wrapped in our place in their chain, so that calls skip us at once and removing
+        their hooks later restores the method as it was before us, not our pass-through. Returns whether we were
+        found there."""
+        if self.name != "forward":
+            return False
         below = getattr(type(self.obj), self.name).__get__(self.obj) if previous is _MISSING else previous
         found = False
-        for reference in getattr(registry, "_fn_refs", []) if self.name == "forward" else []:
+        if self.obj.__dict__.get("_old_forward") is self._method:  # accelerate.hooks.add_hook_to_module
+            self.obj._old_forward = below
+            found = True
+        registry = self.obj.__dict__.get("_diffusers_hook")
+        for reference in getattr(registry, "_fn_refs", []):
             for attribute in ("forward", "original_forward"):
                 if getattr(reference, attribute, None) is self._method:
                     setattr(reference, attribute, below)

@@ -77,3 +77,45 @@ def test_applied_before_diffusers_hooks_both_work_and_removal_leaves_no_wrapper(
     state = _instance_state(transformer)  # nothing of accel's left: as diffusers alone leaves them, or cleaner
     assert all(now in ("absent", then) for now, then in zip(state, baseline)), (state, baseline)
     assert torch.equal(_run(transformer), reference)
+
+
+# -- accelerate's offload hooks (``enable_model_cpu_offload``), on the tiny PixArt pipeline ---------------------
+
+CALL = dict(
+    num_inference_steps=STEPS,
+    output_type="pt",
+    max_sequence_length=16,
+    height=16,
+    width=16,
+    use_resolution_binning=False,
+)
+
+
+def _accel_left(module) -> bool:
+    """Whether an accel wrapper is still reachable from the module's forward (directly or as accelerate's
+    ``_old_forward``)."""
+    return any(
+        getattr(module.__dict__.get(name), "_accel_wrapper", None) is not None for name in ("forward", "_old_forward")
+    )
+
+
+@pytest.mark.parametrize("order", ["offload-first", "accel-first"])
+def test_accel_and_model_offload_in_either_order(order, one_thread):
+    from conftest import build_tiny_pixart_pipeline
+
+    pipe = build_tiny_pixart_pipeline()
+    schedule = fora(layout_of(pipe), STEPS, 2)
+    if order == "offload-first":
+        pipe.enable_model_cpu_offload(device="cpu")
+        handle = accel.apply(pipe, CacheConfig(schedule=schedule))
+    else:
+        handle = accel.apply(pipe, CacheConfig(schedule=schedule))
+        pipe.enable_model_cpu_offload(device="cpu")
+    for _ in range(2):  # the offload hooks move the model around every call: accel keeps working
+        handle.reset()
+        pipe("a red apple", **CALL)
+        assert handle.stats().reuse_fraction == pytest.approx(0.5)
+    handle.remove()
+    pipe.remove_all_hooks()
+    blocks = pipe.transformer.transformer_blocks
+    assert not _accel_left(pipe.transformer) and not any(_accel_left(block) for block in blocks)
