@@ -454,6 +454,7 @@ class CacheHandle(Handle):
         """Zero the counters."""
         self.engine.stats_data = CacheStats.empty(self.engine.components)
         self.engine.decision_log.clear()
+        self.engine.notices.forget_call()
 
     @property
     def decision_log(self) -> list[Decision]:

@@ -85,6 +85,10 @@ class Notices:
         self._reused_before = _reuses(stats)
         self._log_start = log_length
 
+    def forget_call(self) -> None:
+        """Stop watching the current call (its counters were zeroed); the next block call starts a new watch."""
+        self._trajectory, self._pending = None, False
+
     def end_call(self, stats: CacheStats, decisions: Sequence) -> None:
         """At the end of a watched call (its last step, or the next trajectory): warn once if the policy was to
         reuse and reused nothing. ``decisions`` is the engine's whole decision log."""

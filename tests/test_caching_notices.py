@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from test_caching_engine import generate
+from test_caching_engine import PIPE_KWARGS, PROMPTS, generate
 
 import accel
 from accel.caching import CacheConfig, FirstBlockPolicy, Schedule, compute_all, fora, layout_of
@@ -108,3 +108,19 @@ def test_apply_handle_forwards_only_one_techniques_attributes(tiny_pixart_pipeli
         assert handle.decision_log == handle[CacheConfig].decision_log == []
         with pytest.raises(AttributeError):
             handle.no_such_thing  # noqa: B018
+
+
+def test_zeroing_the_stats_mid_call_is_not_taken_for_a_policy_that_never_fired(tiny_pixart_pipeline, caplog):
+    pipe = tiny_pixart_pipeline
+    caplog.set_level(logging.INFO, logger=NOTICES)
+    with accel.apply(pipe, CacheConfig(schedule=fora(layout_of(pipe), steps=6, interval=2))) as handle:
+        generate(pipe, steps=6)
+        first = sum(handle.stats().reused.values())  # the baseline the next call is watched from
+
+        def zero_after_step_3(step, timestep, latents):
+            if step == 3:
+                handle.reset_stats()
+
+        pipe(PROMPTS, num_inference_steps=6, callback=zero_after_step_3, callback_steps=1, **PIPE_KWARGS)
+        assert 0 < sum(handle.stats().reused.values()) < first  # zeroed mid-call, then reused again
+    assert _messages(caplog) == []
