@@ -24,7 +24,6 @@ the methods and writes the report. Timing and memory come from the main process 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from contextlib import contextmanager, nullcontext
@@ -53,6 +52,7 @@ from accel.eval.metrics import MetricInputs, MetricSuite, metric_keys
 from accel.eval.noise import run_to_run_noise
 from accel.eval.provenance import provenance
 from accel.eval.runtime import check_model, check_output_dir
+from accel.eval.trials import explain_recompute, key_material, read_trial, trial_key
 from accel.serialization import lock_folder, write_json
 
 logger = logging.getLogger(__name__)
@@ -87,66 +87,12 @@ class RunContext:
         return "clip" if self.media == "video" else "image"
 
 
-def key_material(context: RunContext, method: Method) -> dict:
-    """What determines a trial's outputs, as plain JSON: the model's identity (pipeline class, content hash of
-    its weights, dtype; not the path it was loaded from), the method (and a JSON method's file content), the
-    prompts, seeds, step count, guidance scale and pipeline arguments. Nothing in it changes with the thread count
-    or the number of processes."""
-    config = context.config
-    model = {k: v for k, v in context.model_fingerprint.items() if k != "model"}
-    material = {
-        "model": model,
-        "method": method.fingerprint(),
-        "prompts_sha256": config.prompts_sha256,
-        "seeds": list(config.seeds),
-        "steps": config.steps,
-        "guidance_scale": context.guidance_scale,
-        "pipeline_kwargs": context.kwargs,
-    }
-    return json.loads(json.dumps(material, sort_keys=True, default=str))
-
-
-def trial_key(context: RunContext, method: Method) -> str:
-    """Hash of :func:`key_material`."""
-    material = key_material(context, method)
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def explain_recompute(context: RunContext, method: Method) -> None:
-    """Log why earlier trials of ``method`` in the output folder cannot be reused (what in their key differs)."""
-    material = key_material(context, method)
-    for path in sorted((context.out / "trials").glob(f"{method.slug}-*.json")):
-        try:
-            earlier = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if earlier.get("method") != method.name:
-            continue
-        before = earlier.get("key_material")
-        if before is None:
-            why = "it was written by an earlier version of accel, which kept no key material"
-        else:
-            model, earlier_model = material["model"], before.get("model") or {}
-            differ = [f"model {k}" for k in model if model[k] != earlier_model.get(k)]
-            differ += [name for name in material if name != "model" and material[name] != before.get(name)]
-            why = f"{', '.join(differ) or 'its key'} differ"
-        if context.is_main:
-            logger.warning("%s: not reusing %s: %s; computing it again", method.name, path, why)
-
-
 def _write_json(path: Path, data: dict) -> None:
     write_json(data, path, allow_nan=False)  # atomic, through a temporary file of this process's own
 
 
 def _sample_paths(directory: Path, count: int) -> list[Path]:
     return [directory / f"{index:05d}.png" for index in range(count)]
-
-
-def saved_progress(out: Path) -> str:
-    """What an interrupted run left in ``out`` for the next one to reuse, in words."""
-    trials = len(list((out / "trials").glob("*.json")))
-    images = len(list((out / "images").glob("*/*.png")))
-    return f"{trials} finished trial{'s' if trials != 1 else ''} and {images} samples are kept in {out}"
 
 
 def generate_shard(context: RunContext, method: Method, directory: Path) -> str | None:
@@ -220,20 +166,6 @@ def score(context: RunContext, method: Method, directory: Path, keys: list[str] 
         context.reference = images
     inputs = MetricInputs(images=images, reference=context.reference, prompts=context.config.prompts)
     return context.suite.compute(inputs, keys)
-
-
-def read_trial(path: Path) -> dict | None:
-    """The trial record in ``path``, or None (with a warning naming it) if it cannot be read: then the trial is
-    computed again and the file replaced."""
-    try:
-        record = json.loads(path.read_text())
-        if isinstance(record, dict) and record.get("status") in ("ok", "unsupported"):
-            return record
-        problem = "not a trial record"
-    except (OSError, ValueError) as error:
-        problem = str(error)
-    logger.warning("%s cannot be read (%s): computing this trial again", path, problem)
-    return None
 
 
 def resume_trial(context: RunContext, method: Method, path: Path, directory: Path, record: dict) -> dict:

@@ -66,8 +66,9 @@ def run(args: argparse.Namespace, defaults: dict | None = None) -> int:
     if args.list_methods:
         print(usage())
         return 0
-    from accel.eval.harness import run_evaluation, saved_progress
+    from accel.eval.harness import run_evaluation
     from accel.eval.runtime import report_interrupted
+    from accel.eval.trials import saved_progress
 
     try:
         results = run_evaluation(config_of(args, defaults), args.out)
