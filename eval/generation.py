@@ -302,11 +302,24 @@ def module_sha256(module: torch.nn.Module, digest: Any = None) -> Any:
     tensors = dict(module.named_parameters())
     tensors.update(module.named_buffers())
     for name in sorted(tensors, key=lambda n: n.replace("_orig_mod.", "")):
-        tensor = tensors[name].detach()
-        digest.update(f"{name.replace('_orig_mod.', '')}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        flat = tensor.contiguous().reshape(-1).cpu()
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        _hash_tensor(f"{name.replace('_orig_mod.', '')}", tensors[name].detach(), digest)
     return digest
+
+
+def _hash_tensor(name: str, tensor: torch.Tensor, digest: Any) -> None:
+    """Name, dtype, shape and exact bytes of ``tensor`` into ``digest``; a tensor subclass that cannot be viewed
+    as bytes (a torchao int8/float8 weight) hashes its type, its ``__tensor_flatten__`` context (e.g. how
+    activations are quantized) and each inner tensor (the int8 data, scales, zero points) instead."""
+    digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is not None and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        inner, context = flatten()
+        digest.update(f"{type(tensor).__qualname__}:{context!r};".encode())
+        for part in inner:
+            _hash_tensor(f"{name}.{part}", getattr(tensor, part), digest)
+        return
+    flat = tensor.contiguous().reshape(-1).cpu()
+    digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
 
 
 def weights_checksum(pipe: Any) -> str:

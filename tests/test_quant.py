@@ -268,3 +268,22 @@ def test_quantization_composes_with_caching_in_phase_order():
             orders.append([r.technique for r in handle.patches() if r.technique != "core"])
         assert torch.equal(_run(model), reference)
     assert torch.equal(outputs[0], outputs[1]) and orders[0] == orders[1] and orders[0][0] == "quant"
+
+
+def test_weight_hashes_see_quantized_weights_and_their_scheme():
+    from accel.eval.generation import module_sha256
+
+    model = TINY.build()
+    digests = {"full": module_sha256(model).hexdigest()}
+    for scheme in ("int8-weight", "int8-dynamic"):
+        with accel.apply(model, QuantConfig(scheme=scheme)):
+            digests[scheme] = module_sha256(model).hexdigest()
+            assert module_sha256(model).hexdigest() == digests[scheme]  # the same bytes hash alike
+            layer = model.transformer_blocks[0].ff.net[2]
+            layer.weight.qdata[0, 0] += 1  # one int8 value changes the hash
+            changed = module_sha256(model).hexdigest()
+            layer.weight.qdata[0, 0] -= 1
+            assert changed != digests[scheme]
+    # int8-weight and int8-dynamic hold the same int8 data and scales; what differs is how activations go
+    assert len(set(digests.values())) == 3
+    assert module_sha256(model).hexdigest() == digests["full"]
