@@ -106,7 +106,9 @@ def test_every_command_loads_the_model_where_it_is_told(kind, name, tmp_path, ca
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     if name == "eval" or name == "demo":  # accelerate's PartialState would initialise CUDA for real
-        monkeypatch.setattr("accelerate.PartialState", lambda cpu=False: argparse.Namespace(num_processes=1, is_main_process=True))
+        monkeypatch.setattr(
+            "accelerate.PartialState", lambda cpu=False: argparse.Namespace(num_processes=1, is_main_process=True)
+        )
     assert _run(kind, name, tmp_path, "--device", "cuda:0", "--dtype", "bf16") == 1
     assert "stopped after loading" in capsys.readouterr().err
     assert loaders == [{"device": "cuda:0", "dtype": torch.bfloat16}]
