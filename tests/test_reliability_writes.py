@@ -182,3 +182,16 @@ def test_a_search_checkpoint_killed_at_random_points_resumes(tmp_path):
 
     _kill_at_random_points(_checkpoint_forever, tmp_path, check)
     assert evaluations == sorted(evaluations)  # each run resumed where the killed one was: nothing lost
+
+
+def test_a_second_search_on_a_locked_output_folder_is_refused(tmp_path):
+    from test_reliability_search import MaskEvaluator
+
+    from accel.caching.search import search
+
+    config = SearchConfig(population=4, generations=1, seed_schedules=False, evaluation=EvaluatorConfig(num_steps=4))
+    evaluator = MaskEvaluator()
+    with lock_folder(tmp_path, "accel search"):
+        with pytest.raises(FolderInUse, match="in use by accel search"):
+            search(None, evaluator.prompts, config, tmp_path, evaluator=evaluator)
+    assert evaluator.calls == 0 and not (tmp_path / "search_state.json").exists()
