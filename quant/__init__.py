@@ -15,6 +15,10 @@ Typical use::
 
     plan = accel.quant.calibrate(pipe, config, cache=CacheConfig(schedule=schedule))   # once; plan.save(path)
     accel.apply(pipe, accel.quant.QuantConfig(scheme="int8-dynamic", plan=plan))      # no calibration run
+
+    # the caching schedule search (NSGA-II) with the quantized model in the loop: the front of the combination
+    front = accel.quant.search_schedules(pipe, prompts, config, SearchConfig(generations=8, evaluation=
+                                         EvaluatorConfig(cost="latency")), "schedules-int8/")
 """
 
 from accel.quant import apply as _apply  # noqa: F401  (registers QuantConfig with accel.apply)
@@ -22,6 +26,7 @@ from accel.quant.apply import QuantHandle, QuantStats
 from accel.quant.calibration import calibrate, candidate_layers
 from accel.quant.config import Calibration, QuantConfig
 from accel.quant.correction import CorrectionStatistics, fit_lines
+from accel.quant.schedule_search import search_schedules
 from accel.quant.schemes import SCHEMES, check_scheme, sqnr
 
 __all__ = [
@@ -35,5 +40,6 @@ __all__ = [
     "candidate_layers",
     "check_scheme",
     "fit_lines",
+    "search_schedules",
     "sqnr",
 ]
