@@ -15,6 +15,7 @@ from accel.bench import quant
     "argv, message",
     [
         (["--seed-sets", "9"], "seed-sets"),
+        (["--nsga-generations", "-1"], "nsga"),
         pytest.param(
             ["--device", "cuda"], "CUDA", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")
         ),
@@ -49,6 +50,42 @@ def test_headline_numbers_come_from_the_rows(capsys):
     # aware@3 is faster but its FID is beyond the noise: the combined point is aware@2, within the noise
     assert result["combined_row"] == "aware@2" and result["combined_within_noise"]
     assert "aware@3" in capsys.readouterr().out
+
+
+def test_the_nsga_row_counts_as_a_combined_point(capsys):
+    rows = {
+        "full": _row(1.0, 100.0, 200.0, 12.0),
+        "int8-weight": _row(0.9, 50.0, 200.0, 12.0, 26),
+        "int8-dynamic": _row(0.8, 40.0, 201.0, 12.0, 26),
+        "naive@2": _row(1.9, 30.0, 203.0, 11.9, 26),
+        "aware@2": _row(1.8, 31.5, 202.0, 11.9, 26),
+        "nsga": _row(2.6, 30.5, 202.5, 11.8, 26),
+    }
+    noise = {"fid": 5.0, "prompt_score": 0.5, "full_fids": [200.0, 204.0], "prompt_metric": "alignment"}
+    args = SimpleNamespace(steps=20, images=8, batch=4, repeats=1, threads=1)
+    result = quant._summarise(rows, noise, {"2": None, "nsga": None}, {}, args)
+    assert result["naive_psnr"] == 30.0 and result["combined_row"] == "nsga" and result["combined_within_noise"]
+    assert "nsga" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # about 20 s: a fitted latency model and one generation on the tiny pipeline
+def test_the_nsga_row_is_a_member_of_a_search_with_the_quantized_model_in_the_loop(monkeypatch, one_thread):
+    from conftest import build_tiny_pixart_pipeline
+
+    from accel.quant import Calibration
+
+    pytest.importorskip("pymoo")
+    torch.manual_seed(0)
+    pipe = build_tiny_pixart_pipeline()
+    calls = []
+    real = quant.search_schedules
+    monkeypatch.setattr(quant, "search_schedules", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    calibration = Calibration(prompts=("a red apple", "a blue car"), num_inference_steps=6)
+    args = SimpleNamespace(steps=6, nsga_population=4, nsga_generations=1)
+    schedule = quant._nsga_schedule(pipe, calibration, {"max_sequence_length": 16}, 4.5, [1.5], args)
+    assert [c.scheme for c in calls] == ["int8-dynamic"]
+    assert schedule.num_steps == 6 and schedule.metrics["psnr"] < 80  # scored with int8 weights vs full precision
+    assert not schedule.mask.all()
 
 
 def test_scheme_rows_quantize_compile_and_time_each_model_and_skip_what_the_device_lacks(capsys, one_thread):

@@ -11,7 +11,11 @@ seed each), latency interleaved (one warm-up round, ``--repeats`` timed ones, sp
   the schedule (cache-aware) with CacheQuant's correction;
 * with ``--search``: ``searched``, CacheQuant's dynamic-programming schedule computed from the change matrices
   of the *quantized* model (the quantized model in the loop), at the budget of the fastest target, then
-  calibrated cache-aware under it.
+  calibrated cache-aware under it;
+* with ``--nsga-generations N``: ``nsga``, the best point at the fastest target's speed of an NSGA-II search run
+  for ``N`` generations with the int8-dynamic model in the loop (:func:`accel.quant.search_schedules`: quality of
+  cache + int8 against full precision, cost from a latency model fitted on the quantized model) on the
+  calibration prompts, then calibrated cache-aware under it.
 
 Per row: measured speedup, weight memory of the transformer (bytes, ratio to full), PSNR of the decoded images
 vs full compute (same seeds), FID and KID (EfficientNet-Lite0 features, against the emoji set) and the
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from types import SimpleNamespace
@@ -35,15 +40,19 @@ import torch
 import accel
 from accel.caching import CacheConfig, Schedule, load_front
 from accel.caching.search.command import DEFAULT_PROMPTS, model_defaults
+from accel.caching.search.config import SearchConfig
 from accel.caching.search.evaluator import Evaluator, EvaluatorConfig
 from accel.eval.comparison import measure_methods, score_methods
 from accel.eval.noise import within_noise
-from accel.quant import Calibration, QuantConfig, calibrate
+from accel.quant import Calibration, QuantConfig, calibrate, search_schedules
 
 logger = logging.getLogger(__name__)
 
 #: first seed of each full-compute seed set (the first is the one every method shares)
 SEED_SETS = (1000, 2000, 3000, 4000, 5000)
+
+#: rows of searched schedules (no target speedup of their own): the DP one (--search), the NSGA-II one
+SEARCHED = ("searched", "nsga")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--calibration-prompts", type=int, default=8, help="how many of the search's prompts")
     parser.add_argument("--search", action="store_true", help="add the DP schedule of the quantized model")
+    parser.add_argument(
+        "--nsga-generations", type=int, default=0,
+        help="add the best point of an NSGA-II search with the int8-dynamic model in the loop (0: no such row)",
+    )  # fmt: skip
+    parser.add_argument("--nsga-population", type=int, default=12, help="population of that search")
     parser.add_argument("--no-fid", action="store_true", help="skip FID, KID and the prompt score")
     parser.add_argument("--device", default="cpu", help="cpu: the bundled model; cuda: the PixArt-XL-sized rows")
     parser.add_argument("--gpu-steps", type=int, default=20)
@@ -73,6 +87,8 @@ def run(argv: list[str]) -> dict:
         return run_gpu(args)
     if not 2 <= args.seed_sets <= len(SEED_SETS):
         raise ValueError(f"--seed-sets must be in 2..{len(SEED_SETS)}, got {args.seed_sets}")
+    if args.nsga_generations < 0 or args.nsga_population < 4:
+        raise ValueError("--nsga-generations must be >= 0 and --nsga-population >= 4")
     torch.set_num_threads(args.threads)
     from accel.bench.search import _prompts_and_reference
     from accel.eval.runtime import RuntimeConfig
@@ -97,6 +113,8 @@ def run(argv: list[str]) -> dict:
     schedules = {f"{t:g}": front.pick(target_speedup=t, num_steps=args.steps) for t in targets}
     if args.search:
         schedules["searched"] = _searched_schedule(pipe, calibration, evaluator, schedules, args)
+    if args.nsga_generations:
+        schedules["nsga"] = _nsga_schedule(pipe, calibration, call_kwargs, guidance, targets, args)
     contexts, memory, plans = _contexts(pipe, schedules, calibration, args.min_sqnr)
     rows, images = measure_methods(evaluator, contexts, args.batch, args.repeats)
     for name, row in rows.items():
@@ -113,7 +131,7 @@ def run(argv: list[str]) -> dict:
 
 def _ideal(evaluator: Evaluator, name: str, schedules: dict[str, Schedule]) -> float:
     """``1 / relative MACs`` of the row's schedule (1 without one)."""
-    key = name.split("@")[-1] if "@" in name else ("searched" if name == "searched" else None)
+    key = name.split("@")[-1] if "@" in name else (name if name in SEARCHED else None)
     if key not in schedules:
         return 1.0
     return 1 / evaluator.cost_model.relative_macs(schedules[key].mask)
@@ -136,16 +154,16 @@ def _contexts(pipe, schedules: dict[str, Schedule], calibration: Calibration, mi
     naive = plans["naive"] = calibrate(pipe, calibrated, cache=None)
     for key, schedule in schedules.items():
         cache = CacheConfig(schedule=schedule, count_macs=False)
-        suffix = "" if key == "searched" else f"@{key}"
+        suffix = "" if key in SEARCHED else f"@{key}"
         aware = calibrate(pipe, calibrated, cache=cache)
-        plans[f"aware{suffix}" if suffix else "searched"] = aware
-        if key != "searched":
+        plans[f"aware{suffix}" if suffix else key] = aware
+        if key not in SEARCHED:
             contexts[f"cache{suffix}"] = applied(cache)
             contexts[f"cache+int8{suffix}"] = applied(cache, QuantConfig(scheme="int8-dynamic"))
             contexts[f"naive{suffix}"] = applied(cache, QuantConfig(scheme="int8-dynamic", plan=naive))
             contexts[f"aware{suffix}"] = applied(cache, QuantConfig(scheme="int8-dynamic", plan=aware))
         else:
-            contexts["searched"] = applied(cache, QuantConfig(scheme="int8-dynamic", plan=aware))
+            contexts[key] = applied(cache, QuantConfig(scheme="int8-dynamic", plan=aware))
     memory = {}
     for name, context in contexts.items():
         with context():
@@ -177,6 +195,23 @@ def _searched_schedule(pipe, calibration, evaluator: Evaluator, schedules: dict,
     )
 
 
+def _nsga_schedule(pipe, calibration: Calibration, call_kwargs: dict, guidance: float, targets, args) -> Schedule:
+    """The best-quality member at least as fast as the fastest target (by the fitted latency model) of an NSGA-II
+    search run with the int8-dynamic model in the loop on the calibration prompts."""
+    config = SearchConfig(
+        population=args.nsga_population,
+        generations=args.nsga_generations,
+        evaluation=EvaluatorConfig(num_steps=args.steps, guidance_scale=guidance, cost="fitted"),
+    )
+    with tempfile.TemporaryDirectory() as out:
+        front = search_schedules(
+            pipe, list(calibration.prompts), QuantConfig(scheme="int8-dynamic"), config, out, resume=False,
+            call_kwargs=call_kwargs,
+        )  # fmt: skip
+    logger.info("NSGA-II with int8-dynamic in the loop: %d schedules on the front", len(front))
+    return front.pick(target_speedup=max(targets), num_steps=args.steps)
+
+
 def _add_kid(rows: dict, images: dict, reference: torch.Tensor) -> None:
     """KID (EfficientNet-Lite0 features, against the FID reference) of every row."""
     from accel.eval.fid import EfficientNetLite0Features, FidKidConfig, extract_features, fid_kid_from_features
@@ -194,8 +229,8 @@ def _summarise(rows: dict, noise: dict | None, schedules: dict, plans: dict, arg
         row["weight_memory_ratio"] = row["weight_bytes"] / full["weight_bytes"]
         row["within_noise"] = bool(noise is not None and within_noise(row, full, noise))
     _print_table(rows, noise, args)
-    first = f"@{next(iter(k for k in schedules if k != 'searched'))}" if schedules else ""
-    combined = [n for n in rows if n.startswith("aware") or n == "searched"]
+    first = f"@{next(iter(k for k in schedules if k not in SEARCHED))}" if schedules else ""
+    combined = [n for n in rows if n.startswith("aware") or n in SEARCHED]
     within = [n for n in combined if rows[n]["within_noise"]]
     best = max(within or combined, key=lambda n: rows[n]["speedup"]) if combined else None
     kept = {name: plan.settings["layers"] for name, plan in plans.items()}
