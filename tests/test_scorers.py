@@ -120,6 +120,7 @@ def test_fid_kid_from_images(emoji, extractor):
     result = fid_kid(emoji[0][:4], emoji[0][4:8], feature=extractor)
     assert set(result) == {
         "FID-EffNetLite0",
+        "FID-EffNetLite0-se",
         "KID-EffNetLite0",
         "KID-EffNetLite0-std",
         "num_real",
@@ -127,6 +128,7 @@ def test_fid_kid_from_images(emoji, extractor):
         "kid_subset_size",
     }
     assert result["kid_subset_size"] == 2 and result["FID-EffNetLite0"] > 0
+    assert result["FID-EffNetLite0-se"] > 0  # the bootstrap spread of FID over resampled image sets
 
 
 def test_inception_without_weights_names_what_is_missing(tmp_path):
