@@ -106,3 +106,26 @@ def test_gpu_rows_time_every_scheme_the_device_runs():
     result = quant.run(["--device", "cuda", "--repeats", "1", "--gpu-steps", "2"])
     assert {"bf16", "int8-dynamic", "int8-weight"} <= set(result["gpu"])
     assert result["gpu"]["int8-dynamic"]["weight_ratio"] < 0.6  # int8 data against bf16
+
+
+def test_video_rows_on_a_tiny_wan(capsys, one_thread):
+    from eval_helpers import TINY_VIDEO_KWARGS, build_tiny_wan_pipeline
+
+    from accel.quant import Calibration
+
+    pipe = build_tiny_wan_pipeline()
+    originals = {name: p for name, p in pipe.transformer.named_parameters()}
+    calibration = Calibration(prompts=("a red apple", "a blue car"), num_inference_steps=4, batch=2,
+                              call_kwargs=TINY_VIDEO_KWARGS)  # fmt: skip
+    rows = quant.video_rows(
+        pipe, ["a green tree", "the moon"], steps=4, call_kwargs=TINY_VIDEO_KWARGS, batch=2, repeats=1,
+        calibration=calibration,
+    )  # fmt: skip
+    assert list(rows) == ["full", "int8-weight", "int8-dynamic", "cache", "cache+int8", "naive", "aware"]
+    assert rows["full"]["psnr"] >= 90 and rows["full"]["speedup"] == 1.0
+    for name in ("int8-weight", "int8-dynamic"):  # int8 alone: small frame error, a quarter of the weights
+        assert 30 < rows[name]["psnr"] < 90 and rows[name]["weight_memory_ratio"] < 0.5
+    assert rows["cache"]["weight_memory_ratio"] == 1.0 and rows["cache"]["psnr"] < 90
+    assert all(rows[n]["weight_memory_ratio"] < 0.5 for n in ("cache+int8", "naive", "aware"))
+    assert all(p is originals[n] for n, p in pipe.transformer.named_parameters())
+    assert "aware" in capsys.readouterr().out

@@ -17,6 +17,11 @@ seed each), latency interleaved (one warm-up round, ``--repeats`` timed ones, sp
   cache + int8 against full precision, cost from a latency model fitted on the quantized model) on the
   calibration prompts, then calibrated cache-aware under it.
 
+With ``--video``, the same comparison on the bundled video model (Wan, 576 tokens per clip) follows in the same run,
+on ``--video-prompts`` of the search's prompts with FORA-``--video-interval`` as the schedule (the bundled caching
+front is the image model's): ``full``, ``int8-weight``, ``int8-dynamic``, ``cache``, ``cache+int8``, ``naive``,
+``aware``, each with its speedup, weight memory and PSNR of the decoded frames vs full (no FID for clips).
+
 Per row: measured speedup, weight memory of the transformer (bytes, ratio to full), PSNR of the decoded images
 vs full compute (same seeds), FID and KID (EfficientNet-Lite0 features, against the emoji set) and the
 prompt-alignment score, with the run-to-run noise of full compute over ``--seed-sets`` seed sets. A table, then
@@ -74,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         help="add the best point of an NSGA-II search with the int8-dynamic model in the loop (0: no such row)",
     )  # fmt: skip
     parser.add_argument("--nsga-population", type=int, default=12, help="population of that search")
+    parser.add_argument("--video", action="store_true", help="add the rows of the bundled video model")
+    parser.add_argument("--video-prompts", type=int, default=4, help="clips per video row")
+    parser.add_argument("--video-interval", type=int, default=2, help="the video rows' schedule: FORA-N")
     parser.add_argument("--no-fid", action="store_true", help="skip FID, KID and the prompt score")
     parser.add_argument("--device", default="cpu", help="cpu: the bundled model; cuda: the PixArt-XL-sized rows")
     parser.add_argument("--gpu-steps", type=int, default=20)
@@ -126,7 +134,87 @@ def run(argv: list[str]) -> dict:
             reference_seed=10_000,
         )  # fmt: skip
         _add_kid(rows, images, reference)
-    return _summarise(rows, noise, schedules, plans, args)
+    result = _summarise(rows, noise, schedules, plans, args)
+    if args.video:
+        result["video"] = _video(args, calibration)
+    return result
+
+
+def _video(args, calibration: Calibration) -> dict:
+    """The video rows on the bundled video model (see the module docstring)."""
+    from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
+
+    pipe = load_default_video_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(DEFAULT_VIDEO_CALL_KWARGS)
+    prompts = list(DEFAULT_PROMPTS[: args.video_prompts])
+    calibration = replace(calibration, call_kwargs=kwargs)
+    print(f"bundled video model, {args.steps} steps, {len(prompts)} clips, FORA-{args.video_interval}")
+    return video_rows(
+        pipe, prompts, steps=args.steps, call_kwargs=kwargs, batch=args.batch, repeats=args.repeats,
+        calibration=calibration, min_sqnr=args.min_sqnr, interval=args.video_interval,
+    )  # fmt: skip
+
+
+def video_rows(
+    pipe, prompts: list[str], *, steps: int, call_kwargs: dict, batch: int, repeats: int, calibration: Calibration,
+    min_sqnr: float | None = None, interval: int = 2, seed: int = SEED_SETS[0],
+) -> dict:  # fmt: skip
+    """full, int8-weight, int8-dynamic, FORA-``interval`` alone, with plain int8-dynamic, naive (calibrated without
+    the cache) and aware (calibrated under it) on a video pipeline: decoded clips of ``prompts`` (prompt ``i`` from
+    seed ``seed + i``), PSNR of their frames vs full, speedup of one ``batch``-clip call (interleaved, fastest
+    repeats), weight memory. Prints a table; returns ``{row: {"psnr", "speedup", "weight_memory_ratio"}}``."""
+    from accel.caching import fora, layout_of
+    from accel.eval.metrics import psnr
+    from accel.eval.timing import time_interleaved
+    from accel.quant.apply import _weight_bytes
+
+    cache = CacheConfig(schedule=fora(layout_of(pipe), steps, interval), count_macs=False)
+    calibrated = QuantConfig(scheme="int8-dynamic", min_sqnr=min_sqnr, correct=True, calibration=calibration)
+    naive, aware = calibrate(pipe, calibrated, cache=None), calibrate(pipe, calibrated, cache=cache)
+
+    def applied(*configs):
+        return lambda: accel.apply(pipe, *configs)
+
+    contexts = {
+        "full": nullcontext,
+        "int8-weight": applied(QuantConfig(scheme="int8-weight")),
+        "int8-dynamic": applied(QuantConfig(scheme="int8-dynamic")),
+        "cache": applied(cache),
+        "cache+int8": applied(cache, QuantConfig(scheme="int8-dynamic")),
+        "naive": applied(cache, QuantConfig(scheme="int8-dynamic", plan=naive)),
+        "aware": applied(cache, QuantConfig(scheme="int8-dynamic", plan=aware)),
+    }
+
+    @torch.no_grad()
+    def clips(start: int, n: int) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(start, start + n)]
+        out = pipe(prompts[start : start + n], num_inference_steps=steps, generator=generators, output_type="pt",
+                   **call_kwargs)  # fmt: skip
+        return torch.as_tensor(out.frames).float()
+
+    frames, memory = {}, {}
+    for name, context in contexts.items():
+        with context():
+            memory[name] = _weight_bytes(pipe.transformer)
+            frames[name] = torch.cat([clips(i, min(batch, len(prompts) - i)) for i in range(0, len(prompts), batch)])
+    timings = time_interleaved(
+        {name: (lambda: clips(0, min(batch, len(prompts)))) for name in contexts}, repeats=repeats, warmup=1,
+        around=contexts,
+    )  # fmt: skip
+    fastest_full = min(timings["full"].samples)
+    rows = {}
+    print(f"{'method':<14}{'speedup':>9}{'weights MB':>11}{'ratio':>7}{'PSNR':>8}")
+    for name in contexts:
+        rows[name] = {
+            "psnr": round(float(psnr(frames[name].flatten(1), frames["full"].flatten(1), 1.0).mean()), 3),
+            "speedup": round(fastest_full / min(timings[name].samples), 3),
+            "weight_memory_ratio": round(memory[name] / memory["full"], 4),
+        }
+        row = rows[name]
+        print(f"{name:<14}{row['speedup']:>8.2f}x{memory[name] / 2**20:>11.2f}{row['weight_memory_ratio']:>7.3f}"
+              f"{row['psnr']:>8.2f}")  # fmt: skip
+    return rows
 
 
 def _ideal(evaluator: Evaluator, name: str, schedules: dict[str, Schedule]) -> float:
