@@ -10,9 +10,10 @@ as full compute), timed as it goes:
 * ``ours``: :class:`~accel.caching.TokenStepConfig` with the velocity rule, CFG branches of a prompt paired;
 * ``ours-own``: the same with every row and branch selecting alone (the issue's per-branch requirement);
 * ``ras``: RAS's released rule and dense schedule (:func:`~accel.caching.ras_config`) in the same machinery;
+* ``ours-N-steps``: ours at budget 0.5 on N steps (both levers at once);
 * ``steps-N``: fewer flow-matching steps; ``fora-k``: block caching every k steps (FORA).
 
-Per row: measured speed-up (on the calibration prompts, all rows interleaved, the fastest of two rounds
+Per row: measured speed-up (on the calibration prompts, all rows interleaved, the fastest of three rounds
 each), PSNR and SSIM against full compute, FID and KID (EfficientNet-Lite0 features) against full compute
 with other seeds (so the full row shows the noise floor), the alignment score of each image (or frame) with
 its prompt, and on video the motion accuracy.
@@ -90,7 +91,7 @@ def _fit(knobs: list[float], ratios: list[float]) -> tuple[float, float]:
     return ratios[0] - slope * knobs[0], slope
 
 
-def _speedups(model: Model, runs: dict[str, tuple], repeats: int = 2) -> dict[str, float]:
+def _speedups(model: Model, runs: dict[str, tuple], repeats: int = 3) -> dict[str, float]:
     """Per run ``name -> (context factory, steps)``, full compute's time over the run's on the probe prompts:
     interleaved rounds after one warm-up call, the fastest round of each (the machine is shared)."""
     probe = model.prompts[: model.probe]
@@ -123,7 +124,10 @@ def calibrate(model: Model, steps: int) -> dict[float, dict]:
         # two steps at least: PixArt's pipeline treats a 1-step call as a distilled model's
         number = min(range(2, steps + 1), key=lambda n: abs(steps_fit[0] + steps_fit[1] * n / steps - target))
         interval = min(range(2, steps + 1), key=lambda k: abs(fora_fit[0] + fora_fit[1] / k - target))
-        chosen[target] = {"ours": best(ours), "ras": best(ras), "steps": number, "fora": interval}
+        # ours on fewer steps: budget 0.5 on N steps, the transformer's share of the time scaled by N / steps
+        half = ratios["ours-0.5"] - steps_fit[0]
+        fewer = min(range(4, steps + 1), key=lambda n: abs(steps_fit[0] + half * n / steps - target))
+        chosen[target] = {"ours": best(ours), "ras": best(ras), "steps": number, "fora": interval, "both": fewer}
     print(
         f"{model.name}: calibration on {model.probe} prompts: runtime ratio = {token_fit[0]:.2f} + "
         f"{token_fit[1]:.2f} x token-steps, {steps_fit[0]:.2f} + {steps_fit[1]:.2f} x steps share, FORA-2/4 "
@@ -148,6 +152,8 @@ def methods(model: Model, steps: int, chosen: dict[float, dict]) -> dict[str, tu
             ("ras", ras(knobs["ras"], steps)),
         ):
             rows[f"{name}{tag}"] = (target, _applied(model, config), steps, config)
+        both = ours(0.5, knobs["both"])
+        rows[f"ours-{knobs['both']}-steps{tag}"] = (target, _applied(model, both), knobs["both"], both)
         rows[f"steps-{knobs['steps']}{tag}"] = (target, nullcontext, knobs["steps"], None)
         cache = CacheConfig(schedule=fora(layout, steps, knobs["fora"]))
         rows[f"fora-{knobs['fora']}{tag}"] = (target, _applied(model, cache), steps, None)
@@ -218,7 +224,7 @@ def evaluate(model: Model, steps: int) -> dict:
                     heat = {"grid": stats.grid, "counts": stats.heat_maps[0][0].tolist(), "steps": steps}
         rows[name] = {"target": target, **scores(samples)}
         if config is not None:
-            rows[name]["token_steps"] = config.planned_fraction(steps, model.tokens)
+            rows[name]["token_steps"] = config.planned_fraction(row_steps, model.tokens) * row_steps / steps
     speedups = _speedups(model, {name: (context, n) for name, (_, context, n, _) in every.items()})
     for name, speedup in speedups.items():
         rows[name]["speedup"] = speedup
@@ -286,6 +292,7 @@ def _headline(rows: dict, prefix: str = "") -> dict:
         at = {name.split("@")[0]: row for name, row in rows.items() if row["target"] == target}
         steps = next(row for name, row in at.items() if name.startswith("steps-"))
         cache = next(row for name, row in at.items() if name.startswith("fora-"))
+        both = next(row for name, row in at.items() if name.endswith("-steps"))
         result.update({
             f"{prefix}psnr_at_{tag}": round(at["ours"]["psnr"], 2),
             f"{prefix}own_psnr_at_{tag}": round(at["ours-own"]["psnr"], 2),
@@ -296,6 +303,8 @@ def _headline(rows: dict, prefix: str = "") -> dict:
             f"{prefix}ras_speedup_at_{tag}": round(at["ras"]["speedup"], 2),
             f"{prefix}steps_speedup_at_{tag}": round(steps["speedup"], 2),
             f"{prefix}cache_speedup_at_{tag}": round(cache["speedup"], 2),
+            f"{prefix}both_psnr_at_{tag}": round(both["psnr"], 2),
+            f"{prefix}both_speedup_at_{tag}": round(both["speedup"], 2),
         })  # fmt: skip
     return result
 
