@@ -71,6 +71,26 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
+#: the default of ``--steps`` wherever a pipeline is loaded (eval, demo, generate, search), for its help
+STEPS_DEFAULT_HELP = (
+    "omitted: the pipeline's own default (its __call__'s num_inference_steps: 28 for SD3 and FLUX (FLUX.1-schnell "
+    "too: pass 4 there), 50 for Wan, 20 for PixArt and the bundled models)"
+)
+
+
+def check_size(height: int | None, width: int | None) -> dict:
+    """``{"height": ..., "width": ...}`` of the ones given, as pipeline call arguments.
+
+    Raises:
+        ValueError: a size that is not a positive integer.
+    """
+    size = {name: value for name, value in (("height", height), ("width", width)) if value is not None}
+    for name, value in size.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")
+    return size
+
+
 #: metadata of a config's ``runtime: RuntimeConfig`` field: its flags are ``--device``, ``--dtype``, ``--compile``
 RUNTIME_FIELD = {"prefix": False}
 
@@ -89,7 +109,11 @@ class EvalConfig:
     prompts: tuple[str, ...] = field(default=BUILTIN_PROMPTS, metadata={"cli": False})
     prompts_source: str = field(default="built-in", metadata={"cli": False})
     seed: int = field(default=0, metadata=_help("sample i is generated with seed + i"))
-    steps: int = field(default=20, metadata=_help("denoising steps of the full-compute reference"))
+    steps: int | None = field(
+        default=None, metadata=_help(f"denoising steps of the full-compute reference; {STEPS_DEFAULT_HELP}")
+    )
+    height: int | None = field(default=None, metadata=_help("image (or clip) height in pixels; omitted: the model's"))
+    width: int | None = field(default=None, metadata=_help("image (or clip) width in pixels; omitted: the model's"))
     guidance_scale: float | None = field(
         default=None, metadata=_help("classifier-free guidance scale; omitted: the model's (4.0 bundled, 4.5 PixArt)")
     )
@@ -127,8 +151,9 @@ class EvalConfig:
         parse_methods(self.methods)  # raises with the valid forms
         if not self.prompts:
             raise ValueError("no prompts")
-        if self.steps < 1 or self.batch_size < 1:
+        if (self.steps is not None and self.steps < 1) or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        check_size(self.height, self.width)
         unknown = [m for m in self.metrics or () if m not in METRICS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
@@ -137,6 +162,11 @@ class EvalConfig:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         object.__setattr__(self, "pipeline_kwargs", dict(self.pipeline_kwargs))
+
+    @property
+    def call_overrides(self) -> dict:
+        """Pipeline call arguments given: :attr:`pipeline_kwargs` with :attr:`height` and :attr:`width`."""
+        return {**self.pipeline_kwargs, **check_size(self.height, self.width)}
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -249,9 +279,15 @@ def build_config(values: dict, cls: type = EvalConfig):
     return cls(**kwargs)
 
 
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--device``, ``--dtype`` and ``--compile``, for a command whose config has no ``runtime`` field."""
-    add_config_arguments(parser, RuntimeConfig)
+#: :class:`RuntimeConfig` fields that only :meth:`RuntimeConfig.load_pipeline` reads: a command that loads its
+#: model otherwise leaves their flags out rather than ignore them
+LOADING_FIELDS = ("variant", "revision", "offload")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, loading: bool = True) -> None:
+    """``--device``, ``--dtype``, ``--compile`` and (with ``loading``) ``--variant``, ``--revision`` and
+    ``--offload``, for a command whose config has no ``runtime`` field."""
+    add_config_arguments(parser, RuntimeConfig, skip=() if loading else LOADING_FIELDS)
 
 
 def runtime_from_args(args: argparse.Namespace) -> RuntimeConfig:

@@ -150,24 +150,38 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+#: what ``peak_bytes`` of :func:`peak_memory` (the reports' "peak MiB") is, on every device
+PEAK_WHAT = (
+    "peak bytes of tensors allocated during one pipeline call and alive at once, above those allocated before it "
+    "(activations and caches; weights excluded)"
+)
+
+
 def peak_memory(run: Callable[[], object], device: torch.device | str) -> dict:
     """Peak memory of one call of ``run``, and what each number is.
 
-    ``peak_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` during the call (all tensors, weights
-    included); elsewhere the peak of tensor storages allocated by the call and alive at once (activations,
-    caches; weights excluded), tracked per operation. On the CPU also ``rss_increase_bytes``: the process's
-    peak resident set during the call minus before it (psutil, sampled every millisecond; allocator caching
-    makes it 0 once earlier calls grew the heap).
+    ``peak_bytes`` means one thing on every device: the peak of tensor memory allocated during the call and
+    alive at once, above what was allocated before it (activations, caches, text embeddings, latents; the
+    weights excluded, unless the call itself moves them, as model CPU offload does). On CUDA it is
+    ``torch.cuda.max_memory_allocated`` during the call minus ``torch.cuda.memory_allocated`` before it (the
+    allocator's own counters, in its 512-byte blocks); elsewhere the same quantity tracked per tensor operation.
+    ``total_peak_bytes`` (CUDA only) is the peak with the weights: what the device must hold. On the CPU also
+    ``rss_increase_bytes``: the process's peak resident set during the call minus before it (psutil, sampled
+    every millisecond; allocator caching makes it 0 once earlier calls grew the heap).
     """
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         run()
         torch.cuda.synchronize(device)
+        total = int(torch.cuda.max_memory_allocated(device))
         return {
-            "peak_bytes": int(torch.cuda.max_memory_allocated(device)),
-            "what": "torch.cuda.max_memory_allocated during one pipeline call (all tensors, weights included)",
+            "peak_bytes": total - int(before),
+            "what": PEAK_WHAT + " (torch.cuda.max_memory_allocated during the call minus memory_allocated before)",
+            "total_peak_bytes": total,
+            "total_what": "torch.cuda.max_memory_allocated during one pipeline call (all tensors, weights included)",
         }
     before = _rss()
     peak = [before]
@@ -188,8 +202,7 @@ def peak_memory(run: Callable[[], object], device: torch.device | str) -> dict:
         sampler.join()
     return {
         "peak_bytes": int(tracker.peak),
-        "what": "peak bytes of tensor storages allocated during one pipeline call and alive at once "
-        "(activations and caches, weights excluded; tracked per tensor operation)",
+        "what": PEAK_WHAT + " (tracked per tensor operation)",
         "rss_increase_bytes": int(max(peak[0], _rss()) - before),
         "rss_what": "peak process RSS during the call minus RSS before it (psutil, sampled every 1 ms)",
     }

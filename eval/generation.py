@@ -103,7 +103,9 @@ def generate(
     or clips ``(N, F, 3, H, W)`` from a video pipeline (its output has ``.frames``)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    device = getattr(pipe, "device", torch.device("cpu"))
+    from accel.pipelines.loading import execution_device
+
+    device = execution_device(pipe)  # under model CPU offload the accelerator, where pipe.device says cpu
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
     output = pipe(
         list(prompts),

@@ -53,6 +53,7 @@ from accel.eval.noise import run_to_run_noise
 from accel.eval.provenance import provenance
 from accel.eval.runtime import check_model, check_output_dir
 from accel.eval.trials import explain_recompute, key_material, read_trial, trial_key
+from accel.pipelines.loading import execution_device
 from accel.serialization import lock_folder, write_json
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def measure_cost(context: RunContext, method: Method) -> dict:
         macs = count_macs(lambda: run(applied.steps))
         stats, applied_config, steps = applied.stats(), applied.config, applied.steps
     with apply_method(method, context.pipe, config.steps) as applied:
-        memory = peak_memory(lambda: run(applied.steps), context.pipe.device)
+        memory = peak_memory(lambda: run(applied.steps), execution_device(context.pipe))
 
     @contextmanager
     def around():
@@ -235,15 +236,18 @@ def build_context(config: EvalConfig, out: Path, pipe: Any = None) -> RunContext
         torch.set_num_threads(config.threads)
     if device.type == "cuda" and state.num_processes > 1:
         device = state.device
-    from accel.pipelines.loading import is_bundled, load_pipeline
+    from accel.pipelines.loading import default_steps, is_bundled, load_pipeline
 
     bundled = pipe is None and is_bundled(config.model)
     if pipe is None:
-        pipe = load_pipeline(config.model, torch_dtype=runtime.torch_dtype, device=str(device))
+        options = {"variant": runtime.variant, "revision": runtime.revision, "offload": runtime.offload}
+        pipe = load_pipeline(config.model, torch_dtype=runtime.torch_dtype, device=str(device), **options)
         runtime.compile_pipeline(pipe)
+    if config.steps is None:  # the pipeline's own default, stored resolved (results and trial keys hold the number)
+        config = dataclasses.replace(config, steps=default_steps(pipe, config.model if bundled else ""))
     media = "video" if generates_video(pipe) else "image"
     keys = metric_keys(config.metrics, media, type(pipe).__name__)
-    kwargs, guidance = pipeline_defaults(pipe, bundled, config.pipeline_kwargs)
+    kwargs, guidance = pipeline_defaults(pipe, bundled, config.call_overrides)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     fingerprint = {
@@ -349,6 +353,7 @@ def _run_locked(config: EvalConfig, out: Path, pipe: Any, methods: list[Method])
     from accel.eval.report import write_reports
 
     context = build_context(config, out, pipe)
+    config = context.config  # its steps resolved to the pipeline's default when omitted
     check_steps(context.pipe, config.steps, "--steps")
     for method in methods:  # every method checked against the model before any compute
         check_method(method, context.pipe, config.steps)

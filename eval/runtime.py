@@ -81,6 +81,10 @@ class RuntimeConfig:
         dtype: weights dtype, stored by its long name (bf16, fp16 and fp32 are read as bfloat16, float16, float32).
         compile: regional compilation: every block of the transformer compiled in place
             (:func:`accel.compile.compile_blocks`) after loading, before any method is applied.
+        variant: weights variant to load (``from_pretrained(variant=...)``, e.g. fp16).
+        revision: hub branch, tag or commit to load (``from_pretrained(revision=...)``).
+        offload: model CPU offload (diffusers' ``enable_model_cpu_offload``): each model moves to ``device`` only
+            while it runs; needs an accelerator device and accelerate.
     """
 
     device: str = field(default="cpu", metadata=_help("torch device: cpu, cuda, cuda:N, mps or xpu"))
@@ -88,12 +92,24 @@ class RuntimeConfig:
     compile: bool = field(
         default=False, metadata=_help("compile each transformer block (regional torch.compile) after loading")
     )
+    variant: str | None = field(
+        default=None, metadata=_help("weights variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
+    )
+    revision: str | None = field(default=None, metadata=_help("hub branch, tag or commit of --model"))
+    offload: bool = field(
+        default=False,
+        metadata=_help(
+            "model CPU offload (enable_model_cpu_offload): models wait on the CPU and move to --device only while "
+            "they run; needs a GPU"
+        ),
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         parse_device(self.device)
-        if not isinstance(self.compile, bool):
-            raise TypeError(f"compile must be true or false, got {self.compile!r}")
+        for name in ("compile", "offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -110,6 +126,16 @@ class RuntimeConfig:
         reason = _unavailable(device)
         if reason is not None:
             raise ValueError(f"device {self.device!r} is not available: {reason}")
+        if self.offload:
+            if device.type == "cpu":
+                raise ValueError(
+                    "--offload keeps the models on the CPU and moves each to the GPU while it runs: it needs "
+                    "--device cuda (or another accelerator), not cpu; on a CPU leave --offload out"
+                )
+            import importlib.util
+
+            if importlib.util.find_spec("accelerate") is None:
+                raise ValueError("--offload needs accelerate: pip install accelerate")
         return device
 
     def compile_pipeline(self, pipe: Any) -> Any:
@@ -130,7 +156,8 @@ class RuntimeConfig:
 
         device = self.check()
         check_model(model)
-        return self.compile_pipeline(load_pipeline(model, torch_dtype=self.torch_dtype, device=str(device)))
+        options = {"variant": self.variant, "revision": self.revision, "offload": self.offload}
+        return self.compile_pipeline(load_pipeline(model, torch_dtype=self.torch_dtype, device=str(device), **options))
 
 
 def check_output_dir(path: str | Path, flag: str = "--out") -> Path:

@@ -22,7 +22,19 @@ def is_bundled(model: str | None) -> bool:
     return model in (None, BUNDLED_IMAGE, BUNDLED_VIDEO)
 
 
-def load_pipeline(model: str | None = None, torch_dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+#: denoising steps of the bundled models when ``--steps`` is omitted (what they were trained and documented with)
+BUNDLED_STEPS = 20
+
+
+def load_pipeline(
+    model: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    *,
+    variant: str | None = None,
+    revision: str | None = None,
+    offload: bool = False,
+) -> Any:
     """Load a diffusers pipeline.
 
     Args:
@@ -30,38 +42,105 @@ def load_pipeline(model: str | None = None, torch_dtype: torch.dtype = torch.flo
             video model; a local folder written by ``save_pretrained``; or a hub id such as
             ``"PixArt-alpha/PixArt-XL-2-512x512"`` (needs network access or the local hub cache).
         torch_dtype: dtype of the weights.
-        device: where to put the pipeline.
+        device: where to put the pipeline (with ``offload``: the accelerator each model moves to while it runs).
+        variant: weights variant, e.g. ``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``
+            (``DiffusionPipeline.from_pretrained(variant=...)``).
+        revision: hub branch, tag or commit to load (``from_pretrained(revision=...)``).
+        offload: model CPU offload (``pipe.enable_model_cpu_offload``): every model stays on the CPU and moves
+            to ``device`` only while it runs; needs accelerate and an accelerator device.
 
     Raises:
         ValueError: a hub id that can be neither downloaded nor found in the cache, with how to pass a local
-            folder instead.
+            folder instead; a variant or revision asked of a bundled model (it has one set of weights).
     """
-    if model is None or model == BUNDLED_IMAGE:
-        from accel.pipelines.default import load_default_pipeline
+    if is_bundled(model):
+        if variant is not None or revision is not None:
+            raise ValueError(
+                "--variant and --revision choose among a hub or folder pipeline's weights; the bundled models have "
+                "one set: leave them out, or pass --model"
+            )
+        load_device = "cpu" if offload else device
+        if model == BUNDLED_VIDEO:
+            from accel.pipelines.video import load_default_video_pipeline
 
-        return load_default_pipeline(torch_dtype=torch_dtype, device=device)
-    if model == BUNDLED_VIDEO:
-        from accel.pipelines.video import load_default_video_pipeline
+            pipe = load_default_video_pipeline(torch_dtype=torch_dtype, device=load_device)
+        else:
+            from accel.pipelines.default import load_default_pipeline
 
-        return load_default_video_pipeline(torch_dtype=torch_dtype, device=device)
+            pipe = load_default_pipeline(torch_dtype=torch_dtype, device=load_device)
+        return _place(pipe, device, offload)
     from diffusers import DiffusionPipeline
 
+    options = {"torch_dtype": torch_dtype, "variant": variant, "revision": revision}
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(path, **options)
+        except (OSError, ValueError) as error:
+            if variant is None:
+                raise
+            raise ValueError(f"could not load {path} with --variant {variant}: {_first_line(error)}") from error
     else:
         try:
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+            pipe = DiffusionPipeline.from_pretrained(model, **options)
         except Exception as error:  # hub errors come in many types: connection, not found, offline mode
+            asked = "".join(f" --{k} {v}" for k, v in (("variant", variant), ("revision", revision)) if v)
             raise ValueError(
-                f"could not load {model!r}: it is not a local folder, and downloading it from the Hugging Face hub "
-                f"failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+                f"could not load {model!r}{asked}: it is not a local folder, and downloading it from the Hugging "
+                f"Face hub failed ({type(error).__name__}: {_first_line(error)}). "
                 f"Without network access, download it elsewhere (`huggingface-cli download {model} --local-dir DIR`)"
                 " and pass --model DIR."
             ) from error
-    return pipe.to(device)
+    return _place(pipe, device, offload)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
+
+
+def _place(pipe: Any, device: str, offload: bool) -> Any:
+    """``pipe`` on ``device``, or with model CPU offload to it (diffusers' ``enable_model_cpu_offload``)."""
+    if not offload:
+        return pipe.to(device)
+    if not hasattr(pipe, "enable_model_cpu_offload"):
+        raise ValueError(f"--offload: {type(pipe).__name__} has no enable_model_cpu_offload")
+    pipe.enable_model_cpu_offload(device=device)
+    return pipe
+
+
+def default_steps(pipe: Any, model: str | None) -> int:
+    """The step count a run uses when none is given: :data:`BUNDLED_STEPS` for a bundled model, else the
+    default of ``num_inference_steps`` in the pipeline's ``__call__`` (e.g. 28 for StableDiffusion3Pipeline and
+    FluxPipeline, 50 for WanPipeline; FLUX.1-schnell shares FluxPipeline's 28, its model card says 4: pass
+    ``--steps 4``).
+
+    Raises:
+        ValueError: the pipeline's ``__call__`` has no integer default for ``num_inference_steps``.
+    """
+    if is_bundled(model):
+        return BUNDLED_STEPS
+    import inspect
+
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+    default = None if parameter is None else parameter.default
+    if not isinstance(default, int) or isinstance(default, bool):
+        raise ValueError(f"{type(pipe).__name__}.__call__ has no default num_inference_steps: pass --steps N")
+    return default
+
+
+def execution_device(pipe: Any) -> torch.device:
+    """Where ``pipe``'s models compute: its ``_execution_device`` (the accelerator under model CPU offload, where
+    ``pipe.device`` says cpu), else ``pipe.device``, else the CPU."""
+    for name in ("_execution_device", "device"):
+        try:
+            device = getattr(pipe, name)
+        except (AttributeError, RuntimeError):
+            continue
+        if isinstance(device, torch.device):
+            return device
+    return torch.device("cpu")
 
 
 def transformer_config_path(model: str | None = None) -> Path:

@@ -39,7 +39,7 @@ def loaders(monkeypatch):
     """Stand-ins for every pipeline loader: they record what they were asked for, then stop the command."""
     calls = []
 
-    def load(model=None, torch_dtype=torch.float32, device="cpu"):
+    def load(model=None, torch_dtype=torch.float32, device="cpu", **options):  # options: variant, revision, offload
         calls.append({"device": str(device), "dtype": torch_dtype})
         raise Stop("stopped after loading")
 
@@ -78,7 +78,8 @@ def test_flags_come_from_the_config_and_compile_is_a_switch():
     assert config.runtime == RuntimeConfig(device="cpu", dtype="bfloat16", compile=True)
     assert config_from_args(parser.parse_args(["--compile", "false"])).runtime.compile is False
     assert config_from_args(parser.parse_args([])).runtime == RuntimeConfig()
-    assert config.to_dict()["runtime"] == {"device": "cpu", "dtype": "bfloat16", "compile": True}
+    loading = {"variant": None, "revision": None, "offload": False}
+    assert config.to_dict()["runtime"] == {"device": "cpu", "dtype": "bfloat16", "compile": True, **loading}
 
 
 @pytest.mark.parametrize("kind,name", ALL)

@@ -111,7 +111,7 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--data", default=DATA_FILE)
     parser.add_argument("--model", default=None, help="pipeline folder; default: the bundled model")
-    add_runtime_arguments(parser)
+    add_runtime_arguments(parser, loading=False)  # the bench loads its model itself: no --variant or --offload
     args = parser.parse_args(argv)
     runtime = runtime_from_args(args)
     device = runtime.check()

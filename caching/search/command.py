@@ -25,7 +25,7 @@ from pathlib import Path
 from accel.caching.search.config import SearchConfig, parse_duration
 from accel.caching.search.evaluator import EvaluatorConfig
 from accel.caching.search.genome import Constraints
-from accel.eval.config import add_runtime_arguments, parse_bool, runtime_from_args
+from accel.eval.config import STEPS_DEFAULT_HELP, add_runtime_arguments, check_size, parse_bool, runtime_from_args
 from accel.textconfig import attribute_docs
 from accel.textconfig import read_prompts as read_prompts_file
 
@@ -85,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (front, schedules, checkpoint)")
     parser.add_argument("--restart", action="store_true", help="discard a checkpoint in --out instead of resuming")
     parser.add_argument("--max-sequence-length", type=int, help="text tokens (pipelines that take it)")
+    parser.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    parser.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     parser.add_argument("--report", action="store_true", help="also run `accel eval` on the front and baselines")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_runtime_arguments(parser)
@@ -93,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name == "budget_seconds":
             help_text = "wall-clock limit with its unit: 90s, 30m, 2h (a bare number is refused)"
             parser.add_argument(flag, dest=name, type=_duration, help=help_text)
+            continue
+        if name == "evaluation.num_steps":
+            parser.add_argument(flag, dest=name, type=int, help=f"denoising steps; {STEPS_DEFAULT_HELP}")
             continue
         choices = list(args) if typing.get_origin(kind) is typing.Literal else None
         if typing.get_origin(kind) is tuple:
@@ -155,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from accel.caching.search.runner import search
     from accel.eval.methods import check_steps
     from accel.eval.runtime import check_output_dir, report_interrupted
+    from accel.pipelines.loading import default_steps
 
     config = config_from_args(args)
     runtime = runtime_from_args(args)
@@ -164,13 +170,18 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    size = check_size(args.height, args.width)
     pipe = runtime.load_pipeline(args.model)
+    if getattr(args, "evaluation.num_steps", None) is None:  # the pipeline's own default
+        steps = default_steps(pipe, args.model)
+        config = dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation, num_steps=steps))
     check_steps(pipe, config.evaluation.num_steps, "--steps")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     call_kwargs = model_defaults(args.model)[0]
     if args.max_sequence_length is not None:
         call_kwargs["max_sequence_length"] = args.max_sequence_length
+    call_kwargs.update(size)
     info = {"model": args.model or "default", "prompts_file": args.prompts, "runtime": dataclasses.asdict(runtime)}
     try:
         front = search(pipe, prompts, config, args.out, resume=not args.restart, call_kwargs=call_kwargs, info=info)

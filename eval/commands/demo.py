@@ -6,6 +6,7 @@ import argparse
 
 from accel.eval.commands import evaluate
 from accel.eval.methods import parse_methods
+from accel.pipelines.loading import BUNDLED_STEPS, is_bundled
 
 #: output folder of ``accel demo --video`` unless ``--out`` is given
 VIDEO_OUT = "report-video"
@@ -46,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
         config = evaluate.config_of(args, defaults)
         methods = parse_methods(config.methods)
         what = "clips" if args.video else "prompts"
+        steps = config.steps or (BUNDLED_STEPS if is_bundled(config.model) else "the pipeline's default")
         print(
-            f"accel demo: {len(methods)} methods x {len(config.prompts)} {what}, {config.steps} steps, "
+            f"accel demo: {len(methods)} methods x {len(config.prompts)} {what}, {steps} steps, "
             f"on {config.model or 'the bundled default model'}; writing {args.out}/"
         )
     return evaluate.run(args, defaults)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from accel.eval.config import RUNTIME_FIELD, add_config_arguments, config_from_args
+from accel.eval.config import RUNTIME_FIELD, STEPS_DEFAULT_HELP, add_config_arguments, check_size, config_from_args
 from accel.eval.methods import usage
 from accel.eval.runtime import RuntimeConfig
 
@@ -39,7 +39,13 @@ class GenerateConfig:
             "help": "pipeline folder or hub id; bundled-video: the bundled video model; omitted: the bundled one"
         },
     )
-    steps: int = field(default=20, metadata={"help": "denoising steps (steps-N overrides)"})
+    steps: int | None = field(
+        default=None, metadata={"help": f"denoising steps (steps-N overrides); {STEPS_DEFAULT_HELP}"}
+    )
+    height: int | None = field(
+        default=None, metadata={"help": "image (or clip) height in pixels; omitted: the model's"}
+    )
+    width: int | None = field(default=None, metadata={"help": "image (or clip) width in pixels; omitted: the model's"})
     seed: int = field(default=0, metadata={"help": "image i of a prompt is generated with seed + i"})
     num_images: int = field(default=1, metadata={"help": "images per prompt"})
     guidance_scale: float | None = field(
@@ -50,8 +56,9 @@ class GenerateConfig:
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU); omitted: torch's"})
 
     def __post_init__(self):
-        if self.steps < 1 or self.num_images < 1:
+        if (self.steps is not None and self.steps < 1) or self.num_images < 1:
             raise ValueError(f"steps and num_images must be >= 1, got {self.steps} and {self.num_images}")
+        check_size(self.height, self.width)
         if self.target_speedup is not None and not self.target_speedup > 0:
             raise ValueError(f"target_speedup must be > 0, got {self.target_speedup}")
 
@@ -78,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from accel.eval.generation import generate, pipeline_defaults
     from accel.eval.methods import UnsupportedMethod, apply_method, check_method, check_steps, parse_method
     from accel.eval.runtime import check_output_dir, report_interrupted
-    from accel.pipelines.loading import is_bundled
+    from accel.pipelines.loading import default_steps, is_bundled
 
     config = config_from_args(args, cls=GenerateConfig)
     config.runtime.check()
@@ -87,14 +94,16 @@ def run(args: argparse.Namespace) -> int:
     method = parse_method(config.method_name)
     out = check_output_dir(args.out)
     pipe = config.runtime.load_pipeline(config.model)
-    check_steps(pipe, config.steps, "--steps")
-    check_method(method, pipe, config.steps)
-    kwargs, guidance = pipeline_defaults(pipe, is_bundled(config.model), config.pipeline_kwargs)
+    steps = config.steps or default_steps(pipe, config.model)
+    check_steps(pipe, steps, "--steps")
+    check_method(method, pipe, steps)
+    overrides = {**config.pipeline_kwargs, **check_size(config.height, config.width)}
+    kwargs, guidance = pipeline_defaults(pipe, is_bundled(config.model), overrides)
     guidance = guidance if config.guidance_scale is None else config.guidance_scale
     prompts = [p for p in args.prompt for _ in range(config.num_images)]
     seeds = [config.seed + i for p in args.prompt for i in range(config.num_images)]
     try:
-        with apply_method(method, pipe, config.steps, instrument=True) as applied:
+        with apply_method(method, pipe, steps, instrument=True) as applied:
             applied.reset()
             samples = generate(pipe, prompts, seeds, applied.steps, guidance, kwargs)
             stats = applied.stats()
