@@ -287,3 +287,17 @@ def test_weight_hashes_see_quantized_weights_and_their_scheme():
     # int8-weight and int8-dynamic hold the same int8 data and scales; what differs is how activations go
     assert len(set(digests.values())) == 3
     assert module_sha256(model).hexdigest() == digests["full"]
+
+
+@pytest.mark.parametrize("scheme", ["int8-weight", "int8-dynamic"])
+def test_the_search_cost_model_counts_the_int8_matmuls(scheme):
+    from accel.caching.search.features import count_macs
+
+    model = TINY.build()
+    kwargs = TINY.inputs(2, 500.0, torch.Generator().manual_seed(0))
+    components = tuple(layout_of(model).components)
+    full = count_macs(model, components, (), kwargs)
+    with accel.apply(model, QuantConfig(scheme=scheme)):
+        quantized = count_macs(model, components, (), kwargs)
+    assert full.call_macs > 0 and quantized.call_macs == pytest.approx(full.call_macs, rel=1e-9)
+    assert (quantized.component_macs == full.component_macs).all()
