@@ -129,18 +129,19 @@ def default_inception_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
 
 
-def load_inception_features(weights_path: str | Path | None = None) -> InceptionV3Features:
-    """The standard FID extractor, without any download.
+def load_inception_features(weights_path: str | Path | None = None, *, download: bool = False) -> InceptionV3Features:
+    """The standard FID extractor (torchmetrics' Inception-V3 with torch-fidelity's weights).
 
     Args:
         weights_path: A local copy of ``pt_inception-2015-12-05-6726825d.pth``;
             default: torch-fidelity's download location (:func:`default_inception_weights_path`).
+        download: with no ``weights_path`` and nothing at the default location, let torch-fidelity download the
+            weights there (needs network); False: never download.
 
     Raises:
         ModuleNotFoundError: torch-fidelity is not installed (extra ``inception``).
-        FileNotFoundError: the weights are not on disk; the message gives the file name,
-            where to fetch it and how to point at it. Callers fall back to
-            :class:`EfficientNetLite0Features`.
+        FileNotFoundError: the weights are not on disk (and could not be downloaded); the message gives the file
+            name, where to fetch it and how to point at it. Callers fall back to :class:`EfficientNetLite0Features`.
     """
     path = Path(weights_path) if weights_path is not None else default_inception_weights_path()
     _torchmetrics_classes()  # raises if torchmetrics is missing
@@ -148,6 +149,17 @@ def load_inception_features(weights_path: str | Path | None = None) -> Inception
 
     if not _TORCH_FIDELITY_AVAILABLE:
         raise ModuleNotFoundError("Inception FID needs torch-fidelity: pip install 'diffusers-accel[inception]'")
+    if not path.is_file() and weights_path is None and download:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        try:  # torch-fidelity fetches its weights into the torch hub folder
+            inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+        except Exception as error:  # network errors come in many types
+            raise FileNotFoundError(
+                f"Inception-V3 FID weights are not at {path} and downloading them failed ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''})"
+            ) from error
+        return InceptionV3Features(inception.eval())
     if not path.is_file():
         raise FileNotFoundError(
             f"Inception-V3 FID weights not found at {path}. Download {INCEPTION_WEIGHTS_URL} on a machine "

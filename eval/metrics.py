@@ -57,14 +57,21 @@ class MetricWeights:
             else the bundled alignment scorer.
         clip_model: the open-clip architecture of that checkpoint.
         lpips_net: LPIPS backbone (its torchvision weights must be in ``<torch hub dir>/checkpoints``).
+        download: fetch the Inception-V3 FID weights and the CLIP checkpoint when they are not on disk, as their
+            libraries do (torch-fidelity into the torch hub folder, open-clip into its cache; needs network and
+            the ``inception`` / ``open-clip`` extras); where that fails (offline) the bundled stand-ins score
+            and the report's first lines say so. False: only weights already on disk.
     """
 
     inception: str | None = None
     clip: str | None = None
     clip_model: str = "ViT-B-32"
     lpips_net: str = "alex"
+    download: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.download, bool):
+            raise TypeError(f"download must be true or false, got {self.download!r}")
         if self.lpips_net not in LPIPS_BACKBONE_FILES:
             raise ValueError(f"lpips_net must be one of {sorted(LPIPS_BACKBONE_FILES)}, got {self.lpips_net!r}")
         for name in ("inception", "clip"):
@@ -342,11 +349,12 @@ def _feature_extractor(weights: MetricWeights) -> tuple[torch.nn.Module, str | N
     from accel.eval.fid import EfficientNetLite0Features, load_inception_features
 
     try:
-        return load_inception_features(weights.inception), None
+        return load_inception_features(weights.inception, download=weights.download), None
     except (ModuleNotFoundError, FileNotFoundError) as error:
         if weights.inception is not None:
             raise
-        return EfficientNetLite0Features(), f"Inception-V3 unavailable ({error}); --weights-inception PATH to use it"
+        reason = f"Inception-V3 unavailable ({error}); --weights-inception PATH to use it"
+        return EfficientNetLite0Features(), reason
 
 
 @register_metric("fid")
@@ -367,7 +375,8 @@ def fid(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
     what = f"between this method's {inputs.samples()} and {suite.real_label} ({len(real_features)} images)"
     caveat = "biased upwards with few images: compare only at equal image counts (within one report); prefer KID"
     paired = suite.real is None  # the full-compute images of the same prompts and seeds
-    notes = {"extractor": suffix, "note": caveat, "paired": paired, **({"fallback": fallback} if fallback else {})}
+    stand_in = {"fallback": fallback, "stand_in": f"FID-{suffix} instead of Inception-V3: {fallback}"}
+    notes = {"extractor": suffix, "note": caveat, "paired": paired, **(stand_in if fallback else {})}
     try:
         values = fid_kid_from_features(real_features, fake_features, suffix, FidKidConfig(), paired=paired)
     except (ValueError, ImportError) as error:
@@ -392,7 +401,15 @@ def load_prompt_scorer(weights: MetricWeights) -> tuple[object, str | None]:
     try:
         from accel.eval.clip_score import load_clip_scorer
 
-        return load_clip_scorer(weights.clip_model, checkpoint_path=weights.clip), None
+        try:
+            return load_clip_scorer(weights.clip_model, checkpoint_path=weights.clip), None
+        except FileNotFoundError:  # not in open-clip's cache
+            if weights.clip is not None or not weights.download:
+                raise
+        try:
+            return load_clip_scorer(weights.clip_model, allow_download=True), None
+        except Exception as error:  # hub and network errors come in many types
+            raise FileNotFoundError(f"not on disk, and downloading it failed ({_first_line(error)})") from error
     except (ImportError, FileNotFoundError, ValueError) as error:
         if weights.clip is not None:
             raise
@@ -423,7 +440,25 @@ def clip(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
         "(accel.eval.alignment; "
         "comparable with itself only, not with CLIP scores)"
     )
-    return {name: _per_sample_result(scores, better="higher", computed=computed, note=fallback)}
+    stand_in = f"{name} instead of CLIP score: {fallback}"
+    return {name: _per_sample_result(scores, better="higher", computed=computed, note=fallback, stand_in=stand_in)}
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def stand_in_note(results: dict) -> str:
+    """One sentence naming the offline stand-ins that scored in place of Inception-V3 FID and CLIP score, and
+    why (each metric result's ``stand_in``), for a report's first lines; "" when the real scorers ran."""
+    found = {}
+    for trial in results.get("trials", []):
+        for name, value in trial.get("metrics", {}).items():
+            if isinstance(value, dict) and value.get("stand_in"):
+                found.setdefault(name, value["stand_in"])
+    if not found:
+        return ""
+    return "Offline stand-in scorers, not comparable with published numbers: " + "; ".join(found.values())
 
 
 MOTION_NAME = "motion-accuracy"

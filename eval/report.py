@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from accel.eval.decision import beaten_by_fewer_steps, family, floors, noise_dominated, value_noise
+from accel.eval.metrics import stand_in_note
 from accel.eval.noise import within
 from accel.eval.pareto import pareto_front
 
@@ -229,7 +230,7 @@ def run_summary(results: dict) -> str:
         f"{run.get('guidance_scale', config['guidance_scale'])}, seeds {run['seeds'][0]}..{run['seeds'][-1]}, "
         f"on {run['device']}, "
         f"{run['num_processes']} process(es), {run['created']}"
-    )
+    ) + (f". {note.rstrip('.')}" if (note := stand_in_note(results)) else "")
 
 
 def markdown_report(results: dict) -> str:
