@@ -172,3 +172,33 @@ def test_a_command_that_loads_its_model_itself_has_no_loading_flags(capsys):
         bench_main(["model", "--help"])
     text = capsys.readouterr().out
     assert "--device" in text and not any(flag in text for flag in ("--variant", "--revision", "--offload"))
+
+
+def test_search_takes_the_loading_flags_and_the_pipeline_step_default(variant_dir, tmp_path, monkeypatch):
+    from accel.caching.search import runner
+
+    seen = []
+
+    def search(pipe, prompts, config, out, resume=True, call_kwargs=None, info=None):
+        seen.append((config.evaluation.num_steps, dict(call_kwargs), default_steps(pipe, str(variant_dir))))
+        return []  # an empty front: nothing to print
+
+    monkeypatch.setattr(runner, "search", search)
+    argv = [
+        "search",
+        "--model",
+        str(variant_dir),
+        "--variant",
+        "fp16",
+        "--height",
+        "24",
+        "--width",
+        "40",
+        "--method",
+        "dp",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--steps", "7", "--out", str(tmp_path / "b")]) == 0
+    (steps, kwargs, signature_default), (given, _, _) = seen
+    assert steps == signature_default and given == 7
+    assert kwargs["height"] == 24 and kwargs["width"] == 40
