@@ -230,3 +230,15 @@ def test_cfg_branches_in_separate_calls_are_paired_by_their_latents():
             cond, uncond = handle.stats().heat_maps
         assert torch.equal(cond, uncond) == (branches == "paired"), branches
         assert not torch.equal(cond[0], cond[1])  # two prompts select apart either way
+
+
+def test_sparse_attention_underneath_is_refused_before_anything_changes():
+    from accel.sparse import HeadPattern, SparseAttentionConfig, uniform_plan
+
+    tiny = TINY_MODELS["wan"]
+    model = tiny.build()
+    reference = denoise(model, tiny, [1], steps=4, cfg=False)
+    sparse = SparseAttentionConfig(plan=uniform_plan(model, HeadPattern(windows=((0, 1, 1),))))
+    with pytest.raises(ValueError, match="no self-attention processor for WanSparseProcessor"):
+        accel.apply(model, sparse, _config(budget=0.5))
+    assert torch.equal(denoise(model, tiny, [1], steps=4, cfg=False), reference)
