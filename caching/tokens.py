@@ -409,7 +409,8 @@ class TokenStepHandle(Handle):
     def _remove(self) -> None:
         self.target.tracker.remove_call_listener(self._on_call)
         self.target.tracker.remove_reset_listener(self.reset)
-        self.reset()
+        for branch in self._branches.values():  # the attention caches go; the last trajectory's stats stay
+            branch.caches = []
         self._call = {}
         self.active.index, self.active.caches = None, []
         super()._remove()
