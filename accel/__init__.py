@@ -1,8 +1,8 @@
-"""diffusers-accel: learned feature caching (and, next, sparse attention and cache-aware quantization) for
-diffusers pipelines, through one front door::
+"""diffusers-accel: learned feature caching, per-token step allocation, sparse attention and cache-aware
+quantization for diffusers pipelines, through one front door::
 
     import accel
-    handle = accel.apply(pipe, accel.caching.CacheConfig(schedule=...))
+    handle = accel.apply(pipe, accel.caching.CacheConfig(schedule=...), accel.quant.QuantConfig(scheme="int8-dynamic"))
     images = pipe(prompts, num_inference_steps=20).images
     print(handle.stats())
     handle.remove()
