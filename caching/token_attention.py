@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from accel.rotary import wan_rotary
+
 
 class ActiveTokens:
     """What the processors of one transformer call read, set eagerly by the handle.
@@ -28,11 +30,13 @@ class ActiveTokens:
         index: ``(rows, active)`` int64, the visual tokens computed at this call, per row, ascending.
         caches: per self-attention layer (execution order), the ``(keys, values)`` of every token, each
             ``(rows, tokens, heads, head_dim)``, for the current branch.
+        tokens: the full number of visual tokens of the current call.
     """
 
     def __init__(self):
         self.index: torch.Tensor | None = None
         self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.tokens = 0
 
 
 def _merge(cache: torch.Tensor, index: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
@@ -40,16 +44,6 @@ def _merge(cache: torch.Tensor, index: torch.Tensor, current: torch.Tensor) -> t
     ``index: (rows, active)`` in place; returns the cache."""
     where = index[:, :, None, None].expand_as(current)
     return cache.scatter_(1, where, current.to(cache.dtype))
-
-
-def _wan_rotary(hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Wan's interleaved rotary embedding, as WanAttnProcessor applies it; cos/sin: (rows or 1, active, 1, dim).
-    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(hidden_states)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(hidden_states)
 
 
 class TokenAttention:
@@ -82,7 +76,7 @@ class WanTokenAttention(TokenAttention):
         # (rows, active, heads * head_dim) -> (rows, active, heads, head_dim)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
-            query, key = _wan_rotary(query, *rotary_emb), _wan_rotary(key, *rotary_emb)
+            query, key = wan_rotary(query, *rotary_emb), wan_rotary(key, *rotary_emb)
         out = self.attend(query, key, value).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 

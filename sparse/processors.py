@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from accel.rotary import wan_rotary
 from accel.sparse.kernels import LayerAttention
 
 
@@ -27,16 +28,6 @@ class SparseLayer:
         self.attention: LayerAttention | None = None
         self.sparse_calls = 0
         self.passthrough_calls = 0
-
-
-def _wan_rotary(hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Wan's interleaved rotary embedding: pairs (x[2i], x[2i+1]) rotate by the angle in cos/sin[2i].
-    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(hidden_states)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(hidden_states)
 
 
 class WanSparseProcessor:
@@ -78,7 +69,7 @@ class WanSparseProcessor:
         # (batch, tokens, heads * head_dim) -> (batch, tokens, heads, head_dim)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
-            query, key = _wan_rotary(query, *rotary_emb), _wan_rotary(key, *rotary_emb)
+            query, key = wan_rotary(query, *rotary_emb), wan_rotary(key, *rotary_emb)
         out = kernel(*(t.transpose(1, 2) for t in (query, key, value))).transpose(1, 2)  # heads second for it
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
