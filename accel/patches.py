@@ -31,10 +31,13 @@ import torch
 
 from accel.hooks import MethodWrapper
 
-#: The order in which techniques are applied; each technique declares one (see :func:`accel.register`).
-PHASES = ("weights", "processors", "forwards")
+#: The order in which techniques are applied; each technique declares one (see :func:`accel.register`). A later
+#: phase's wrappers sit outside an earlier one's: ``"tokens"`` (a technique that changes which tokens the blocks
+#: see, e.g. per-token steps gathering the active ones) wraps the block forwards of ``"forwards"`` (block caching),
+#: so those see the tokens the blocks compute.
+PHASES = ("weights", "processors", "forwards", "tokens")
 
-Phase = Literal["weights", "processors", "forwards"]
+Phase = Literal["weights", "processors", "forwards", "tokens"]
 PatchKind = Literal["wrap", "attribute", "processor", "module", "parameter"]
 
 _MISSING = object()

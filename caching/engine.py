@@ -36,6 +36,8 @@ from accel.caching.policy import FirstBlockPolicy
 from accel.caching.schedule import Schedule, layout_of
 from accel.caching.state import Feature, FeatureCache, map_feature, residual_of, sum_features
 from accel.caching.stats import CacheStats
+from accel.caching.token_features import TokenFeatures
+from accel.caching.tokens import TokenStepConfig
 from accel.hooks import MethodWrapper
 from accel.patches import PatchLog, eager
 
@@ -89,6 +91,11 @@ class CacheEngine(PerSampleBlocks):
     """Runs one :class:`CacheConfig` on one transformer; created by ``accel.apply``."""
 
     def __init__(self, target: Target, config: CacheConfig, patch_log: PatchLog):
+        if TokenStepConfig in target.tracker.active:
+            raise ValueError(
+                "CacheConfig applied after TokenStepConfig would wrap the blocks outside its token gathering; "
+                "apply both in one accel.apply(pipe, CacheConfig(...), TokenStepConfig(...)) or CacheConfig first"
+            )
         self.target, self.config, self.tracker = target, config, target.tracker
         self.policy = config.schedule
         self.dynamic = isinstance(self.policy, FirstBlockPolicy)
@@ -161,7 +168,8 @@ class CacheEngine(PerSampleBlocks):
         ``module.compile()``) has replaced the wrapper; wrap the new compiled call, saying so once."""
         for index, wrapper in list(self._call_wrappers.items()):
             module = self.blocks[index].module
-            if wrapper.name == "_compiled_call_impl" and module.__dict__.get(wrapper.name) is not wrapper.method:
+            current = module.__dict__.get(wrapper.name)
+            if wrapper.name == "_compiled_call_impl" and not _wraps(current, wrapper.method):
                 logger.info(
                     "accel: block %d was compiled again after accel.apply; wrapping its new compiled call", index
                 )
@@ -215,6 +223,21 @@ class CacheEngine(PerSampleBlocks):
         return mask[step, block]
 
     # -- helpers -----------------------------------------------------------------------------------------
+
+    def _tokens(self) -> TokenFeatures | None:
+        """The current call's token view when per-token steps run the blocks on active tokens (cached features
+        are then kept per token at full length; see :mod:`accel.caching.token_features`), else None."""
+        handle = self.tracker.active.get(TokenStepConfig)
+        return None if handle is None else handle.token_features()
+
+    def _update(self, cache: FeatureCache, step: int, value: Feature) -> None:
+        """Store ``value`` computed at ``step``: as it is, or merged into the full-length per-token value."""
+        tokens = self._tokens()
+        if tokens is not None:
+            value = tokens.merge(cache, value)
+            if value is None:
+                return
+        cache.update(step, value)
 
     def _state(self, branch: int) -> _BranchState:
         if branch not in self._branches:
@@ -296,15 +319,17 @@ class CacheEngine(PerSampleBlocks):
         another shape or lacks an output. When the blocks were computed at the same steps, their sum is cached
         once per change (:meth:`FeatureCache.sum_of`) and forecast like one block."""
         caches = [state.blocks.get(i) for i in self._stacks[path]]
-        if any(cache is None or not cache.matches(inputs) or not cache.complete for cache in caches):
+        tokens = self._tokens()
+        like = inputs if tokens is None else tokens.like(inputs)
+        if any(cache is None or not cache.matches(like) or not cache.complete for cache in caches):
             return None
         versions = tuple(cache.version for cache in caches)
         kept = state.stack_sums.get(path)
         if kept is None or kept[0] != versions:
             kept = state.stack_sums[path] = (versions, FeatureCache.sum_of(caches))
         if kept[1] is not None:
-            return map_feature(lambda t, like: t.to(like.dtype), kept[1].predict(step), inputs)
-        return sum_features([cache.predict(step) for cache in caches])
+            return map_feature(lambda t, like: t.to(like.dtype), _gathered(tokens, kept[1].predict(step)), inputs)
+        return sum_features([_gathered(tokens, cache.predict(step)) for cache in caches])
 
     # -- forwards: fenced frames that decide eagerly and compute in the caller's compiled region ------------
 
@@ -371,9 +396,9 @@ class CacheEngine(PerSampleBlocks):
         skippable = plan.may_skip[block.index]
         inputs = self._inputs(block, args, kwargs) if skippable else ()
         if skippable and not row[block.present].any():
-            cache = state.blocks.get(block.index)
-            if cache is not None and cache.matches(inputs):
-                return BlockCall(self._skip(block, key, inputs, cache.predict(ctx.step)))
+            cache, tokens = state.blocks.get(block.index), self._tokens()
+            if cache is not None and cache.matches(inputs if tokens is None else tokens.like(inputs)):
+                return BlockCall(self._skip(block, key, inputs, _gathered(tokens, cache.predict(ctx.step))))
             if cache is None or not len(cache):
                 self.notices.nothing_cached(ctx.step, block.index, "the whole block")
         previous, self._active = self._active, (state, ctx.step, block.index, row, plan.may_reuse[block.index])
@@ -395,7 +420,7 @@ class CacheEngine(PerSampleBlocks):
                 self._tally(int(c), reused=False)
         if call.store:
             cache = call.state.blocks.setdefault(block.index, self._new_cache(self.policy.forecast_order))
-            cache.update(call.step, residual_of(output, call.inputs))
+            self._update(cache, call.step, residual_of(output, call.inputs))
         return output
 
     @eager
@@ -410,7 +435,7 @@ class CacheEngine(PerSampleBlocks):
         if not row[component] and cache is not None and len(cache) and _same_batch(cache, args, kwargs):
             self.stats_data.add_call(name, step, reused=True)
             self._saved(key)
-            return ComponentCall(cache.predict(step))
+            return ComponentCall(_gathered(self._tokens(), cache.predict(step)))
         if not row[component] and (cache is None or not len(cache)):
             self.notices.nothing_cached(step, block.index, name)
         self.stats_data.add_call(name, step, reused=False)
@@ -423,7 +448,22 @@ class CacheEngine(PerSampleBlocks):
         cache = call.state.components.get((block.index, component))
         if cache is None:
             cache = call.state.components[(block.index, component)] = self._new_cache(self.policy.forecast_order)
-        cache.update(call.step, output)
+        self._update(cache, call.step, output)
+
+
+def _wraps(method, wrapper) -> bool:
+    """Whether ``wrapper`` is ``method`` or in the chain of wrappers below it (a later technique's wrapper, e.g.
+    per-token steps', sits above ours and is no recompile)."""
+    while method is not None:
+        if method is wrapper:
+            return True
+        method = getattr(method, "__wrapped__", None)
+    return False
+
+
+def _gathered(tokens: TokenFeatures | None, feature: Feature) -> Feature:
+    """A prediction at the current call's active tokens (as it is without per-token steps)."""
+    return feature if tokens is None else tokens.gather(feature)
 
 
 def _same_batch(cache: FeatureCache, args: tuple, kwargs: dict) -> bool:

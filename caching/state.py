@@ -166,6 +166,11 @@ class FeatureCache:
         return bool(self._values) and is_complete(self._values[-1])
 
     @property
+    def newest(self) -> Feature:
+        """The newest stored value as stored (in the storage dtype), or None if nothing is stored."""
+        return self._values[-1] if self._values else None
+
+    @property
     def batch_size(self) -> int | None:
         """Leading dimension of the stored value, or None if nothing is stored."""
         return _first_tensor(self._values[-1]).shape[0] if self._values else None

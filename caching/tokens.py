@@ -34,6 +34,7 @@ import torch
 from accel.adapters import is_flow_matching, token_grid
 from accel.api import Handle, Target, register
 from accel.caching.token_attention import ActiveTokens, token_processor_for
+from accel.caching.token_features import TokenFeatures
 from accel.caching.token_select import (
     TokenHistory,
     active_count,
@@ -167,6 +168,25 @@ class TokenStepStats:
     heat_maps: tuple[torch.Tensor, ...]
     grid: tuple[int, int, int] | None
 
+    def mean_heat_map(self) -> torch.Tensor | None:
+        """``(frames, height, width)`` float32: each token's step count averaged over every row and branch (those
+        of the first branch's grid); None before any trajectory."""
+        if not self.heat_maps:
+            return None
+        shape = self.heat_maps[0].shape[1:]
+        return torch.cat([m.float() for m in self.heat_maps if m.shape[1:] == shape]).mean(0)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: the active fraction per step, the token-steps fraction, the grid and the mean heat map
+        (:meth:`mean_heat_map`, nested lists ``[frame][row][column]``)."""
+        heat = self.mean_heat_map()
+        return {
+            "active": list(self.active),
+            "token_steps": self.token_steps,
+            "grid": list(self.grid) if self.grid else None,
+            "heat_map": None if heat is None else [[[round(v, 3) for v in row] for row in f] for f in heat.tolist()],
+        }
+
 
 class _Branch:
     """The state of one branch (one transformer call within each step): history and attention caches."""
@@ -235,7 +255,6 @@ class TokenStepHandle(Handle):
     @eager
     def _begin(self, hidden: torch.Tensor) -> None:
         """Pick this call's active tokens and point the processors at the branch's caches."""
-        _check_alone(self.target)
         context = self.target.tracker.current
         rows, tokens = hidden.shape[:2]
         branch = self._branches.get(context.branch)
@@ -251,7 +270,7 @@ class TokenStepHandle(Handle):
         mask = torch.zeros(rows, tokens, dtype=torch.bool, device=hidden.device).scatter_(1, index, True)
         self._call.update(branch=branch, index=index, mask=mask, time=time, step=context.step)
         self._fractions.setdefault(context.step, []).append(index.shape[1] / tokens)
-        self.active.index, self.active.caches = index, branch.caches
+        self.active.index, self.active.caches, self.active.tokens = index, branch.caches, tokens
 
     def _track_branches(self, context) -> None:
         """Whether later calls of a step take the latents of its first call (CFG in separate calls)."""
@@ -382,6 +401,12 @@ class TokenStepHandle(Handle):
 
     # -- public ----------------------------------------------------------------------------------------------
 
+    def token_features(self) -> TokenFeatures | None:
+        """The tokens the blocks of the current transformer call see (for block caching underneath), or None
+        outside a call."""
+        index = self.active.index
+        return None if index is None else TokenFeatures(index, self.active.tokens)
+
     def stats(self) -> TokenStepStats:
         """Active fraction per step, token-steps computed and per-token heat maps; see :class:`TokenStepStats`."""
         steps = [sum(v) / len(v) for _, v in sorted(self._fractions.items())]
@@ -441,19 +466,26 @@ def _self_attention(target: Target, block: torch.nn.Module):
             yield component
 
 
-def _check_alone(target: Target) -> None:
-    """Block caching reuses whole-sequence residuals that per-token steps cannot mix with, yet."""
+def _check_caching(target: Target) -> None:
+    """Block caching underneath (applied first, in an earlier phase) composes through per-token cached features
+    (:mod:`accel.caching.token_features`), except a dynamic policy, whose decision compares a whole-sequence
+    first-block residual between steps that compute different tokens."""
     from accel.caching.config import CacheConfig
 
-    if CacheConfig in target.tracker.active:
-        raise ValueError("TokenStepConfig does not compose with CacheConfig yet: apply one of them")
+    handle = target.tracker.active.get(CacheConfig)
+    if handle is not None and handle.engine.dynamic:
+        raise ValueError(
+            "TokenStepConfig does not compose with a dynamic (first-block) CacheConfig policy: its decision "
+            "compares whole-sequence residuals between steps that compute different tokens; use a schedule "
+            "(e.g. accel.caching.fora) or apply one of them"
+        )
 
 
 def _check_applies(target: Target, config: TokenStepConfig) -> None:
     """Refuse models and samplers where per-token steps do not apply, before anything changes."""
     model, spec = target.transformer, target.spec
     name = type(model).__name__
-    _check_alone(target)
+    _check_caching(target)
     if target.pipeline is not None and getattr(target.pipeline, "scheduler", None) is not None:
         if not is_flow_matching(target.pipeline, spec):
             scheduler = type(target.pipeline.scheduler).__name__
@@ -480,7 +512,7 @@ def _check_applies(target: Target, config: TokenStepConfig) -> None:
         raise ValueError(f"per-token steps need a token-wise output projection `proj_out`; {name} has none")
 
 
-@register(TokenStepConfig, name="token_steps", phase="forwards")
+@register(TokenStepConfig, name="token_steps", phase="tokens")
 def apply_token_steps(target: Target, config: TokenStepConfig) -> TokenStepHandle:
     """Run each sample's tokens under their own step budget; see :class:`TokenStepHandle`."""
     return TokenStepHandle(target, config)
