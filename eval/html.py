@@ -2,7 +2,8 @@
 
 Sections: the run, the summary table, one Pareto plot per quality metric (speedup on x, the metric on y,
 the front highlighted and joined), image grids (one row per prompt and seed, full compute first), the
-unsupported methods with their reasons, what each metric computed, and provenance.
+per-token step-count heat maps of per-token-steps methods (:mod:`accel.eval.heatmap`), the unsupported methods
+with their reasons, what each metric computed, and provenance.
 
 A video run's grid shows each clip as a looping animated WebP (quality 95, to keep the page small) beside the
 full-compute clip of the same prompt and seed; each links to its lossless file
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from accel.eval.decision import floors, value_noise
 from accel.eval.generation import animation_bytes, load_samples, save_animation
+from accel.eval.heatmap import token_heat_maps
 from accel.eval.metrics import PSNR_CAP_DB
 from accel.eval.report import (
     decision_rows,
@@ -357,6 +359,7 @@ def html_report(results: dict, out: str | Path) -> str:
         _plots(results, all_fronts),
         _grid_heading(results),
         image_grid(results, Path(out)),
+        token_heat_maps(results),
         _details(results),
         _provenance(results),
     ]

@@ -10,6 +10,7 @@ form                       meaning
 ``delta-dit``              Delta-DiT (refresh interval 2); ``delta-dit-N`` sets the interval
 ``tgate`` / ``tgate-K``    T-GATE: cross-attention frozen from step ``K`` (default 40% of the steps)
 ``fbc-T``                  accel's per-sample first-block-residual policy with threshold ``T`` (e.g. ``fbc-0.08``)
+``tokens-B``               per-token step allocation computing the fraction ``B`` of the token-steps (``tokens-0.5``)
 ``PATH.json``              a Schedule JSON or a CacheConfig JSON (e.g. from ``accel schedule`` or ``accel search``)
 ``DIR@S``                  the best schedule at >= ``S``x measured speedup of the front ``accel search`` saved in
                            ``DIR``; ``front@S`` picks from the bundled model's front (e.g. ``front@2``)
@@ -195,6 +196,34 @@ def _apply_accel(kind: str) -> Apply:
     return apply
 
 
+@contextmanager
+def _apply_tokens(pipe: Any, params: dict, steps: int, instrument: bool) -> Iterator[Applied]:
+    """Per-token step allocation; its stats (:meth:`~accel.caching.TokenStepStats.to_dict`) hold the mean
+    per-token step-count map the report draws."""
+    import accel
+    from accel.caching import TokenStepConfig
+
+    config = TokenStepConfig(budget=params["budget"])
+    try:
+        handle = accel.apply(pipe, config)
+    except ValueError as error:  # a model or sampler where it does not apply: the harness records why
+        raise UnsupportedMethod(str(error)) from None
+    with handle:
+        yield Applied(
+            steps=steps,
+            config={"type": "TokenStepConfig", "budget": config.budget},
+            reset=handle.reset,
+            stats=lambda: handle.stats().to_dict() if instrument else None,
+        )
+
+
+def _budget(match: re.Match) -> dict:
+    value = float(match["t"])
+    if not 0 < value <= 1:
+        raise ValueError(f"tokens-B: B is a fraction of token-steps in (0, 1], got {value}")
+    return {"budget": value}
+
+
 def _apply_diffusers(kind: str) -> Apply:
     def apply(pipe: Any, params: dict, steps: int, instrument: bool) -> AbstractContextManager[Applied]:
         from accel.eval.diffusers_cache import apply_diffusers_cache
@@ -273,6 +302,13 @@ FORMS: dict[str, MethodForm] = {
         parse=_threshold,
         apply=_apply_accel("fbc"),
         help="accel's per-sample first-block cache, threshold T",
+    ),
+    "tokens": MethodForm(
+        usage="tokens-B",
+        pattern=re.compile(rf"tokens-{_NUMBER}"),
+        parse=_budget,
+        apply=_apply_tokens,
+        help="per-token step allocation computing the fraction B of the token-steps",
     ),
     "json": MethodForm(
         usage="PATH.json",
@@ -387,8 +423,8 @@ def check_method(method: Method, pipe: Any, steps: int) -> None:
                 f"caching needs a transformer pipeline; {type(pipe).__name__} has no transformer (its modules: "
                 f"{', '.join(parts) or 'none'})"
             )
-        if kind.startswith("diffusers-"):
-            return  # diffusers' hooks say themselves what they cannot do, recorded as unsupported in its turn
+        if kind.startswith("diffusers-") or kind == "tokens":
+            return  # the technique says itself what it cannot do, recorded as unsupported in its turn
         from accel.caching import Schedule, layout_of
 
         config = _cache_config(pipe, kind, method.params, steps, instrument=False)

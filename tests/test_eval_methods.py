@@ -20,6 +20,7 @@ EXAMPLES = {
     "tgate": ("tgate", {}),
     "tgate-2": ("tgate", {"gate_step": 2}),
     "fbc-0.08": ("fbc", {"threshold": 0.08}),
+    "tokens-0.5": ("tokens", {"budget": 0.5}),
     "diffusers-fbc-0.1": ("diffusers-fbc", {"threshold": 0.1}),
     "diffusers-taylorseer": ("diffusers-taylorseer", {}),
     "diffusers-pab": ("diffusers-pab", {}),

@@ -1,0 +1,58 @@
+"""Per-token step allocation in ``accel eval``: the ``tokens-B`` method and the heat map of per-token step counts
+in ``report.html``, for images (tiny PixArt) and video (tiny Wan)."""
+
+import re
+
+import pytest
+from conftest import build_tiny_pixart_pipeline
+from eval_helpers import TINY_VIDEO_KWARGS, VIDEO_PROMPTS, build_tiny_wan_pipeline, small_config
+
+from accel.eval.harness import run_evaluation
+from accel.eval.methods import parse_method
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here on one thread (see conftest.one_thread)."""
+
+
+def test_the_tokens_method_takes_a_fraction_of_token_steps():
+    assert parse_method("tokens-0.5").params == {"budget": 0.5}
+    for bad in ("tokens-0", "tokens-1.5"):
+        with pytest.raises(ValueError, match="fraction of token-steps"):
+            parse_method(bad)
+
+
+def _check_report(out, results, frames: int, steps: int) -> None:
+    (trial,) = [t for t in results["trials"] if t["method"] == "tokens-0.5"]
+    assert trial["status"] == "ok", trial.get("reason")
+    stats = trial["technique_stats"]
+    heat, grid = stats["heat_map"], stats["grid"]
+    assert [len(heat), len(heat[0]), len(heat[0][0])] == grid and grid[0] == frames
+    values = [v for frame in heat for row in frame for v in row]
+    assert 2 <= min(values) and max(values) <= steps  # every token computed at the two dense steps
+    assert abs(sum(values) / (len(values) * steps) - stats["token_steps"]) < 1e-3
+    page = (out / "report.html").read_text()
+    section = page[page.index("<h2>Per-token step counts</h2>") :]
+    assert section.count("<svg") == frames  # one grid per latent frame
+    cells = re.findall(r"<rect [^>]*><title>([0-9.]+) steps</title>", section)
+    assert sorted(float(c) for c in cells) == pytest.approx(sorted(values), abs=0.01)
+    assert "<h2>Per-token step counts</h2>" not in page[: page.index("<h2>All methods</h2>")]
+
+
+def test_image_report_draws_the_heat_map_of_a_tokens_method(tmp_path):
+    config = small_config(methods=("full", "tokens-0.5"), steps=6)
+    results = run_evaluation(config, tmp_path, pipe=build_tiny_pixart_pipeline())
+    _check_report(tmp_path, results, frames=1, steps=6)
+
+
+def test_video_report_draws_one_heat_map_per_frame(tmp_path):
+    config = small_config(
+        prompts=VIDEO_PROMPTS,
+        steps=6,
+        methods=("full", "tokens-0.5"),
+        metrics=("psnr",),
+        pipeline_kwargs=TINY_VIDEO_KWARGS,
+    )
+    results = run_evaluation(config, tmp_path, pipe=build_tiny_wan_pipeline())
+    _check_report(tmp_path, results, frames=3, steps=6)
