@@ -66,7 +66,9 @@ def subcommand(command: str, rest: list[str]) -> tuple[object, argparse.Argument
     if hasattr(module, "select"):  # a command shared by techniques: the technique's own module runs it
         name, rest = module.select(rest)
         module = importlib.import_module(name)
-    parser = argparse.ArgumentParser(prog=f"accel {command}", description=HELP[command])
+    from accel.flags import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog=f"accel {command}", description=HELP[command], formatter_class=HelpFormatter)
     module.add_arguments(parser)
     return module, parser, rest
 

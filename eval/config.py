@@ -1,7 +1,8 @@
 """What an evaluation run does, as one frozen config, and the CLI flags derived from it.
 
 :class:`EvalConfig` holds every setting; ``accel eval`` builds its flags from the config's fields (their
-``metadata["help"]``) with :func:`add_config_arguments` and reads them back with :func:`config_from_args`, so
+``metadata["help"]``) with :func:`add_config_arguments` (:mod:`accel.flags`, one style for every subcommand)
+and reads them back with :func:`config_from_args`, so
 a setting added here appears on the command line by itself. ``--config FILE.json`` loads the same fields.
 """
 
@@ -10,16 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 
+from accel import flags
 from accel.eval.cost import TimingConfig
 from accel.eval.methods import parse_methods
 from accel.eval.metrics import METRICS, MetricWeights
 from accel.eval.runtime import RuntimeConfig
-from accel.textconfig import attribute_docs, read_prompts  # noqa: F401 (read_prompts: re-exported)
+from accel.flags import parse_bool  # noqa: F401 (re-exported)
+from accel.textconfig import read_prompts  # noqa: F401 (re-exported)
 
 #: prompts of ``accel demo``: emoji names from the bundled model's dataset (13 of its training captions, 3 held out)
 BUILTIN_PROMPTS = (
@@ -183,100 +183,24 @@ class EvalConfig:
         return dataclasses.asdict(self)
 
 
-# -- flags from the dataclass --------------------------------------------------------------------------------
-
-
-def _base_type(annotation) -> type:
-    """``str | None`` -> str, ``tuple[str, ...]`` -> tuple, ``int`` -> int."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return _base_type(next(a for a in typing.get_args(annotation) if a is not type(None)))
-    return origin or annotation
-
-
-def _fields(cls: type, prefix: str = "", flag_prefix: str = "") -> list[tuple[str, dataclasses.Field, type, str]]:
-    """``(dotted name, field, base type, flag)`` of every field, nested configs' fields included: their flags
-    are prefixed with the nested field's name (``--timing-repeats``) unless it is marked ``{"prefix": False}``
-    (:data:`RUNTIME_FIELD`: ``--device``)."""
-    hints = typing.get_type_hints(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        kind = _base_type(hints[f.name])
-        if dataclasses.is_dataclass(kind):
-            nested_flags = f"{flag_prefix}{f.name}-" if f.metadata.get("prefix", True) else flag_prefix
-            rows += _fields(kind, f"{prefix}{f.name}.", nested_flags)
-        elif f.metadata.get("cli", True):
-            rows.append((prefix + f.name, f, kind, "--" + (flag_prefix + f.name).replace("_", "-")))
-    return rows
-
-
-def parse_bool(text: str) -> bool:
-    """``true``/``false`` (also 1/0, yes/no, on/off) as a flag value."""
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+# -- flags from the dataclass (accel.flags) ------------------------------------------------------------------
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = EvalConfig, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per field of ``cls`` (nested configs as ``--timing-repeats``, see :func:`_fields`; a bool
-    as a switch, ``--compile`` or ``--compile false``); defaults left unset, so :func:`config_from_args` knows
-    what was given."""
-    for name, f, kind, flag in _fields(cls):
-        if name in skip:
-            continue
-        owner = _owner(cls, name)
-        help_text = f.metadata.get("help") or attribute_docs(owner).get(f.name) or f"{name} ({kind.__name__})"
-        if kind is bool:
-            switch = {"type": parse_bool, "nargs": "?", "const": True, "metavar": "BOOL"}
-            parser.add_argument(flag, dest=name, default=None, help=help_text, **switch)
-            continue
-        parse = {tuple: str, dict: json.loads}.get(kind, kind)
-        metavar = f.name.upper()
-        parser.add_argument(flag, dest=name, type=parse, default=None, help=help_text, metavar=metavar)
+    """One ``--flag`` per field of ``cls``, nested configs as ``--timing-repeats``
+    (:func:`accel.flags.add_config_arguments`)."""
+    flags.add_config_arguments(parser, cls, skip=skip)
 
 
-def _owner(cls: type, dotted: str) -> type:
-    """The (nested) config class that declares the field ``dotted``, e.g. TimingConfig for ``timing.repeats``."""
-    for part in dotted.split(".")[:-1]:
-        cls = _base_type(typing.get_type_hints(cls)[part])
-    return cls
-
-
-def config_from_args(args: argparse.Namespace, base: dict | None = None, cls: type = EvalConfig) -> EvalConfig:
-    """An :class:`EvalConfig` from ``base`` (e.g. a ``--config`` file) overridden by the flags given."""
-    values = json.loads(json.dumps(base or {}))
-    for name, _, kind, _ in _fields(cls):
-        given = getattr(args, name, None)
-        if given is None:
-            continue
-        if kind is tuple:
-            given = [part.strip() for part in given.split(",") if part.strip()]
-        target = values
-        *parents, leaf = name.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = given
-    return build_config(values, cls)
+def config_from_args(args: argparse.Namespace, base: dict | None = None, cls: type = EvalConfig):
+    """A ``cls`` config (an :class:`EvalConfig` by default) from ``base`` (e.g. a ``--config`` file) overridden by
+    the flags given."""
+    return flags.config_from_args(args, cls, base)
 
 
 def build_config(values: dict, cls: type = EvalConfig):
     """A config from plain JSON values (lists become tuples, nested dicts nested configs)."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        kind = _base_type(hints[name])
-        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
-            value = build_config(value, kind)
-        elif kind is tuple and isinstance(value, (list, tuple)):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+    return flags.build_config(values, cls)
 
 
 #: :class:`RuntimeConfig` fields that only :meth:`RuntimeConfig.load_pipeline` reads: a command that loads its

@@ -2,7 +2,7 @@
 
 Every command that runs a model (``accel eval``, ``generate``, ``demo``, ``search`` and the benchmarks) takes
 ``--device``, ``--dtype`` and ``--compile`` from :class:`RuntimeConfig`'s fields (through
-:func:`accel.eval.config.add_config_arguments`), and calls :meth:`RuntimeConfig.check` before any compute, so
+:func:`accel.flags.add_config_arguments`), and calls :meth:`RuntimeConfig.check` before any compute, so
 that a device this machine lacks ends in one clear error instead of a traceback halfway through a run.
 """
 
@@ -88,7 +88,10 @@ class RuntimeConfig:
     """
 
     device: str = field(default="cpu", metadata=_help("torch device: cpu, cuda, cuda:N, mps or xpu"))
-    dtype: str = field(default="float32", metadata=_help("weights dtype: bf16, fp16, fp32 (or the long names)"))
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "weights dtype: bf16, fp16, fp32 (or the long names)", "parse": canonical_dtype},
+    )
     compile: bool = field(
         default=False, metadata=_help("compile each transformer block (regional torch.compile) after loading")
     )

@@ -9,9 +9,10 @@ calibration prompts, fits the kernel cost model on this machine, solves for a pl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
+
+from accel.flags import json_object
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dense-steps", type=int, default=0, help="first steps run dense (the target density is then averaged)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pipeline-kwargs", type=json.loads, default={}, help="extra pipeline call arguments, JSON")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="sample i is generated with seed + i (the sampled query rows too)"
+    )
+    parser.add_argument(
+        "--pipeline-kwargs", type=json_object, default={}, help="extra pipeline call arguments, as JSON"
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (CPU); omitted: torch's default")
 
 
 def run(args: argparse.Namespace) -> int:

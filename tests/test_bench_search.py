@@ -66,7 +66,7 @@ def test_bench_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("a red apple\na blue car\na green tree\nthe moon\n")
         common = ["--model", str(tmp_path / "model"), "--steps", "5", "--max-sequence-length", "16"]
-        search = ["search", *common, "--prompts", str(prompts), "--method", "dp", "--out", str(tmp_path / "front")]
+        search = ["search", *common, "--prompts", str(prompts), "--algorithm", "dp", "--out", str(tmp_path / "front")]
         assert main(search) == 0
         result = run(
             [*common, "--front", str(tmp_path / "front"), "--eval-prompts", str(prompts), "--images", "4"]

@@ -194,7 +194,7 @@ def test_search_takes_the_loading_flags_and_the_pipeline_step_default(variant_di
         "24",
         "--width",
         "40",
-        "--method",
+        "--algorithm",
         "dp",
     ]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0

@@ -16,7 +16,7 @@ COMMANDS = {
     "generate": ["generate", "--prompt", "red apple", "--steps", "2"],
     "eval": ["eval", "--methods", "full", "--steps", "2"],
     "demo": ["demo", "--methods", "full", "--steps", "2"],
-    "search": ["search", "--method", "dp", "--steps", "4"],
+    "search": ["search", "--algorithm", "dp", "--steps", "4"],
 }
 BENCHMARKS = {"model": ["model", "--samples", "2"], "search": ["search", "--images", "2"]}
 

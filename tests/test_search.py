@@ -212,7 +212,7 @@ def test_cli_dp_search(tmp_path):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "front"
     argv = ["search", "--model", str(tmp_path / "model"), "--prompts", str(prompts), "--steps", "5"]
-    argv += ["--out", str(out), "--method", "dp", "--max-sequence-length", "16", "--last-steps", "1"]
+    argv += ["--out", str(out), "--algorithm", "dp", "--max-sequence-length", "16", "--last-steps", "1"]
     assert main(argv) == 0
     front = load_front(out)
     assert len(front) >= 1 and front.info["num_steps"] == 5 and all(s.mask[-1].all() for s in front)

@@ -27,11 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pipeline folder or hub id whose layout the schedule must fit (only its transformer/config.json is "
         "read); default: the bundled model",
     )
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
-    parser.add_argument("--interval", type=int, default=2, help="FORA / Delta-DiT interval (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--interval", type=int, default=2, help="FORA / Delta-DiT interval")
     parser.add_argument("--gate-step", type=int, default=None, help="T-GATE: first step with frozen cross-attention")
-    parser.add_argument("--reuse", choices=["output", "residual"], default="residual", help="default: %(default)s")
-    parser.add_argument("--forecast-order", type=int, default=0, help="default: %(default)s")
+    parser.add_argument(
+        "--reuse",
+        choices=["output", "residual"],
+        default="residual",
+        help="output: a skipped component's cached output is used inside a running block; residual: also skip a "
+        "block whose components are all reused, adding its cached residual (block output minus input)",
+    )
+    parser.add_argument(
+        "--forecast-order",
+        type=int,
+        default=0,
+        help="0: reuse the cached value as is; k >= 1: extrapolate it from the last k + 1 computed steps",
+    )
     parser.add_argument("--out", required=True, help="JSON file to write")
 
 

@@ -3,13 +3,15 @@
 ``accel search --model PATH_OR_HUB_ID --steps 20 --prompts FILE --budget 30m --out schedules/`` writes one
 Schedule JSON per front member (measured metrics in ``metrics``) and ``front.json``, checkpoints every
 generation (rerun the same command to resume), and with ``--report`` asks the evaluation harness for the same
-report as ``accel eval``. ``--method dp`` returns the dynamic-programming schedules alone, in seconds.
+report as ``accel eval``. ``--algorithm dp`` returns the dynamic-programming schedules alone, in seconds.
 
 Candidates are evaluated across processes when launched with ``accelerate launch -m accel.cli search ...``
 (GPUs) or ``torchrun --nproc_per_node N -m accel.cli search ...`` (CPU processes, gloo); the result is the
 same as one process's.
 
-The flags come from :class:`SearchConfig` and its nested :class:`Constraints` and :class:`EvaluatorConfig`.
+The flags come from :class:`SearchConfig` and its nested :class:`Constraints` and :class:`EvaluatorConfig`
+(:mod:`accel.flags`): ``--seed`` is the noise seed of calibration prompt ``i`` (``seed + i``), as in ``accel eval``
+and ``accel generate``; ``--search-seed`` seeds the search's own random choices.
 """
 
 from __future__ import annotations
@@ -18,15 +20,12 @@ import argparse
 import dataclasses
 import json
 import logging
-import types
-import typing
 from pathlib import Path
 
 from accel.caching.search.config import SearchConfig, parse_duration
-from accel.caching.search.evaluator import EvaluatorConfig
-from accel.caching.search.genome import Constraints
-from accel.eval.config import STEPS_DEFAULT_HELP, add_runtime_arguments, check_size, parse_bool, runtime_from_args
-from accel.textconfig import attribute_docs
+from accel.eval.config import STEPS_DEFAULT_HELP, add_runtime_arguments, check_size, runtime_from_args
+from accel.flags import add_config_arguments
+from accel.flags import config_from_args as flags_config
 from accel.textconfig import read_prompts as read_prompts_file
 
 logger = logging.getLogger(__name__)
@@ -44,70 +43,38 @@ DEFAULT_PROMPTS = (
     "swan",
 )
 
-#: flag names that differ from the field names
-_FLAG_NAMES = {"evaluation.num_steps": "steps", "budget_seconds": "budget", "evaluation.seed": "noise-seed"}
-_GROUPS = {"constraints": Constraints, "evaluation": EvaluatorConfig}
-
-
-def _fields(cls: type, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in _GROUPS and prefix == "":
-            yield from _fields(_GROUPS[f.name], f"{f.name}.")
-            continue
-        kind = hints[f.name]
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = args[0]
-            args = list(typing.get_args(kind))
-        yield prefix + f.name, f, kind, args
-
-
-def _parse_ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 0,1; got {text!r}") from None
-
-
-def _duration(text: str) -> float:
-    """``--budget``'s value in seconds (:func:`parse_duration`), its error shown as argparse's own."""
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+#: how SearchConfig's fields become flags (accel.flags): its nested constraints and evaluation fields unprefixed,
+#: and the names a flag shares with `accel eval` and `accel generate` meaning what they mean there
+FLAG_OPTIONS = {
+    "unprefixed": ("constraints", "evaluation"),
+    "overrides": {
+        "method": {"flag": "algorithm"},
+        "seed": {"flag": "search-seed"},
+        "evaluation.seed": {"flag": "seed", "help": "sample i is generated with seed + i"},
+        "evaluation.guidance_scale": {"help": "classifier-free guidance scale; the bundled model's own: 4.0"},
+        "evaluation.num_steps": {"flag": "steps", "help": f"denoising steps; {STEPS_DEFAULT_HELP}", "default": None},
+        "budget_seconds": {
+            "flag": "budget",
+            "parse": parse_duration,
+            "help": "wall-clock limit with its unit: 90s, 30m, 2h (a bare number is refused)",
+        },
+    },
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``accel search``."""
+    """Flags of ``accel search``: files and output, then one per :class:`SearchConfig` field (:mod:`accel.flags`)."""
     parser.add_argument("--model", help="pipeline folder or hub id; omitted: the bundled default model")
     parser.add_argument("--prompts", help="calibration prompts: a text file (one per line) or a JSON list")
     parser.add_argument("--out", required=True, help="output folder (front, schedules, checkpoint)")
     parser.add_argument("--restart", action="store_true", help="discard a checkpoint in --out instead of resuming")
     parser.add_argument("--max-sequence-length", type=int, help="text tokens (pipelines that take it)")
-    parser.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
-    parser.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    parser.add_argument("--height", type=int, help="image (or clip) height in pixels; omitted: the model's")
+    parser.add_argument("--width", type=int, help="image (or clip) width in pixels; omitted: the model's")
     parser.add_argument("--report", action="store_true", help="also run `accel eval` on the front and baselines")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (CPU); omitted: torch's default")
     add_runtime_arguments(parser)
-    for name, f, kind, args in _fields(SearchConfig):
-        flag = "--" + _FLAG_NAMES.get(name, name.split(".")[-1]).replace("_", "-")
-        if name == "budget_seconds":
-            help_text = "wall-clock limit with its unit: 90s, 30m, 2h (a bare number is refused)"
-            parser.add_argument(flag, dest=name, type=_duration, help=help_text)
-            continue
-        if name == "evaluation.num_steps":
-            parser.add_argument(flag, dest=name, type=int, help=f"denoising steps; {STEPS_DEFAULT_HELP}")
-            continue
-        choices = list(args) if typing.get_origin(kind) is typing.Literal else None
-        if typing.get_origin(kind) is tuple:
-            parse = _parse_ints
-        else:
-            parse = {bool: parse_bool}.get(kind, str if choices else kind)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        owner = _GROUPS.get(name.split(".")[0], SearchConfig) if "." in name else SearchConfig
-        text = attribute_docs(owner).get(name.split(".")[-1], name).replace("%", "%%")
-        parser.add_argument(flag, dest=name, type=parse, choices=choices, help=f"{text} (default {default})")
+    add_config_arguments(parser, SearchConfig, **FLAG_OPTIONS)
 
 
 def model_defaults(model: str | None) -> tuple[dict, dict]:
@@ -123,19 +90,8 @@ def model_defaults(model: str | None) -> tuple[dict, dict]:
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
     """The :class:`SearchConfig` of the given flags (unset flags keep the defaults, or the default model's)."""
-    values: dict = {group: {} for group in _GROUPS}
-    values["evaluation"].update(model_defaults(getattr(args, "model", None))[1])
-    for name, *_ in _fields(SearchConfig):
-        given = getattr(args, name, None)
-        if given is None:
-            continue
-        if "." in name:
-            group, leaf = name.split(".")
-            values[group][leaf] = given
-        else:
-            values[name] = given
-    nested = {group: cls(**values.pop(group)) for group, cls in _GROUPS.items()}
-    return SearchConfig(**values, **nested)
+    base = {"evaluation": model_defaults(getattr(args, "model", None))[1]}
+    return flags_config(args, SearchConfig, base, **FLAG_OPTIONS)
 
 
 def read_prompts(path: str | None) -> list[str]:

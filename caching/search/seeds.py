@@ -1,6 +1,6 @@
 """Starting points of the search: the literature's heuristics and the dynamic-programming schedules.
 
-:func:`dp_schedules` is also the whole of ``accel search --method dp``: given the change matrices of one
+:func:`dp_schedules` is also the whole of ``accel search --algorithm dp``: given the change matrices of one
 full-compute run it returns CacheQuant's and BAC's schedules for a range of update budgets, in milliseconds.
 """
 

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"compute and {len(video_defaults()['methods']) - 1} methods, output in {VIDEO_OUT}/ (a few minutes on a CPU)",
     )
     parser.set_defaults(out=None)
+    out = parser._option_string_actions["--out"]
+    out.help = f"output folder (an interrupted run there resumes) (default: report, with --video {VIDEO_OUT})"
 
 
 def run(args: argparse.Namespace) -> int:

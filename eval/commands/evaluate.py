@@ -21,7 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-methods", action="store_true", help="print the method grammar and exit")
     add_config_arguments(parser, EvalConfig)
     parser.epilog = "methods:\n" + usage()
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def config_of(args: argparse.Namespace, defaults: dict | None = None) -> EvalConfig:

@@ -77,7 +77,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for the PNG files (and a video's WebP animations)")
     add_config_arguments(parser, GenerateConfig)
     parser.epilog = "methods:\n" + usage()
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def run(args: argparse.Namespace) -> int:
