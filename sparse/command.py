@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from accel.flags import json_object
+from accel.flags import add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -20,26 +21,43 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROMPTS = ("red apple sliding to the right", "yellow star bouncing")
 
 
+@dataclass(frozen=True, kw_only=True)
+class SparseSearchOptions:
+    """The settings of ``accel search --technique sparse`` besides its goal (its flags, through :mod:`accel.flags`).
+
+    Attributes:
+        model: pipeline folder, hub id or bundled-video.
+        steps: denoising steps of the calibration runs.
+        rows: query rows sampled per attention call.
+        dense_steps: first steps run dense (the target density is then averaged).
+        seed: sample i is generated with seed + i (the sampled query rows too).
+        pipeline_kwargs: extra pipeline call arguments, as JSON.
+        threads: torch.set_num_threads for the run (CPU); omitted: torch's default.
+    """
+
+    model: str = "bundled-video"
+    steps: int = 20
+    rows: int = 64
+    dense_steps: int = 0
+    seed: int = 0
+    pipeline_kwargs: dict = field(default_factory=dict)
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.steps < 1 or self.rows < 1:
+            raise ValueError(f"steps and rows must be >= 1, got {self.steps} and {self.rows}")
+        if not 0 <= self.dense_steps < self.steps:
+            raise ValueError(f"--dense-steps must be in 0..{self.steps - 1} (below --steps), got {self.dense_steps}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``accel search --technique sparse``."""
-    parser.add_argument("--model", default="bundled-video", help="pipeline folder, hub id or bundled-video")
+    """Flags of ``accel search --technique sparse``: files, the goal, one per :class:`SparseSearchOptions` field."""
     parser.add_argument("--prompts", help="calibration prompts: a text file (one per line) or a JSON list")
     parser.add_argument("--out", required=True, help="the plan's JSON file")
     goal = parser.add_mutually_exclusive_group(required=True)
     goal.add_argument("--target-density", type=float, help="mean attention density to meet (0..1]")
     goal.add_argument("--min-psnr", type=float, help="predicted PSNR against dense to keep (dB)")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps of the calibration runs")
-    parser.add_argument("--rows", type=int, default=64, help="query rows sampled per attention call")
-    parser.add_argument(
-        "--dense-steps", type=int, default=0, help="first steps run dense (the target density is then averaged)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="sample i is generated with seed + i (the sampled query rows too)"
-    )
-    parser.add_argument(
-        "--pipeline-kwargs", type=json_object, default={}, help="extra pipeline call arguments, as JSON"
-    )
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (CPU); omitted: torch's default")
+    add_config_arguments(parser, SparseSearchOptions)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,28 +71,27 @@ def run(args: argparse.Namespace) -> int:
 
     if args.target_density is not None and not 0 < args.target_density <= 1:
         raise ValueError(f"--target-density must be in (0, 1], got {args.target_density}")
-    if not 0 <= args.dense_steps < args.steps:
-        raise ValueError(f"--dense-steps must be in 0..{args.steps - 1} (below --steps), got {args.dense_steps}")
+    options = config_from_args(args, SparseSearchOptions)
     out = Path(args.out)
     if out.suffix != ".json":
         raise ValueError(f"--out names the plan's JSON file, e.g. plan.json; got {out}")
     prompts = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    pipe = load_pipeline(options.model)
     pipe.set_progress_bar_config(disable=True)
-    kwargs, guidance = pipeline_defaults(pipe, is_bundled(args.model), args.pipeline_kwargs)
+    kwargs, guidance = pipeline_defaults(pipe, is_bundled(options.model), options.pipeline_kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k != "output_type"}
     plan = search(
         pipe,
         prompts,
         target_density=args.target_density,
         min_psnr=args.min_psnr,
-        steps=args.steps,
-        rows=args.rows,
-        seed=args.seed,
+        steps=options.steps,
+        rows=options.rows,
+        seed=options.seed,
         call_kwargs={**kwargs, "guidance_scale": guidance},
-        dense_steps=args.dense_steps,
+        dense_steps=options.dense_steps,
     )
     path = plan.save(out)
     metrics = plan.metrics
