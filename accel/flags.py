@@ -139,9 +139,12 @@ def _value_type(flag: Flag):
 
 
 def plain(text: str) -> str:
-    """Docstring text as help text: reST roles and literals reduced to their words (``:class:`~a.B``` -> ``B``)."""
+    """Docstring text as help text: reST roles and literals reduced to their words (``:class:`~a.B``` -> ``B``),
+    ``None:`` (a field's value) said as ``omitted:`` (the flag's), True and False as a flag takes them."""
     text = re.sub(r":[a-z]+:`~?([^`]*)`", lambda m: m.group(1).rsplit(".", 1)[-1], text)
-    return re.sub(r"``([^`]*)``", r"\1", text).rstrip(".")
+    text = re.sub(r"``([^`]*)``", r"\1", text).rstrip(".")
+    text = re.sub(r"\bNone\b:", "omitted:", text)  # a field left None is a flag left out
+    return re.sub(r"\b(True|False)\b", lambda m: m.group(1).lower(), text)
 
 
 def show_default(value) -> str:

@@ -13,8 +13,8 @@ from accel.cli import HELP, subcommand
 
 #: (name, argv that picks the parser) of every parser a user meets: each subcommand, and search's sparse technique
 PARSERS = [(name, name, []) for name in HELP] + [("search --technique sparse", "search", ["--technique", "sparse"])]
-#: what must not leak into help: reST roles and literals, Python reprs of types
-LEAKS = re.compile(r":[a-z]+:`|``|Literal\[|typing\.|<class |<function ")
+#: what must not leak into help: reST roles and literals, Python reprs of types and values
+LEAKS = re.compile(r":[a-z]+:`|``|Literal\[|typing\.|<class |<function |\bNone\b|\bTrue\b|\bFalse\b")
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
