@@ -28,6 +28,14 @@ def test_generate_writes_one_png_per_prompt_and_image(model_dir, tmp_path, capsy
     assert "a blue car" in capsys.readouterr().out
 
 
+def test_generate_with_per_token_steps_reports_the_token_steps_computed(model_dir, tmp_path, caplog, one_thread):  # noqa: F811
+    argv = ["generate", "--model", str(model_dir), "--method", "tokens-0.5", "--prompt", "a red apple"]
+    with caplog.at_level("INFO"):
+        assert main([*argv, "--steps", "6", "--out", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("tokens*.png"))) == 1
+    assert "of token-steps computed" in caplog.text
+
+
 def test_generate_picks_from_a_front_at_a_target_speedup(model_dir, tmp_path, capsys, one_thread):  # noqa: F811
     from accel.caching import Front, fora, layout_of
     from accel.pipelines.loading import load_pipeline

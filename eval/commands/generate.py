@@ -111,13 +111,15 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return report_interrupted("nothing was written (the images are saved once all are made)")
     save(samples, prompts, seeds, out / method.slug)
-    if stats:
+    if stats and "reuse_fraction" in stats:  # caching
         logger.info(
             "%s: %.0f%% of component calls reused, %.0f%% of block MACs saved",
             method.name,
             100 * stats["reuse_fraction"],
             100 * stats["macs_saved_fraction"],
         )
+    elif stats and stats.get("token_steps") is not None:  # per-token steps
+        logger.info("%s: %.0f%% of token-steps computed", method.name, 100 * stats["token_steps"])
     return 0
 
 
