@@ -1,7 +1,8 @@
 """Rotary position embeddings as the model families apply them, for processors that recompute attention.
 
 Diffusers keeps Wan's rotary embedding inside ``WanAttnProcessor.__call__`` (not importable), so the processors
-that replace it (sparse attention, per-token steps) share this copy.
+that replace it (sparse attention, per-token steps) share this copy, and :func:`wan_qkv`, the projections before
+the attention kernel.
 """
 
 from __future__ import annotations
@@ -26,3 +27,23 @@ def wan_rotary(hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
     return out.type_as(hidden_states)
+
+
+def wan_qkv(
+    attn: torch.nn.Module, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values of ``WanAttention`` self-attention as ``WanAttnProcessor`` computes them before
+    its kernel: projected, normed, split into heads and rotated.
+
+    Returns:
+        Three ``(batch, tokens, heads, head_dim)`` tensors.
+    """
+    if attn.fused_projections:
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+    if rotary_emb is not None:
+        query, key = wan_rotary(query, *rotary_emb), wan_rotary(key, *rotary_emb)
+    return query, key, value

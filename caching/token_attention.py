@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from accel.rotary import wan_rotary
+from accel.rotary import wan_qkv
 
 
 class ActiveTokens:
@@ -68,15 +68,7 @@ class WanTokenAttention(TokenAttention):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         """Same signature and result layout as ``WanAttnProcessor.__call__`` for self-attention."""
-        if attn.fused_projections:
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        # (rows, active, heads * head_dim) -> (rows, active, heads, head_dim)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        if rotary_emb is not None:
-            query, key = wan_rotary(query, *rotary_emb), wan_rotary(key, *rotary_emb)
+        query, key, value = wan_qkv(attn, hidden_states, rotary_emb)  # (rows, active, heads, head_dim)
         out = self.attend(query, key, value).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 

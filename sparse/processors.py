@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from accel.rotary import wan_rotary
+from accel.rotary import wan_qkv
 from accel.sparse.kernels import LayerAttention
 
 
@@ -61,15 +61,7 @@ class WanSparseProcessor:
             self._count(sparse=False)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         self._count(sparse=True)
-        if attn.fused_projections:
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        # (batch, tokens, heads * head_dim) -> (batch, tokens, heads, head_dim)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        if rotary_emb is not None:
-            query, key = wan_rotary(query, *rotary_emb), wan_rotary(key, *rotary_emb)
+        query, key, value = wan_qkv(attn, hidden_states, rotary_emb)  # (batch, tokens, heads, head_dim)
         out = kernel(*(t.transpose(1, 2) for t in (query, key, value))).transpose(1, 2)  # heads second for it
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
