@@ -458,7 +458,8 @@ def stand_in_note(results: dict) -> str:
                 found.setdefault(name, value["stand_in"])
     if not found:
         return ""
-    return "Offline stand-in scorers, not comparable with published numbers: " + "; ".join(found.values())
+    notes = dict.fromkeys(found.values())  # FID and KID share one stand-in and one reason: said once
+    return "Offline stand-in scorers, not comparable with published numbers: " + "; ".join(notes)
 
 
 MOTION_NAME = "motion-accuracy"

@@ -70,6 +70,8 @@ def test_offline_the_stand_in_scores_and_the_report_headline_says_so(monkeypatch
     note = stand_in_note(results)
     assert note.startswith("Offline stand-in") and "alignment-stub instead of CLIP score" in note
     assert stand_in_note({"trials": [{"metrics": {"PSNR": {"value": 30.0}}}]}) == ""
+    shared = {"stand_in": "E instead of Inception-V3: offline"}  # FID and KID: one stand-in, said once
+    assert stand_in_note({"trials": [{"metrics": {"FID-E": shared, "KID-E": shared}}]}).count("offline") == 1
     run = {
         "config": {"steps": 20, "guidance_scale": 4.0},
         "model": {"model": "m", "pipeline_class": "P"},
