@@ -78,3 +78,15 @@ def build_tiny_pixart_pipeline(num_layers: int = 4):
 @pytest.fixture
 def tiny_pixart_pipeline():
     return build_tiny_pixart_pipeline()
+
+
+#: flags for quick ``accel eval`` runs on a tiny pipeline
+FAST = ["--steps", "4", "--metrics", "psnr", "--timing-repeats", "1", "--timing-warmup", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny PixArt pipeline saved to a folder, once per test module."""
+    path = tmp_path_factory.mktemp("tiny-pixart")
+    build_tiny_pixart_pipeline().save_pretrained(path)
+    return path

@@ -5,21 +5,12 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_pixart_pipeline
+from conftest import FAST
 
 from accel.cli import main
 
-FAST = ["--steps", "4", "--metrics", "psnr", "--timing-repeats", "1", "--timing-warmup", "0", "--threads", "1"]
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-pixart")
-    build_tiny_pixart_pipeline().save_pretrained(path)
-    return path
-
-
-def test_generate_writes_one_png_per_prompt_and_image(model_dir, tmp_path, capsys, one_thread):  # noqa: F811
+def test_generate_writes_one_png_per_prompt_and_image(model_dir, tmp_path, capsys, one_thread):
     argv = ["generate", "--model", str(model_dir), "--method", "fora-2", "--prompt", "a red apple"]
     argv += ["--prompt", "a blue car", "--num-images", "2", "--steps", "4", "--out", str(tmp_path)]
     assert main(argv) == 0
@@ -28,7 +19,7 @@ def test_generate_writes_one_png_per_prompt_and_image(model_dir, tmp_path, capsy
     assert "a blue car" in capsys.readouterr().out
 
 
-def test_generate_with_per_token_steps_reports_the_token_steps_computed(model_dir, tmp_path, caplog, one_thread):  # noqa: F811
+def test_generate_with_per_token_steps_reports_the_token_steps_computed(model_dir, tmp_path, caplog, one_thread):
     argv = ["generate", "--model", str(model_dir), "--method", "tokens-0.5", "--prompt", "a red apple"]
     with caplog.at_level("INFO"):
         assert main([*argv, "--steps", "6", "--out", str(tmp_path)]) == 0
@@ -36,7 +27,7 @@ def test_generate_with_per_token_steps_reports_the_token_steps_computed(model_di
     assert "of token-steps computed" in caplog.text
 
 
-def test_generate_picks_from_a_front_at_a_target_speedup(model_dir, tmp_path, capsys, one_thread):  # noqa: F811
+def test_generate_picks_from_a_front_at_a_target_speedup(model_dir, tmp_path, capsys, one_thread):
     from accel.caching import Front, fora, layout_of
     from accel.pipelines.loading import load_pipeline
 
@@ -50,7 +41,7 @@ def test_generate_picks_from_a_front_at_a_target_speedup(model_dir, tmp_path, ca
     assert "target_speedup must be > 0" in capsys.readouterr().err
 
 
-def test_eval_with_a_prompts_file_prints_the_summary(model_dir, tmp_path, capsys, one_thread):  # noqa: F811
+def test_eval_with_a_prompts_file_prints_the_summary(model_dir, tmp_path, capsys, one_thread):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# emoji\na red apple\n\na blue car\n")
     out = tmp_path / "report"
@@ -66,7 +57,7 @@ def test_eval_with_a_prompts_file_prints_the_summary(model_dir, tmp_path, capsys
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
 
 
-def test_demo_runs_with_every_flag_optional(model_dir, tmp_path, capsys, one_thread):  # noqa: F811
+def test_demo_runs_with_every_flag_optional(model_dir, tmp_path, capsys, one_thread):
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(model_dir), "--methods", "fora-2", "--out", str(out), *FAST]
     assert main(argv) == 0

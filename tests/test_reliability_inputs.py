@@ -7,18 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import build_tiny_pixart_pipeline
+from conftest import FAST
 
 from accel.cli import main
-
-FAST = ["--steps", "4", "--metrics", "psnr", "--timing-repeats", "1", "--timing-warmup", "0", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-pixart")
-    build_tiny_pixart_pipeline().save_pretrained(path)
-    return path
 
 
 def _other_model_schedule(path):

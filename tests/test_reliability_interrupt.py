@@ -7,20 +7,11 @@ import logging
 import sys
 
 import pytest
-from conftest import build_tiny_pixart_pipeline
+from conftest import FAST, build_tiny_pixart_pipeline
 from eval_helpers import small_config
 
 from accel.cli import main
 from accel.eval.generation import load_pngs
-
-FAST = ["--steps", "4", "--metrics", "psnr", "--timing-repeats", "1", "--timing-warmup", "0", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-pixart")
-    build_tiny_pixart_pipeline().save_pretrained(path)
-    return path
 
 
 def _interrupt_after(monkeypatch, module, name: str, calls: int) -> None:
