@@ -167,24 +167,9 @@ def video_rows(
     from accel.caching import fora, layout_of
     from accel.eval.metrics import psnr
     from accel.eval.timing import time_interleaved
-    from accel.quant.apply import _weight_bytes
 
-    cache = CacheConfig(schedule=fora(layout_of(pipe), steps, interval), count_macs=False)
-    calibrated = QuantConfig(scheme="int8-dynamic", min_sqnr=min_sqnr, correct=True, calibration=calibration)
-    naive, aware = calibrate(pipe, calibrated, cache=None), calibrate(pipe, calibrated, cache=cache)
-
-    def applied(*configs):
-        return lambda: accel.apply(pipe, *configs)
-
-    contexts = {
-        "full": nullcontext,
-        "int8-weight": applied(QuantConfig(scheme="int8-weight")),
-        "int8-dynamic": applied(QuantConfig(scheme="int8-dynamic")),
-        "cache": applied(cache),
-        "cache+int8": applied(cache, QuantConfig(scheme="int8-dynamic")),
-        "naive": applied(cache, QuantConfig(scheme="int8-dynamic", plan=naive)),
-        "aware": applied(cache, QuantConfig(scheme="int8-dynamic", plan=aware)),
-    }
+    schedule = fora(layout_of(pipe), steps, interval)
+    contexts, memory, _ = _contexts(pipe, {"": schedule}, calibration, min_sqnr)  # rows without an @ suffix
 
     @torch.no_grad()
     def clips(start: int, n: int) -> torch.Tensor:
@@ -193,10 +178,9 @@ def video_rows(
                    **call_kwargs)  # fmt: skip
         return torch.as_tensor(out.frames).float()
 
-    frames, memory = {}, {}
+    frames = {}
     for name, context in contexts.items():
         with context():
-            memory[name] = _weight_bytes(pipe.transformer)
             frames[name] = torch.cat([clips(i, min(batch, len(prompts) - i)) for i in range(0, len(prompts), batch)])
     timings = time_interleaved(
         {name: (lambda: clips(0, min(batch, len(prompts)))) for name in contexts}, repeats=repeats, warmup=1,
@@ -226,7 +210,10 @@ def _ideal(evaluator: Evaluator, name: str, schedules: dict[str, Schedule]) -> f
 
 
 def _contexts(pipe, schedules: dict[str, Schedule], calibration: Calibration, min_sqnr) -> tuple[dict, dict, dict]:
-    """Context factories of every row, the transformer's weight bytes under each, and the calibrated plans."""
+    """Context factories of every row, the transformer's weight bytes under each, and the calibrated plans.
+
+    A schedule's rows are named ``cache@KEY``, ``cache+int8@KEY``, ``naive@KEY`` and ``aware@KEY`` (without the
+    suffix for the key ``""``); a searched schedule's key names its one row, calibrated under it."""
     from accel.quant.apply import _weight_bytes
 
     def applied(*configs):
@@ -242,9 +229,9 @@ def _contexts(pipe, schedules: dict[str, Schedule], calibration: Calibration, mi
     naive = plans["naive"] = calibrate(pipe, calibrated, cache=None)
     for key, schedule in schedules.items():
         cache = CacheConfig(schedule=schedule, count_macs=False)
-        suffix = "" if key in SEARCHED else f"@{key}"
+        suffix = f"@{key}" if key else ""
         aware = calibrate(pipe, calibrated, cache=cache)
-        plans[f"aware{suffix}" if suffix else key] = aware
+        plans[key if key in SEARCHED else f"aware{suffix}"] = aware
         if key not in SEARCHED:
             contexts[f"cache{suffix}"] = applied(cache)
             contexts[f"cache+int8{suffix}"] = applied(cache, QuantConfig(scheme="int8-dynamic"))
