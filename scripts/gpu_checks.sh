@@ -7,13 +7,16 @@
 #   4. `python -m accel.bench gpu`: caching eager and compiled on PixArt-XL- and Wan-1.3B-sized DiTs;
 #   5. the sparse kernel rows again with the FlexAttention backend, for the side-by-side.
 #
-# Usage: scripts/gpu_checks.sh OUT_DIR [DEADLINE_SECONDS]. Each check writes OUT_DIR/<name>.txt (stdout and
+# Usage: scripts/gpu_checks.sh OUT_DIR [DEADLINE_SECONDS [CHECK...]]: CHECKs (the names below) pick some, in the
+# given order; docs/gpu-h200.txt holds the first run's outputs and how long each took. Each check writes OUT_DIR/<name>.txt (stdout and
 # stderr, unbuffered, so a check stopped at its time box keeps what it printed) and this script prints each
 # check's exit status and time. The project must be importable as `accel` from outside the checkout (an
 # installed wheel): the checks run from /tmp so that the checkout's `accel/` folder does not shadow it.
 set -uo pipefail
-out=$(realpath -m "${1:?usage: scripts/gpu_checks.sh OUT_DIR [DEADLINE_SECONDS]}")
+out=$(realpath -m "${1:?usage: scripts/gpu_checks.sh OUT_DIR [DEADLINE_SECONDS [CHECK...]]}")
 deadline=$(($(date +%s) + ${2:-540}))
+shift $(($# < 2 ? $# : 2))
+chosen=("$@")
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -21,6 +24,9 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 check() {  # check NAME LIMIT_SECONDS COMMAND...: run COMMAND from /tmp for at most LIMIT (or until the deadline)
     local name=$1 limit=$2 left start rc
     shift 2
+    if ((${#chosen[@]})) && [[ " ${chosen[*]} " != *" $name "* ]]; then
+        return
+    fi
     left=$((deadline - $(date +%s)))
     ((left < limit)) && limit=$left
     if ((limit < 20)); then
@@ -35,18 +41,18 @@ check() {  # check NAME LIMIT_SECONDS COMMAND...: run COMMAND from /tmp for at m
     tail -n 30 "$out/$name.txt"
 }
 
-{
+(
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
-    python3 -c "import torch, triton, diffusers, torchao, accel; print('torch', torch.__version__, '| triton', \
+    cd /tmp && python3 -c "import torch, triton, diffusers, torchao, accel; print('torch', torch.__version__, '| triton', \
 triton.__version__, '| diffusers', diffusers.__version__, '| torchao', torchao.__version__, '| accel', accel.__file__)"
-} >"$out/env.txt" 2>&1
+) >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
 check tests-gpu 100 python3 -m pytest -q -m gpu -p no:cacheprovider "$repo/tests/test_sparse_triton.py"
 check bench-sparse-gpu 110 python3 -m accel.bench sparse --device cuda --skip-end-to-end --repeats 5
-check bench-quant-gpu 170 python3 -m accel.bench quant --device cuda --repeats 3
-check bench-gpu 170 python3 -m accel.bench gpu --repeats 3
+check bench-quant-gpu 300 python3 -m accel.bench quant --device cuda --repeats 2 --gpu-steps 10
+check bench-gpu 240 python3 -m accel.bench gpu --repeats 3
 check bench-sparse-flex-gpu 80 python3 -m accel.bench sparse --device cuda --skip-end-to-end --repeats 5 \
     --backend flex --densities 0.1,0.2,0.3
 echo "== done at $(date -u +%T), $((deadline - $(date +%s)))s before the deadline"
