@@ -29,6 +29,12 @@ import render_clips  # noqa: E402
 needs_data = pytest.mark.skipif(not render_clips.EMOJI.is_file(), reason=f"dataset not found: {render_clips.EMOJI}")
 JSON_KEYS = {
     "tokens_per_clip",
+    "fid_rendered",
+    "fid_autoencoded",
+    "kid_rendered",
+    "kid_autoencoded",
+    "kid_rendered_std",
+    "kid_autoencoded_std",
     "fid_trained",
     "fid_untrained",
     "kid_trained",
@@ -263,6 +269,9 @@ def test_video_bench_json_on_a_tiny_run(monkeypatch, capsys):
     assert result["tokens_per_clip"] == 576 and result["targets"]["tokens_per_clip_at_least_512"] is True
     assert result["seconds_per_step"] == 0.25 and result["motion_chance"] == pytest.approx(1 / 13, abs=1e-3)
     assert result["fid_trained"] < result["fid_untrained"]  # rendered clips against noise
+    # the reference rows: other rendered clips, and the same through the autoencoder
+    assert result["fid_rendered"] < result["fid_untrained"] and result["fid_autoencoded"] < result["fid_untrained"]
+    assert "autoencoded" in out
     assert "FID-EffNetLite0" in out and "motion accuracy" in out
 
 
@@ -273,3 +282,15 @@ def test_video_bench_runs_end_to_end(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) == JSON_KEYS and result["tokens_per_clip"] == 576
     assert all(np.isfinite(result[key]) for key in ("fid_trained", "fid_untrained", "seconds_per_step"))
+
+
+@needs_data
+def test_autoencoded_clips_keep_the_layout_and_come_back_close_to_the_input():
+    from accel.bench.video_model import autoencoded
+    from accel.eval.metrics import psnr
+    from accel.pipelines.video import load_default_video_pipeline
+
+    clips = _rendered("heldout", 1, 3)[0]  # (3, 17, 3, 64, 64) in [0, 1]
+    out = autoencoded(load_default_video_pipeline().vae, clips, batch=2)
+    assert out.shape == clips.shape and 0 <= out.min() and out.max() <= 1
+    assert psnr(out, clips).min() > 18  # per clip; the shipped VAE: about 22 dB on held-out clips; noise would be ~5 dB

@@ -7,6 +7,9 @@ with the trained transformer and with a freshly initialised one (``WanTransforme
 
 * per-frame FID-EffNetLite0 and KID-EffNetLite0 of ``--frames-per-clip`` evenly spaced frames of every clip
   against the same frames of ``--real-clips`` rendered clips of held-out pairs (``scripts/render_clips.py``);
+  two reference rows bracket them: ``--samples`` other rendered held-out clips (other seeds) as they are
+  (``rendered``: the floor a perfect model reaches at this sample count) and passed through the pipeline's
+  autoencoder, encoded and decoded (``autoencoded``: the best a transformer decoded by this VAE can reach);
 * motion accuracy (:mod:`accel.eval.motion`): how often the motion classifier finds the motion each clip's
   caption names, for both models, against chance (1/13), and on the rendered clips themselves;
 * the alignment scorer's mean per-frame score of trained clips against their own prompt vs a shuffled one;
@@ -107,6 +110,7 @@ class HeldOutData:
     prompts: list[str]
     real_clips: torch.Tensor  # (R, F, 3, H, W) float in [0, 1]
     real_captions: list[str]
+    other_clips: torch.Tensor  # (samples, F, 3, H, W): other rendered held-out clips, for the reference rows
 
 
 def held_out_data(config: VideoBenchConfig, render_clips: ModuleType) -> HeldOutData:
@@ -120,10 +124,15 @@ def held_out_data(config: VideoBenchConfig, render_clips: ModuleType) -> HeldOut
     rng = np.random.default_rng(config.seed)
     prompts = [render_clips.caption(names[i], motion) for i, motion in (pairs[k] for k in rng.permutation(len(pairs)))]
     real_specs = [specs[k] for k in rng.permutation(len(specs))[: config.real_clips]]
-    rendered = np.stack([render_clips.render_clip(images[s.index], s.motion, s.seed) for s in real_specs])
-    clips = torch.from_numpy(rendered).permute(0, 1, 4, 2, 3).float() / 255  # (R, F, 3, H, W)
+    other = render_clips.clip_specs(split, "heldout", 1, seed=config.seed + 2)  # other motions' draws and seeds
+    other_specs = [other[k] for k in rng.permutation(len(other))[: config.samples]]
+
+    def render(chosen) -> torch.Tensor:  # (N, F, 3, H, W) float in [0, 1]
+        rendered = np.stack([render_clips.render_clip(images[s.index], s.motion, s.seed) for s in chosen])
+        return torch.from_numpy(rendered).permute(0, 1, 4, 2, 3).float() / 255
+
     captions = [render_clips.caption(names[s.index], s.motion) for s in real_specs]
-    return HeldOutData(prompts[: config.samples], clips, captions)
+    return HeldOutData(prompts[: config.samples], render(real_specs), captions, render(other_specs))
 
 
 # -- the model -----------------------------------------------------------------------------------------------
@@ -153,6 +162,19 @@ def seconds_per_step(pipe, steps: int, repeats: int = TIMING_REPEATS) -> float:
         if index:
             times.append(seconds / steps)
     return float(np.median(times))
+
+
+@torch.no_grad()
+def autoencoded(vae, clips: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """``clips`` ``(N, F, 3, H, W)`` in [0, 1] encoded (posterior mode) and decoded by ``vae``, same layout."""
+    parameter = next(vae.parameters())
+    out = []
+    for start in range(0, len(clips), batch):
+        video = clips[start : start + batch].permute(0, 2, 1, 3, 4) * 2 - 1  # (B, 3, F, H, W) in [-1, 1]
+        video = video.to(parameter.device, parameter.dtype)
+        decoded = vae.decode(vae.encode(video).latent_dist.mode()).sample
+        out.append(((decoded.float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4))
+    return torch.cat(out)
 
 
 # -- metrics -------------------------------------------------------------------------------------------------
@@ -185,8 +207,12 @@ def alignment_scores(scorer, features: torch.Tensor, prompts: list[str], count: 
     }
 
 
-def score(config: VideoBenchConfig, data: HeldOutData, trained: torch.Tensor, untrained: torch.Tensor) -> dict:
-    """FID/KID, motion accuracies and alignment scores of the two models' clips (see the module docstring)."""
+def score(
+    config: VideoBenchConfig, data: HeldOutData, trained: torch.Tensor, untrained: torch.Tensor,
+    references: dict[str, torch.Tensor] | None = None,
+) -> dict:
+    """FID/KID, motion accuracies and alignment scores of the two models' clips, and FID/KID of the
+    ``references`` rows (``{"rendered": clips, "autoencoded": clips}``; see the module docstring)."""
     from accel.eval.alignment import load_alignment_scorer
     from accel.eval.efficientnet_lite import FEATURE_DIM
     from accel.eval.fid import FidKidConfig, fid_kid_from_features
@@ -204,7 +230,9 @@ def score(config: VideoBenchConfig, data: HeldOutData, trained: torch.Tensor, un
     logger.info("frame features: %d real, 2 x %d generated", len(data.real_clips) * count, len(trained) * count)
     real = frame_features(scorer, data.real_clips, count)[:, -FEATURE_DIM:]
     trained_features = frame_features(scorer, trained, count)
-    for name, features in (("trained", trained_features), ("untrained", frame_features(scorer, untrained, count))):
+    rows = {"trained": trained_features, "untrained": frame_features(scorer, untrained, count)}
+    rows.update({name: frame_features(scorer, clips, count) for name, clips in (references or {}).items()})
+    for name, features in rows.items():
         metrics = fid_kid_from_features(real, features[:, -FEATURE_DIM:], "EffNetLite0", FidKidConfig())
         result[f"fid_{name}"] = metrics["FID-EffNetLite0"]
         result[f"kid_{name}"] = metrics["KID-EffNetLite0"]
@@ -234,7 +262,16 @@ def print_table(config: VideoBenchConfig, result: dict, real_clips: int) -> None
     for name, suffix in (("trained", ""), ("untrained", "_untrained")):
         kid = f"{result[f'kid_{name}']:.4f}+-{result[f'kid_{name}_std']:.4f}"
         print(f"{name:<12}{result[f'fid_{name}']:>17.1f}{kid:>17}{result[f'motion_accuracy{suffix}']:>17.3f}")
-    print(f"{'rendered':<12}{'':>17}{'':>17}{result['motion_accuracy_real']:>17.3f}")
+    for name in ("rendered", "autoencoded"):
+        fid, kid = "", ""
+        if f"fid_{name}" in result:
+            fid, kid = f"{result[f'fid_{name}']:.1f}", f"{result[f'kid_{name}']:.4f}+-{result[f'kid_{name}_std']:.4f}"
+        motion = f"{result['motion_accuracy_real']:.3f}" if name == "rendered" else ""
+        print(f"{name:<12}{fid:>17}{kid:>17}{motion:>17}")
+    print(
+        f"(rendered: FID/KID of {config.samples} other rendered held-out clips, motion accuracy of the "
+        f"{real_clips} reference clips; autoencoded: the same {config.samples} clips encoded and decoded by the VAE)"
+    )
     print(f"motion chance: {result['motion_chance']:.3f} (1 / {round(1 / result['motion_chance'])} motions)")
     print(
         "alignment score of generated frames: "
@@ -272,7 +309,8 @@ def run(argv: list[str]) -> dict:
     untrained = generate_clips(
         untrained_copy(pipe, config.runtime), data.prompts, config.steps, config.batch, config.seed
     )
-    result = {"tokens_per_clip": tokens_per_clip(pipe), **score(config, data, trained, untrained)}
+    references = {"rendered": data.other_clips, "autoencoded": autoencoded(pipe.vae, data.other_clips, config.batch)}
+    result = {"tokens_per_clip": tokens_per_clip(pipe), **score(config, data, trained, untrained, references)}
     result["seconds_per_step"] = seconds_per_step(pipe, config.steps)
     result = {**_rounded(result), "targets": targets(result)}
     print_table(config, result, len(data.real_clips))
