@@ -235,28 +235,29 @@ def train_dit(args: argparse.Namespace) -> None:
     logger.info("transformer: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
-    path, step, losses = args.work / "dit.safetensors", 0, []
+    path, step, losses, warmup_start = args.work / "dit.safetensors", 0, [], 0
     if path.exists():
         tensors, meta = load_checkpoint(path)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
         _restore_optimizer(optimizer, tensors, meta["optimizer"])
         torch.set_rng_state(tensors["rng"])
-        step, losses = meta["step"], meta["losses"]
+        step, losses, warmup_start = meta["step"], meta["losses"], meta.get("warmup_start", 0)
     elif args.init is not None:  # no checkpoint here (a new session): start from the exported transformer
         exported = load_file(args.init / "transformer" / "diffusion_pytorch_model.safetensors")
         model.load_state_dict({k: v.float() for k, v in exported.items()})
         ema = {name: p.detach().clone() for name, p in model.named_parameters()}
         summary = json.loads((args.init / "training.json").read_text())
         step, losses = summary["dit_steps"], summary["loss_per_100_steps"]
+        warmup_start = step
         logger.info("dit: no checkpoint; starting from %s (step %d; fresh optimiser state)", args.init, step)
-    # lr warm-up over the first 500 steps of this optimiser's life (again after a start from an export)
-    first_step = step if not path.exists() else 0
+    # lr warm-up over the first 500 steps of this optimiser's life (again after a start from an export; the
+    # checkpoint records where it began, so a resume mid-warm-up continues it)
     deadline, last_save = time.time() + 60 * args.minutes, time.time()
     bar, window = tqdm(desc="dit", initial=step, mininterval=30), []
     while time.time() < deadline and step < args.max_steps:
         x_t, t, text, mask, target = _flow_batch(data, args.batch, args.caption_dropout)
-        lr = args.lr * min(1.0, (step - first_step + 1) / 500)
+        lr = args.lr * min(1.0, (step - warmup_start + 1) / 500)
         for group in optimizer.param_groups:
             group["lr"] = lr
         prediction = model(x_t, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t).sample
@@ -274,17 +275,17 @@ def train_dit(args: argparse.Namespace) -> None:
             bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
             window = []
         if time.time() - last_save > 60 * args.save_minutes or time.time() >= deadline or step >= args.max_steps:
-            _save_dit(path, model, ema, optimizer, step, losses)
+            _save_dit(path, model, ema, optimizer, step, losses, warmup_start)
             last_save = time.time()
-    _save_dit(path, model, ema, optimizer, step, losses)
+    _save_dit(path, model, ema, optimizer, step, losses, warmup_start)
     logger.info("dit: %d steps; loss per 100 steps: %s", step, losses[-5:])
 
 
-def _save_dit(path: Path, model, ema, optimizer, step: int, losses: list) -> None:
+def _save_dit(path: Path, model, ema, optimizer, step: int, losses: list, warmup_start: int) -> None:
     opt_tensors, opt_meta = _flat_optimizer(optimizer)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.items()})
-    meta = {"step": step, "optimizer": opt_meta, "losses": losses}
+    meta = {"step": step, "optimizer": opt_meta, "losses": losses, "warmup_start": warmup_start}
     save_checkpoint(path, {**tensors, **opt_tensors, "rng": _rng_state()}, meta)
 
 
