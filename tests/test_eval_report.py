@@ -140,7 +140,7 @@ def test_kid_of_full_compute_against_itself_is_zero_and_close_sets_are_not_negat
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(16, 64, generator=generator)
     same = fid_kid_from_features(features, features, "X", FidKidConfig(), paired=True)
-    assert same["KID-X"] == 0.0 and same["KID-X-std"] == 0.0 and abs(same["FID-X"]) < 1e-9
+    assert same["KID-X"] == 0.0 and same["KID-X-std"] == 0.0 and abs(same["FID-X"]) < 1e-6  # float64 sqrtm round-off
     unpaired = fid_kid_from_features(features, features, "X", FidKidConfig())
     assert unpaired["KID-X"] < 0  # the two-sample estimator on paired sets: the bias this avoids
     near = features + 0.1 * torch.randn(16, 64, generator=generator)
