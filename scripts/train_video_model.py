@@ -224,11 +224,18 @@ def _save_vae(path: Path, vae, optimizer, generator: torch.Generator, step: int)
     logger.info("vae checkpoint at step %d", step)
 
 
-def load_vae(work: Path, device: str = "cpu"):
-    """The trained autoencoder, in eval mode: ``work/vae_decoder.safetensors`` if there is one, else ``vae``."""
+def load_vae(work: Path, device: str = "cpu", init: Path | None = None):
+    """The trained autoencoder, in eval mode: ``work/vae_decoder.safetensors`` if there is one, else
+    ``work/vae.safetensors``, else (a new session without checkpoints) the VAE exported under ``init``."""
+    from diffusers import AutoencoderKLWan
+
+    candidates = [work / "vae_decoder.safetensors", work / "vae.safetensors"]
+    found = next((path for path in candidates if path.exists()), None)
+    if found is None and init is not None:
+        logger.info("vae: no checkpoint under %s; using the export in %s", work, init)
+        return AutoencoderKLWan.from_pretrained(init / "vae", torch_dtype=torch.float32).to(device).eval()
     vae = new_vae()
-    path = work / "vae_decoder.safetensors"
-    tensors, _ = load_checkpoint(path if path.exists() else work / "vae.safetensors")
+    tensors, _ = load_checkpoint(found or candidates[1])
     vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     return vae.to(device).eval().requires_grad_(False)
 
@@ -240,7 +247,7 @@ def encode(args: argparse.Namespace) -> None:
     """Cache normalised latent means of ``--clips-per-object`` clips per training object, and caption states."""
     images, names, split = load_emoji()
     specs = clip_specs(split, "train", args.clips_per_object, seed=args.seed)[: args.max_clips]
-    vae = load_vae(args.work, args.device)
+    vae = load_vae(args.work, args.device, args.init)
     latents = []
     with torch.no_grad():
         for start in tqdm(range(0, len(specs), 16), desc="encode", mininterval=30):
@@ -249,6 +256,9 @@ def encode(args: argparse.Namespace) -> None:
     latents = torch.cat(latents)  # (N, 8, 9, 16, 16)
     mean = latents.mean(dim=(0, 2, 3, 4))
     std = latents.std(dim=(0, 2, 3, 4))
+    if args.init is not None:  # keep the normalisation the exported transformer was trained with
+        config = vae.config
+        mean, std = torch.tensor(config.latents_mean), torch.tensor(config.latents_std)
     latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
     captions = [caption(names[s.index], s.motion) for s in specs]
     text = encode_text([*captions, ""], args.device)
@@ -303,27 +313,34 @@ def train_dit(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
     generator = torch.Generator().manual_seed(args.seed)
-    path, step, losses = args.work / "dit.safetensors", 0, []
+    path, step, losses, start = args.work / "dit.safetensors", 0, [], 0
     if path.exists():
         tensors, meta = load_checkpoint(path)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         ema = {k[4:]: v.to(args.device) for k, v in tensors.items() if k.startswith("ema.")}
         _restore_optimizer(optimizer, {k: v.to(args.device) for k, v in tensors.items()}, meta["optimizer"])
         generator.set_state(tensors["generator"])
-        step, losses = meta["step"], meta["losses"]
+        step, losses, start = meta["step"], meta["losses"], meta.get("optimizer_start", 0)
     elif args.init is not None:  # no checkpoint here (a new session): start from an exported transformer
         exported = load_file(args.init / "transformer" / "diffusion_pytorch_model.safetensors")
         model.load_state_dict({k: v.float() for k, v in exported.items()})
         ema = {name: p.detach().clone() for name, p in model.named_parameters()}
         summary = args.init / "training.json"
-        step = json.loads(summary.read_text()).get("dit_steps", 0) if summary.exists() else 0
+        summary = json.loads(summary.read_text()) if summary.exists() else {}
+        step, losses = summary.get("dit_steps", 0), summary.get("loss_per_100_steps", [])
+        start = step
         logger.info("dit: no checkpoint; starting from %s (step %d; fresh optimiser state)", args.init, step)
+    # the lr warms up over --warmup steps of this optimiser's life (again after a start from an export) and, with
+    # --decay-steps, then falls linearly to zero at that many steps after the optimiser's start, where training
+    # ends; the checkpoint records the start, so a resume continues both
+    end = start + args.decay_steps if args.decay_steps else args.max_steps
     deadline, last_save, window = time.time() + 60 * args.minutes, time.time(), []
     bar = tqdm(desc="dit", initial=step, mininterval=30)
-    while time.time() < deadline and step < args.max_steps:
+    while time.time() < deadline and step < min(end, args.max_steps):
         x_t, timestep, text, target = flow_batch(data, args.batch, args.caption_dropout, generator)
+        decay = (end - step) / args.decay_steps if args.decay_steps else 1.0
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            group["lr"] = args.lr * min(1.0, (step - start + 1) / args.warmup, decay)
         batch = [tensor.to(args.device) for tensor in (x_t, timestep, text, target)]
         loss = flow_loss(model, *batch, precision=args.precision)
         optimizer.zero_grad(set_to_none=True)
@@ -339,18 +356,18 @@ def train_dit(args: argparse.Namespace) -> None:
             logger.info("dit step %d: loss %.4f", step, losses[-1][1])
             window = []
         if time.time() - last_save > 60 * args.save_minutes:
-            _save_dit(path, model, ema, optimizer, generator, step, losses)
+            _save_dit(path, model, ema, optimizer, generator, step, losses, start)
             last_save = time.time()
-    _save_dit(path, model, ema, optimizer, generator, step, losses)
+    _save_dit(path, model, ema, optimizer, generator, step, losses, start)
     logger.info("dit: %d steps; loss per 100 steps: %s", step, losses[-5:])
 
 
-def _save_dit(path: Path, model, ema, optimizer, generator: torch.Generator, step: int, losses: list) -> None:
+def _save_dit(path: Path, model, ema, optimizer, generator, step: int, losses: list, start: int) -> None:
     opt_tensors, opt_meta = _flat_optimizer(optimizer)
     tensors = {f"model.{k}": v.cpu() for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v.cpu() for k, v in ema.items()})
     tensors.update({k: v.cpu() for k, v in opt_tensors.items()})
-    meta = {"step": step, "optimizer": opt_meta, "losses": losses}
+    meta = {"step": step, "optimizer": opt_meta, "losses": losses, "optimizer_start": start}
     save_checkpoint(path, {**tensors, "generator": generator.get_state()}, meta)
     logger.info("dit checkpoint at step %d", step)
 
@@ -372,7 +389,7 @@ def export(args: argparse.Namespace) -> None:
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     weights.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     transformer.load_state_dict(weights)
-    vae = load_vae(args.work)
+    vae = load_vae(args.work, init=args.init)
     with safe_open(args.work / "encoded.safetensors", "pt") as f:
         stats = f.metadata()
     vae.register_to_config(latents_mean=json.loads(stats["latents_mean"]), latents_std=json.loads(stats["latents_std"]))
@@ -444,6 +461,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument(
+        "--decay-steps", type=int, default=0, help="dit: lr falls linearly to 0 this many steps after the optimiser began"
+    )
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="dit forward autocast")
@@ -457,7 +477,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--init", type=Path, default=None, help="dit: without a checkpoint, start from this exported folder's weights"
+        "--init", type=Path, default=None, help="encode, dit, export: without checkpoints, start from this exported folder"
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
