@@ -54,7 +54,9 @@ logger = logging.getLogger("train_video_model")
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_DIR = ROOT / "pipelines" / "default_model"  # tokenizer/ and text_encoder/ (all-MiniLM-L6-v2, fp16)
 TEXT_LENGTH = 32  # tokens; the longest caption has 22
-FLOW_SHIFT = 2.0  # the scheduler's sigma shift at sampling time
+# the scheduler's sigma shift at sampling time: on 64 training-split object/motion pairs (20 steps, guidance 4,
+# the 9,070-step export) FID-EffNetLite0 was 172.0 / 168.6 / 166.6 / 165.6 / 165.4 at shift 1 / 2 / 3 / 4 / 5
+FLOW_SHIFT = 5.0
 VAE_WINDOW = 9  # frames per VAE training clip (5 latent frames)
 
 VAE_CONFIG = dict(
@@ -401,6 +403,9 @@ def export(args: argparse.Namespace) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
     transformer.to(torch.float16).save_pretrained(out / "transformer")
     vae.to(torch.float16).save_pretrained(out / "vae")
+    config = json.loads((out / "vae" / "config.json").read_text())  # a VAE loaded from --init names its folder
+    if config.pop("_name_or_path", None) is not None:
+        (out / "vae" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     scheduler.save_pretrained(out / "scheduler")
     _write_model_index(out)
     summary = {"dit_steps": meta["step"], "loss_per_100_steps": meta["losses"], "dit_config": DIT_CONFIG}
