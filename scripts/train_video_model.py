@@ -258,9 +258,8 @@ def encode(args: argparse.Namespace) -> None:
     latents = torch.cat(latents)  # (N, 8, 9, 16, 16)
     mean = latents.mean(dim=(0, 2, 3, 4))
     std = latents.std(dim=(0, 2, 3, 4))
-    if args.init is not None:  # keep the normalisation the exported transformer was trained with
-        config = vae.config
-        mean, std = torch.tensor(config.latents_mean), torch.tensor(config.latents_std)
+    if list(vae.config.latents_std) != VAE_CONFIG["latents_std"]:  # an exported VAE: keep the normalisation
+        mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)  # its model learned
     latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
     captions = [caption(names[s.index], s.motion) for s in specs]
     text = encode_text([*captions, ""], args.device)
