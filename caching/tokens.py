@@ -5,6 +5,8 @@ each classifier-free-guidance branch) computes, at a sparse step, only its activ
 velocity dynamics (:mod:`accel.caching.token_select`); an inactive token's velocity is its cached one, so the
 scheduler advances it with the cached (Euler) update and no model evaluation. How it runs:
 
+* a budget below ``min_active`` first coarsens the scheduler's grid (fewer steps for every token), so the
+  steps that remain compute at least that share of the tokens on average;
 * at every transformer call, eagerly and outside compiled code, the handle picks each row's active tokens:
   every token at the first ``dense_steps`` steps and the reset points, else a bucketed count
   (:func:`~accel.caching.token_select.active_count`) of each row's highest scores;
@@ -25,10 +27,12 @@ Everything goes through the patch log (block and projection wraps, self-attentio
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from accel.adapters import is_flow_matching, token_grid
@@ -44,6 +48,8 @@ from accel.caching.token_select import (
     velocity_scores,
 )
 from accel.patches import eager
+
+logger = logging.getLogger(__name__)
 
 Selector = Literal["velocity", "ras"]
 
@@ -75,6 +81,13 @@ class TokenStepConfig:
         ras_starvation: RAS's ``starvation_scale`` (its released default 0.1).
         assume_flow_matching: accept a bare transformer whose adapter does not say flow matching (the caller
             vouches for its sampler); a pipeline's scheduler is always checked.
+        min_active: the least share of the tokens that the steps compute on average. A budget below it also
+            coarsens the pipeline's step grid, to ``budget / min_active`` of its steps (every token gets fewer
+            steps, as with a smaller ``num_inference_steps``), and spends the budget on that grid; the handle
+            logs the grid it ran. ``0`` never coarsens: every step of the pipeline's grid, fewer tokens (HSA's
+            form). On the bundled video model, both levers together beat either alone at equal measured
+            runtime (``python -m accel.bench tokens``). A bare transformer has no scheduler to coarsen: its
+            budget is spent on every step it is called at, and the handle says so.
     """
 
     budget: float | None = None
@@ -88,6 +101,7 @@ class TokenStepConfig:
     rate_floor: float = 0.1
     ras_starvation: float = 0.1
     assume_flow_matching: bool = False
+    min_active: float = 0.5
 
     def __post_init__(self):
         if (self.budget is None) == (self.speedup is None):
@@ -108,11 +122,25 @@ class TokenStepConfig:
             raise ValueError("TokenStepConfig.max_skipped_steps must be >= 1 or None")
         if self.rate_floor < 0:
             raise ValueError("TokenStepConfig.rate_floor must be >= 0")
+        if not 0 <= self.min_active <= 1:
+            raise ValueError(f"TokenStepConfig.min_active must be in [0, 1], got {self.min_active}")
 
     @property
     def fraction(self) -> float:
         """The budget as a fraction of token-steps."""
         return self.budget if self.budget is not None else 1.0 / self.speedup
+
+    def grid_steps(self, num_steps: int) -> int:
+        """Steps of the grid a pipeline call of ``num_steps`` steps runs on (see ``min_active``): ``num_steps``
+        unless the budget is below ``min_active``; never fewer than ``dense_steps + 1`` (nor than 2)."""
+        if self.fraction >= self.min_active:
+            return num_steps
+        coarse = round(num_steps * self.fraction / self.min_active)
+        return min(num_steps, max(coarse, self.dense_steps + 1, 2))
+
+    def grid_fraction(self, num_steps: int) -> float:
+        """The budget on the grid of :meth:`grid_steps`: the same token-steps as ``fraction`` of the full grid."""
+        return min(1.0, self.fraction * num_steps / self.grid_steps(num_steps))
 
     def dense_at(self, step: int, num_steps: int | None) -> bool:
         """Whether ``step`` computes every token."""
@@ -125,12 +153,14 @@ class TokenStepConfig:
         return sum(self.dense_at(step, num_steps) for step in range(num_steps))
 
     def active_counts(self, num_steps: int, tokens: int) -> list[int]:
-        """Tokens each of ``num_steps`` steps computes on a model with ``tokens`` tokens (what the handle will do
-        in a pipeline, whose step count it knows)."""
-        fraction = sparse_fraction(self.fraction, num_steps, self.dense_count(num_steps))
+        """Tokens each step computes when a pipeline is called with ``num_steps`` steps, on a model with
+        ``tokens`` tokens: one count per step of :meth:`grid_steps` (what the handle will do in a pipeline, whose
+        step count it knows)."""
+        grid = self.grid_steps(num_steps)
+        fraction = sparse_fraction(self.grid_fraction(num_steps), grid, self.dense_count(grid))
         counts, sparse = [], 0
-        for step in range(num_steps):
-            if self.dense_at(step, num_steps):
+        for step in range(grid):
+            if self.dense_at(step, grid):
                 counts.append(tokens)
             else:
                 counts.append(active_count(sparse, fraction, tokens, self.buckets))
@@ -138,8 +168,8 @@ class TokenStepConfig:
         return counts
 
     def planned_fraction(self, num_steps: int, tokens: int) -> float:
-        """The fraction of token-steps :meth:`active_counts` computes (the budget, unless the dense steps alone
-        exceed it or the smallest bucket is above the sparse steps' share)."""
+        """The fraction of the token-steps of ``num_steps`` full steps that :meth:`active_counts` computes (the
+        budget, unless the dense steps alone exceed it or the smallest bucket is above the sparse steps' share)."""
         return sum(self.active_counts(num_steps, tokens)) / (num_steps * tokens)
 
 
@@ -156,8 +186,11 @@ class TokenStepStats:
     """What per-token step allocation did in the current (or last) trajectory.
 
     Attributes:
-        active: per step, the fraction of tokens computed (mean over the step's transformer calls).
-        token_steps: the fraction of all token-steps computed.
+        active: per step that ran, the fraction of tokens computed (mean over the step's transformer calls).
+        token_steps: the fraction of the token-steps of full compute (every token at every step the pipeline
+            asked for) that were computed.
+        steps: ``(asked, ran)``: the pipeline's step count and the steps of the grid it ran (fewer when the
+            budget is below ``min_active``).
         heat_maps: per branch (transformer call within a step), ``(rows, frames, height, width)`` int32: how
             many steps computed each token.
         grid: the ``(frames, height, width)`` token grid.
@@ -165,6 +198,7 @@ class TokenStepStats:
 
     active: tuple[float, ...]
     token_steps: float
+    steps: tuple[int, int]
     heat_maps: tuple[torch.Tensor, ...]
     grid: tuple[int, int, int] | None
 
@@ -183,6 +217,7 @@ class TokenStepStats:
         return {
             "active": list(self.active),
             "token_steps": self.token_steps,
+            "steps": list(self.steps),
             "grid": list(self.grid) if self.grid else None,
             "heat_map": None if heat is None else [[[round(v, 3) for v in row] for row in f] for f in heat.tolist()],
         }
@@ -234,8 +269,55 @@ class TokenStepHandle(Handle):
         for position, (_, block) in enumerate(self.blocks):
             self.patch_log.wrap_call(block, self._block_wrapper(position))
         self.patch_log.wrap_call(model.proj_out, self._projection)
+        self._grid_budget = config.fraction  # the budget on the grid the current trajectory runs
+        self._requested: int | None = None  # the step count the pipeline asked its scheduler for
+        self._said: set[str] = set()
+        scheduler = getattr(target.pipeline, "scheduler", None)
+        if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+            self.patch_log.wrap(scheduler, "set_timesteps", self._set_timesteps)
+        elif config.fraction < config.min_active:
+            self._say(
+                f"TokenStepConfig(budget={config.fraction:g}) is below min_active={config.min_active:g}, but a bare "
+                "transformer has no scheduler to coarsen: the budget is spent on every step it is called at"
+            )
         target.tracker.add_call_listener(self._on_call)
         target.tracker.add_reset_listener(self.reset)
+
+    def _say(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            logger.warning(message)
+
+    def _set_timesteps(self, inner, *args, **kwargs):
+        """The scheduler's ``set_timesteps`` on the grid of :meth:`TokenStepConfig.grid_steps`: a step count
+        becomes the coarse count, explicit ``sigmas``/``timesteps`` are resampled to that many points over the
+        same range."""
+        args, kwargs, requested = list(args), dict(kwargs), None
+        explicit = [name for name in ("sigmas", "timesteps") if kwargs.get(name) is not None]
+        if explicit:
+            requested = len(kwargs[explicit[0]])
+        elif args and isinstance(args[0], int):
+            requested = args[0]
+        elif isinstance(kwargs.get("num_inference_steps"), int):
+            requested = kwargs["num_inference_steps"]
+        config = self.config
+        grid = config.grid_steps(requested) if requested else None
+        self._grid_budget = config.grid_fraction(requested) if requested else config.fraction
+        self._requested = requested
+        if grid is None or grid == requested:
+            return inner(*args, **kwargs)
+        for name in explicit:
+            kwargs[name] = _resample(kwargs[name], grid)
+        if args and isinstance(args[0], int):
+            args[0] = grid
+        elif kwargs.get("num_inference_steps") is not None:
+            kwargs["num_inference_steps"] = grid
+        self._say(
+            f"TokenStepConfig(budget={config.fraction:g}) is below min_active={config.min_active:g}: the pipeline's "
+            f"{requested} steps run on a grid of {grid}, each computing {self._grid_budget:.2f} of the tokens on "
+            "average (min_active=0 keeps every step)"
+        )
+        return inner(*args, **kwargs)
 
     # -- per call, eagerly ---------------------------------------------------------------------------------
 
@@ -287,7 +369,7 @@ class TokenStepHandle(Handle):
         if branch.history is None or config.dense_at(context.step, num_steps):
             return torch.arange(tokens, device=device).expand(rows, tokens)
         dense = config.dense_count(num_steps) if num_steps else config.dense_steps
-        fraction = sparse_fraction(config.fraction, num_steps, dense)
+        fraction = sparse_fraction(self._grid_budget, num_steps, dense)
         sparse_index = context.step - sum(config.dense_at(s, num_steps) for s in range(context.step))
         count = active_count(sparse_index, fraction, tokens, config.buckets)
         if config.selector == "ras":
@@ -417,9 +499,11 @@ class TokenStepHandle(Handle):
             counts = branch.history.computed.detach().cpu()
             grid = self._grid if self._grid and math.prod(self._grid) == branch.tokens else (1, 1, branch.tokens)
             maps.append(counts.view(branch.rows, *grid))
+        requested = self._requested or len(steps)
         return TokenStepStats(
             active=tuple(steps),
-            token_steps=sum(steps) / len(steps) if steps else 1.0,
+            token_steps=sum(steps) / requested if steps else 1.0,
+            steps=(requested, len(steps)),
             heat_maps=tuple(maps),
             grid=self._grid,
         )
@@ -439,6 +523,20 @@ class TokenStepHandle(Handle):
         self._call = {}
         self.active.index, self.active.caches = None, []
         super()._remove()
+
+
+def _resample(values, count: int):
+    """``count`` points spread evenly over ``values`` (a list, array or tensor of sigmas or timesteps), linearly
+    interpolated, the first and last kept; integer timesteps stay integers, the container type stays."""
+    source = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    positions = np.linspace(0, len(source) - 1, count)
+    resampled = np.interp(positions, np.arange(len(source)), source.astype(np.float64))
+    if np.issubdtype(source.dtype, np.integer):
+        resampled = np.round(resampled)
+    resampled = resampled.astype(source.dtype)
+    if isinstance(values, torch.Tensor):
+        return torch.as_tensor(resampled, device=values.device)
+    return resampled.tolist() if isinstance(values, list) else resampled
 
 
 def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -56,3 +56,47 @@ def test_video_report_draws_one_heat_map_per_frame(tmp_path):
     )
     results = run_evaluation(config, tmp_path, pipe=build_tiny_wan_pipeline())
     _check_report(tmp_path, results, frames=3, steps=6)
+
+
+def test_a_budget_below_min_active_runs_the_pipeline_on_a_coarser_grid(caplog):
+    """Budget 0.25 on 10 steps (min_active 0.5) is the same allocation as budget 0.5 on 5 steps, and says so."""
+    import torch
+
+    from accel import apply
+    from accel.caching import TokenStepConfig
+
+    pipe = build_tiny_wan_pipeline()
+    original = pipe.scheduler.set_timesteps
+
+    def run(steps: int, config: TokenStepConfig):
+        with apply(pipe, config) as handle:
+            latents = pipe(
+                list(VIDEO_PROMPTS[:2]),
+                num_inference_steps=steps,
+                output_type="latent",
+                generator=torch.Generator().manual_seed(0),
+                **TINY_VIDEO_KWARGS,
+            ).frames
+        return latents, handle.stats()
+
+    with caplog.at_level("WARNING", logger="accel.caching.tokens"):
+        coarse, stats = run(10, TokenStepConfig(budget=0.25))
+    assert "10 steps run on a grid of 5" in caplog.text
+    fewer, fewer_stats = run(5, TokenStepConfig(budget=0.5, min_active=0))
+    assert torch.equal(coarse, fewer)
+    assert stats.steps == (10, 5) and fewer_stats.steps == (5, 5)
+    assert stats.active == fewer_stats.active and abs(stats.token_steps - fewer_stats.token_steps / 2) < 1e-9
+    assert pipe.scheduler.set_timesteps == original  # the wrap is undone
+
+
+def test_explicit_sigmas_and_timesteps_are_resampled_over_the_same_range():
+    import numpy as np
+    import torch
+
+    from accel.caching.tokens import _resample
+
+    sigmas = np.linspace(1.0, 0.05, 20)
+    assert np.allclose(_resample(sigmas, 5), np.linspace(1.0, 0.05, 5))
+    assert _resample([999, 749, 499, 249, 0], 3) == [999, 499, 0]
+    tensor = _resample(torch.tensor([1.0, 0.5, 0.0]), 5)
+    assert tensor.dtype == torch.float32 and torch.allclose(tensor, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))

@@ -50,9 +50,20 @@ def test_sparse_fraction_makes_the_whole_trajectory_meet_the_budget():
         fraction = sparse_fraction(budget, steps, dense)
         assert math.isclose(dense + (steps - dense) * fraction, budget * steps)
     assert sparse_fraction(0.4, None, 2) == 0.4
-    config = TokenStepConfig(budget=0.3, dense_steps=2, reset_points=(0.5,), buckets=16)
+    config = TokenStepConfig(budget=0.3, dense_steps=2, reset_points=(0.5,), buckets=16, min_active=0)
     assert config.active_counts(20, 576)[:3] == [576, 576, config.active_counts(20, 576)[2]]
     assert config.active_counts(20, 576)[10] == 576 and abs(config.planned_fraction(20, 576) - 0.3) < 1 / 16 / 17
+
+
+def test_a_budget_below_min_active_runs_a_coarser_grid_with_the_same_token_steps():
+    config = TokenStepConfig(budget=0.3, dense_steps=2, reset_points=(0.5,), buckets=16)  # min_active 0.5
+    assert config.grid_steps(20) == 12 and math.isclose(config.grid_fraction(20), 0.5)
+    counts = config.active_counts(20, 576)
+    assert len(counts) == 12 and counts[:2] == [576, 576] and counts[6] == 576
+    assert abs(config.planned_fraction(20, 576) - 0.3) < 12 / 20 / 16 / 10
+    assert TokenStepConfig(budget=0.6).grid_steps(20) == 20 and TokenStepConfig(budget=0.01).grid_steps(20) == 3
+    with pytest.raises(ValueError, match="min_active"):
+        TokenStepConfig(budget=0.5, min_active=1.5)
 
 
 def test_a_token_skipped_too_long_is_taken_first_whatever_its_velocity():

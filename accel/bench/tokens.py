@@ -2,15 +2,16 @@
 measured runtime, on the bundled image model and the bundled video model.
 
 For each model, a calibration first times the prompts (two clips on video) under full compute and two
-settings of each method's knob, fits the runtime ratio to the knob (token methods: ``a + b * planned
-token-step fraction``; fewer steps: ``a + b * N / steps``; FORA: ``a + b / interval``), and picks the knob
-whose predicted runtime is 50% and 25% of full compute. Then every method generates all prompts (same seeds
-as full compute), timed as it goes:
+settings of each method's knob, fits the runtime ratio to the share of the step grid that runs and the share of
+token-steps computed (``a + c * grid + d * token-steps``, least squares; fewer steps have both equal to
+``N / steps``; FORA: ``a + b / interval``), and picks the knob whose predicted runtime is 50% and 25% of full
+compute. Then every method generates all prompts (same seeds as full compute), timed as it goes:
 
-* ``ours``: :class:`~accel.caching.TokenStepConfig` with the velocity rule, CFG branches of a prompt paired;
+* ``ours``: :class:`~accel.caching.TokenStepConfig` with the velocity rule, CFG branches of a prompt paired, and
+  its default ``min_active=0.5``: a budget below it also coarsens the step grid (both levers at once);
 * ``ours-own``: the same with every row and branch selecting alone (the issue's per-branch requirement);
+* ``ours-all-steps``: ours with ``min_active=0``, every step of the grid and fewer tokens (HSA's form);
 * ``ras``: RAS's released rule and dense schedule (:func:`~accel.caching.ras_config`) in the same machinery;
-* ``ours-N-steps``: ours at budget 0.5 on N steps (both levers at once);
 * ``steps-N``: fewer flow-matching steps; ``fora-k``: block caching every k steps (FORA).
 
 Per row: measured speed-up (on the calibration prompts, all rows interleaved, the fastest of three rounds
@@ -68,13 +69,25 @@ class Model:
     probe: int
 
 
-def ours(budget: float, steps: int, branches: str = "paired") -> TokenStepConfig:
-    """Our configuration at ``budget``: RAS's dense schedule (3 of 20 steps first, resets at 0.4 and 0.73 of the
-    trajectory) from a budget of 0.4, fewer dense steps below (two first, one reset at 0.5 from 0.25, none
-    lower: low budgets cannot pay for them), 16 buckets."""
-    dense = 3 if budget >= 0.4 else 2
-    resets = (0.4, 0.733) if budget >= 0.4 else (0.5,) if budget >= 0.25 else ()
-    return TokenStepConfig(budget=budget, dense_steps=dense, reset_points=resets, buckets=16, branches=branches)
+def ours(budget: float, steps: int, branches: str = "paired", min_active: float = 0.5) -> TokenStepConfig:
+    """Our configuration at ``budget`` for calls of ``steps`` steps, 16 buckets. Its dense schedule follows the
+    budget each step of the grid spends (``max(budget, min_active)``) and the grid's length: from 0.4, RAS's
+    shape (the first 3/20 of the grid's steps, at least one, and resets at 0.4 and 0.73 of the trajectory);
+    below, two steps first and one reset at 0.5 from 0.25, none lower (low budgets cannot pay for them)."""
+    grid_budget = max(budget, min_active)
+    if grid_budget >= 0.4:
+        grid = TokenStepConfig(budget=budget, dense_steps=1, min_active=min_active).grid_steps(steps)
+        dense, resets = max(1, round(0.15 * grid)), (0.4, 0.733)
+    else:
+        dense, resets = 2, (0.5,) if grid_budget >= 0.25 else ()
+    return TokenStepConfig(
+        budget=budget,
+        dense_steps=dense,
+        reset_points=resets,
+        buckets=16,
+        branches=branches,
+        min_active=min_active,
+    )
 
 
 def ras(budget: float, steps: int) -> TokenStepConfig:
@@ -86,9 +99,17 @@ def _applied(model: Model, config) -> Callable[[], AbstractContextManager]:
     return lambda: accel.apply(model.pipe, config)
 
 
-def _fit(knobs: list[float], ratios: list[float]) -> tuple[float, float]:
-    slope = (ratios[1] - ratios[0]) / (knobs[1] - knobs[0])
-    return ratios[0] - slope * knobs[0], slope
+def _fit(shares: list[tuple[float, float]], ratios: list[float]) -> np.ndarray:
+    """Least-squares ``(a, c, d)`` of ``ratio = a + c * grid share + d * token-step share``."""
+    design = np.array([[1.0, grid, tokens] for grid, tokens in shares])
+    return np.linalg.lstsq(design, np.asarray(ratios), rcond=None)[0]
+
+
+def _shares(config: TokenStepConfig | None, steps: int, model: Model, row_steps: int | None = None) -> tuple:
+    """``(grid share, token-step share)`` of a run: a token config on ``steps`` steps, or ``row_steps`` plain."""
+    if config is None:
+        return (row_steps / steps,) * 2
+    return config.grid_steps(steps) / steps, config.planned_fraction(steps, model.tokens)
 
 
 def _speedups(model: Model, runs: dict[str, tuple], repeats: int = 3) -> dict[str, float]:
@@ -104,40 +125,46 @@ def _speedups(model: Model, runs: dict[str, tuple], repeats: int = 3) -> dict[st
 def calibrate(model: Model, steps: int) -> dict[float, dict]:
     """Per target runtime ratio, the knob of every method (see the module docstring)."""
     layout = layout_of(model.pipe)
+    configs = {"ours-all-0.5": ours(0.5, steps, min_active=0), "ours-all-0.2": ours(0.2, steps, min_active=0)}
+    configs["ours-0.2"] = ours(0.2, steps)
     probes = {"full": (nullcontext, steps)}
-    probes.update({f"ours-{b}": (_applied(model, ours(b, steps)), steps) for b in (0.5, 0.2)})
+    probes.update({name: (_applied(model, config), steps) for name, config in configs.items()})
     probes.update({f"steps-{n}": (nullcontext, n) for n in (steps // 2, steps // 4)})
     probes.update({f"fora-{k}": (_applied(model, CacheConfig(schedule=fora(layout, steps, k))), steps) for k in (2, 4)})
     ratios = {name: 1 / speedup for name, speedup in _speedups(model, probes).items()}
-    token_knobs = [ours(b, steps).planned_fraction(steps, model.tokens) for b in (0.5, 0.2)]
-    token_fit = _fit(token_knobs, [ratios["ours-0.5"], ratios["ours-0.2"]])
-    steps_fit = _fit([0.5, 0.25], [ratios[f"steps-{steps // 2}"], ratios[f"steps-{steps // 4}"]])
+    shares = {"full": (1.0, 1.0), **{name: _shares(config, steps, model) for name, config in configs.items()}}
+    shares.update({f"steps-{n}": (n / steps, n / steps) for n in (steps // 2, steps // 4)})
+    fit = _fit(list(shares.values()), [ratios[name] for name in shares])
     fora_ratios = [ratios["fora-2"], ratios["fora-4"]]
-    fora_fit = _fit([1 / 2, 1 / 4], fora_ratios)
+    fora_slope = (fora_ratios[0] - fora_ratios[1]) / (1 / 2 - 1 / 4)
+    fora_fit = (fora_ratios[1] - fora_slope / 4, fora_slope)
     budgets = np.round(np.arange(0.05, 1.0001, 0.01), 2)
+
+    def predict(config: TokenStepConfig | None, row_steps: int = steps) -> float:
+        return float(fit @ np.array([1.0, *_shares(config, steps, model, row_steps)]))
+
     chosen = {}
     for target in TARGETS:
 
         def best(build, target=target):
-            return float(min(budgets, key=lambda b: abs(_predict(token_fit, build(b, steps), steps, model) - target)))
+            return float(min(budgets, key=lambda b: abs(predict(build(b)) - target)))
 
         # two steps at least: PixArt's pipeline treats a 1-step call as a distilled model's
-        number = min(range(2, steps + 1), key=lambda n: abs(steps_fit[0] + steps_fit[1] * n / steps - target))
+        number = min(range(2, steps + 1), key=lambda n: abs(predict(None, n) - target))
         interval = min(range(2, steps + 1), key=lambda k: abs(fora_fit[0] + fora_fit[1] / k - target))
-        # ours on fewer steps: budget 0.5 on N steps, the transformer's share of the time scaled by N / steps
-        half = ratios["ours-0.5"] - steps_fit[0]
-        fewer = min(range(4, steps + 1), key=lambda n: abs(steps_fit[0] + half * n / steps - target))
-        chosen[target] = {"ours": best(ours), "ras": best(ras), "steps": number, "fora": interval, "both": fewer}
+        chosen[target] = {
+            "ours": best(lambda b: ours(b, steps)),
+            "ours-all-steps": best(lambda b: ours(b, steps, min_active=0)),
+            "ras": best(lambda b: ras(b, steps)),
+            "steps": number,
+            "fora": interval,
+        }
     print(
-        f"{model.name}: calibration on {model.probe} prompts: runtime ratio = {token_fit[0]:.2f} + "
-        f"{token_fit[1]:.2f} x token-steps, {steps_fit[0]:.2f} + {steps_fit[1]:.2f} x steps share, FORA-2/4 "
-        f"{fora_ratios[0]:.2f}/{fora_ratios[1]:.2f}; chosen {chosen}"
+        f"{model.name}: calibration on {model.probe} prompts: runtime ratio = {fit[0]:.2f} + {fit[1]:.2f} x grid "
+        f"share + {fit[2]:.2f} x token-step share, FORA-2/4 {fora_ratios[0]:.2f}/{fora_ratios[1]:.2f}; "
+        f"chosen {chosen}"
     )
     return chosen
-
-
-def _predict(fit: tuple[float, float], config: TokenStepConfig, steps: int, model: Model) -> float:
-    return fit[0] + fit[1] * config.planned_fraction(steps, model.tokens)
 
 
 def methods(model: Model, steps: int, chosen: dict[float, dict]) -> dict[str, tuple]:
@@ -149,11 +176,10 @@ def methods(model: Model, steps: int, chosen: dict[float, dict]) -> dict[str, tu
         for name, config in (
             ("ours", ours(knobs["ours"], steps)),
             ("ours-own", ours(knobs["ours"], steps, "own")),
+            ("ours-all-steps", ours(knobs["ours-all-steps"], steps, min_active=0)),
             ("ras", ras(knobs["ras"], steps)),
         ):
             rows[f"{name}{tag}"] = (target, _applied(model, config), steps, config)
-        both = ours(0.5, knobs["both"])
-        rows[f"ours-{knobs['both']}-steps{tag}"] = (target, _applied(model, both), knobs["both"], both)
         rows[f"steps-{knobs['steps']}{tag}"] = (target, nullcontext, knobs["steps"], None)
         cache = CacheConfig(schedule=fora(layout, steps, knobs["fora"]))
         rows[f"fora-{knobs['fora']}{tag}"] = (target, _applied(model, cache), steps, None)
@@ -221,10 +247,11 @@ def evaluate(model: Model, steps: int) -> dict:
                 samples = model.generate(model.prompts, row_steps, 0)
                 if name == "ours@25":
                     stats = handle.stats()
-                    heat = {"grid": stats.grid, "counts": stats.heat_maps[0][0].tolist(), "steps": steps}
+                    heat = {"grid": stats.grid, "counts": stats.heat_maps[0][0].tolist(), "steps": stats.steps}
         rows[name] = {"target": target, **scores(samples)}
         if config is not None:
             rows[name]["token_steps"] = config.planned_fraction(row_steps, model.tokens) * row_steps / steps
+            rows[name]["grid_steps"] = config.grid_steps(row_steps)
     speedups = _speedups(model, {name: (context, n) for name, (_, context, n, _) in every.items()})
     for name, speedup in speedups.items():
         rows[name]["speedup"] = speedup
@@ -254,7 +281,8 @@ def print_heat_map(name: str, heat: dict | None) -> None:
     if not heat:
         return
     counts = np.asarray(heat["counts"])
-    print(f"{name}: steps computed per token of sample 0 at the 25% point (of {heat['steps']}), frames side by side")
+    asked, ran = heat["steps"]
+    print(f"{name}: steps computed per token of sample 0 at the 25% point ({ran} of {asked} ran), frames side by side")
     frames = [["".join(str(v) if v < 10 else "+" for v in line) for line in frame] for frame in counts]
     for row in range(counts.shape[1]):
         print("  " + " ".join(frame[row] for frame in frames))
@@ -292,7 +320,6 @@ def _headline(rows: dict, prefix: str = "") -> dict:
         at = {name.split("@")[0]: row for name, row in rows.items() if row["target"] == target}
         steps = next(row for name, row in at.items() if name.startswith("steps-"))
         cache = next(row for name, row in at.items() if name.startswith("fora-"))
-        both = next(row for name, row in at.items() if name.endswith("-steps"))
         result.update({
             f"{prefix}psnr_at_{tag}": round(at["ours"]["psnr"], 2),
             f"{prefix}own_psnr_at_{tag}": round(at["ours-own"]["psnr"], 2),
@@ -303,8 +330,8 @@ def _headline(rows: dict, prefix: str = "") -> dict:
             f"{prefix}ras_speedup_at_{tag}": round(at["ras"]["speedup"], 2),
             f"{prefix}steps_speedup_at_{tag}": round(steps["speedup"], 2),
             f"{prefix}cache_speedup_at_{tag}": round(cache["speedup"], 2),
-            f"{prefix}both_psnr_at_{tag}": round(both["psnr"], 2),
-            f"{prefix}both_speedup_at_{tag}": round(both["speedup"], 2),
+            f"{prefix}all_steps_psnr_at_{tag}": round(at["ours-all-steps"]["psnr"], 2),
+            f"{prefix}all_steps_speedup_at_{tag}": round(at["ours-all-steps"]["speedup"], 2),
         })  # fmt: skip
     return result
 
