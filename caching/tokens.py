@@ -175,9 +175,13 @@ class TokenStepConfig:
 
 def ras_config(budget: float, num_steps: int) -> TokenStepConfig:
     """RAS's released schedule for ``num_steps`` steps: dense for the first 4/30 of the steps, resets at 12/30
-    and 22/30, its selection rule."""
+    and 22/30, its selection rule, every step of the pipeline's grid (``min_active=0``)."""
     return TokenStepConfig(
-        budget=budget, selector="ras", dense_steps=max(1, round(4 * num_steps / 30)), reset_points=(0.4, 0.733)
+        budget=budget,
+        selector="ras",
+        dense_steps=max(1, round(4 * num_steps / 30)),
+        reset_points=(0.4, 0.733),
+        min_active=0,
     )
 
 

@@ -62,6 +62,7 @@ def test_a_budget_below_min_active_runs_a_coarser_grid_with_the_same_token_steps
     assert len(counts) == 12 and counts[:2] == [576, 576] and counts[6] == 576
     assert abs(config.planned_fraction(20, 576) - 0.3) < 12 / 20 / 16 / 10
     assert TokenStepConfig(budget=0.6).grid_steps(20) == 20 and TokenStepConfig(budget=0.01).grid_steps(20) == 3
+    assert ras_config(0.1, 20).grid_steps(20) == 20  # RAS's released rule keeps every step
     with pytest.raises(ValueError, match="min_active"):
         TokenStepConfig(budget=0.5, min_active=1.5)
 
