@@ -85,9 +85,10 @@ class TokenStepConfig:
             coarsens the pipeline's step grid, to ``budget / min_active`` of its steps (every token gets fewer
             steps, as with a smaller ``num_inference_steps``), and spends the budget on that grid; the handle
             logs the grid it ran. ``0`` never coarsens: every step of the pipeline's grid, fewer tokens (HSA's
-            form). On the bundled video model, both levers together beat either alone at equal measured
-            runtime (``python -m accel.bench tokens``). A bare transformer has no scheduler to coarsen: its
-            budget is spent on every step it is called at, and the handle says so.
+            form). On both bundled models the coarser grid beats the every-step form at equal measured runtime,
+            and plain fewer steps beats both (``python -m accel.bench tokens``, docs/bench-tokens.txt). A bare
+            transformer has no scheduler to coarsen: its budget is spent on every step it is called at, and the
+            handle says so.
     """
 
     budget: float | None = None
