@@ -274,7 +274,6 @@ class TokenStepHandle(Handle):
         for position, (_, block) in enumerate(self.blocks):
             self.patch_log.wrap_call(block, self._block_wrapper(position))
         self.patch_log.wrap_call(model.proj_out, self._projection)
-        self._grid_budget = config.fraction  # the budget on the grid the current trajectory runs
         self._requested: int | None = None  # the step count the pipeline asked its scheduler for
         self._said: set[str] = set()
         scheduler = getattr(target.pipeline, "scheduler", None)
@@ -287,6 +286,12 @@ class TokenStepHandle(Handle):
             )
         target.tracker.add_call_listener(self._on_call)
         target.tracker.add_reset_listener(self.reset)
+
+    @property
+    def _grid_budget(self) -> float:
+        """The budget on the grid the current trajectory runs (see :meth:`TokenStepConfig.grid_fraction`)."""
+        requested = self._requested
+        return self.config.grid_fraction(requested) if requested else self.config.fraction
 
     def _say(self, message: str) -> None:
         if message not in self._said:
@@ -307,7 +312,6 @@ class TokenStepHandle(Handle):
             requested = kwargs["num_inference_steps"]
         config = self.config
         grid = config.grid_steps(requested) if requested else None
-        self._grid_budget = config.grid_fraction(requested) if requested else config.fraction
         self._requested = requested
         if grid is None or grid == requested:
             return inner(*args, **kwargs)
