@@ -168,3 +168,41 @@ def test_exported_video_model_loads_and_generates():
 def test_loader_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="transformer"):
         load_default_video_pipeline(tmp_path)
+
+
+def test_frames_stage_caches_first_latent_frames_and_dit_trains_on_them_jointly(emoji, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    images, _, split = emoji
+    init, work = tmp_path / "init", tmp_path / "work"
+    work.mkdir()
+    vae = train_video_model.new_vae(base_dim=4).eval()
+    vae.save_pretrained(init / "vae")
+    mean, std = torch.linspace(-1, 1, 8), torch.linspace(0.5, 2, 8)
+    stats = {"latents_mean": json.dumps(mean.tolist()), "latents_std": json.dumps(std.tolist())}
+    clips = torch.randn(2, 8, 9, 16, 16).half()
+    encoded = {"latents": clips, "text": torch.randn(2, 32, 384).half(), "empty_text": torch.zeros(1, 32, 384)}
+    save_file(encoded, work / "encoded.safetensors", metadata=stats)
+    args = train_video_model.build_parser().parse_args(
+        ["frames", "--work", str(work), "--init", str(init), "--max-clips", "3"]
+    )
+    train_video_model.encode_frames(args)
+
+    frames = load_file(work / "frames.safetensors")
+    assert frames["latents"].shape == (3, 8, 1, 16, 16) and frames["text"].shape == (3, 32, 384)
+    # a one-frame clip is the first latent frame of the whole clip (the causal VAE encodes frame 0 alone)
+    index, motion = render_clips.split_pairs(split)["train"][0]
+    clip = train_video_model.render_batch(images, [render_clips.ClipSpec(index, motion, 5)])
+    with torch.no_grad():
+        whole, first = (vae.encode(x).latent_dist.mean for x in (clip, clip[:, :, :1]))
+    torch.testing.assert_close(first, whole[:, :, :1])
+    # and the cache holds such latents, normalised with the clip statistics
+    raw = frames["latents"][:1].float() * std.view(1, -1, 1, 1, 1) + mean.view(1, -1, 1, 1, 1)
+    seed = int(np.random.default_rng(args.seed + 1).integers(2**31))
+    clip = train_video_model.render_batch(images, [render_clips.ClipSpec(index, motion, seed)])[:, :, :1]
+    with torch.no_grad():
+        torch.testing.assert_close(raw, vae.encode(clip).latent_dist.mean, atol=0.02, rtol=0.01)  # fp16 cache
+
+    argv = ["dit", "--work", str(work), "--batch", "1", "--frame-batch", "2", "--max-steps", "1", "--warmup", "1"]
+    train_video_model.train_dit(train_video_model.build_parser().parse_args(argv))
+    assert load_file(work / "dit.safetensors")["generator"].numel() > 0
