@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -237,6 +238,11 @@ class _Branch:
         self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
+def _is_count(value: Any) -> bool:
+    """Whether ``value`` is a step count: any integer (a NumPy one too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 class TokenStepHandle(Handle):
     """Handle of :class:`TokenStepConfig`; see the module docstring."""
 
@@ -306,10 +312,10 @@ class TokenStepHandle(Handle):
         explicit = [name for name in ("sigmas", "timesteps") if kwargs.get(name) is not None]
         if explicit:
             requested = len(kwargs[explicit[0]])
-        elif args and isinstance(args[0], int):
-            requested = args[0]
-        elif isinstance(kwargs.get("num_inference_steps"), int):
-            requested = kwargs["num_inference_steps"]
+        elif args and _is_count(args[0]):
+            requested = int(args[0])
+        elif _is_count(kwargs.get("num_inference_steps")):
+            requested = int(kwargs["num_inference_steps"])
         config = self.config
         grid = config.grid_steps(requested) if requested else None
         self._requested = requested
@@ -317,7 +323,7 @@ class TokenStepHandle(Handle):
             return inner(*args, **kwargs)
         for name in explicit:
             kwargs[name] = _resample(kwargs[name], grid)
-        if args and isinstance(args[0], int):
+        if args and _is_count(args[0]):
             args[0] = grid
         elif kwargs.get("num_inference_steps") is not None:
             kwargs["num_inference_steps"] = grid

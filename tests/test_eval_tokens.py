@@ -87,6 +87,10 @@ def test_a_budget_below_min_active_runs_the_pipeline_on_a_coarser_grid(caplog):
     assert stats.steps == (10, 5) and fewer_stats.steps == (5, 5)
     assert stats.active == fewer_stats.active and abs(stats.token_steps - fewer_stats.token_steps / 2) < 1e-9
     assert pipe.scheduler.set_timesteps == original  # the wrap is undone
+    import numpy as np
+
+    numpy_count, numpy_stats = run(np.int64(10), TokenStepConfig(budget=0.25))  # a NumPy count is a count too
+    assert numpy_stats.steps == (10, 5) and torch.equal(numpy_count, coarse)
 
 
 def test_explicit_sigmas_and_timesteps_are_resampled_over_the_same_range():

@@ -179,9 +179,9 @@ def test_fit_lines_recovers_exact_lines_and_leaves_constant_channels_unscaled():
 @pytest.mark.xfail(
     strict=False,
     reason="not robust (issue 14, open): on a Xeon with AMX-int8 (2026-11-28) the correction made it worse, 43.42 vs "
-    "43.82 dB held out and 44.18 vs 44.29 dB on the calibration prompts; over tiny-model weight seeds 0-5 it moved the "
-    "held-out PSNR by -0.46 to +0.19 dB (int8-dynamic's error on random weights is noise a per-channel line can't fit); "
-    "it passed in CI at stop 20",
+    "43.82 dB held out and 44.18 vs 44.29 dB on the calibration prompts; over tiny-model weight seeds 0-5 it moved "
+    "the held-out PSNR by -0.46 to +0.19 dB (int8-dynamic's error on random weights is noise a per-channel line "
+    "can't fit); it passed in CI at stop 20",
 )
 def test_correction_fitted_under_the_cache_reduces_the_quantization_error_of_held_out_prompts():
     model = TINY.build()
