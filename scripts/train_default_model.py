@@ -292,6 +292,15 @@ def _save_dit(path: Path, model, ema, optimizer, step: int, losses: list, warmup
 # -- export --------------------------------------------------------------------------------------------------
 
 
+def strip_load_paths(folder: Path) -> None:
+    """Drop ``_name_or_path`` from the component configs under ``folder``: a component loaded from ``--init``
+    records where it was loaded from, a path on the training machine that means nothing in a shipped model."""
+    for path in folder.glob("*/config.json"):
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def export(args: argparse.Namespace) -> None:
     """Write the diffusers pipeline folder: EMA transformer and VAE in fp16, MiniLM text encoder in fp16."""
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
@@ -317,6 +326,7 @@ def export(args: argparse.Namespace) -> None:
         scheduler=DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction"),
     )
     pipe.to(torch.float16).save_pretrained(args.out)
+    strip_load_paths(Path(args.out))
     summary = {"dit_steps": meta["step"], "loss_per_100_steps": meta["losses"], "dit_config": DIT_CONFIG}
     (Path(args.out) / "training.json").write_text(json.dumps(summary, indent=1))
     logger.info("exported step %d to %s", meta["step"], args.out)

@@ -53,6 +53,7 @@ from train_default_model import (  # noqa: E402
     _restore_optimizer,
     load_checkpoint,
     save_checkpoint,
+    strip_load_paths,
 )
 
 logger = logging.getLogger("train_video_model")
@@ -445,9 +446,7 @@ def export(args: argparse.Namespace) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
     transformer.to(torch.float16).save_pretrained(out / "transformer")
     vae.to(torch.float16).save_pretrained(out / "vae")
-    config = json.loads((out / "vae" / "config.json").read_text())  # a VAE loaded from --init names its folder
-    if config.pop("_name_or_path", None) is not None:
-        (out / "vae" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    strip_load_paths(out)  # a VAE loaded from --init names its folder
     scheduler.save_pretrained(out / "scheduler")
     _write_model_index(out)
     summary = {"dit_steps": meta["step"], "loss_per_100_steps": meta["losses"], "dit_config": DIT_CONFIG}

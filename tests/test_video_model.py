@@ -206,3 +206,14 @@ def test_frames_stage_caches_first_latent_frames_and_dit_trains_on_them_jointly(
     argv = ["dit", "--work", str(work), "--batch", "1", "--frame-batch", "2", "--max-steps", "1", "--warmup", "1"]
     train_video_model.train_dit(train_video_model.build_parser().parse_args(argv))
     assert load_file(work / "dit.safetensors")["generator"].numel() > 0
+
+
+def test_exports_drop_the_paths_components_were_loaded_from(tmp_path):
+    train_video_model.new_vae(base_dim=4).save_pretrained(tmp_path / "init" / "vae")
+    from diffusers import AutoencoderKLWan
+
+    AutoencoderKLWan.from_pretrained(tmp_path / "init" / "vae").save_pretrained(tmp_path / "out" / "vae")
+    assert "_name_or_path" in json.loads((tmp_path / "out" / "vae" / "config.json").read_text())  # what it fixes
+    train_video_model.strip_load_paths(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "vae" / "config.json").read_text())
+    assert "_name_or_path" not in config and config["z_dim"] == 8
