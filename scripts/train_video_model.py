@@ -98,9 +98,9 @@ DIT_CONFIG = dict(
 # -- data ----------------------------------------------------------------------------------------------------
 
 
-def render_batch(images: np.ndarray, specs: list[ClipSpec]) -> torch.Tensor:
-    """Clips as float ``(B, 3, FRAMES, SIZE, SIZE)`` in [-1, 1]."""
-    clips = np.stack([render_clip(images[s.index], s.motion, s.seed) for s in specs])  # (B, T, H, W, 3)
+def render_batch(images: np.ndarray, specs: list[ClipSpec], frames: int = FRAMES) -> torch.Tensor:
+    """Clips as float ``(B, 3, frames, SIZE, SIZE)`` in [-1, 1] (the first ``frames`` of each clip's track)."""
+    clips = np.stack([render_clip(images[s.index], s.motion, s.seed, frames) for s in specs])  # (B, T, H, W, 3)
     return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
@@ -298,9 +298,7 @@ def encode_frames(args: argparse.Namespace) -> None:
     latents = []
     with torch.no_grad():
         for start in tqdm(range(0, len(specs), 64), desc="frames", mininterval=30):
-            chunk = specs[start : start + 64]
-            frames = np.stack([render_clip(images[s.index], s.motion, s.seed, frames=1) for s in chunk])
-            clips = torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+            clips = render_batch(images, specs[start : start + 64], frames=1)
             latents.append(vae.encode(clips.to(args.device)).latent_dist.mean.cpu())
     latents = (torch.cat(latents) - mean) / std  # (N, 8, 1, 16, 16)
     text = encode_text([caption(names[s.index], s.motion) for s in specs], args.device)
@@ -541,8 +539,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    stages = {"vae": train_vae, "encode": encode, "frames": encode_frames, "dit": train_dit, "export": export}
-    {**stages, "sample": sample}[args.stage](args)
+    stages = {
+        "vae": train_vae,
+        "encode": encode,
+        "frames": encode_frames,
+        "dit": train_dit,
+        "export": export,
+        "sample": sample,
+    }
+    stages[args.stage](args)
 
 
 if __name__ == "__main__":
