@@ -23,9 +23,17 @@ import torch
 from accel.api import Handle, Target, register
 from accel.patches import eager
 from accel.plan import Plan
-from accel.quant.calibration import calibrate, candidate_layers, component_modules
+from accel.quant.calibration import activation_ranges, calibrate, candidate_layers, component_modules
 from accel.quant.config import QuantConfig
-from accel.quant.schemes import FULL_PRECISION, check_scheme, dequantized, quantized_weight, sqnr, tensor_bytes
+from accel.quant.schemes import (
+    FULL_PRECISION,
+    STATIC_SCHEMES,
+    check_scheme,
+    dequantized,
+    quantized_weight,
+    sqnr,
+    tensor_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +138,20 @@ class QuantHandle(Handle):
                     f"the quantization plan was made for {plan.model_class} and names layers this "
                     f"{type(transformer).__name__} lacks: {unknown[:5]}"
                 )
+        ranges = activation_ranges(plan) if plan is not None else {}
+        if self.config.scheme in STATIC_SCHEMES:
+            missing = [n for n, s in decisions.items() if s != FULL_PRECISION and n not in ranges]
+            if missing:
+                raise ValueError(
+                    f"scheme {self.config.scheme!r} needs a calibrated activation range for every quantized "
+                    f"layer; the plan has none for {missing[:5]} (calibrate with this scheme)"
+                )
         before = _weight_bytes(transformer)
         weight_sqnr = {}
         for name, linear in layers.items():
             if decisions.get(name, FULL_PRECISION) == FULL_PRECISION:
                 continue
-            weight = quantized_weight(linear, self.config.scheme)
+            weight = quantized_weight(linear, self.config.scheme, ranges.get(name))
             weight_sqnr[name] = sqnr(linear.weight.detach().float(), dequantized(weight))
             self.patch_log.replace_parameter(linear, "weight", weight)
         corrected = self._install_correction(plan) if plan is not None and "corrected" in plan.channels else 0
@@ -215,8 +231,8 @@ def apply_quant(target: Target, config: QuantConfig) -> QuantHandle:
         cache = _cache_config(target, config)
         if target.pipeline is None:
             raise ValueError(
-                "QuantConfig with min_sqnr or correct calibrates on prompts through a pipeline: apply it to the "
-                "pipeline, or pass plan=accel.quant.calibrate(transformer, config, run=...)"
+                f"QuantConfig with min_sqnr, correct or scheme {config.scheme!r} calibrates on prompts through a "
+                "pipeline: apply it to the pipeline, or pass plan=accel.quant.calibrate(transformer, config, run=...)"
             )
         plan = calibrate(target.pipeline, config, cache=cache, spec=target.spec)
     elif plan is not None:

@@ -4,8 +4,10 @@
 transformer) twice, each time under the caching schedule given, if any, so that every statistic comes from the
 trajectory the cache produces and not from the uncached one:
 
-1. *sensitivity*: recorders on the candidate linear layers keep ``rows_per_call`` input rows per call; each
-   layer's SQNR is then ``linear(x)`` in full precision against the quantized layer on those inputs. Layers
+1. *ranges and sensitivity*: recorders on the candidate linear layers keep ``rows_per_call`` input rows per call
+   and the largest input magnitude of all calls (a static scheme's activation scale: a cached trajectory,
+   whose reused and extrapolated features feed the computed steps, reaches ranges the uncached one does not);
+   each layer's SQNR is then ``linear(x)`` in full precision against the quantized layer on those rows. Layers
    under ``min_sqnr`` stay in full precision.
 2. *correction* (``correct=True``): with the chosen layers quantized, every block call first runs the block
    once more with its full-precision weights on the same inputs (a forward pre-hook, so it sees the inputs of
@@ -33,7 +35,7 @@ from accel.patches import PatchLog, eager
 from accel.plan import Plan
 from accel.quant.config import Calibration, QuantConfig
 from accel.quant.correction import CorrectionStatistics
-from accel.quant.schemes import FULL_PRECISION, quantized_weight, sqnr
+from accel.quant.schemes import FULL_PRECISION, STATIC_SCHEMES, ActivationRange, quantized_weight, sqnr
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +84,14 @@ def _under(pipe_or_transformer: Any, cache: Any, run: Runner) -> None:
         run()
 
 
-def record_layer_inputs(pipe_or_transformer, layers: dict, run: Runner, cache, rows_per_call: int) -> dict:
+def record_layer_inputs(
+    pipe_or_transformer, layers: dict, run: Runner, cache, rows_per_call: int
+) -> tuple[dict[str, torch.Tensor], dict[str, ActivationRange]]:
     """Input rows ``(rows, in_features)`` of every layer of ``layers`` along the trajectories ``run`` makes
-    (under ``cache``): at most ``rows_per_call`` evenly spaced rows per call, float32 on the CPU."""
+    (under ``cache``): at most ``rows_per_call`` evenly spaced rows per call, float32 on the CPU; and each
+    layer's :class:`~accel.quant.schemes.ActivationRange` (largest input magnitude over every call, all rows)."""
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    ranges: dict[str, ActivationRange] = {}
     log = PatchLog("quant-calibration")
 
     def recorder(name: str):
@@ -93,6 +99,9 @@ def record_layer_inputs(pipe_or_transformer, layers: dict, run: Runner, cache, r
             flat = x.detach().reshape(-1, x.shape[-1])
             stride = max(1, flat.shape[0] // rows_per_call)
             rows[name].append(flat[::stride][:rows_per_call].float().cpu())
+            absmax = float(flat.abs().amax()) if flat.numel() else 0.0
+            seen = ranges.get(name)
+            ranges[name] = ActivationRange(max(absmax, seen.absmax if seen else 0.0), x.ndim)
             return inner(x, *args, **kwargs)
 
         return forward
@@ -103,13 +112,19 @@ def record_layer_inputs(pipe_or_transformer, layers: dict, run: Runner, cache, r
         _under(pipe_or_transformer, cache, run)
     finally:
         log.undo()
-    return {name: torch.cat(kept) for name, kept in rows.items() if kept}
+    return {name: torch.cat(kept) for name, kept in rows.items() if kept}, ranges
+
+
+def activation_ranges(plan: Plan) -> dict[str, ActivationRange]:
+    """The calibrated activation range of every layer a plan of a static scheme names (empty for others)."""
+    return {name: ActivationRange(*value) for name, value in plan.settings.get("activation_ranges", {}).items()}
 
 
 @torch.no_grad()
-def layer_sqnr(linear: torch.nn.Linear, weight: torch.Tensor, inputs: torch.Tensor) -> float:
-    """SQNR (dB) of ``linear`` with ``weight`` (quantized) in place of its own, on ``inputs`` ``(rows, in)``."""
-    x = inputs.to(linear.weight.device)
+def layer_sqnr(linear: torch.nn.Linear, weight: torch.Tensor, inputs: torch.Tensor, ndim: int = 2) -> float:
+    """SQNR (dB) of ``linear`` with ``weight`` (quantized) in place of its own, on ``inputs`` ``(rows, in)``
+    (given as a tensor of ``ndim`` dimensions, the rank a static scheme's scale was made for)."""
+    x = inputs.to(linear.weight.device).reshape([1] * (ndim - 2) + list(inputs.shape))
     bias = linear.bias
     reference = F.linear(x.float(), linear.weight.float(), None if bias is None else bias.float())
     quantized = F.linear(x.to(linear.weight.dtype), weight, bias)
@@ -214,21 +229,22 @@ def component_modules(target, layout) -> list[tuple[int, int, torch.nn.Module]]:
     return found
 
 
-def _quantize(log: PatchLog, layers: dict, decisions: dict, scheme: str) -> dict[int, tuple]:
-    """Quantize the layers ``decisions`` picks, through ``log``; ``{id(linear): (linear, original, quantized)}``."""
+def _quantize(log: PatchLog, layers: dict, decisions: dict, scheme: str, ranges: dict) -> dict[int, tuple]:
+    """Quantize the layers ``decisions`` picks (a static scheme with their activation ``ranges``), through
+    ``log``; ``{id(linear): (linear, original, quantized)}``."""
     swapped = {}
     for name, linear in layers.items():
         if decisions.get(name, FULL_PRECISION) == FULL_PRECISION:
             continue
         original = linear.weight
-        weight = quantized_weight(linear, scheme)
+        weight = quantized_weight(linear, scheme, ranges.get(name))
         log.replace_parameter(linear, "weight", weight)
         swapped[id(linear)] = (linear, original, weight)
     return swapped
 
 
 def _correction_statistics(
-    pipe_or_transformer, target, layers, decisions, scheme, run: Runner, cache
+    pipe_or_transformer, target, layers, decisions, scheme, ranges, run: Runner, cache
 ) -> tuple[CorrectionStatistics, int]:
     """Step 2 of the module docstring: the correction statistics, and the number of steps seen."""
     from accel.caching import layout_of
@@ -238,7 +254,7 @@ def _correction_statistics(
     hooks: list = []
     recorder = None
     try:
-        swapped = _quantize(log, layers, decisions, scheme)
+        swapped = _quantize(log, layers, decisions, scheme, ranges)
         swaps: dict[int, list] = {}
         for index, (_, block) in enumerate(target.spec.block_list(target.transformer)):
             swaps[index] = [swapped[id(m)] for m in block.modules() if id(m) in swapped]
@@ -278,7 +294,8 @@ def calibrate(
 
     Returns:
         A :class:`~accel.plan.Plan` whose settings name each candidate layer's scheme (or ``"full"``) and hold
-        the schedule calibrated under, whose metrics hold each layer's SQNR (dB), and, with ``correct``,
+        the schedule calibrated under (and, for a static scheme, ``activation_ranges``: each layer's
+        ``[absmax, ndim]``), whose metrics hold each layer's SQNR (dB), and, with ``correct``,
         channels ``correction_scale``/``correction_shift`` over (step, block, component, channel) and
         ``corrected`` over (step, block, component).
     """
@@ -295,15 +312,21 @@ def calibrate(
     target.tracker.acquire()
     try:
         layers = candidate_layers(target.transformer, target.spec, config.layers)
-        inputs = record_layer_inputs(pipe_or_transformer, layers, run, cache, calibration.rows_per_call)
+        inputs, seen = record_layer_inputs(pipe_or_transformer, layers, run, cache, calibration.rows_per_call)
+        static = config.scheme in STATIC_SCHEMES
+        ranges = seen if static else {}
         sqnrs = {
-            name: layer_sqnr(linear, quantized_weight(linear, config.scheme), inputs[name])
+            name: layer_sqnr(
+                linear, quantized_weight(linear, config.scheme, ranges.get(name)), inputs[name], seen[name].ndim
+            )
             for name, linear in layers.items()
             if name in inputs
         }
         bound = config.min_sqnr
         decisions = {
-            name: FULL_PRECISION if bound is not None and sqnrs.get(name, float("inf")) < bound else config.scheme
+            name: FULL_PRECISION
+            if (bound is not None and sqnrs.get(name, float("inf")) < bound) or (static and name not in ranges)
+            else config.scheme
             for name in layers
         }
         plan = Plan(
@@ -316,13 +339,15 @@ def calibrate(
                 "min_sqnr": bound,
                 "layers": decisions,
                 "schedule": None if cache is None else cache.schedule.to_dict(),
+                **({"activation_ranges": {name: r.to_list() for name, r in ranges.items()}} if static else {}),
             },
             provenance={"prompts": list(calibration.prompts), "seed": calibration.seed,
                         "num_inference_steps": calibration.num_inference_steps},
             metrics={"sqnr": {name: _finite(value) for name, value in sqnrs.items()}},
         )  # fmt: skip
         if config.correct:
-            plan = _with_correction(plan, pipe_or_transformer, target, layers, decisions, config.scheme, run, cache)
+            plan = _with_correction(plan, pipe_or_transformer, target, layers, decisions, config.scheme, ranges, run,
+                                    cache)  # fmt: skip
     finally:
         target.tracker.release()
     logger.info("quantization plan: %d of %d layers quantized", sum(v != FULL_PRECISION for v in decisions.values()),
@@ -330,11 +355,13 @@ def calibrate(
     return plan
 
 
-def _with_correction(plan: Plan, pipe_or_transformer, target, layers, decisions, scheme, run, cache) -> Plan:
+def _with_correction(plan: Plan, pipe_or_transformer, target, layers, decisions, scheme, ranges, run, cache) -> Plan:
     """``plan`` with the fitted correction channels (see :func:`calibrate`)."""
     from accel.caching import layout_of
 
-    statistics, steps = _correction_statistics(pipe_or_transformer, target, layers, decisions, scheme, run, cache)
+    statistics, steps = _correction_statistics(
+        pipe_or_transformer, target, layers, decisions, scheme, ranges, run, cache
+    )
     if not statistics.sums:
         raise ValueError("no component outputs were recorded for the correction: do the calibration runs call it?")
     layout = layout_of(target.transformer, target.spec)

@@ -8,7 +8,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from accel.plan import Plan
-from accel.quant.schemes import SCHEMES, Scheme
+from accel.quant.schemes import SCHEMES, STATIC_SCHEMES, Scheme
 
 #: a few short prompts to calibrate on when none are given (the caching search's defaults are in this style)
 DEFAULT_CALIBRATION_PROMPTS = (
@@ -60,15 +60,17 @@ class QuantConfig:
     """Post-training quantization of the transformer's linear layers through torchao, applied with
     ``accel.apply(pipe, QuantConfig(...))``.
 
-    Without ``min_sqnr``, ``correct`` or ``plan`` it needs no data: every selected linear layer is quantized.
-    With them, calibration prompts run through the pipeline first (``calibration``), along the trajectory that
+    Without ``min_sqnr``, ``correct`` or ``plan``, and with a dynamic or weight-only scheme, it needs no data:
+    every selected linear layer is quantized. With them (or the static scheme, whose activation scales are
+    measured), calibration prompts run through the pipeline first (``calibration``), along the trajectory that
     a :class:`~accel.caching.CacheConfig` applied in the same ``accel.apply`` call produces (``cache_aware``),
     and the result is a plan (:func:`accel.quant.calibrate` returns the same one; ``plan.save(path)``); a config
     holding a plan applies it without calibrating.
 
     Attributes:
-        scheme: ``"int8-weight"``, ``"int8-dynamic"`` (W8A8) or ``"fp8"`` (GPUs with float8 matmuls); see
-            :mod:`accel.quant.schemes`.
+        scheme: ``"int8-weight"``, ``"int8-dynamic"`` (W8A8, per-token scales at run time), ``"int8-static"``
+            (W8A8 with per-layer activation scales from calibration: always calibrates, along the cached
+            trajectory when cache-aware) or ``"fp8"`` (GPUs with float8 matmuls); see :mod:`accel.quant.schemes`.
         layers: ``"blocks"``: the linear layers inside the transformer blocks; ``"all"``: every linear layer of
             the transformer (also its embedders and output projection).
         min_sqnr: keep in full precision every layer whose output SQNR (dB), measured on its inputs along the
@@ -113,5 +115,6 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether applying this config runs calibration prompts (layer selection or correction, no plan)."""
-        return self.plan is None and (self.min_sqnr is not None or self.correct)
+        """Whether applying this config runs calibration prompts (activation ranges of a static scheme, layer
+        selection or correction, and no plan)."""
+        return self.plan is None and (self.min_sqnr is not None or self.correct or self.scheme in STATIC_SCHEMES)

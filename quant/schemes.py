@@ -6,6 +6,10 @@ Each scheme maps to one torchao config applied with ``torchao.quantization.quant
   the model's dtype (memory; speed where the matmul is memory-bound);
 * ``"int8-dynamic"``: ``Int8DynamicActivationInt8WeightConfig``: int8 weights per output channel and int8
   activations quantized per token at run time (W8A8 integer matmuls);
+* ``"int8-static"``: ``Int8StaticActivationInt8WeightConfig``: int8 weights per output channel and int8
+  activations with one scale per layer fixed by calibration (W8A8 with no run-time range reduction). The scale
+  is the largest activation magnitude the layer saw along the calibration trajectories, so this is the scheme
+  where *which* trajectory calibration follows (cached or not) decides the result;
 * ``"fp8"``: ``Float8DynamicActivationFloat8WeightConfig`` with per-row scales: float8 e4m3 weights and
   activations (needs a GPU with float8 matmuls: CUDA compute capability 8.9 or newer).
 
@@ -15,14 +19,21 @@ built with ``set_inductor_config=False`` so that quantizing never changes induct
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-Scheme = Literal["int8-weight", "int8-dynamic", "fp8"]
+Scheme = Literal["int8-weight", "int8-dynamic", "int8-static", "fp8"]
 
 #: every scheme :class:`~accel.quant.QuantConfig` accepts
-SCHEMES: tuple[str, ...] = ("int8-weight", "int8-dynamic", "fp8")
+SCHEMES: tuple[str, ...] = ("int8-weight", "int8-dynamic", "int8-static", "fp8")
+
+#: the schemes whose activation scales come from calibration (a plan holds them)
+STATIC_SCHEMES: tuple[str, ...] = ("int8-static",)
+
+#: the largest int8 magnitude of the symmetric activation grid
+INT8_MAX = 127
 
 #: what a layer left in the model's own precision is called in plans and stats
 FULL_PRECISION = "full"
@@ -42,13 +53,41 @@ def torchao_quantization() -> Any:
     return quantization
 
 
-def torchao_config(scheme: str) -> Any:
-    """The torchao config that implements ``scheme`` (see the module docstring)."""
+@dataclass(frozen=True)
+class ActivationRange:
+    """What a static scheme needs to know of a layer's inputs: their largest magnitude along the calibration
+    trajectories and their number of dimensions (torchao's static scale has the activation's shape rank)."""
+
+    absmax: float
+    ndim: int
+
+    @property
+    def scale(self) -> float:
+        """The symmetric int8 scale ``absmax / 127`` (a tiny floor keeps an all-zero input representable)."""
+        return max(self.absmax, 1e-12) / INT8_MAX
+
+    def to_list(self) -> list:
+        """``[absmax, ndim]``, as plans store it."""
+        return [self.absmax, self.ndim]
+
+
+def torchao_config(scheme: str, activation: ActivationRange | None = None) -> Any:
+    """The torchao config that implements ``scheme`` (see the module docstring); a static scheme needs the
+    layer's calibrated ``activation`` range."""
     quantization = torchao_quantization()
     if scheme == "int8-weight":
         return quantization.Int8WeightOnlyConfig(set_inductor_config=False)
     if scheme == "int8-dynamic":
         return quantization.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+    if scheme == "int8-static":
+        if activation is None:
+            raise ValueError("scheme 'int8-static' needs each layer's calibrated activation range (a plan)")
+        scale = torch.tensor(activation.scale, dtype=torch.float32).reshape([1] * activation.ndim)
+        return quantization.Int8StaticActivationInt8WeightConfig(
+            act_quant_scale=scale,
+            granularity=[quantization.PerTensor(), quantization.PerRow()],
+            set_inductor_config=False,
+        )
     if scheme == "fp8":
         return quantization.Float8DynamicActivationFloat8WeightConfig(
             granularity=quantization.PerRow(), set_inductor_config=False
@@ -82,8 +121,11 @@ def check_scheme(scheme: str, device: torch.device | str) -> None:
         )
 
 
-def quantized_weight(linear: torch.nn.Linear, scheme: str) -> torch.nn.Parameter:
-    """A new weight ``Parameter`` (a torchao quantized tensor) for ``linear`` under ``scheme``.
+def quantized_weight(
+    linear: torch.nn.Linear, scheme: str, activation: ActivationRange | None = None
+) -> torch.nn.Parameter:
+    """A new weight ``Parameter`` (a torchao quantized tensor) for ``linear`` under ``scheme`` (a static scheme
+    with the layer's calibrated ``activation`` range).
 
     ``linear`` itself is not changed: torchao's ``quantize_`` runs on a stand-in ``Linear`` that holds the same
     weight, and its new parameter is returned, for the caller to put in place through its patch log.
@@ -91,7 +133,7 @@ def quantized_weight(linear: torch.nn.Linear, scheme: str) -> torch.nn.Parameter
     quantization = torchao_quantization()
     stand_in = torch.nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
     stand_in.weight = torch.nn.Parameter(linear.weight.detach(), requires_grad=False)
-    quantization.quantize_(stand_in, torchao_config(scheme))
+    quantization.quantize_(stand_in, torchao_config(scheme, activation))
     return stand_in.weight
 
 

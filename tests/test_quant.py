@@ -3,6 +3,8 @@ cache-aware calibration and CacheQuant's error correction, plans as data, compil
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny_models import TINY_MODELS, denoise
@@ -105,16 +107,83 @@ def test_a_batch_quantizes_each_sample_on_its_own():
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 
+def test_static_int8_matches_a_torch_reference_within_the_error_bound():
+    from accel.quant.schemes import ActivationRange, quantized_weight
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 64)
+    x = torch.randn(2, 40, 96)
+    with torch.no_grad():
+        reference = linear(x)
+    activation = ActivationRange(float(x.abs().max()), 3)
+    weight = quantized_weight(linear, "int8-static", activation)
+    with torch.no_grad():
+        kernel = torch.nn.functional.linear(x, weight, linear.bias)
+    # the same maths in plain torch: per-row int8 weights, one int8 activation scale, float accumulation
+    w_scale = linear.weight.abs().amax(1, keepdim=True) / 127
+    w_int = (linear.weight / w_scale).round().clamp(-128, 127)
+    x_int = (x / activation.scale).round().clamp(-128, 127)
+    lowprec = ((x_int @ w_int.T) * activation.scale * w_scale.T + linear.bias).detach()
+
+    def err(a):
+        return float((a - reference).pow(2).mean().sqrt())
+
+    assert err(kernel) <= 2 * err(lowprec) + 1e-6, (err(kernel), err(lowprec))
+    assert sqnr(reference, kernel) > 30
+
+
+def test_static_int8_calibrates_its_activation_ranges_along_the_cached_trajectory():
+    model = TINY.build()
+    cache = CacheConfig(schedule=fora(layout_of(model), STEPS, 3), count_macs=False)  # hooks read real values
+    seen: dict[str, float] = {}
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda m, args, name=name: seen.__setitem__(name, max(seen.get(name, 0.0), float(args[0].abs().max())))
+        )
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    with accel.apply(model, cache):
+        _calibration_run(model)()
+    for hook in hooks:
+        hook.remove()
+    config = QuantConfig(scheme="int8-static")
+    assert config.needs_calibration  # its scales come from data
+    aware = calibrate(model, config, cache=cache, run=_calibration_run(model))
+    naive = calibrate(model, config, run=_calibration_run(model))
+    ranges = aware.settings["activation_ranges"]
+    assert set(ranges) == set(seen) and all(ranges[n][0] == pytest.approx(v, rel=1e-6) for n, v in seen.items())
+    assert ranges != naive.settings["activation_ranges"]  # another trajectory, other ranges
+    reference = _run(model)
+    originals = {name: p for name, p in model.named_parameters()}
+    with accel.apply(model, QuantConfig(scheme="int8-static", plan=naive)) as handle:
+        quantized = _run(model)
+        assert handle.stats().layers_per_scheme == {"int8-static": len(seen)}
+    assert 25 <= _latent_psnr(quantized, reference) < 90
+    assert all(p is originals[n] for n, p in model.named_parameters()) and torch.equal(_run(model), reference)
+
+
+def test_static_int8_without_calibrated_ranges_says_so_before_quantizing():
+    model = TINY.build()
+    dynamic = calibrate(model, QuantConfig(min_sqnr=20.0), run=_calibration_run(model))
+    borrowed = replace(dynamic, settings={**dynamic.settings, "scheme": "int8-static"})
+    with pytest.raises(ValueError, match="activation range"):
+        accel.apply(model, QuantConfig(scheme="int8-static", plan=borrowed))
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+    with pytest.raises(ValueError, match="calibrates on prompts through a"):
+        accel.apply(model, QuantConfig(scheme="int8-static"))
+
+
 # -- compile ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("correct", [False, True])
-def test_compiled_frames_stay_bounded_and_outputs_match_eager(correct):
+@pytest.mark.parametrize("scheme,correct", [("int8-dynamic", False), ("int8-dynamic", True), ("int8-static", False)])
+def test_compiled_frames_stay_bounded_and_outputs_match_eager(scheme, correct):
     model = TINY.build()
-    config = QuantConfig(scheme="int8-dynamic")
-    if correct:
-        plan = calibrate(model, QuantConfig(scheme="int8-dynamic", correct=True), run=_calibration_run(model))
-        config = QuantConfig(scheme="int8-dynamic", plan=plan)
+    config = QuantConfig(scheme=scheme)
+    if correct or scheme == "int8-static":
+        plan = calibrate(model, QuantConfig(scheme=scheme, correct=correct), run=_calibration_run(model))
+        config = QuantConfig(scheme=scheme, plan=plan)
     with accel.apply(model, config):
         eager = _run(model)
     torch._dynamo.reset()

@@ -42,11 +42,12 @@ def test_headline_numbers_come_from_the_rows(capsys):
         "aware@3": _row(3.1, 25.5, 229.0, 10.0, 26),
     }
     noise = {"fid": 5.0, "prompt_score": 0.5, "full_fids": [200.0, 204.0], "prompt_metric": "alignment"}
-    args = SimpleNamespace(steps=20, images=8, batch=4, repeats=1, threads=1)
+    args = SimpleNamespace(steps=20, images=8, batch=4, repeats=1, threads=1, scheme="int8-static")
     plans = {}
     result = quant._summarise(rows, noise, {"2": None, "3": None}, plans, args)
     assert result["int8_speedup"] == 0.8 and result["weight_memory_ratio"] == 0.26
     assert result["naive_psnr"] == 30.0 and result["aware_psnr"] == 31.5  # the first target's rows
+    assert result["aware_minus_naive"] == {"2": 1.5, "3": 0.5} and result["scheme"] == "int8-static"
     # aware@3 is faster but its FID is beyond the noise: the combined point is aware@2, within the noise
     assert result["combined_row"] == "aware@2" and result["combined_within_noise"]
     assert "aware@3" in capsys.readouterr().out
@@ -62,7 +63,7 @@ def test_the_nsga_row_counts_as_a_combined_point(capsys):
         "nsga": _row(2.6, 30.5, 202.5, 11.8, 26),
     }
     noise = {"fid": 5.0, "prompt_score": 0.5, "full_fids": [200.0, 204.0], "prompt_metric": "alignment"}
-    args = SimpleNamespace(steps=20, images=8, batch=4, repeats=1, threads=1)
+    args = SimpleNamespace(steps=20, images=8, batch=4, repeats=1, threads=1, scheme="int8-dynamic")
     result = quant._summarise(rows, noise, {"2": None, "nsga": None}, {}, args)
     assert result["naive_psnr"] == 30.0 and result["combined_row"] == "nsga" and result["combined_within_noise"]
     assert "nsga" in capsys.readouterr().out
@@ -81,9 +82,9 @@ def test_the_nsga_row_is_a_member_of_a_search_with_the_quantized_model_in_the_lo
     real = quant.search_schedules
     monkeypatch.setattr(quant, "search_schedules", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     calibration = Calibration(prompts=("a red apple", "a blue car"), num_inference_steps=6)
-    args = SimpleNamespace(steps=6, nsga_population=4, nsga_generations=1)
+    args = SimpleNamespace(steps=6, nsga_population=4, nsga_generations=1, scheme="int8-static")
     schedule = quant._nsga_schedule(pipe, calibration, {"max_sequence_length": 16}, 4.5, [1.5], args)
-    assert [c.scheme for c in calls] == ["int8-dynamic"]
+    assert [(c.scheme, c.calibration) for c in calls] == [("int8-static", calibration)]
     assert schedule.num_steps == 6 and schedule.metrics["psnr"] < 80  # scored with int8 weights vs full precision
     assert not schedule.mask.all()
 
@@ -125,9 +126,11 @@ def test_video_rows_on_a_tiny_wan(capsys, one_thread):
         pipe, ["a green tree", "the moon"], steps=4, call_kwargs=TINY_VIDEO_KWARGS, batch=2, repeats=1,
         calibration=calibration,
     )  # fmt: skip
-    assert list(rows) == ["full", "int8-weight", "int8-dynamic", "cache", "cache+int8", "naive", "aware"]
+    assert list(rows) == [
+        "full", "int8-weight", "int8-dynamic", "int8-static", "cache", "cache+int8", "naive", "aware"
+    ]  # fmt: skip
     assert rows["full"]["psnr"] >= 90 and rows["full"]["speedup"] == 1.0
-    for name in ("int8-weight", "int8-dynamic"):  # int8 alone: small frame error, a quarter of the weights
+    for name in ("int8-weight", "int8-dynamic", "int8-static"):  # int8 alone: small error, a quarter of the weights
         assert 30 < rows[name]["psnr"] < 90 and rows[name]["weight_memory_ratio"] < 0.5
     assert rows["cache"]["weight_memory_ratio"] == 1.0 and rows["cache"]["psnr"] < 90
     assert all(rows[n]["weight_memory_ratio"] < 0.5 for n in ("cache+int8", "naive", "aware"))

@@ -5,15 +5,17 @@ seed each), latency interleaved (one warm-up round, ``--repeats`` timed ones, sp
 
 * ``full``: full precision, no cache;
 * ``int8-weight``, ``int8-dynamic``: every linear layer quantized (torchao), no calibration;
+* with ``--scheme int8-static`` (the default): ``int8-static``, every linear layer with calibrated per-layer
+  activation scales (and the correction), calibrated without a cache;
 * per ``--target-speedups`` value ``s``: ``cache@s``, the bundled caching front's member at about ``s``x;
-  ``cache+int8@s``, the same schedule with plain int8-dynamic; ``naive@s``, the same schedule with int8-dynamic
-  whose layer selection and error correction were calibrated *without* the cache; ``aware@s``, calibrated under
-  the schedule (cache-aware) with CacheQuant's correction;
+  ``cache+int8@s``, the same schedule with plain int8-dynamic; ``naive@s``, the same schedule with ``--scheme``
+  whose activation scales, layer selection and error correction were calibrated *without* the cache;
+  ``aware@s``, all of them calibrated under the schedule (cache-aware);
 * with ``--search``: ``searched``, CacheQuant's dynamic-programming schedule computed from the change matrices
   of the *quantized* model (the quantized model in the loop), at the budget of the fastest target, then
   calibrated cache-aware under it;
 * with ``--nsga-generations N``: ``nsga``, the best point at the fastest target's speed of an NSGA-II search run
-  for ``N`` generations with the int8-dynamic model in the loop (:func:`accel.quant.search_schedules`: quality of
+  for ``N`` generations with the ``--scheme`` model in the loop (:func:`accel.quant.search_schedules`: quality of
   cache + int8 against full precision, cost from a latency model fitted on the quantized model) on the
   calibration prompts, then calibrated cache-aware under it.
 
@@ -73,10 +75,14 @@ def _parser() -> argparse.ArgumentParser:
         "--min-sqnr", type=float, default=None, help="layer selection bound (dB) of the calibrated rows"
     )
     parser.add_argument("--calibration-prompts", type=int, default=8, help="how many of the search's prompts")
+    parser.add_argument(
+        "--scheme", default="int8-static", choices=("int8-static", "int8-dynamic"),
+        help="scheme of the calibrated rows (naive, aware, searched, nsga)",
+    )  # fmt: skip
     parser.add_argument("--search", action="store_true", help="add the DP schedule of the quantized model")
     parser.add_argument(
         "--nsga-generations", type=int, default=0,
-        help="add the best point of an NSGA-II search with the int8-dynamic model in the loop (0: no such row)",
+        help="add the best point of an NSGA-II search with the --scheme model in the loop (0: no such row)",
     )  # fmt: skip
     parser.add_argument("--nsga-population", type=int, default=12, help="population of that search")
     parser.add_argument("--video", action="store_true", help="add the rows of the bundled video model")
@@ -123,7 +129,7 @@ def run(argv: list[str]) -> dict:
         schedules["searched"] = _searched_schedule(pipe, calibration, evaluator, schedules, args)
     if args.nsga_generations:
         schedules["nsga"] = _nsga_schedule(pipe, calibration, call_kwargs, guidance, targets, args)
-    contexts, memory, plans = _contexts(pipe, schedules, calibration, args.min_sqnr)
+    contexts, memory, plans = _contexts(pipe, schedules, calibration, args.min_sqnr, args.scheme)
     rows, images = measure_methods(evaluator, contexts, args.batch, args.repeats)
     for name, row in rows.items():
         row["weight_bytes"], row["ideal_speedup"] = memory[name], _ideal(evaluator, name, schedules)
@@ -152,24 +158,25 @@ def _video(args, calibration: Calibration) -> dict:
     print(f"bundled video model, {args.steps} steps, {len(prompts)} clips, FORA-{args.video_interval}")
     return video_rows(
         pipe, prompts, steps=args.steps, call_kwargs=kwargs, batch=args.batch, repeats=args.repeats,
-        calibration=calibration, min_sqnr=args.min_sqnr, interval=args.video_interval,
+        calibration=calibration, min_sqnr=args.min_sqnr, interval=args.video_interval, scheme=args.scheme,
     )  # fmt: skip
 
 
 def video_rows(
     pipe, prompts: list[str], *, steps: int, call_kwargs: dict, batch: int, repeats: int, calibration: Calibration,
-    min_sqnr: float | None = None, interval: int = 2, seed: int = SEED_SETS[0],
+    min_sqnr: float | None = None, interval: int = 2, seed: int = SEED_SETS[0], scheme: str = "int8-static",
 ) -> dict:  # fmt: skip
-    """full, int8-weight, int8-dynamic, FORA-``interval`` alone, with plain int8-dynamic, naive (calibrated without
-    the cache) and aware (calibrated under it) on a video pipeline: decoded clips of ``prompts`` (prompt ``i`` from
-    seed ``seed + i``), PSNR of their frames vs full, speedup of one ``batch``-clip call (interleaved, fastest
-    repeats), weight memory. Prints a table; returns ``{row: {"psnr", "speedup", "weight_memory_ratio"}}``."""
+    """full, int8-weight, int8-dynamic (and ``scheme`` calibrated, if static), FORA-``interval`` alone, with plain
+    int8-dynamic, naive (``scheme`` calibrated without the cache) and aware (calibrated under it) on a video
+    pipeline: decoded clips of ``prompts`` (prompt ``i`` from seed ``seed + i``), PSNR of their frames vs full,
+    speedup of one ``batch``-clip call (interleaved, fastest repeats), weight memory. Prints a table; returns
+    ``{row: {"psnr", "speedup", "weight_memory_ratio"}}``."""
     from accel.caching import fora, layout_of
     from accel.eval.metrics import psnr
     from accel.eval.timing import time_interleaved
 
     schedule = fora(layout_of(pipe), steps, interval)
-    contexts, memory, _ = _contexts(pipe, {"": schedule}, calibration, min_sqnr)  # rows without an @ suffix
+    contexts, memory, _ = _contexts(pipe, {"": schedule}, calibration, min_sqnr, scheme)  # rows without an @
 
     @torch.no_grad()
     def clips(start: int, n: int) -> torch.Tensor:
@@ -209,8 +216,11 @@ def _ideal(evaluator: Evaluator, name: str, schedules: dict[str, Schedule]) -> f
     return 1 / evaluator.cost_model.relative_macs(schedules[key].mask)
 
 
-def _contexts(pipe, schedules: dict[str, Schedule], calibration: Calibration, min_sqnr) -> tuple[dict, dict, dict]:
-    """Context factories of every row, the transformer's weight bytes under each, and the calibrated plans.
+def _contexts(
+    pipe, schedules: dict[str, Schedule], calibration: Calibration, min_sqnr, scheme: str
+) -> tuple[dict, dict, dict]:
+    """Context factories of every row, the transformer's weight bytes under each, and the calibrated plans
+    (of ``scheme``).
 
     A schedule's rows are named ``cache@KEY``, ``cache+int8@KEY``, ``naive@KEY`` and ``aware@KEY`` (without the
     suffix for the key ``""``); a searched schedule's key names its one row, calibrated under it."""
@@ -225,8 +235,10 @@ def _contexts(pipe, schedules: dict[str, Schedule], calibration: Calibration, mi
         "int8-dynamic": applied(QuantConfig(scheme="int8-dynamic")),
     }
     plans = {}
-    calibrated = QuantConfig(scheme="int8-dynamic", min_sqnr=min_sqnr, correct=True, calibration=calibration)
+    calibrated = QuantConfig(scheme=scheme, min_sqnr=min_sqnr, correct=True, calibration=calibration)
     naive = plans["naive"] = calibrate(pipe, calibrated, cache=None)
+    if scheme != "int8-dynamic":
+        contexts[scheme] = applied(QuantConfig(scheme=scheme, plan=naive))
     for key, schedule in schedules.items():
         cache = CacheConfig(schedule=schedule, count_macs=False)
         suffix = f"@{key}" if key else ""
@@ -235,10 +247,10 @@ def _contexts(pipe, schedules: dict[str, Schedule], calibration: Calibration, mi
         if key not in SEARCHED:
             contexts[f"cache{suffix}"] = applied(cache)
             contexts[f"cache+int8{suffix}"] = applied(cache, QuantConfig(scheme="int8-dynamic"))
-            contexts[f"naive{suffix}"] = applied(cache, QuantConfig(scheme="int8-dynamic", plan=naive))
-            contexts[f"aware{suffix}"] = applied(cache, QuantConfig(scheme="int8-dynamic", plan=aware))
+            contexts[f"naive{suffix}"] = applied(cache, QuantConfig(scheme=scheme, plan=naive))
+            contexts[f"aware{suffix}"] = applied(cache, QuantConfig(scheme=scheme, plan=aware))
         else:
-            contexts[key] = applied(cache, QuantConfig(scheme="int8-dynamic", plan=aware))
+            contexts[key] = applied(cache, QuantConfig(scheme=scheme, plan=aware))
     memory = {}
     for name, context in contexts.items():
         with context():
@@ -247,7 +259,7 @@ def _contexts(pipe, schedules: dict[str, Schedule], calibration: Calibration, mi
 
 
 def _searched_schedule(pipe, calibration, evaluator: Evaluator, schedules: dict, args) -> Schedule:
-    """CacheQuant's DP schedule from the change matrices of the int8-dynamic model on the calibration prompts,
+    """CacheQuant's DP schedule from the change matrices of the ``--scheme`` model on the calibration prompts,
     with as many refresh steps as the fastest target's schedule computes on average (the quantized model in the
     loop)."""
     from accel.caching.search.dp import cachequant_mask
@@ -257,7 +269,7 @@ def _searched_schedule(pipe, calibration, evaluator: Evaluator, schedules: dict,
     fastest = max(schedules.values(), key=lambda s: 1 / max(s.mask.mean(), 1e-9))
     updates = max(2, int(round(fastest.mask.mean() * args.steps)))
     layout = evaluator.layout
-    with accel.apply(pipe, QuantConfig(scheme="int8-dynamic")):
+    with accel.apply(pipe, _in_the_loop(args.scheme, calibration)):
         with record_features(pipe.transformer, layout.components, sketch_size=4096) as recorder:
             pipeline_runner(pipe, replace(calibration, batch=len(calibration.prompts)))()  # one trajectory
     mask = cachequant_mask(recorder.change_matrices(), updates)
@@ -266,13 +278,13 @@ def _searched_schedule(pipe, calibration, evaluator: Evaluator, schedules: dict,
         components=tuple(layout.components),
         model_class=layout.model_class,
         forecast_order=fastest.forecast_order,
-        provenance={"method": "cachequant-dp on the int8-dynamic model", "num_updates": updates},
+        provenance={"method": f"cachequant-dp on the {args.scheme} model", "num_updates": updates},
     )
 
 
 def _nsga_schedule(pipe, calibration: Calibration, call_kwargs: dict, guidance: float, targets, args) -> Schedule:
     """The best-quality member at least as fast as the fastest target (by the fitted latency model) of an NSGA-II
-    search run with the int8-dynamic model in the loop on the calibration prompts."""
+    search run with the ``--scheme`` model in the loop on the calibration prompts."""
     config = SearchConfig(
         population=args.nsga_population,
         generations=args.nsga_generations,
@@ -280,11 +292,17 @@ def _nsga_schedule(pipe, calibration: Calibration, call_kwargs: dict, guidance: 
     )
     with tempfile.TemporaryDirectory() as out:
         front = search_schedules(
-            pipe, list(calibration.prompts), QuantConfig(scheme="int8-dynamic"), config, out, resume=False,
+            pipe, list(calibration.prompts), _in_the_loop(args.scheme, calibration), config, out, resume=False,
             call_kwargs=call_kwargs,
         )  # fmt: skip
-    logger.info("NSGA-II with int8-dynamic in the loop: %d schedules on the front", len(front))
+    logger.info("NSGA-II with %s in the loop: %d schedules on the front", args.scheme, len(front))
     return front.pick(target_speedup=max(targets), num_steps=args.steps)
+
+
+def _in_the_loop(scheme: str, calibration: Calibration) -> QuantConfig:
+    """The quantization a schedule search runs with: ``scheme`` as it is (a static scheme calibrates its
+    activation scales once, without a cache, on the calibration prompts)."""
+    return QuantConfig(scheme=scheme, calibration=calibration)
 
 
 def _add_kid(rows: dict, images: dict, reference: torch.Tensor) -> None:
@@ -313,8 +331,14 @@ def _summarise(rows: dict, noise: dict | None, schedules: dict, plans: dict, arg
         "int8_speedup": round(rows["int8-dynamic"]["speedup"], 3),
         "int8_weight_speedup": round(rows["int8-weight"]["speedup"], 3),
         "weight_memory_ratio": round(rows["int8-dynamic"]["weight_memory_ratio"], 4),
+        "scheme": args.scheme,
         "naive_psnr": round(rows.get(f"naive{first}", {}).get("psnr", float("nan")), 3),
         "aware_psnr": round(rows.get(f"aware{first}", {}).get("psnr", float("nan")), 3),
+        "aware_minus_naive": {
+            key: round(rows[f"aware@{key}"]["psnr"] - rows[f"naive@{key}"]["psnr"], 3)
+            for key in schedules
+            if f"aware@{key}" in rows and f"naive@{key}" in rows
+        },
         "combined_speedup": None if best is None else round(rows[best]["speedup"], 3),
         "combined_row": best,
         "combined_within_noise": bool(best is not None and rows[best]["within_noise"]),
