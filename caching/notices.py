@@ -19,7 +19,25 @@ from accel.caching.stats import CacheStats
 logger = logging.getLogger(__name__)
 
 
-class Notices:
+class SaidOnce:
+    """Messages a handle logs at most once each (by key), so that a loop over many calls says a thing once.
+
+    Args:
+        log: the logger the messages go to.
+    """
+
+    def __init__(self, log: logging.Logger):
+        self.log = log
+        self.said: set[str] = set()
+
+    def once(self, key: str, level: int, message: str, *args) -> None:
+        """Log ``message % args`` at ``level`` unless a message with ``key`` was logged before."""
+        if key not in self.said:
+            self.said.add(key)
+            self.log.log(level, "accel: " + message + " (said once)", *args)
+
+
+class Notices(SaidOnce):
     """The says-once messages of one cache engine, and the per-call bookkeeping that finds a policy that never
     fired.
 
@@ -28,8 +46,8 @@ class Notices:
     """
 
     def __init__(self, policy: Schedule | FirstBlockPolicy):
+        super().__init__(logger)
         self.policy = policy
-        self.said: set[str] = set()
         self._trajectory: int | None = None  # the call being watched
         self._pending = False
         self._expects_reuse = False
@@ -41,12 +59,6 @@ class Notices:
     def watching(self) -> int | None:
         """The trajectory (pipeline call) being watched, if any."""
         return self._trajectory
-
-    def once(self, key: str, level: int, message: str, *args) -> None:
-        """Log ``message % args`` at ``level`` unless a message with ``key`` was logged before."""
-        if key not in self.said:
-            self.said.add(key)
-            logger.log(level, "accel: " + message + " (said once)", *args)
 
     def resampled(self, source: Schedule, result: Schedule) -> None:
         """Say that ``source`` runs as ``result`` at another step count."""

@@ -38,6 +38,7 @@ import torch
 
 from accel.adapters import is_flow_matching, token_grid
 from accel.api import Handle, Target, register
+from accel.caching.notices import SaidOnce
 from accel.caching.token_attention import ActiveTokens, token_processor_for
 from accel.caching.token_features import TokenFeatures
 from accel.caching.token_select import (
@@ -281,14 +282,16 @@ class TokenStepHandle(Handle):
             self.patch_log.wrap_call(block, self._block_wrapper(position))
         self.patch_log.wrap_call(model.proj_out, self._projection)
         self._requested: int | None = None  # the step count the pipeline asked its scheduler for
-        self._said: set[str] = set()
+        self._notices = SaidOnce(logger)
         scheduler = getattr(target.pipeline, "scheduler", None)
         if scheduler is not None and hasattr(scheduler, "set_timesteps"):
             self.patch_log.wrap(scheduler, "set_timesteps", self._set_timesteps)
         elif config.fraction < config.min_active:
-            self._say(
+            self._notices.once(
+                "bare-transformer",
+                logging.WARNING,
                 f"TokenStepConfig(budget={config.fraction:g}) is below min_active={config.min_active:g}, but a bare "
-                "transformer has no scheduler to coarsen: the budget is spent on every step it is called at"
+                "transformer has no scheduler to coarsen: the budget is spent on every step it is called at",
             )
         target.tracker.add_call_listener(self._on_call)
         target.tracker.add_reset_listener(self.reset)
@@ -298,11 +301,6 @@ class TokenStepHandle(Handle):
         """The budget on the grid the current trajectory runs (see :meth:`TokenStepConfig.grid_fraction`)."""
         requested = self._requested
         return self.config.grid_fraction(requested) if requested else self.config.fraction
-
-    def _say(self, message: str) -> None:
-        if message not in self._said:
-            self._said.add(message)
-            logger.warning(message)
 
     def _set_timesteps(self, inner, *args, **kwargs):
         """The scheduler's ``set_timesteps`` on the grid of :meth:`TokenStepConfig.grid_steps`: a step count
@@ -327,10 +325,12 @@ class TokenStepHandle(Handle):
             args[0] = grid
         elif kwargs.get("num_inference_steps") is not None:
             kwargs["num_inference_steps"] = grid
-        self._say(
+        self._notices.once(
+            f"grid-{requested}",
+            logging.WARNING,
             f"TokenStepConfig(budget={config.fraction:g}) is below min_active={config.min_active:g}: the pipeline's "
             f"{requested} steps run on a grid of {grid}, each computing {self._grid_budget:.2f} of the tokens on "
-            "average (min_active=0 keeps every step)"
+            "average (min_active=0 keeps every step)",
         )
         return inner(*args, **kwargs)
 

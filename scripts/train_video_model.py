@@ -278,6 +278,18 @@ def encode(args: argparse.Namespace) -> None:
     logger.info("encoded %d clips; latent mean %s std %s", len(specs), mean.tolist(), std.tolist())
 
 
+def stage_output(args: argparse.Namespace, name: str, stage: str) -> Path:
+    """``args.work / name``, which the ``stage`` stage writes; a ``FileNotFoundError`` saying to run that stage
+    (with the same ``--work``) when it is missing, before any compute."""
+    path = args.work / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: run the {stage!r} stage first "
+            f"(python scripts/train_video_model.py {stage} --work {args.work})"
+        )
+    return path
+
+
 def encode_frames(args: argparse.Namespace) -> None:
     """Cache the first frame of a clip of every training object/motion pair as a one-frame clip.
 
@@ -291,7 +303,7 @@ def encode_frames(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(args.seed + 1)
     pairs = split_pairs(split)["train"][: args.max_clips]
     specs = [ClipSpec(index, motion, int(rng.integers(2**31))) for index, motion in pairs]
-    with safe_open(args.work / "encoded.safetensors", "pt") as f:
+    with safe_open(stage_output(args, "encoded.safetensors", "encode"), "pt") as f:
         stats = f.metadata()
     mean, std = (torch.tensor(json.loads(stats[key])).view(1, -1, 1, 1, 1) for key in ("latents_mean", "latents_std"))
     vae = load_vae(args.work, args.device, args.init)
@@ -346,8 +358,10 @@ def flow_loss(model, x_t, timestep, text, target, precision: str = "fp32") -> to
 def train_dit(args: argparse.Namespace) -> None:
     """Train the transformer with rectified flow, EMA and caption dropout; checkpoint every few minutes."""
     torch.manual_seed(args.seed)
-    data = load_file(args.work / "encoded.safetensors")
-    frames = load_file(args.work / "frames.safetensors") if args.frame_batch else None
+    encoded = stage_output(args, "encoded.safetensors", "encode")
+    first_frames = stage_output(args, "frames.safetensors", "frames") if args.frame_batch else None
+    data = load_file(encoded)
+    frames = load_file(first_frames) if first_frames else None
     model = new_transformer().to(args.device).train()
     logger.info("transformer: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -433,7 +447,7 @@ def export(args: argparse.Namespace) -> None:
     weights.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     transformer.load_state_dict(weights)
     vae = load_vae(args.work, init=args.init)
-    with safe_open(args.work / "encoded.safetensors", "pt") as f:
+    with safe_open(stage_output(args, "encoded.safetensors", "encode"), "pt") as f:
         stats = f.metadata()
     vae.register_to_config(latents_mean=json.loads(stats["latents_mean"]), latents_std=json.loads(stats["latents_std"]))
     scheduler = UniPCMultistepScheduler(

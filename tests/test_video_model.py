@@ -217,3 +217,14 @@ def test_exports_drop_the_paths_components_were_loaded_from(tmp_path):
     train_video_model.strip_load_paths(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "vae" / "config.json").read_text())
     assert "_name_or_path" not in config and config["z_dim"] == 8
+
+
+@pytest.mark.parametrize(
+    "argv,missing", [(["dit"], "'encode' stage"), (["dit", "--frame-batch", "8"], "'frames' stage")]
+)
+def test_a_stage_whose_input_is_missing_names_the_stage_to_run_first(tmp_path, argv, missing):
+    args = train_video_model.build_parser().parse_args([*argv, "--work", str(tmp_path)])
+    if "--frame-batch" in argv:  # the clips are there, the one-frame clips are not
+        (tmp_path / "encoded.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=missing):
+        train_video_model.train_dit(args)
