@@ -3,7 +3,7 @@
 Typical use::
 
     import accel
-    config = accel.quant.QuantConfig(scheme="int8-dynamic")           # int8 weight-only, W8A8 dynamic, or fp8
+    config = accel.quant.QuantConfig(scheme="int8-dynamic")           # or int8-weight, int8-static, fp8
     with accel.apply(pipe, config) as handle:
         images = pipe(prompts).images
     print(handle.stats().weight_memory_ratio)
