@@ -5,8 +5,8 @@ transformer) twice, each time under the caching schedule given, if any, so that 
 trajectory the cache produces and not from the uncached one:
 
 1. *ranges and sensitivity*: recorders on the candidate linear layers keep ``rows_per_call`` input rows per call
-   and the largest input magnitude of all calls (a static scheme's activation scale: a cached trajectory,
-   whose reused and extrapolated features feed the computed steps, reaches ranges the uncached one does not);
+   and the largest input magnitude of all calls (a static scheme's activation scale; along a cached trajectory,
+   where reused and extrapolated features feed the computed steps, the ranges differ from the uncached ones);
    each layer's SQNR is then ``linear(x)`` in full precision against the quantized layer on those rows. Layers
    under ``min_sqnr`` stay in full precision.
 2. *correction* (``correct=True``): with the chosen layers quantized, every block call first runs the block
