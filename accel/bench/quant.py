@@ -29,6 +29,9 @@ vs full compute (same seeds), FID and KID (EfficientNet-Lite0 features, against 
 prompt-alignment score, with the run-to-run noise of full compute over ``--seed-sets`` seed sets. A table, then
 one JSON line.
 
+``--compile`` times and scores every row with the transformer's blocks compiled (inductor; calibration and
+searches run eagerly before), so every row, ``full`` included, is compiled alike.
+
 ``--device cuda`` instead times fp8, int8-dynamic and int8-weight against bf16 on a random-weight PixArt-XL-sized
 transformer (28 blocks, width 1152, 4096 tokens) in a 20-step loop with every block compiled (inductor).
 """
@@ -89,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--video-prompts", type=int, default=4, help="clips per video row")
     parser.add_argument("--video-interval", type=int, default=2, help="the video rows' schedule: FORA-N")
     parser.add_argument("--no-fid", action="store_true", help="skip FID, KID and the prompt score")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="time and score every row with the transformer's blocks compiled (inductor), after calibrating eagerly",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu: the bundled model; cuda: the PixArt-XL-sized rows")
     parser.add_argument("--gpu-steps", type=int, default=20)
     return parser
@@ -130,6 +137,8 @@ def run(argv: list[str]) -> dict:
     if args.nsga_generations:
         schedules["nsga"] = _nsga_schedule(pipe, calibration, call_kwargs, guidance, targets, args)
     contexts, memory, plans = _contexts(pipe, schedules, calibration, args.min_sqnr, args.scheme)
+    if args.compile:
+        _compile(pipe)
     rows, images = measure_methods(evaluator, contexts, args.batch, args.repeats)
     for name, row in rows.items():
         row["weight_bytes"], row["ideal_speedup"] = memory[name], _ideal(evaluator, name, schedules)
@@ -141,6 +150,9 @@ def run(argv: list[str]) -> dict:
         )  # fmt: skip
         _add_kid(rows, images, reference)
     result = _summarise(rows, noise, schedules, plans, args)
+    if args.compile:
+        result["compiled_graphs"] = _compiled_graphs()
+        print(f"compiled blocks (inductor): {result['compiled_graphs']} graphs compiled over all rows")
     if args.video:
         result["video"] = _video(args, calibration)
     return result
@@ -206,6 +218,20 @@ def video_rows(
         print(f"{name:<14}{row['speedup']:>8.2f}x{memory[name] / 2**20:>11.2f}{row['weight_memory_ratio']:>7.3f}"
               f"{row['psnr']:>8.2f}")  # fmt: skip
     return rows
+
+
+def _compile(pipe) -> None:
+    """Compile every block of ``pipe``'s transformer (inductor). The calibration runs and searches before it ran
+    eagerly; each row's first (warm-up) call compiles what it needs: a quantized weight type recompiles a block
+    once, a correction's wrappers split it at its components."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    accel.compile_blocks(pipe)
+
+
+def _compiled_graphs() -> int:
+    """Graphs dynamo compiled since :func:`_compile` (its ``unique_graphs`` counter)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def _ideal(evaluator: Evaluator, name: str, schedules: dict[str, Schedule]) -> float:
