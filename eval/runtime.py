@@ -142,15 +142,16 @@ class RuntimeConfig:
         return device
 
     def compile_pipeline(self, pipe: Any) -> Any:
-        """Compile the transformer's blocks in place when :attr:`compile` is set; returns ``pipe``."""
+        """Compile the transformer's blocks in place when :attr:`compile` is set (with room for the recompiles of
+        every method a run compares: :data:`accel.compile.COMPARISON_RECOMPILE_LIMIT`); returns ``pipe``."""
         if self.compile:
             try:
-                from accel.compile import compile_blocks
+                from accel.compile import COMPARISON_RECOMPILE_LIMIT, compile_blocks
             except ModuleNotFoundError as error:
                 if error.name != "accel.compile":
                     raise
                 raise ValueError("--compile needs accel.compile, which this version of accel lacks") from None
-            compile_blocks(pipe)
+            compile_blocks(pipe, recompile_limit=COMPARISON_RECOMPILE_LIMIT)
         return pipe
 
     def load_pipeline(self, model: str | None) -> Any:

@@ -123,9 +123,11 @@ def test_compile_compiles_the_loaded_pipeline_blocks(kind, name, tmp_path, capsy
     monkeypatch.setattr("accel.bench.model.load_default_pipeline", lambda *a, **k: "the pipeline")
 
     def compile_blocks(pipe, **kwargs):
-        compiled.append(pipe)
+        compiled.append((pipe, kwargs))
         raise Stop("stopped after compiling")
 
     monkeypatch.setattr(compile_module, "compile_blocks", compile_blocks)
     assert _run(kind, name, tmp_path, "--compile") == 1
-    assert "stopped after compiling" in capsys.readouterr().err and compiled == ["the pipeline"]
+    # room for the recompiles of every method one run compares
+    limit = {"recompile_limit": compile_module.COMPARISON_RECOMPILE_LIMIT}
+    assert "stopped after compiling" in capsys.readouterr().err and compiled == [("the pipeline", limit)]

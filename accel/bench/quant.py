@@ -221,12 +221,14 @@ def video_rows(
 
 
 def _compile(pipe) -> None:
-    """Compile every block of ``pipe``'s transformer (inductor). The calibration runs and searches before it ran
-    eagerly; each row's first (warm-up) call compiles what it needs: a quantized weight type recompiles a block
-    once, a correction's wrappers split it at its components."""
+    """Compile every block of ``pipe``'s transformer (inductor), with room for every row's recompiles. The
+    calibration runs and searches before it ran eagerly; each row's first (warm-up) call compiles what it needs:
+    a quantized weight type recompiles a block, a correction's wrappers split it at its components."""
+    from accel.compile import COMPARISON_RECOMPILE_LIMIT
+
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    accel.compile_blocks(pipe)
+    accel.compile_blocks(pipe, recompile_limit=COMPARISON_RECOMPILE_LIMIT)
 
 
 def _compiled_graphs() -> int:
