@@ -290,6 +290,16 @@ def stage_output(args: argparse.Namespace, name: str, stage: str) -> Path:
     return path
 
 
+def latent_statistics(args: argparse.Namespace) -> dict[str, list[float]]:
+    """The clip latents' per-channel ``latents_mean`` and ``latents_std``, as the ``encode`` stage stored them in
+    ``encoded.safetensors``'s metadata (see :func:`stage_output` for a missing file)."""
+    from safetensors import safe_open
+
+    with safe_open(stage_output(args, "encoded.safetensors", "encode"), "pt") as f:
+        metadata = f.metadata()
+    return {key: json.loads(metadata[key]) for key in ("latents_mean", "latents_std")}
+
+
 def encode_frames(args: argparse.Namespace) -> None:
     """Cache the first frame of a clip of every training object/motion pair as a one-frame clip.
 
@@ -297,15 +307,12 @@ def encode_frames(args: argparse.Namespace) -> None:
     frame of a clip of that pair; they are normalised with the clip latents' statistics (from
     ``encoded.safetensors``, which must exist) and captioned as the clip would be.
     """
-    from safetensors import safe_open
-
+    statistics = latent_statistics(args)
+    mean, std = (torch.tensor(statistics[key]).view(1, -1, 1, 1, 1) for key in ("latents_mean", "latents_std"))
     images, names, split = load_emoji()
     rng = np.random.default_rng(args.seed + 1)
     pairs = split_pairs(split)["train"][: args.max_clips]
     specs = [ClipSpec(index, motion, int(rng.integers(2**31))) for index, motion in pairs]
-    with safe_open(stage_output(args, "encoded.safetensors", "encode"), "pt") as f:
-        stats = f.metadata()
-    mean, std = (torch.tensor(json.loads(stats[key])).view(1, -1, 1, 1, 1) for key in ("latents_mean", "latents_std"))
     vae = load_vae(args.work, args.device, args.init)
     latents = []
     with torch.no_grad():
@@ -439,17 +446,15 @@ def export(args: argparse.Namespace) -> None:
     and :func:`accel.pipelines.video.load_default_video_pipeline` passes them in.
     """
     from diffusers import UniPCMultistepScheduler
-    from safetensors import safe_open
 
+    statistics = latent_statistics(args)
     tensors, meta = load_checkpoint(args.work / "dit.safetensors")
     transformer = new_transformer()
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     weights.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     transformer.load_state_dict(weights)
     vae = load_vae(args.work, init=args.init)
-    with safe_open(stage_output(args, "encoded.safetensors", "encode"), "pt") as f:
-        stats = f.metadata()
-    vae.register_to_config(latents_mean=json.loads(stats["latents_mean"]), latents_std=json.loads(stats["latents_std"]))
+    vae.register_to_config(**statistics)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT, num_train_timesteps=1000
     )

@@ -220,11 +220,19 @@ def test_exports_drop_the_paths_components_were_loaded_from(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv,missing", [(["dit"], "'encode' stage"), (["dit", "--frame-batch", "8"], "'frames' stage")]
+    "argv,missing",
+    [
+        (["dit"], "'encode' stage"),
+        (["dit", "--frame-batch", "8"], "'frames' stage"),
+        (["frames"], "'encode' stage"),
+        (["export"], "'encode' stage"),
+    ],
 )
 def test_a_stage_whose_input_is_missing_names_the_stage_to_run_first(tmp_path, argv, missing):
     args = train_video_model.build_parser().parse_args([*argv, "--work", str(tmp_path)])
     if "--frame-batch" in argv:  # the clips are there, the one-frame clips are not
         (tmp_path / "encoded.safetensors").write_bytes(b"")
+    stages = {"dit": train_video_model.train_dit, "frames": train_video_model.encode_frames,
+              "export": train_video_model.export}  # fmt: skip
     with pytest.raises(FileNotFoundError, match=missing):
-        train_video_model.train_dit(args)
+        stages[argv[0]](args)
