@@ -23,14 +23,19 @@ import torch
 from accel.api import Handle, Target, register
 from accel.patches import eager
 from accel.plan import Plan
-from accel.quant.calibration import activation_ranges, calibrate, candidate_layers, component_modules
+from accel.quant.calibration import (
+    activation_ranges,
+    calibrate,
+    candidate_layers,
+    component_modules,
+    quantize_layers,
+)
 from accel.quant.config import QuantConfig
 from accel.quant.schemes import (
     FULL_PRECISION,
     STATIC_SCHEMES,
     check_scheme,
     dequantized,
-    quantized_weight,
     sqnr,
     tensor_bytes,
 )
@@ -147,13 +152,8 @@ class QuantHandle(Handle):
                     f"layer; the plan has none for {missing[:5]} (calibrate with this scheme)"
                 )
         before = _weight_bytes(transformer)
-        weight_sqnr = {}
-        for name, linear in layers.items():
-            if decisions.get(name, FULL_PRECISION) == FULL_PRECISION:
-                continue
-            weight = quantized_weight(linear, self.config.scheme, ranges.get(name))
-            weight_sqnr[name] = sqnr(linear.weight.detach().float(), dequantized(weight))
-            self.patch_log.replace_parameter(linear, "weight", weight)
+        swapped = quantize_layers(self.patch_log, layers, decisions, self.config.scheme, ranges)
+        weight_sqnr = {name: sqnr(old.detach().float(), dequantized(new)) for name, (_, old, new) in swapped.items()}
         corrected = self._install_correction(plan) if plan is not None and "corrected" in plan.channels else 0
         self.plan = plan
         self._stats = QuantStats(

@@ -229,9 +229,11 @@ def component_modules(target, layout) -> list[tuple[int, int, torch.nn.Module]]:
     return found
 
 
-def _quantize(log: PatchLog, layers: dict, decisions: dict, scheme: str, ranges: dict) -> dict[int, tuple]:
-    """Quantize the layers ``decisions`` picks (a static scheme with their activation ``ranges``), through
-    ``log``; ``{id(linear): (linear, original, quantized)}``."""
+def quantize_layers(
+    log: PatchLog, layers: dict, decisions: dict, scheme: str, ranges: dict
+) -> dict[str, tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]:
+    """Quantize the layers ``decisions`` picks (a static scheme with their activation ``ranges``), each weight
+    swapped through ``log``; ``{name: (linear, original weight, quantized weight)}``."""
     swapped = {}
     for name, linear in layers.items():
         if decisions.get(name, FULL_PRECISION) == FULL_PRECISION:
@@ -239,7 +241,7 @@ def _quantize(log: PatchLog, layers: dict, decisions: dict, scheme: str, ranges:
         original = linear.weight
         weight = quantized_weight(linear, scheme, ranges.get(name))
         log.replace_parameter(linear, "weight", weight)
-        swapped[id(linear)] = (linear, original, weight)
+        swapped[name] = (linear, original, weight)
     return swapped
 
 
@@ -254,7 +256,7 @@ def _correction_statistics(
     hooks: list = []
     recorder = None
     try:
-        swapped = _quantize(log, layers, decisions, scheme, ranges)
+        swapped = {id(entry[0]): entry for entry in quantize_layers(log, layers, decisions, scheme, ranges).values()}
         swaps: dict[int, list] = {}
         for index, (_, block) in enumerate(target.spec.block_list(target.transformer)):
             swaps[index] = [swapped[id(m)] for m in block.modules() if id(m) in swapped]
