@@ -224,11 +224,11 @@ def _compile(pipe) -> None:
     """Compile every block of ``pipe``'s transformer (inductor), with room for every row's recompiles. The
     calibration runs and searches before it ran eagerly; each row's first (warm-up) call compiles what it needs:
     a quantized weight type recompiles a block, a correction's wrappers split it at its components."""
-    from accel.compile import COMPARISON_RECOMPILE_LIMIT
+    from accel.eval.runtime import RuntimeConfig
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    accel.compile_blocks(pipe, recompile_limit=COMPARISON_RECOMPILE_LIMIT)
+    RuntimeConfig(device="cpu", compile=True).compile_pipeline(pipe)  # as every command's --compile does
 
 
 def _compiled_graphs() -> int:
