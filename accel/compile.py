@@ -17,8 +17,8 @@ from accel.adapters import ModelSpec
 
 #: recompiles a block's shared code may make when one process compares many methods (``accel eval --compile``,
 #: the benchmarks): each quantized weight type, caching wrapper set and input layout (the first block's input is
-#: a transposed view, the others' are contiguous) is an entry of its own, and dynamo's default of 8 is spent by
-#: four variants, after which it runs the block eagerly without a word beyond one log line
+#: a transposed view, the others' are contiguous) is an entry of its own, and once dynamo's default of 8 is
+#: spent it runs the block eagerly without a word beyond one log line
 COMPARISON_RECOMPILE_LIMIT = 64
 
 
