@@ -11,7 +11,12 @@ the compiled blocks (see :mod:`accel.patches`), so the compiled code never guard
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from accel.adapters import ModelSpec
 
@@ -42,3 +47,17 @@ def compile_blocks(pipe_or_transformer: Any, spec: ModelSpec | None = None, **co
     for _, block in blocks:
         block.compile(**compile_kwargs)
     return len(blocks)
+
+
+@contextmanager
+def flop_counter(**kwargs: Any) -> Iterator[FlopCounterMode]:
+    """``FlopCounterMode(display=False, **kwargs)`` with compiled code run eagerly while it counts.
+
+    Calling a ``torch.compile``'d function (a block compiled in place, say) under a dispatch mode such as
+    ``FlopCounterMode`` makes dynamo stop running that function's compiled code for good: on torch 2.13 every
+    later call ran eagerly, with no recompile and no log line. Under ``torch.compiler.set_stance("force_eager")``
+    the compiled function runs its Python instead and keeps its compiled code, and the count is the same.
+    Every MAC count in the package goes through this.
+    """
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False, **kwargs) as counter:
+        yield counter

@@ -2,7 +2,8 @@
 
 A technique never edits a model directly. It asks its :class:`PatchLog` to
 
-* wrap a method of one instance (:meth:`PatchLog.wrap`; e.g. a block's ``forward``),
+* wrap a method of one instance (:meth:`PatchLog.wrap`; e.g. a block's ``forward``; :meth:`PatchLog.wrap_traced`
+  for a wrapper of pure computation that compiles with what it wraps),
 * set an attribute (:meth:`PatchLog.set_attribute`),
 * swap an attention processor (:meth:`PatchLog.set_processor`),
 * replace a submodule (:meth:`PatchLog.replace_module`) or a parameter (:meth:`PatchLog.replace_parameter`),
@@ -107,6 +108,15 @@ class PatchLog:
         ``fn``'s frame is :func:`fenced`: it runs eagerly under ``torch.compile`` while ``original`` compiles.
         """
         wrapper = MethodWrapper(obj, name, fenced(fn), fence=True)
+        self._add("wrap", obj, name, wrapper.remove)
+        return wrapper
+
+    def wrap_traced(self, obj: Any, name: str, fn: Callable[..., Any]) -> MethodWrapper:
+        """Like :meth:`wrap`, but ``fn``'s frame is not fenced: under ``torch.compile`` it is traced into the
+        caller's compiled region with ``original``, so it adds no graph break. ``fn`` must be pure computation
+        on tensors whose values (not identities or shapes) change between calls: no decisions, no Python state
+        read per call (set such tensors in place from eager code, e.g. a step listener)."""
+        wrapper = MethodWrapper(obj, name, fn)
         self._add("wrap", obj, name, wrapper.remove)
         return wrapper
 

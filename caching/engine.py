@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map_only
-from torch.utils.flop_counter import FlopCounterMode
 
 from accel.adapters import BlockStack
 from accel.api import Handle, Target, register
@@ -38,6 +37,7 @@ from accel.caching.state import Feature, FeatureCache, map_feature, residual_of,
 from accel.caching.stats import CacheStats
 from accel.caching.token_features import TokenFeatures
 from accel.caching.tokens import TokenStepConfig
+from accel.compile import flop_counter
 from accel.hooks import MethodWrapper
 from accel.patches import PatchLog, eager
 
@@ -367,7 +367,7 @@ class CacheEngine(PerSampleBlocks):
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) as fake:
                 fake_args, fake_kwargs = tree_map_only(torch.Tensor, fake.from_tensor, (args, kwargs))
-                with FlopCounterMode(display=False) as counter, torch.no_grad():
+                with flop_counter() as counter, torch.no_grad():
                     inner(*fake_args, **fake_kwargs)
         finally:
             self._active = previous

@@ -92,9 +92,9 @@ def latency(
 
 def count_macs(run: Callable[[], object]) -> float:
     """Multiply-accumulates of one call of ``run``, counted from the real module calls (see :data:`MACS_HOW`)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from accel.compile import flop_counter
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         run()
     return counter.get_total_flops() / 2
 

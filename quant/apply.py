@@ -7,7 +7,8 @@ chosen ``nn.Linear`` gets a torchao quantized weight by :meth:`~accel.patches.Pa
 (``remove()`` puts the very original ``Parameter`` back, so outputs are bit-identical after removal). With
 correction coefficients in the plan, every component gets a wrapper that applies ``a * x + b`` per channel to
 what it computes (inside the cache's wrapper, so what the cache stores and reuses is the corrected output);
-the coefficients of a step are looked up eagerly, outside compiled code.
+the coefficients of a step are chosen eagerly by a step listener, outside compiled code, and the wrapper's
+arithmetic compiles with the component.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from accel.api import Handle, Target, register
-from accel.patches import eager
+from accel.context import StepContext
 from accel.plan import Plan
 from accel.quant.calibration import (
     activation_ranges,
@@ -79,19 +80,25 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 
 
 class _Correction:
-    """Per-component ``a * x + b`` of the current step, from a plan's correction channels."""
+    """Per-component ``a * x + b`` of the current step, from a plan's correction channels.
 
-    def __init__(self, target: Target, plan: Plan, device: torch.device, dtype: torch.dtype):
-        self.tracker = target.tracker
+    The decision (which step's coefficients) is made eagerly, by a step listener that copies them into one
+    ``(channels,)`` scale and shift tensor per component before each transformer call; the wrappers only compute
+    ``addcmul(shift, output, scale)`` on those tensors, so under ``torch.compile`` they trace into the compiled
+    component (no graph break, no guard on the step). A step without a fit gets scale 1 and shift 0.
+    """
+
+    def __init__(self, plan: Plan, device: torch.device, dtype: torch.dtype):
         self.fitted = plan.channel("corrected")  # (steps, blocks, components) bool
-        scale = torch.as_tensor(plan.channel("correction_scale")).to(device, dtype)
-        shift = torch.as_tensor(plan.channel("correction_shift")).to(device, dtype)
+        # (steps, blocks, components, channels); 1 and 0 where nothing was fitted
+        self.scale = torch.as_tensor(plan.channel("correction_scale")).to(device, dtype)
+        self.shift = torch.as_tensor(plan.channel("correction_shift")).to(device, dtype)
         self.steps = self.fitted.shape[0]
-        # one (scale, shift) pair of (channels,) tensors per step, block and component, made once
-        self.rows = {
-            (step, block, component): (scale[step, block, component], shift[step, block, component])
-            for step, block, component in zip(*self.fitted.nonzero())
-        }
+        self.current: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for block, component in zip(*self.fitted.any(axis=0).nonzero()):
+            key = (int(block), int(component))
+            self.current[key] = (torch.ones_like(self.scale[0, 0, 0]), torch.zeros_like(self.shift[0, 0, 0]))
+        self._step: int | None = None
 
     def step_index(self, step: int, num_steps: int | None) -> int | None:
         """The calibrated step that stands for ``step`` of a ``num_steps``-step trajectory (nearest by position)."""
@@ -99,24 +106,33 @@ class _Correction:
             step = round(step * (self.steps - 1) / max(num_steps - 1, 1))
         return step if step < self.steps else None
 
-    @eager
-    def coefficients(self, block: int, component: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        context = self.tracker.current
-        if context is None:
-            return None
+    @torch.no_grad()
+    def on_step(self, context: StepContext) -> None:
+        """Copy the coefficients of ``context``'s step into the components' tensors (identity past the plan)."""
         step = self.step_index(context.step, context.num_steps)
-        return None if step is None else self.rows.get((step, block, component))
+        if step == self._step:
+            return
+        for (block, component), (scale, shift) in self.current.items():
+            if step is None:
+                scale.fill_(1)
+                shift.zero_()
+            else:
+                scale.copy_(self.scale[step, block, component])
+                shift.copy_(self.shift[step, block, component])
+        self._step = step
 
-    def forward(self, block: int, component: int, inner, *args, **kwargs):
-        output = inner(*args, **kwargs)
-        if not isinstance(output, torch.Tensor):
-            return output
-        coefficients = self.coefficients(block, component)
-        if coefficients is None:
-            return output
-        scale, shift = coefficients
-        width = output.shape[-1]
-        return torch.addcmul(shift[:width], output, scale[:width])
+    def wrapper(self, block: int, component: int):
+        """The traced wrapper of one component's ``forward``."""
+        return partial(_affine, *self.current[(block, component)])
+
+
+def _affine(scale: torch.Tensor, shift: torch.Tensor, inner, *args, **kwargs):
+    """``shift + inner(...) * scale`` over the output's channels (pure computation: traced under compile)."""
+    output = inner(*args, **kwargs)
+    if not isinstance(output, torch.Tensor):
+        return output
+    width = output.shape[-1]
+    return torch.addcmul(shift[:width], output, scale[:width])
 
 
 class QuantHandle(Handle):
@@ -128,6 +144,7 @@ class QuantHandle(Handle):
         self.target, self.config = target, config
         self.plan: Plan | None = None
         self._stats: QuantStats | None = None
+        self._correction: _Correction | None = None
 
     def install(self, plan: Plan | None) -> None:
         """Quantize the layers ``plan`` chooses (every candidate without a plan) and install its correction."""
@@ -177,18 +194,25 @@ class QuantHandle(Handle):
                 f"has {layout.num_blocks} of {layout.components}"
             )
         parameter = next(self.target.transformer.parameters())
-        correction = _Correction(self.target, plan, parameter.device, parameter.dtype)
-        fitted = correction.fitted.any(axis=0)  # (blocks, components)
+        correction = _Correction(plan, parameter.device, parameter.dtype)
         count = 0
         for block, component, module in component_modules(self.target, layout):
-            if fitted[block, component]:
-                self.patch_log.wrap(module, "forward", partial(correction.forward, block, component))
+            if (block, component) in correction.current:
+                self.patch_log.wrap_traced(module, "forward", correction.wrapper(block, component))
                 count += 1
+        self._correction = correction
+        self.target.tracker.add_step_listener(correction.on_step)
         return count
 
     def stats(self) -> QuantStats | None:
         """Memory before/after, layers per scheme, SQNR per layer (see :class:`QuantStats`)."""
         return self._stats
+
+    def _remove(self) -> None:
+        if self._correction is not None:
+            self.target.tracker.remove_step_listener(self._correction.on_step)
+            self._correction = None
+        super()._remove()
 
 
 def _cache_config(target: Target, config: QuantConfig) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TINY_MODELS, denoise
+from tiny_models import TINY_MODELS, GraphCalls, denoise
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import accel
@@ -121,6 +121,40 @@ def test_inductor_compute_all_equals_inductor_without_the_plugin_and_fora_is_exa
     with accel.apply(model, CacheConfig(schedule=compute_all(layout_of(model), 4))):
         assert torch.equal(denoise(model, tiny, [1], steps=4, cfg=False), reference)
     assert counter.frame_count - frames <= EXTRA_FRAMES["blocks"]
+
+
+@pytest.mark.parametrize("count_macs", [False, True])
+def test_cached_blocks_that_compute_run_their_compiled_code(count_macs):
+    # counting a block's MACs runs it under a dispatch mode, which on torch 2.13 made dynamo run it eagerly for
+    # good: every later call, with no frame compiled to show it (accel.compile.flop_counter)
+    tiny = TINY_MODELS["pixart"]
+    model = tiny.build()
+    torch._dynamo.reset()  # earlier tests' compiled entries count towards the recompile limit
+    backend = GraphCalls()
+    accel.compile_blocks(model, backend=backend)
+    denoise(model, tiny, [1, 2], steps=6, cfg=True)
+    assert backend.calls == 6 * 2
+    with accel.apply(model, CacheConfig(schedule=fora(layout_of(model), 6, 2), count_macs=count_macs)) as handle:
+        for _ in range(2):  # fora-2 over 6 steps: 2 blocks at each of 3 steps, then each block reused whole
+            before = backend.calls
+            denoise(model, tiny, [1, 2], steps=6, cfg=True)
+            assert backend.calls - before == 3 * 2, backend.calls - before
+        assert handle.stats().blocks_skipped == 2 * 3 * 2
+
+
+def test_counting_a_pipeline_call_s_macs_leaves_its_compiled_blocks_compiled():
+    from accel.eval.cost import count_macs
+
+    tiny = TINY_MODELS["pixart"]
+    model = tiny.build()
+    torch._dynamo.reset()  # earlier tests' compiled entries count towards the recompile limit
+    backend = GraphCalls()
+    accel.compile_blocks(model, backend=backend)
+    denoise(model, tiny, [1], steps=2, cfg=False)
+    assert count_macs(lambda: denoise(model, tiny, [1], steps=2, cfg=False)) > 0
+    before = backend.calls
+    denoise(model, tiny, [1], steps=2, cfg=False)
+    assert backend.calls - before == 2 * 2
 
 
 def test_apply_accepts_a_torch_compile_wrapper_and_a_pipeline_holding_one(tiny_pixart_pipeline):

@@ -493,3 +493,24 @@ def block_count(tiny: TinyModel) -> int:
     """How many blocks the tiny model has over all its stacks (2 per stack)."""
     config = tiny.config
     return sum(config.get(key, 0) for key in ("num_layers", "num_single_layers"))
+
+
+class GraphCalls:
+    """A ``torch.compile`` backend that counts the graphs it compiles and how often compiled code runs.
+
+    Counting compiled frames proves recompiles are bounded, not that compiled code is used: a block that dynamo
+    stopped compiling runs eagerly and compiles nothing. ``calls`` counts executions of the compiled graphs.
+    """
+
+    def __init__(self):
+        self.graphs = 0
+        self.calls = 0
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        self.graphs += 1
+
+        def run(*args):
+            self.calls += 1
+            return graph.forward(*args)
+
+        return run

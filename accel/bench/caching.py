@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import accel
 from accel.caching import CacheConfig, FirstBlockPolicy, compute_all, delta_dit, fora, layout_of
+from accel.compile import flop_counter
 from accel.eval.runtime import DTYPES, canonical_dtype
 from accel.eval.timing import Timing, time_interleaved
 
@@ -143,7 +143,7 @@ def wan_workload(
 
 def full_macs(loop: Callable[[], torch.Tensor]) -> float:
     """MACs of one unwrapped loop, counted from the real calls."""
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         loop()
     return counter.get_total_flops() / 2
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from accel.adapters import spec_for
+from accel.compile import flop_counter
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -103,7 +103,7 @@ def count_macs(transformer: torch.nn.Module, components: tuple[str, ...], args: 
     found, blocks = _scheduled_modules(transformer, components)
     root = type(transformer).__name__
     names = {id(module): f"{root}.{name}" if name else root for name, module in transformer.named_modules()}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+    with torch.no_grad(), flop_counter(custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         transformer(*args, **kwargs)
     per_module = {name: sum(counts.values()) / 2 for name, counts in counter.get_flop_counts().items()}
     block_macs = np.array([per_module.get(names[id(block)], 0.0) for block in blocks])
