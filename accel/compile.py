@@ -50,14 +50,22 @@ def compile_blocks(pipe_or_transformer: Any, spec: ModelSpec | None = None, **co
 
 
 @contextmanager
-def flop_counter(**kwargs: Any) -> Iterator[FlopCounterMode]:
-    """``FlopCounterMode(display=False, **kwargs)`` with compiled code run eagerly while it counts.
+def compiled_code_eager() -> Iterator[None]:
+    """Run ``torch.compile``'d code eagerly inside the block, leaving it compiled for later calls.
 
-    Calling a ``torch.compile``'d function (a block compiled in place, say) under a dispatch mode such as
-    ``FlopCounterMode`` makes dynamo stop running that function's compiled code for good: on torch 2.13 every
-    later call ran eagerly, with no recompile and no log line. Under ``torch.compiler.set_stance("force_eager")``
-    the compiled function runs its Python instead and keeps its compiled code, and the count is the same.
-    Every MAC count in the package goes through this.
+    For work under a ``TorchDispatchMode`` (a FLOP counter, a tensor-memory tracker): calling a compiled
+    function (a block compiled in place, say) under such a mode makes dynamo stop running that function's
+    compiled code for good. On torch 2.13 every later call ran eagerly, with no recompile and no log line.
+    Under ``torch.compiler.set_stance("force_eager")`` the compiled function runs its Python instead and keeps its
+    compiled code.
     """
-    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False, **kwargs) as counter:
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+@contextmanager
+def flop_counter(**kwargs: Any) -> Iterator[FlopCounterMode]:
+    """``FlopCounterMode(display=False, **kwargs)`` under :func:`compiled_code_eager` (the count is the same).
+    Every MAC count in the package goes through this."""
+    with compiled_code_eager(), FlopCounterMode(display=False, **kwargs) as counter:
         yield counter

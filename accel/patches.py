@@ -43,6 +43,16 @@ PatchKind = Literal["wrap", "attribute", "processor", "module", "parameter"]
 
 _MISSING = object()
 
+#: module class -> its marked subclass (see :meth:`PatchLog.wrap`)
+_MARKED: dict[type, type] = {}
+
+
+def _marked_class(cls: type) -> type:
+    """A subclass of ``cls`` with the same name and nothing else changed, made once per class."""
+    if cls not in _MARKED:
+        _MARKED[cls] = type(cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _MARKED[cls]
+
 
 def eager(fn: Callable) -> Callable:
     """Run ``fn`` (and everything it calls) eagerly, outside any compiled region: for decision code."""
@@ -102,13 +112,29 @@ class PatchLog:
     def _add(self, kind: PatchKind, owner: Any, name: str, undo: Callable[[], None]) -> None:
         self._entries.append((PatchRecord(self.technique, kind, owner, name), undo))
 
-    def wrap(self, obj: Any, name: str, fn: Callable[..., Any]) -> MethodWrapper:
+    def wrap(self, obj: Any, name: str, fn: Callable[..., Any], mark: bool = True) -> MethodWrapper:
         """Make ``obj.name(*args, **kwargs)`` call ``fn(original, *args, **kwargs)`` on this instance only.
 
         ``fn``'s frame is :func:`fenced`: it runs eagerly under ``torch.compile`` while ``original`` compiles.
+
+        With ``mark`` (the default), a module whose ``forward`` is wrapped also gets a marked class (a subclass of
+        its own, with the same name) until the wrap is undone. Inside a compiled block the fenced wrapper splits
+        the block's graph, and on torch 2.13 the split code's guards did not see the wrapper: after its removal the
+        block kept running the split code (three graphs a call instead of one). They do check the module's class,
+        so the marked class keeps the split code for while the wrapper is there. :meth:`wrap_call` does not mark:
+        blocks and transformers are looked up by their exact class (adapters, diffusers' block registry).
         """
         wrapper = MethodWrapper(obj, name, fenced(fn), fence=True)
-        self._add("wrap", obj, name, wrapper.remove)
+        undo = wrapper.remove
+        if mark and isinstance(obj, torch.nn.Module) and name == "forward" and type(obj) not in _MARKED.values():
+            original = type(obj)
+            obj.__class__ = _marked_class(original)
+
+            def undo():
+                wrapper.remove()
+                obj.__class__ = original
+
+        self._add("wrap", obj, name, undo)
         return wrapper
 
     def wrap_traced(self, obj: Any, name: str, fn: Callable[..., Any]) -> MethodWrapper:
@@ -126,7 +152,7 @@ class PatchLog:
         instead, so that ``fn`` runs before the compiled region rather than splitting it (a graph break at
         ``forward`` inside a compiled block costs about half a millisecond a call on a CPU)."""
         compiled = module.__dict__.get("_compiled_call_impl") is not None
-        return self.wrap(module, "_compiled_call_impl" if compiled else "forward", fn)
+        return self.wrap(module, "_compiled_call_impl" if compiled else "forward", fn, mark=False)
 
     def set_attribute(self, obj: Any, name: str, value: Any) -> None:
         """``setattr(obj, name, value)``; undone by restoring the previous instance attribute (or its absence)."""

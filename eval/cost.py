@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from accel.compile import compiled_code_eager, flop_counter
 from accel.eval.timing import time_interleaved
 
 MACS_HOW = (
@@ -92,8 +93,6 @@ def latency(
 
 def count_macs(run: Callable[[], object]) -> float:
     """Multiply-accumulates of one call of ``run``, counted from the real module calls (see :data:`MACS_HOW`)."""
-    from accel.compile import flop_counter
-
     with flop_counter() as counter:
         run()
     return counter.get_total_flops() / 2
@@ -164,7 +163,9 @@ def peak_memory(run: Callable[[], object], device: torch.device | str) -> dict:
     alive at once, above what was allocated before it (activations, caches, text embeddings, latents; the
     weights excluded, unless the call itself moves them, as model CPU offload does). On CUDA it is
     ``torch.cuda.max_memory_allocated`` during the call minus ``torch.cuda.memory_allocated`` before it (the
-    allocator's own counters, in its 512-byte blocks); elsewhere the same quantity tracked per tensor operation.
+    allocator's own counters, in its 512-byte blocks); elsewhere the same quantity tracked per tensor operation,
+    with compiled code run eagerly (a dispatch mode does not see inside a compiled graph, and would stop it
+    from running compiled later: :func:`accel.compile.compiled_code_eager`).
     ``total_peak_bytes`` (CUDA only) is the peak with the weights: what the device must hold. On the CPU also
     ``rss_increase_bytes``: the process's peak resident set during the call minus before it (psutil, sampled
     every millisecond; allocator caching makes it 0 once earlier calls grew the heap).
@@ -195,14 +196,14 @@ def peak_memory(run: Callable[[], object], device: torch.device | str) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        with _LiveTensorBytes() as tracker:
+        with compiled_code_eager(), _LiveTensorBytes() as tracker:  # compiled code: its eager peak
             run()
     finally:
         done.set()
         sampler.join()
     return {
         "peak_bytes": int(tracker.peak),
-        "what": PEAK_WHAT + " (tracked per tensor operation)",
+        "what": PEAK_WHAT + " (tracked per tensor operation, compiled code run eagerly)",
         "rss_increase_bytes": int(max(peak[0], _rss()) - before),
         "rss_what": "peak process RSS during the call minus RSS before it (psutil, sampled every 1 ms)",
     }

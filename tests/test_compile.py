@@ -142,18 +142,23 @@ def test_cached_blocks_that_compute_run_their_compiled_code(count_macs):
         assert handle.stats().blocks_skipped == 2 * 3 * 2
 
 
-def test_counting_a_pipeline_call_s_macs_leaves_its_compiled_blocks_compiled():
-    from accel.eval.cost import count_macs
+@pytest.mark.parametrize("measure", ["macs", "memory"])
+def test_measuring_a_call_s_cost_leaves_its_compiled_blocks_compiled(measure):
+    from accel.eval.cost import count_macs, peak_memory
 
     tiny = TINY_MODELS["pixart"]
     model = tiny.build()
     torch._dynamo.reset()  # earlier tests' compiled entries count towards the recompile limit
     backend = GraphCalls()
     accel.compile_blocks(model, backend=backend)
-    denoise(model, tiny, [1], steps=2, cfg=False)
-    assert count_macs(lambda: denoise(model, tiny, [1], steps=2, cfg=False)) > 0
+
+    def run():
+        return denoise(model, tiny, [1], steps=2, cfg=False)
+
+    run()
+    assert (count_macs(run) if measure == "macs" else peak_memory(run, "cpu")["peak_bytes"]) > 0
     before = backend.calls
-    denoise(model, tiny, [1], steps=2, cfg=False)
+    run()
     assert backend.calls - before == 2 * 2
 
 

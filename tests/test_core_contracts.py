@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
-from tiny_models import TINY_MODELS, denoise
-from torch._dynamo.testing import CompileCounter
+from tiny_models import TINY_MODELS, GraphCalls, denoise
 
 import accel
 from accel.api import Handle, Target, register, techniques, unregister
-from accel.caching import CacheConfig, FirstBlockPolicy, TokenStepConfig, fora, layout_of
+from accel.caching import CacheConfig, FirstBlockPolicy, Schedule, TokenStepConfig, fora, layout_of
 from accel.quant import QuantConfig
 from accel.sparse import HeadPattern, SparseAttentionConfig, uniform_plan
 
@@ -113,10 +113,23 @@ EXAMPLES = {
 MODELS = {"SparseAttentionConfig": TINY_MODELS["wan"], "TokenStepConfig": TINY_MODELS["wan"]}
 #: frames a technique may compile beyond the plain compiled blocks: none is needed by a technique that wraps
 #: whole blocks; one that wraps a component inside a block splits the block's graph around it (a constant)
-EXTRA_FRAMES = {"ToyForward": 4, "TokenStepConfig": 4}
-# (per-token steps: its self-attention processors, and blocks that see all tokens and one or two bucket sizes)
+EXTRA_FRAMES = {"ToyForward": 4, "TokenStepConfig": 4, "component-reuse": 5}
+# (per-token steps: its self-attention processors, and blocks that see all tokens and one or two bucket sizes;
+# self-attention reuse: the block before it and after it, for each of the two input layouts, and the attention)
 #: extra variants of a technique under contract
-VARIANTS = {"first-block": lambda model: CacheConfig(schedule=FirstBlockPolicy(threshold=0.2))}
+VARIANTS = {
+    "first-block": lambda model: CacheConfig(schedule=FirstBlockPolicy(threshold=0.2)),
+    "component-reuse": lambda model: CacheConfig(schedule=_reusing_self_attention(model)),
+}
+
+
+def _reusing_self_attention(model) -> Schedule:
+    """Every block computes, reusing its first component (self-attention) at every other step: a component
+    wrapper inside each block."""
+    layout = layout_of(model)
+    mask = np.ones((12, layout.num_blocks, len(layout.components)), dtype=bool)
+    mask[1::2, :, 0] = False
+    return Schedule(mask=mask, components=layout.components)
 
 
 def _configs():
@@ -211,13 +224,20 @@ def test_compiled_frames_stay_bounded_and_do_not_grow_with_steps(name):
     torch._dynamo.reset()
     tiny = _tiny(name)
     model = tiny.build()
-    counter = CompileCounter()
-    accel.compile_blocks(model, backend=counter)
+    backend = GraphCalls()
+    accel.compile_blocks(model, backend=backend)
     _run(model, tiny, steps=12)
-    plain = counter.frame_count
+    plain, plain_calls = backend.graphs, backend.calls
     with accel.apply(model, _configs()[name](model)):
         _run(model, tiny, steps=12)
-        at_12 = counter.frame_count
+        at_12, calls = backend.graphs, backend.calls
         _run(model, tiny, steps=30)
+        calls = backend.calls - calls
     assert at_12 - plain <= EXTRA_FRAMES.get(name, 2), (plain, at_12)
-    assert counter.frame_count == at_12, f"frames grew with the step count: {at_12} -> {counter.frame_count}"
+    assert backend.graphs == at_12, f"frames grew with the step count: {at_12} -> {backend.graphs}"
+    # and the compiled code runs: at least one compiled block per step (a block dynamo gave up on compiles nothing)
+    assert calls >= 30, f"{calls} compiled-graph calls in 30 steps"
+    # and after removal the plain blocks run their own compiled code again, not what was compiled around the patches
+    calls = backend.calls
+    _run(model, tiny, steps=12)
+    assert backend.calls - calls == plain_calls, (plain_calls, backend.calls - calls)
