@@ -20,7 +20,7 @@ from accel.adapters import token_grid
 from accel.api import Handle, Target, register
 from accel.context import StepContext
 from accel.plan import Plan
-from accel.sparse.kernels import BACKENDS, Backend, LayerAttention
+from accel.sparse.kernels import BACKENDS, Backend, LayerAttention, shared_layer_attention
 from accel.sparse.patterns import TokenGrid
 from accel.sparse.plan import check_plan, plan_dense_steps, plan_density
 from accel.sparse.processors import SparseLayer, sparse_processor_for
@@ -162,7 +162,8 @@ class SparseHandle(Handle):
         return self._grid_densities[grid]
 
     def _layer_attention(self, index: int, grid: TokenGrid, device: torch.device) -> LayerAttention:
-        return LayerAttention(self.patterns[index], grid, device, self.config.backend, self.config.block_size)
+        patterns = tuple(self.patterns[index])
+        return shared_layer_attention(patterns, grid, str(device), self.config.backend, self.config.block_size)
 
     def stats(self) -> SparseStats:
         """Grids seen, density on the last grid and call counts; see :class:`SparseStats`."""

@@ -81,6 +81,17 @@ def block_mask_for(
     return create_block_mask(mask_mod, None, len(patterns), grid.length, grid.length, device=device, BLOCK_SIZE=size)
 
 
+@functools.lru_cache(maxsize=256)
+def shared_layer_attention(
+    patterns: tuple[HeadPattern, ...], grid: TokenGrid, device: str, backend: Backend, block_size: int | None
+) -> LayerAttention:
+    """The :class:`LayerAttention` of these arguments, made once per process (it holds no call state): building
+    a layer's block mask walks every tile, so a plan applied again (a benchmark's rounds, an evaluation's
+    methods, a user's ``with accel.apply(...)`` per call) reuses the first build instead of paying it inside
+    its first call again."""
+    return LayerAttention(patterns, grid, device, backend, block_size)
+
+
 def _is_fake(tensor: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 

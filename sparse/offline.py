@@ -230,6 +230,12 @@ def search(
         "search_seconds": time.perf_counter() - start,
     }
     logger.info("sparse plan: density %.3f, PSNR %.2f dB vs dense", metrics["density"], check["psnr"])
+    if metrics["predicted_ms_per_layer"] >= metrics["dense_ms_per_layer"]:
+        logger.warning(
+            "accel.sparse: on this device and token grid the cost model puts the plan's attention at %.2f ms a layer "
+            "against %.2f ms dense: it meets the density target but will not be faster (sparse kernels pay off on "
+            "longer sequences and on GPUs)", metrics["predicted_ms_per_layer"], metrics["dense_ms_per_layer"],
+        )
     return Plan.from_dict({**plan.to_dict(), "metrics": metrics})
 
 

@@ -197,6 +197,19 @@ def test_sparse_under_compile_recompiles_a_bounded_number_of_times_and_matches_e
     assert (compiled - eager).abs().max() < 1e-4
 
 
+def test_a_plan_applied_again_reuses_its_layers_block_masks():
+    model = WAN.build()
+    plan = uniform_plan(model, HeadPattern(windows=((0, 1, 1),), sink_frames=(0,)))
+    kernels = []
+    for _ in range(2):
+        with accel.apply(model, SparseAttentionConfig(plan=plan)) as handle:
+            denoise(model, WAN, [1], steps=2, cfg=False)
+            (built,) = handle[SparseAttentionConfig]._kernels.values()
+            assert all(kernel.block_mask is not None for kernel in built)
+            kernels.append(built)
+    assert all(a is b for a, b in zip(*kernels, strict=True))
+
+
 def test_dense_first_steps_run_the_original_attention_and_count_in_the_mean_density(tmp_path):
     model = WAN.build()
     plain = denoise(model, WAN, [1], steps=3, cfg=False)
@@ -259,7 +272,7 @@ def test_the_recorder_scores_a_pattern_that_sees_everything_as_exact_and_skip_as
     assert errors[:, 2].sum() == pytest.approx(1.0, rel=1e-5)  # skipping every head loses the whole output
 
 
-def test_search_on_a_wan_pipeline_meets_its_density_and_records_its_figures(tmp_path):
+def test_search_on_a_wan_pipeline_meets_its_density_and_records_its_figures(tmp_path, caplog):
     from eval_helpers import TINY_VIDEO_KWARGS, build_tiny_wan_pipeline
 
     pipe = build_tiny_wan_pipeline()
@@ -276,6 +289,9 @@ def test_search_on_a_wan_pipeline_meets_its_density_and_records_its_figures(tmp_
     assert trajectory_density(plan, grid, 3) == pytest.approx(plan.metrics["trajectory_density"])
     assert plan.metrics["trajectory_density"] <= 0.5 + 1e-9
     assert {"psnr", "ssim", "density", "predicted_psnr", "search_seconds"} <= set(plan.metrics)
+    # a plan the cost model predicts no faster than dense says so
+    slower = plan.metrics["predicted_ms_per_layer"] >= plan.metrics["dense_ms_per_layer"]
+    assert slower == any("will not be faster" in record.getMessage() for record in caplog.records)
     dense = run_pipeline(pipe, ["a red apple"], 3, 0, TINY_VIDEO_KWARGS)
     with accel.apply(pipe, SparseAttentionConfig(plan=Plan.load(plan.save(tmp_path / "p.json")))):
         again = run_pipeline(pipe, ["a red apple"], 3, 0, TINY_VIDEO_KWARGS)
