@@ -123,15 +123,21 @@ def test_inductor_compute_all_equals_inductor_without_the_plugin_and_fora_is_exa
     assert counter.frame_count - frames <= EXTRA_FRAMES["blocks"]
 
 
-@pytest.mark.parametrize("count_macs", [False, True])
-def test_cached_blocks_that_compute_run_their_compiled_code(count_macs):
-    # counting a block's MACs runs it under a dispatch mode, which on torch 2.13 made dynamo run it eagerly for
-    # good: every later call, with no frame compiled to show it (accel.compile.flop_counter)
+def _compiled_pixart():
+    """The tiny PixArt with its blocks compiled by a :class:`GraphCalls` backend: ``(tiny, model, backend)``."""
     tiny = TINY_MODELS["pixart"]
     model = tiny.build()
     torch._dynamo.reset()  # earlier tests' compiled entries count towards the recompile limit
     backend = GraphCalls()
     accel.compile_blocks(model, backend=backend)
+    return tiny, model, backend
+
+
+@pytest.mark.parametrize("count_macs", [False, True])
+def test_cached_blocks_that_compute_run_their_compiled_code(count_macs):
+    # counting a block's MACs runs it under a dispatch mode, which on torch 2.13 made dynamo run it eagerly for
+    # good: every later call, with no frame compiled to show it (accel.compile.flop_counter)
+    tiny, model, backend = _compiled_pixart()
     denoise(model, tiny, [1, 2], steps=6, cfg=True)
     assert backend.calls == 6 * 2
     with accel.apply(model, CacheConfig(schedule=fora(layout_of(model), 6, 2), count_macs=count_macs)) as handle:
@@ -146,11 +152,7 @@ def test_cached_blocks_that_compute_run_their_compiled_code(count_macs):
 def test_measuring_a_call_s_cost_leaves_its_compiled_blocks_compiled(measure):
     from accel.eval.cost import count_macs, peak_memory
 
-    tiny = TINY_MODELS["pixart"]
-    model = tiny.build()
-    torch._dynamo.reset()  # earlier tests' compiled entries count towards the recompile limit
-    backend = GraphCalls()
-    accel.compile_blocks(model, backend=backend)
+    tiny, model, backend = _compiled_pixart()
 
     def run():
         return denoise(model, tiny, [1], steps=2, cfg=False)
