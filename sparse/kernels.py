@@ -44,11 +44,19 @@ def auto_backend(device: torch.device | str) -> str:
     return "flex"
 
 
+#: recompiles the compiled FlexAttention may make in one process. Each (batch, heads in the launch, head width,
+#: pattern structure) is a variant of its own, and a searched plan has many (its layers launch different head
+#: counts and unions). Past dynamo's default of 8, flex ran its unfused eager fallback (the full score matrix)
+#: with one UserWarning: seen in ``python -m accel.bench sparse`` and reproduced by
+#: tests/test_sparse.py::test_many_layer_variants_all_run_compiled_flex (slow).
+FLEX_RECOMPILE_LIMIT = 256
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=False, recompile_limit=FLEX_RECOMPILE_LIMIT)
 
 
 def flex_attention(query, key, value, block_mask, scale=None):

@@ -197,6 +197,28 @@ def test_sparse_under_compile_recompiles_a_bounded_number_of_times_and_matches_e
     assert (compiled - eager).abs().max() < 1e-4
 
 
+@pytest.mark.slow
+def test_many_layer_variants_all_run_compiled_flex():
+    import warnings
+
+    from accel.sparse.kernels import FLEX_RECOMPILE_LIMIT, LayerAttention
+
+    grid = TokenGrid(4, 8, 8)
+    patterns = [
+        HeadPattern(windows=((1, 2, 2),)),
+        HeadPattern(windows=((None, 1, 1), (1, None, None))),
+        HeadPattern(windows=((0, None, None),), sink_frames=(0,)),
+    ]
+    variants = [(batch, heads, p) for batch in (1, 2) for heads in (1, 2, 3) for p in patterns]  # 18 > 8
+    assert len(variants) <= FLEX_RECOMPILE_LIMIT
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch, heads, pattern in variants:
+            q, k, v = (torch.randn(batch, heads, grid.length, 16) for _ in range(3))
+            LayerAttention([pattern] * heads, grid, "cpu", "flex")(q, k, v)
+    assert not [w for w in caught if "without torch.compile" in str(w.message)], "flex fell back to eager"
+
+
 def test_a_plan_applied_again_reuses_its_layers_block_masks():
     model = WAN.build()
     plan = uniform_plan(model, HeadPattern(windows=((0, 1, 1),), sink_frames=(0,)))
