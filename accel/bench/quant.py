@@ -223,7 +223,8 @@ def video_rows(
 def _compile(pipe) -> None:
     """Compile every block of ``pipe``'s transformer (inductor), with room for every row's recompiles. The
     calibration runs and searches before it ran eagerly; each row's first (warm-up) call compiles what it needs:
-    a quantized weight type recompiles a block, a correction's wrappers split it at its components."""
+    a quantized weight type recompiles a block, and a caching schedule that reuses components splits it at them
+    (the correction's ``a * x + b`` compiles inside its component)."""
     from accel.eval.runtime import RuntimeConfig
 
     torch._dynamo.reset()
