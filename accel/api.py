@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from accel.adapters import ModelSpec, spec_for
+from accel.compile import compiled_forward_codes, resume_compiled_code
 from accel.context import StepTracker, tracker_for
 from accel.patches import PHASES, PatchLog, PatchRecord
 
@@ -97,6 +98,9 @@ class ApplyHandle(Handle):
         #: the same configs on the pipeline's other denoisers (Wan 2.2's ``transformer_2``), by attribute name;
         #: removed, reset and counted in :meth:`stats` with this handle
         self.others: dict[str, ApplyHandle] = {}
+        #: forward code the transformer had compiled before apply, run compiled again after removal
+        #: (:func:`accel.compile.resume_compiled_code`)
+        self.compiled_codes = compiled_forward_codes(target.transformer)
 
     def patches(self) -> list[PatchRecord]:
         """Every change in place: the core's step tracking (technique ``"core"``, shared by all techniques on
@@ -128,6 +132,7 @@ class ApplyHandle(Handle):
             part.remove()
             self.target.tracker.active.pop(config_type, None)
             self.target.tracker.release()
+        resume_compiled_code(self.compiled_codes)
 
     def stats(self) -> Any:
         """The technique's stats if one config was applied, else ``{config class name: stats}``; with other

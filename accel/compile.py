@@ -11,6 +11,7 @@ the compiled blocks (see :mod:`accel.patches`), so the compiled code never guard
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -69,3 +70,51 @@ def flop_counter(**kwargs: Any) -> Iterator[FlopCounterMode]:
     Every MAC count in the package goes through this."""
     with compiled_code_eager(), FlopCounterMode(display=False, **kwargs) as counter:
         yield counter
+
+
+def _forward_codes(module: torch.nn.Module) -> set[types.CodeType]:
+    """The code objects of the ``forward`` of every module class in ``module``'s tree, decorated ones (a
+    ``functools.wraps`` chain) included: the frames dynamo compiles when the tree is compiled whole."""
+    codes = set()
+    for cls in {type(m) for m in module.modules()}:
+        function = cls.forward
+        while function is not None:
+            code = getattr(function, "__code__", None)
+            if code is not None:
+                codes.add(code)
+            function = getattr(function, "__wrapped__", None)
+    return codes
+
+
+def compiled_forward_codes(module: torch.nn.Module) -> list[types.CodeType]:
+    """Those of :func:`_forward_codes` that ``torch.compile`` has compiled code for (none where the private
+    dynamo API this reads is missing)."""
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # pragma: no cover - older or newer torch without it: nothing is restored
+        return []
+    return [code for code in _forward_codes(module) if _debug_get_cache_entry_list(code)]
+
+
+def resume_compiled_code(codes: list[types.CodeType]) -> None:
+    """Let dynamo run the compiled code of ``codes`` again after a technique is removed.
+
+    With the whole transformer compiled (``torch.compile(pipe.transformer)``), a technique's fenced wrapper on a
+    block breaks the transformer's graph inside its loop over the blocks. Dynamo cannot resume inside a loop, so
+    it marks the transformer's ``forward`` code "skip" for the rest of the process (``ConvertFrameReturn``'s
+    default, for every instance of that class), and the blocks compile one by one instead. Nothing in the
+    compiled code's guards changes back on removal, so after ``remove()`` the plain transformer kept running the
+    split code (5 graphs a call on the tests' tiny PixArt instead of 1). :func:`accel.apply` takes
+    :func:`compiled_forward_codes` before applying and passes them here after removal, which puts their
+    execution strategy back to the default: the whole-transformer graph compiled before apply (still in the
+    code's cache) runs again. A code that was not compiled before apply is left as dynamo set it.
+    """
+    if not codes:
+        return
+    try:
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # pragma: no cover - see compiled_forward_codes
+        return
+    for code in codes:
+        set_code_exec_strategy(code, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT))

@@ -151,7 +151,9 @@ def split_pairs(split: np.ndarray, seed: int = SPLIT_SEED) -> dict[str, list[tup
     rng = np.random.default_rng(seed)
     pairs: dict[str, list[tuple[int, str]]] = {"train": [], "heldout": [], "test": []}
     for index, part in enumerate(split):
-        held = int(rng.integers(len(MOTIONS)))
+        held = int(rng.integers(len(MOTIONS)))  # drawn for every object, so a subset keeps its held-out motions
+        if part not in ("train", "test"):  # e.g. "unused": an object a training run leaves out
+            continue
         for label, motion in enumerate(MOTIONS):
             if part == "test":
                 pairs["test"].append((index, motion.name))

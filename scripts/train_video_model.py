@@ -18,6 +18,9 @@ fly, seeded); the text encoder is the all-MiniLM-L6-v2 copy in ``pipelines/defau
 clips (the first frame of a training pair's clip, which the causal VAE encodes alone, as it encodes a clip's first
 frame: 64 tokens each) to the loss of the video batch, so object appearance is learnt at a ninth of the cost per
 sample.
+
+``encode``, ``frames`` and ``sample --objects objects.json`` (a JSON list of train object names) train on, and
+sample, those objects only; each keeps its held-out motion.
 """
 
 from __future__ import annotations
@@ -255,7 +258,8 @@ def load_vae(work: Path, device: str = "cpu", init: Path | None = None):
 def encode(args: argparse.Namespace) -> None:
     """Cache normalised latent means of ``--clips-per-object`` clips per training object, and caption states."""
     images, names, split = load_emoji()
-    specs = clip_specs(split, "train", args.clips_per_object, seed=args.seed)[: args.max_clips]
+    specs = clip_specs(object_split(split, names, args.objects), "train", args.clips_per_object, seed=args.seed)
+    specs = specs[: args.max_clips]
     vae = load_vae(args.work, args.device, args.init)
     latents = []
     with torch.no_grad():
@@ -276,6 +280,19 @@ def encode(args: argparse.Namespace) -> None:
         metadata={"latents_mean": json.dumps(mean.tolist()), "latents_std": json.dumps(std.tolist())},
     )
     logger.info("encoded %d clips; latent mean %s std %s", len(specs), mean.tolist(), std.tolist())
+
+
+def object_split(split: np.ndarray, names: list[str], objects: Path | None) -> np.ndarray:
+    """``split`` with every train object not named in the JSON list ``objects`` set aside (``"unused"``), so the
+    stages train on those objects only; ``split`` itself without ``objects``. Held-out pairs are unchanged:
+    ``split_pairs`` draws each object's held-out motion from the object's index, not from the list."""
+    if objects is None:
+        return split
+    wanted = json.loads(Path(objects).read_text())
+    unknown = sorted(set(wanted) - {n for n, part in zip(names, split) if part == "train"})
+    if unknown:
+        raise ValueError(f"{objects}: not train objects of the emoji file: {unknown}")
+    return np.array([part if part != "train" or name in wanted else "unused" for name, part in zip(names, split)])
 
 
 def stage_output(args: argparse.Namespace, name: str, stage: str) -> Path:
@@ -311,7 +328,7 @@ def encode_frames(args: argparse.Namespace) -> None:
     mean, std = (torch.tensor(statistics[key]).view(1, -1, 1, 1, 1) for key in ("latents_mean", "latents_std"))
     images, names, split = load_emoji()
     rng = np.random.default_rng(args.seed + 1)
-    pairs = split_pairs(split)["train"][: args.max_clips]
+    pairs = split_pairs(object_split(split, names, args.objects))["train"][: args.max_clips]
     specs = [ClipSpec(index, motion, int(rng.integers(2**31))) for index, motion in pairs]
     vae = load_vae(args.work, args.device, args.init)
     latents = []
@@ -497,7 +514,7 @@ def sample(args: argparse.Namespace) -> None:
     from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
 
     _, names, split = load_emoji()
-    heldout = split_pairs(split)["heldout"]
+    heldout = split_pairs(object_split(split, names, args.objects))["heldout"]
     picks = [heldout[i] for i in np.random.default_rng(args.seed).choice(len(heldout), args.samples, replace=False)]
     prompts = [caption(names[index], motion) for index, motion in picks]
     pipe = load_default_video_pipeline(args.out, device=args.device)
@@ -538,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--decoder-only", action="store_true", help="vae: fine-tune the decoder, encoder frozen")
     parser.add_argument("--clips-per-object", type=int, default=5)
+    parser.add_argument(
+        "--objects", type=Path, default=None, help="encode, frames, sample: a JSON list of train objects (default all)"
+    )
     parser.add_argument("--max-clips", type=int, default=None, help="encode only the first clips (smoke tests)")
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--sample-steps", type=int, default=20)

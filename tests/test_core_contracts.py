@@ -241,3 +241,22 @@ def test_compiled_frames_stay_bounded_and_do_not_grow_with_steps(name):
     calls = backend.calls
     _run(model, tiny, steps=12)
     assert backend.calls - calls == plain_calls, (plain_calls, backend.calls - calls)
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+def test_a_whole_compiled_transformer_runs_its_own_graphs_again_after_removal(name):
+    # a fenced wrapper on a block breaks the whole transformer's graph inside its block loop, and dynamo then marks
+    # the transformer's forward "skip" for the rest of the process; remove() lets its compiled graph run again
+    torch._dynamo.reset()
+    tiny = _tiny(name)
+    model = tiny.build()
+    backend = GraphCalls()
+    compiled = torch.compile(model, backend=backend)
+    _run(compiled, tiny, steps=6)
+    plain_graphs, plain_calls = backend.graphs, backend.calls
+    with accel.apply(compiled, _configs()[name](model)):
+        _run(compiled, tiny, steps=6)
+    calls = backend.calls
+    _run(compiled, tiny, steps=6)
+    assert backend.calls - calls == plain_calls, (plain_calls, backend.calls - calls)
+    assert plain_calls == 6 and plain_graphs == 1, (plain_graphs, plain_calls)  # one graph a step, as compiled

@@ -100,6 +100,21 @@ def test_split_is_recorded_and_holds_pairs_out(emoji):
     assert all((s.index, s.motion) in train_pairs for s in specs)
 
 
+def test_an_object_subset_keeps_its_held_out_pairs_and_unknown_names_are_refused(emoji, tmp_path):
+    _, names, split = emoji
+    objects = tmp_path / "objects.json"
+    objects.write_text(json.dumps(["red apple", "ghost"]))
+    subset = train_video_model.object_split(split, names, objects)
+    full, part = render_clips.split_pairs(split), render_clips.split_pairs(subset)
+    kept = {names.index("red apple"), names.index("ghost")}
+    assert {index for index, _ in part["train"]} == kept
+    assert part["heldout"] == [pair for pair in full["heldout"] if pair[0] in kept]
+    assert part["test"] == full["test"]
+    objects.write_text(json.dumps(["red apple", "unicorn with a hat"]))
+    with pytest.raises(ValueError, match="unicorn with a hat"):
+        train_video_model.object_split(split, names, objects)
+
+
 def test_configs_give_a_long_token_sequence_and_a_small_transformer(emoji):
     images, _, split = emoji
     vae = train_video_model.new_vae(base_dim=4).eval()  # the real layout, narrower
