@@ -170,7 +170,7 @@ def search(
     start = time.perf_counter()
     transformer = resolve(pipe).transformer
     geometry = sparse_layers(transformer)[0][0]
-    probe_grid = _grid_of_call(pipe, prompts, call_kwargs)
+    probe_grid = grid_of_call(pipe, prompts, call_kwargs)
     candidates = candidate_patterns(probe_grid)
     errors, grid = profile_errors(pipe, prompts, candidates, steps, profile_steps, rows, seed, call_kwargs)
     parameter = next(transformer.parameters())
@@ -389,7 +389,7 @@ def best_uniform_plan(
     trajectory, whose first ``dense_steps`` steps run dense): each candidate that fits is run end to end and the
     highest PSNR against dense wins."""
     transformer = resolve(pipe).transformer
-    grid = _grid_of_call(pipe, prompts, call_kwargs)
+    grid = grid_of_call(pipe, prompts, call_kwargs)
     fitting = [
         p
         for p in candidate_patterns(grid)
@@ -405,7 +405,7 @@ def best_uniform_plan(
     return plans[best], checks[best]
 
 
-def _grid_of_call(pipe: Any, prompts: Sequence[str], call_kwargs: dict | None) -> TokenGrid:
+def grid_of_call(pipe: Any, prompts: Sequence[str], call_kwargs: dict | None) -> TokenGrid:
     """The token grid of one transformer call of ``pipe`` with ``call_kwargs`` (one 1-step call, listened to)."""
     target = resolve(pipe)
     seen: list[TokenGrid] = []

@@ -43,3 +43,24 @@ def test_end_to_end_reports_every_headline_number():
     result = sparse.run(["--lengths", "256", "--densities", "0.2", "--steps", "2", "--prompts", "1", "--repeats", "1"])
     keys = {"e2e_speedup", "psnr_vs_dense", "attention_density", "uniform_psnr_at_same_density", "search_minutes"}
     assert keys <= set(result) and set(result["targets"]) >= {"beats_uniform_by_1db", "psnr_at_least_25"}
+
+
+def test_sensitivity_rows_score_the_smallest_changes_at_their_densities():
+    result = sparse.run(
+        ["--lengths", "256", "--densities", "0.2", "--skip-end-to-end", "--repeats", "1"]
+        + ["--sensitivity", "--steps", "2", "--prompts", "1"]
+    )
+    rows = {row["change"]: row for row in result["sensitivity"]}
+    assert set(rows) == {
+        "one head skipped, first layer",
+        "one head skipped, last layer",
+        "head 0 of every layer: frames +-1",
+        "every head: frames +-1 after 0 dense steps",
+        "every head: frames +-1 after 1 dense steps",
+    }
+    heads = 8 * 4  # the bundled video model: 8 blocks of 4 heads
+    assert rows["one head skipped, first layer"]["density"] == pytest.approx(1 - 1 / heads, abs=1e-4)
+    band = rows["every head: frames +-1 after 0 dense steps"]["density"]  # 3 of 9 latent frames, fewer at the ends
+    assert band == pytest.approx((9 * 3 - 2) / 81, abs=1e-4)
+    assert rows["every head: frames +-1 after 1 dense steps"]["density"] == pytest.approx((1 + band) / 2, abs=1e-4)
+    assert all(0 < row["psnr"] < 100 and 0 < row["ssim"] <= 1 for row in rows.values())

@@ -11,6 +11,10 @@ Two parts, one run:
   timed calls, its block masks built in the untimed warm-up round). Both plans run the first
   ``--dense-steps`` steps dense, and the density is averaged over all steps, dense ones counting as 1.
 
+``--sensitivity`` adds rows that show how much the bundled video model's output moves under the smallest
+attention changes (one head skipped in one layer, one head per layer banded to neighbouring frames, a frame band
+everywhere after 0-9 dense steps), each scored like the plans: what a PSNR target can ask of this model.
+
 ``--device cuda`` runs the kernel rows at about Wan-1.3B-480p length (32,768 tokens, 12 heads x 128) in bf16.
 """
 
@@ -54,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--prompts", type=int, default=2, help="end to end: how many of the built-in prompts")
     parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument("--sensitivity", action="store_true", help="PSNR of the smallest attention changes too")
     parser.add_argument("--threads", type=int, default=None)
     return parser
 
@@ -184,6 +189,44 @@ def end_to_end(args) -> dict:
     }
 
 
+def sensitivity(args) -> list[dict]:
+    """PSNR/SSIM against dense of the smallest attention changes on the bundled video model (same prompts, seeds
+    and steps as the end-to-end part), with each change's trajectory density: one head skipped in the first and
+    in the last layer, head 0 of every layer banded to its neighbouring frames, and that band on every head after
+    ``0, steps // 2, steps - 2, steps - 1`` dense steps."""
+    from accel.api import resolve
+    from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
+    from accel.sparse import make_plan, sparse_layers, trajectory_density
+    from accel.sparse.offline import check_plans, grid_of_call
+
+    pipe = load_default_video_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompts, kwargs = list(PROMPTS[: args.prompts]), DEFAULT_VIDEO_CALL_KWARGS
+    grid = grid_of_call(pipe, prompts, kwargs)
+    heads = [geometry.heads for geometry, _ in sparse_layers(resolve(pipe).transformer)]
+    dense, skip, band = HeadPattern.dense(), HeadPattern.skip(), HeadPattern(windows=((1, None, None),))
+
+    def plan(pick, dense_steps: int = 0):
+        return make_plan([[pick(layer, h) for h in range(n)] for layer, n in enumerate(heads)], dense_steps=dense_steps)
+
+    last = len(heads) - 1
+    cases = {
+        "one head skipped, first layer": plan(lambda layer, h: skip if (layer, h) == (0, 0) else dense),
+        "one head skipped, last layer": plan(lambda layer, h: skip if (layer, h) == (last, 0) else dense),
+        "head 0 of every layer: frames +-1": plan(lambda layer, h: band if h == 0 else dense),
+    }
+    for first in sorted({0, args.steps // 2, max(args.steps - 2, 0), args.steps - 1}):
+        cases[f"every head: frames +-1 after {first} dense steps"] = plan(lambda layer, h: band, first)
+    figures = check_plans(pipe, list(cases.values()), prompts, args.steps, 0, kwargs)
+    rows = []
+    for (name, case), scores in zip(cases.items(), figures):
+        row = {"change": name, "density": round(trajectory_density(case, grid, args.steps), 4)}
+        row.update(psnr=round(scores["psnr"], 2), ssim=round(scores["ssim"], 4))
+        print(f"  {name:48s} density {row['density']:.3f}  PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.3f}")
+        rows.append(row)
+    return rows
+
+
 def _at(rows: list[dict], target: float) -> float | None:
     """The ratio at ``target`` density on the longest length."""
     longest = max(r["tokens"] for r in rows)
@@ -210,4 +253,7 @@ def run(argv: list[str]) -> dict:
             "flex_ratio_at_0.2_at_least_0.5": (result["flex_ratio_at_0.2"] or 0) >= 0.5,
             "search_under_15_minutes": result["search_minutes"] < 15,
         }
+    if args.sensitivity:
+        print("sensitivity of the bundled video model (PSNR/SSIM vs dense):")
+        result["sensitivity"] = sensitivity(args)
     return result
