@@ -57,6 +57,7 @@ def test_sensitivity_rows_score_the_smallest_changes_at_their_densities():
         "head 0 of every layer: frames +-1",
         "every head: frames +-1 after 0 dense steps",
         "every head: frames +-1 after 1 dense steps",
+        "dense, whole pipeline under bf16 autocast",
     }
     heads = 8 * 4  # the bundled video model: 8 blocks of 4 heads
     assert rows["one head skipped, first layer"]["density"] == pytest.approx(1 - 1 / heads, abs=1e-4)
@@ -64,3 +65,5 @@ def test_sensitivity_rows_score_the_smallest_changes_at_their_densities():
     assert band == pytest.approx((9 * 3 - 2) / 81, abs=1e-4)
     assert rows["every head: frames +-1 after 1 dense steps"]["density"] == pytest.approx((1 + band) / 2, abs=1e-4)
     assert all(0 < row["psnr"] < 100 and 0 < row["ssim"] <= 1 for row in rows.values())
+    floor = rows["dense, whole pipeline under bf16 autocast"]  # a rounding-level change: near-identical clips
+    assert floor["psnr"] > 35 and floor["ssim"] > 0.98, floor

@@ -193,11 +193,11 @@ def sensitivity(args) -> list[dict]:
     """PSNR/SSIM against dense of the smallest attention changes on the bundled video model (same prompts, seeds
     and steps as the end-to-end part), with each change's trajectory density: one head skipped in the first and
     in the last layer, head 0 of every layer banded to its neighbouring frames, and that band on every head after
-    ``0, steps // 2, steps - 2, steps - 1`` dense steps."""
+    ``0, steps // 2, steps - 2, steps - 1`` dense steps; and, as a floor, the dense pipeline under bf16 autocast."""
     from accel.api import resolve
     from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
     from accel.sparse import make_plan, sparse_layers, trajectory_density
-    from accel.sparse.offline import check_plans, grid_of_call
+    from accel.sparse.offline import check_plans, compare_to_dense, grid_of_call, run_pipeline
 
     pipe = load_default_video_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -217,10 +217,15 @@ def sensitivity(args) -> list[dict]:
     }
     for first in sorted({0, args.steps // 2, max(args.steps - 2, 0), args.steps - 1}):
         cases[f"every head: frames +-1 after {first} dense steps"] = plan(lambda layer, h: band, first)
-    figures = check_plans(pipe, list(cases.values()), prompts, args.steps, 0, kwargs)
+    dense_output = run_pipeline(pipe, prompts, args.steps, 0, kwargs)
+    figures = check_plans(pipe, list(cases.values()), prompts, args.steps, 0, kwargs, dense=dense_output)
+    with torch.autocast(pipe.device.type, dtype=torch.bfloat16):  # a float noise floor: no attention change
+        low_precision = run_pipeline(pipe, prompts, args.steps, 0, kwargs).float()
+    figures.append(compare_to_dense(low_precision, dense_output))  # scored outside autocast (SSIM's convolutions)
+    densities = [trajectory_density(case, grid, args.steps) for case in cases.values()] + [1.0]
     rows = []
-    for (name, case), scores in zip(cases.items(), figures):
-        row = {"change": name, "density": round(trajectory_density(case, grid, args.steps), 4)}
+    for name, density_, scores in zip([*cases, "dense, whole pipeline under bf16 autocast"], densities, figures):
+        row = {"change": name, "density": round(density_, 4)}
         row.update(psnr=round(scores["psnr"], 2), ssim=round(scores["ssim"], 4))
         print(f"  {name:48s} density {row['density']:.3f}  PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.3f}")
         rows.append(row)
