@@ -123,6 +123,11 @@ class PatchLog:
         block kept running the split code (three graphs a call instead of one). They do check the module's class,
         so the marked class keeps the split code for while the wrapper is there. :meth:`wrap_call` does not mark:
         blocks and transformers are looked up by their exact class (adapters, diffusers' block registry).
+
+        This is the one place the package assigns ``__class__`` (which the style guide rules out): the
+        alternative that leaves classes alone, dropping the block's compiled code on removal
+        (``torch._dynamo.reset_code``), would recompile the block after every ``remove()``, and ``with
+        accel.apply(...)`` around each call, ``accel eval`` and the benchmarks remove after every method.
         """
         wrapper = MethodWrapper(obj, name, fenced(fn), fence=True)
         undo = wrapper.remove
