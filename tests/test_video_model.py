@@ -223,6 +223,28 @@ def test_frames_stage_caches_first_latent_frames_and_dit_trains_on_them_jointly(
     assert load_file(work / "dit.safetensors")["generator"].numel() > 0
 
 
+def test_reinit_text_starts_the_caption_path_afresh_and_loads_the_rest(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    init, work = tmp_path / "init", tmp_path / "work"
+    work.mkdir()
+    exported = train_video_model.new_transformer()
+    with torch.no_grad():  # unlike any fresh initialisation, whatever the seed
+        for parameter in exported.parameters():
+            parameter.add_(1.0)
+    exported.save_pretrained(init / "transformer")
+    encoded = {"latents": torch.randn(2, 8, 9, 16, 16).half(), "text": torch.randn(2, 32, 384).half()}
+    save_file({**encoded, "empty_text": torch.zeros(1, 32, 384)}, work / "encoded.safetensors")
+    argv = ["dit", "--work", str(work), "--init", str(init), "--reinit-text", "--batch", "1", "--max-steps", "1"]
+    train_video_model.train_dit(train_video_model.build_parser().parse_args([*argv, "--lr", "0", "--warmup", "1"]))
+
+    trained = {k[6:]: v for k, v in load_file(work / "dit.safetensors").items() if k.startswith("model.")}
+    text = {k for k in trained if train_video_model.is_text_path(k)}
+    assert any(".attn2." in k for k in text) and any("text_embedder" in k for k in text)
+    for name, value in exported.state_dict().items():  # lr 0: what was loaded is still there
+        assert torch.equal(trained[name], value) != (name in text), name
+
+
 def test_exports_drop_the_paths_components_were_loaded_from(tmp_path):
     train_video_model.new_vae(base_dim=4).save_pretrained(tmp_path / "init" / "vae")
     from diffusers import AutoencoderKLWan
