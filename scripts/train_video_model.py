@@ -19,8 +19,9 @@ clips (the first frame of a training pair's clip, which the causal VAE encodes a
 frame: 64 tokens each) to the loss of the video batch, so object appearance is learnt at a ninth of the cost per
 sample.
 
-``encode``, ``frames`` and ``sample --objects objects.json`` (a JSON list of train object names) train on, and
-sample, those objects only; each keeps its held-out motion.
+``python scripts/train_video_model.py gap --out FOLDER`` prints how much an export uses the object's name
+(:func:`caption_gap`). ``encode``, ``frames``, ``sample`` and ``gap --objects objects.json`` (a JSON list of train
+object names) train on, sample and score those objects only; each keeps its held-out motion.
 """
 
 from __future__ import annotations
@@ -543,10 +544,65 @@ def sample(args: argparse.Namespace) -> None:
     logger.info("wrote %s for prompts %s", path, prompts)
 
 
+@torch.no_grad()
+def caption_gap(model, data: dict, objects: list[int], motions: list[str], count: int = 128, seed: int = 0) -> dict:
+    """How much ``model`` uses the object's name: its flow loss on ``count`` cached rows of ``data`` (``latents``,
+    ``text``) with each row's own caption and with the caption of a row of another object and the same motion, at
+    the same noise and noise level. ``gap`` is ``other / own - 1`` in percent: 0 for a model that ignores the
+    name (each row's object and motion are ``objects[i]`` and ``motions[i]``)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(objects), generator=generator)[:count].tolist()
+    chosen, partners = [], []
+    for row in rows:
+        same_motion = [j for j in range(len(objects)) if motions[j] == motions[row] and objects[j] != objects[row]]
+        if same_motion:
+            chosen.append(row)
+            partners.append(same_motion[int(torch.randint(len(same_motion), (1,), generator=generator))])
+    if not chosen:
+        raise ValueError("no row has another object with the same motion: cache more objects")
+    x0 = data["latents"][chosen].float()
+    sigma = torch.sigmoid(torch.randn(len(chosen), generator=generator))
+    noise = torch.randn(x0.shape, generator=generator)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    x_t, target, losses = (1 - s) * x0 + s * noise, noise - x0, {}
+    for name, index in (("own", chosen), ("other", partners)):
+        text = data["text"][index].float()
+        total = 0.0
+        for start in range(0, len(chosen), 16):
+            part = slice(start, start + 16)
+            out = model(hidden_states=x_t[part], timestep=1000 * sigma[part], encoder_hidden_states=text[part]).sample
+            total += F.mse_loss(out.float(), target[part], reduction="sum").item()
+        losses[name] = total / target.numel()
+    return {**losses, "gap": 100 * (losses["other"] / losses["own"] - 1), "rows": len(chosen)}
+
+
+def gap(args: argparse.Namespace) -> None:
+    """Print :func:`caption_gap` of the transformer exported in ``--out`` on the cached clips (and one-frame clips,
+    when cached) of ``--work``; ``--objects`` and ``--clips-per-object`` must be those the caches were made with."""
+    from diffusers import WanTransformer3DModel
+
+    _, names, split = load_emoji()
+    split = object_split(split, names, args.objects)
+    model = WanTransformer3DModel.from_pretrained(Path(args.out) / "transformer", torch_dtype=torch.float32).eval()
+    caches = {"clips": ("encoded.safetensors", clip_specs(split, "train", args.clips_per_object, seed=args.seed))}
+    if (args.work / "frames.safetensors").is_file():
+        caches["one-frame clips"] = ("frames.safetensors", [ClipSpec(i, m, 0) for i, m in split_pairs(split)["train"]])
+    for name, (file, specs) in caches.items():
+        data = load_file(stage_output(args, file, "encode" if name == "clips" else "frames"))
+        if len(data["latents"]) != len(specs):
+            raise ValueError(
+                f"{file} holds {len(data['latents'])} rows, these options give {len(specs)}: pass the --objects and "
+                "--clips-per-object it was made with"
+            )
+        result = caption_gap(model, data, [s.index for s in specs], [s.motion for s in specs], seed=args.seed)
+        logger.info("%s: own caption %.4f, another object's %.4f: gap %.2f%% (%d rows)", name, result["own"],
+                    result["other"], result["gap"], result["rows"])  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: a stage and its options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "encode", "frames", "dit", "export", "sample"])
+    parser.add_argument("stage", choices=["vae", "encode", "frames", "dit", "export", "sample", "gap"])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "video_model")
     parser.add_argument("--out", type=Path, default=ROOT / "pipelines" / "default_video_model")
     parser.add_argument("--device", default="cpu")
@@ -574,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decoder-only", action="store_true", help="vae: fine-tune the decoder, encoder frozen")
     parser.add_argument("--clips-per-object", type=int, default=5)
     parser.add_argument(
-        "--objects", type=Path, default=None, help="encode, frames, sample: a JSON list of train objects (default all)"
+        "--objects", type=Path, default=None, help="encode, frames, sample, gap: a JSON list of train objects"
     )
     parser.add_argument("--max-clips", type=int, default=None, help="encode only the first clips (smoke tests)")
     parser.add_argument("--samples", type=int, default=6)
@@ -603,6 +659,7 @@ def main() -> None:
         "dit": train_dit,
         "export": export,
         "sample": sample,
+        "gap": gap,
     }
     stages[args.stage](args)
 

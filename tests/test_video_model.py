@@ -245,6 +245,37 @@ def test_reinit_text_starts_the_caption_path_afresh_and_loads_the_rest(tmp_path)
         assert torch.equal(trained[name], value) != (name in text), name
 
 
+class _KnowsTheObject:
+    """A stand-in transformer that reads each row's clean latents from its caption (or ignores the caption),
+    predicting the flow velocity from that, a little off."""
+
+    def __init__(self, reads_caption: bool):
+        self.reads_caption = reads_caption
+
+    def __call__(self, hidden_states, timestep, encoder_hidden_states):
+        from types import SimpleNamespace
+
+        s = (timestep / 1000).view(-1, 1, 1, 1, 1)
+        x0 = encoder_hidden_states[:, :1, :1].view(-1, 1, 1, 1, 1) if self.reads_caption else 0.0
+        noise = (hidden_states - (1 - s) * x0) / s
+        return SimpleNamespace(sample=noise - x0 + 0.1)
+
+
+def test_caption_gap_is_zero_for_a_model_that_ignores_the_name_and_large_for_one_that_reads_it():
+    objects = [0, 1, 2, 3] * 6
+    motions = ["bounce", "zoom_in", "bounce", "zoom_in"] * 6
+    values = torch.tensor([float(o) for o in objects])
+    data = {"latents": values.view(-1, 1, 1, 1, 1).expand(-1, 8, 2, 4, 4).clone(),
+            "text": values.view(-1, 1, 1).expand(-1, 32, 384).clone()}  # fmt: skip
+    ignoring = train_video_model.caption_gap(_KnowsTheObject(False), data, objects, motions, count=16)
+    reading = train_video_model.caption_gap(_KnowsTheObject(True), data, objects, motions, count=16)
+    assert ignoring["rows"] == reading["rows"] == 16
+    assert ignoring["gap"] == pytest.approx(0.0, abs=1e-9) and reading["own"] == pytest.approx(0.01, rel=1e-4)
+    assert reading["gap"] > 1000  # another object's caption puts the clean latents 2 away instead of 0.1
+    with pytest.raises(ValueError, match="another object with the same motion"):
+        train_video_model.caption_gap(_KnowsTheObject(True), data, [0] * 24, motions)
+
+
 def test_exports_drop_the_paths_components_were_loaded_from(tmp_path):
     train_video_model.new_vae(base_dim=4).save_pretrained(tmp_path / "init" / "vae")
     from diffusers import AutoencoderKLWan
