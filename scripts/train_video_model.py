@@ -20,8 +20,8 @@ frame: 64 tokens each) to the loss of the video batch, so object appearance is l
 sample.
 
 ``python scripts/train_video_model.py gap --out FOLDER`` prints how much an export uses the object's name
-(:func:`caption_gap`). ``encode``, ``frames``, ``sample`` and ``gap --objects objects.json`` (a JSON list of train
-object names) train on, sample and score those objects only; each keeps its held-out motion.
+(:func:`caption_gap`). ``encode``, ``frames``, ``export``, ``sample`` and ``gap --objects objects.json`` (a JSON
+list of train object names) train on, record, sample and score those objects only; each keeps its held-out motion.
 """
 
 from __future__ import annotations
@@ -501,6 +501,8 @@ def export(args: argparse.Namespace) -> None:
     _write_model_index(out)
     summary = {"dit_steps": meta["step"], "loss_per_100_steps": meta["losses"], "dit_config": DIT_CONFIG}
     summary.update(vae_config=VAE_CONFIG, text_length=TEXT_LENGTH, frames=FRAMES, size=SIZE)
+    if args.objects is not None:  # trained on these train objects only (encode --objects)
+        summary["objects"] = json.loads(Path(args.objects).read_text())
     (out / "training.json").write_text(json.dumps(summary, indent=1))
     logger.info("exported step %d to %s", meta["step"], out)
 
@@ -630,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decoder-only", action="store_true", help="vae: fine-tune the decoder, encoder frozen")
     parser.add_argument("--clips-per-object", type=int, default=5)
     parser.add_argument(
-        "--objects", type=Path, default=None, help="encode, frames, sample, gap: a JSON list of train objects"
+        "--objects", type=Path, default=None, help="encode, frames, export, sample, gap: a JSON list of train objects"
     )
     parser.add_argument("--max-clips", type=int, default=None, help="encode only the first clips (smoke tests)")
     parser.add_argument("--samples", type=int, default=6)
