@@ -219,13 +219,23 @@ def test_two_techniques_compose_in_phase_order_whatever_the_argument_order(name)
     assert orders[0] == orders[1] and orders[0][0] == "toy-weights"
 
 
-@pytest.mark.parametrize("name", list(_configs()))
-def test_compiled_frames_stay_bounded_and_do_not_grow_with_steps(name):
+def _compiled_tiny(name: str, whole: bool):
+    """A fresh tiny model for technique ``name``, compiled with a :class:`GraphCalls` backend: every block in place,
+    or (``whole``) the whole model through ``torch.compile``. Returns the model, what to call, the tiny spec and
+    the backend."""
     torch._dynamo.reset()
     tiny = _tiny(name)
     model = tiny.build()
     backend = GraphCalls()
+    if whole:
+        return model, torch.compile(model, backend=backend), tiny, backend
     accel.compile_blocks(model, backend=backend)
+    return model, model, tiny, backend
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+def test_compiled_frames_stay_bounded_and_do_not_grow_with_steps(name):
+    model, _, tiny, backend = _compiled_tiny(name, whole=False)
     _run(model, tiny, steps=12)
     plain, plain_calls = backend.graphs, backend.calls
     with accel.apply(model, _configs()[name](model)):
@@ -247,11 +257,7 @@ def test_compiled_frames_stay_bounded_and_do_not_grow_with_steps(name):
 def test_a_whole_compiled_transformer_runs_its_own_graphs_again_after_removal(name):
     # a fenced wrapper on a block breaks the whole transformer's graph inside its block loop, and dynamo then marks
     # the transformer's forward "skip" for the rest of the process; remove() lets its compiled graph run again
-    torch._dynamo.reset()
-    tiny = _tiny(name)
-    model = tiny.build()
-    backend = GraphCalls()
-    compiled = torch.compile(model, backend=backend)
+    model, compiled, tiny, backend = _compiled_tiny(name, whole=True)
     _run(compiled, tiny, steps=6)
     plain_graphs, plain_calls = backend.graphs, backend.calls
     with accel.apply(compiled, _configs()[name](model)):
