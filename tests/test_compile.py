@@ -200,3 +200,23 @@ def test_inside_a_pipeline_call_the_step_comes_from_the_scheduler_without_readin
         for t in (900.0, 500.0):
             model(latents, encoder_hidden_states=text, timestep=torch.tensor([t]), return_dict=False)
         assert len(reads) == 4 and tracker._step == 1 and tracker._branch == 0
+
+
+def test_removing_one_handle_under_a_whole_compile_leaves_another_handle_working():
+    # remove() puts the whole-compiled forward's execution strategy back; with another technique still applied its
+    # wrappers must keep running (the compiled whole graph's guards fail while they are there)
+    from accel.quant import QuantConfig
+
+    torch._dynamo.reset()
+    tiny = TINY_MODELS["pixart"]
+    model = tiny.build()
+    call = torch.compile(model, backend=GraphCalls())
+    full = denoise(call, tiny, [1, 2], steps=4, cfg=False)
+    cache = accel.apply(call, CacheConfig(schedule=fora(layout_of(model), 4, 2), count_macs=False))
+    cached = denoise(call, tiny, [1, 2], steps=4, cfg=False)
+    accel.apply(call, QuantConfig(scheme="int8-weight")).remove()
+    skipped = cache.stats().blocks_skipped
+    assert torch.equal(denoise(call, tiny, [1, 2], steps=4, cfg=False), cached)
+    assert cache.stats().blocks_skipped == 2 * skipped > 0
+    cache.remove()
+    assert torch.equal(denoise(call, tiny, [1, 2], steps=4, cfg=False), full)
