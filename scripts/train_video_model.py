@@ -394,6 +394,8 @@ def flow_loss(model, x_t, timestep, text, target, precision: str = "fp32") -> to
 def train_dit(args: argparse.Namespace) -> None:
     """Train the transformer with rectified flow, EMA and caption dropout; checkpoint every few minutes."""
     torch.manual_seed(args.seed)
+    if args.reinit_text and args.init is None and not (args.work / "dit.safetensors").exists():
+        raise ValueError("--reinit-text starts the caption path afresh on an export: give --init (or resume its run)")
     encoded = stage_output(args, "encoded.safetensors", "encode")
     first_frames = stage_output(args, "frames.safetensors", "frames") if args.frame_batch else None
     data = load_file(encoded)
@@ -572,8 +574,8 @@ def caption_gap(model, data: dict, objects: list[int], motions: list[str], count
         total = 0.0
         for start in range(0, len(chosen), 16):
             part = slice(start, start + 16)
-            out = model(hidden_states=x_t[part], timestep=1000 * sigma[part], encoder_hidden_states=text[part]).sample
-            total += F.mse_loss(out.float(), target[part], reduction="sum").item()
+            loss = flow_loss(model, x_t[part], 1000 * sigma[part], text[part], target[part])
+            total += loss.item() * target[part].numel()
         losses[name] = total / target.numel()
     return {**losses, "gap": 100 * (losses["other"] / losses["own"] - 1), "rows": len(chosen)}
 

@@ -304,3 +304,9 @@ def test_a_stage_whose_input_is_missing_names_the_stage_to_run_first(tmp_path, a
               "export": train_video_model.export}  # fmt: skip
     with pytest.raises(FileNotFoundError, match=missing):
         stages[argv[0]](args)
+
+
+def test_reinit_text_without_an_export_to_start_from_is_refused_before_any_compute(tmp_path):
+    args = train_video_model.build_parser().parse_args(["dit", "--work", str(tmp_path), "--reinit-text"])
+    with pytest.raises(ValueError, match="--init"):
+        train_video_model.train_dit(args)
