@@ -162,6 +162,18 @@ def split_pairs(split: np.ndarray, seed: int = SPLIT_SEED) -> dict[str, list[tup
     return pairs
 
 
+def subset_split(split: np.ndarray, names: list[str], objects: list[str] | None) -> np.ndarray:
+    """``split`` with every train object not named in ``objects`` set aside (``"unused"``), for a run on those
+    objects only; ``split`` itself when ``objects`` is None. Held-out pairs of the kept objects are unchanged:
+    :func:`split_pairs` draws each object's held-out motion from the object's index, not from the list."""
+    if objects is None:
+        return split
+    unknown = sorted(set(objects) - {name for name, part in zip(names, split) if part == "train"})
+    if unknown:
+        raise ValueError(f"not train objects of the emoji file: {unknown}")
+    return np.array([part if part != "train" or name in objects else "unused" for name, part in zip(names, split)])
+
+
 def clip_specs(split: np.ndarray, part: str, clips_per_object: int, seed: int = 0) -> list[ClipSpec]:
     """``clips_per_object`` clips of every object of split ``part``, its motions drawn without repeats (seeded)."""
     by_object: dict[int, list[str]] = {}

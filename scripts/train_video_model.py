@@ -50,6 +50,7 @@ from render_clips import (  # noqa: E402
     load_emoji,
     render_clip,
     split_pairs,
+    subset_split,
 )
 from train_default_model import (  # noqa: E402
     _ema_update,
@@ -284,16 +285,13 @@ def encode(args: argparse.Namespace) -> None:
 
 
 def object_split(split: np.ndarray, names: list[str], objects: Path | None) -> np.ndarray:
-    """``split`` with every train object not named in the JSON list ``objects`` set aside (``"unused"``), so the
-    stages train on those objects only; ``split`` itself without ``objects``. Held-out pairs are unchanged:
-    ``split_pairs`` draws each object's held-out motion from the object's index, not from the list."""
+    """``split`` restricted to the train objects of the JSON list ``objects`` (:func:`subset_split`)."""
     if objects is None:
         return split
-    wanted = json.loads(Path(objects).read_text())
-    unknown = sorted(set(wanted) - {n for n, part in zip(names, split) if part == "train"})
-    if unknown:
-        raise ValueError(f"{objects}: not train objects of the emoji file: {unknown}")
-    return np.array([part if part != "train" or name in wanted else "unused" for name, part in zip(names, split)])
+    try:
+        return subset_split(split, names, json.loads(Path(objects).read_text()))
+    except ValueError as error:
+        raise ValueError(f"{objects}: {error}") from None
 
 
 def stage_output(args: argparse.Namespace, name: str, stage: str) -> Path:

@@ -52,6 +52,7 @@ JSON_KEYS = {
     "samples",
     "steps",
     "real_clips",
+    "held_out_pairs",
     "frames_per_clip",
     "runtime",
 }
@@ -212,10 +213,29 @@ def test_video_bench_checks_its_arguments_before_loading(flags, message, no_mode
 
 
 @needs_data
-def test_video_bench_refuses_more_samples_than_held_out_pairs(no_model, capsys):
-    assert bench_main(["model", "--video", "--samples", "100000"]) == 1
-    assert "--samples must be at most 1224 (held-out pairs)" in capsys.readouterr().err
-    assert no_model == []
+def test_video_bench_scores_a_subset_model_on_its_objects_held_out_pairs_going_round_them(tmp_path):
+    from accel.bench.video_model import VideoBenchConfig, held_out_data, trained_objects
+
+    objects = ["red apple", "ghost", "rocket"]
+    (tmp_path / "training.json").write_text(json.dumps({"dit_steps": 1, "objects": objects}))
+    assert trained_objects(str(tmp_path)) == objects
+    (tmp_path / "training.json").write_text(json.dumps({"dit_steps": 1}))
+    assert trained_objects(str(tmp_path)) is None
+    _, names, split = render_clips.load_emoji()
+    held = {render_clips.caption(names[i], m) for i, m in render_clips.split_pairs(split)["heldout"]}
+    wanted = {c for c in held if any(c.startswith(name + " ") for name in objects)}
+    assert len(wanted) == 3
+    config = VideoBenchConfig(samples=7, real_clips=6, frames_per_clip=1)
+    data = held_out_data(config, render_clips, objects)
+    assert data.pairs == 3 and len(data.prompts) == 7 and len(data.other_clips) == 7
+    assert sorted(data.prompts.count(c) for c in wanted) == [2, 2, 3]  # round the pairs again, evenly
+    assert sorted(data.real_captions) == sorted(2 * list(wanted))
+    by_caption = {}
+    for clip, caption in zip(data.real_clips, data.real_captions):
+        by_caption.setdefault(caption, []).append(clip)
+    assert all(not torch.equal(*clips) for clips in by_caption.values())  # a pair's clips differ in seed
+    full = held_out_data(config, render_clips)
+    assert data.pairs < full.pairs and len(set(full.prompts)) == 7 and set(full.prompts) <= held
 
 
 def test_video_bench_help_lists_its_flags(capsys):

@@ -1,9 +1,10 @@
 """``python -m accel.bench model --video``: is the bundled video model trained, and do its clips move as told?
 
 Prompts are captions of held-out object/motion pairs (``heldout`` in ``data/emoji/clip_split.json``: objects
-and motions both seen in training, never together). For ``--samples`` of them the run generates one clip each
-with the trained transformer and with a freshly initialised one (``WanTransformer3DModel.from_config``, seed
-0), then prints:
+and motions both seen in training, never together); a model trained on some objects only (``objects`` in its
+``training.json``) is scored on those objects' held-out pairs. For ``--samples`` prompts (going round the pairs
+again where there are fewer) the run generates one clip each with the trained transformer and with a freshly
+initialised one (``WanTransformer3DModel.from_config``, seed 0), then prints:
 
 * per-frame FID-EffNetLite0 and KID-EffNetLite0 of ``--frames-per-clip`` evenly spaced frames of every clip
   against the same frames of ``--real-clips`` rendered clips of held-out pairs (``scripts/render_clips.py``);
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
+import json
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
@@ -42,7 +45,7 @@ from accel.eval.config import RUNTIME_FIELD, add_config_arguments, config_from_a
 from accel.eval.generation import generate_in_batches
 from accel.eval.runtime import RuntimeConfig
 from accel.eval.timing import timed
-from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
+from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, DEFAULT_VIDEO_MODEL_DIR, load_default_video_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def _help(text: str) -> dict:
 class VideoBenchConfig:
     """Settings of the video model benchmark; every field is a flag (``--real-clips``, ``--device``, ...)."""
 
-    samples: int = field(default=64, metadata=_help("clips generated per model, one per held-out pair"))
+    samples: int = field(default=64, metadata=_help("clips generated per model, one per held-out pair, round again"))
     steps: int = field(default=20, metadata=_help("denoising steps per clip"))
     batch: int = field(default=8, metadata=_help("clips per pipeline call"))
     real_clips: int = field(default=128, metadata=_help("rendered held-out clips the frames are compared with"))
@@ -111,28 +114,39 @@ class HeldOutData:
     real_clips: torch.Tensor  # (R, F, 3, H, W) float in [0, 1]
     real_captions: list[str]
     other_clips: torch.Tensor  # (samples, F, 3, H, W): other rendered held-out clips, for the reference rows
+    pairs: int  # held-out object/motion pairs the prompts and clips are drawn from
 
 
-def held_out_data(config: VideoBenchConfig, render_clips: ModuleType) -> HeldOutData:
-    """``config.samples`` held-out captions and ``config.real_clips`` rendered held-out clips (seeded draws)."""
+def trained_objects(model: str | None) -> list[str] | None:
+    """The train objects a video pipeline folder's training run was restricted to (``objects`` in its
+    ``training.json``, written by ``scripts/train_video_model.py export --objects``); None: all of them."""
+    summary = Path(model or DEFAULT_VIDEO_MODEL_DIR) / "training.json"
+    return json.loads(summary.read_text()).get("objects") if summary.is_file() else None
+
+
+def held_out_data(config: VideoBenchConfig, render_clips: ModuleType, objects: list[str] | None = None) -> HeldOutData:
+    """``config.samples`` held-out captions and ``config.real_clips`` rendered held-out clips (seeded draws) of
+    the held-out pairs of ``objects`` (all train objects when None). Where there are fewer pairs than clips the
+    draws go round the pairs again: every pair is prompted about equally often, and its clips differ in seed."""
     images, names, split = render_clips.load_emoji()
+    split = render_clips.subset_split(split, names, objects)
     pairs = render_clips.split_pairs(split)["heldout"]
-    specs = render_clips.clip_specs(split, "heldout", 1, seed=config.seed + 1)
-    for name, count in (("samples", config.samples), ("real_clips", config.real_clips)):
-        if count > len(pairs):
-            raise ValueError(f"--{name.replace('_', '-')} must be at most {len(pairs)} (held-out pairs), got {count}")
     rng = np.random.default_rng(config.seed)
-    prompts = [render_clips.caption(names[i], motion) for i, motion in (pairs[k] for k in rng.permutation(len(pairs)))]
-    real_specs = [specs[k] for k in rng.permutation(len(specs))[: config.real_clips]]
-    other = render_clips.clip_specs(split, "heldout", 1, seed=config.seed + 2)  # other motions' draws and seeds
-    other_specs = [other[k] for k in rng.permutation(len(other))[: config.samples]]
+    order = itertools.cycle([pairs[k] for k in rng.permutation(len(pairs))])
+    prompts = [render_clips.caption(names[i], motion) for i, motion in itertools.islice(order, config.samples)]
+
+    def draw(count: int, seed: int) -> list:  # rendered clips' specs: each pair's clips get their own seeds
+        specs = render_clips.clip_specs(split, "heldout", -(-count // len(pairs)), seed=seed)
+        return [specs[k] for k in rng.permutation(len(specs))[:count]]
 
     def render(chosen) -> torch.Tensor:  # (N, F, 3, H, W) float in [0, 1]
         rendered = np.stack([render_clips.render_clip(images[s.index], s.motion, s.seed) for s in chosen])
         return torch.from_numpy(rendered).permute(0, 1, 4, 2, 3).float() / 255
 
+    real_specs = draw(config.real_clips, config.seed + 1)
+    other_specs = draw(config.samples, config.seed + 2)  # other motions' draws and seeds
     captions = [render_clips.caption(names[s.index], s.motion) for s in real_specs]
-    return HeldOutData(prompts[: config.samples], render(real_specs), captions, render(other_specs))
+    return HeldOutData(prompts, render(real_specs), captions, render(other_specs), len(pairs))
 
 
 # -- the model -----------------------------------------------------------------------------------------------
@@ -250,11 +264,11 @@ def targets(result: dict) -> dict[str, bool]:
     }
 
 
-def print_table(config: VideoBenchConfig, result: dict, real_clips: int) -> None:
+def print_table(config: VideoBenchConfig, result: dict, real_clips: int, pairs: int) -> None:
     """The human-readable summary printed before the JSON line."""
     count = config.frames_per_clip
     print(
-        f"default video model, {config.samples} clips of {config.steps} steps per model (held-out pairs), "
+        f"default video model, {config.samples} clips of {config.steps} steps per model ({pairs} held-out pairs), "
         f"{count} frames each vs {real_clips * count} frames of {real_clips} rendered held-out clips; "
         f"{result['tokens_per_clip']} tokens per clip"
     )
@@ -297,7 +311,7 @@ def run(argv: list[str]) -> dict:
     add_config_arguments(parser, VideoBenchConfig)
     config = config_from_args(parser.parse_args(argv), cls=VideoBenchConfig)
     device = config.runtime.check()
-    data = held_out_data(config, load_render_clips())
+    data = held_out_data(config, load_render_clips(), trained_objects(config.model))
     from accel.eval.motion import load_motion_scorer
 
     load_motion_scorer(config.motion_weights)  # fails now, not after an hour of generation
@@ -313,12 +327,13 @@ def run(argv: list[str]) -> dict:
     result = {"tokens_per_clip": tokens_per_clip(pipe), **score(config, data, trained, untrained, references)}
     result["seconds_per_step"] = seconds_per_step(pipe, config.steps)
     result = {**_rounded(result), "targets": targets(result)}
-    print_table(config, result, len(data.real_clips))
+    print_table(config, result, len(data.real_clips), data.pairs)
     return {
         **result,
         "samples": config.samples,
         "steps": config.steps,
         "real_clips": config.real_clips,
+        "held_out_pairs": data.pairs,
         "frames_per_clip": config.frames_per_clip,
         "runtime": asdict(config.runtime),
     }
