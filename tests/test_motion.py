@@ -202,6 +202,7 @@ def no_model(monkeypatch):
         (["--frames-per-clip", "18"], "--frames-per-clip must be at most 17"),
         (["--model", "/no/such/folder"], "--model /no/such/folder does not exist"),
         (["--motion-weights", "/no/such.safetensors"], "--motion-weights /no/such.safetensors does not exist"),
+        (["--objects", "/no/such.json"], "--objects /no/such.json does not exist"),
         (["--device", "gpu"], "unknown device 'gpu'"),
     ],
 )
@@ -221,6 +222,8 @@ def test_video_bench_scores_a_subset_model_on_its_objects_held_out_pairs_going_r
     assert trained_objects(str(tmp_path)) == objects
     (tmp_path / "training.json").write_text(json.dumps({"dit_steps": 1}))
     assert trained_objects(str(tmp_path)) is None
+    (tmp_path / "chosen.json").write_text(json.dumps(objects[:1]))
+    assert trained_objects(str(tmp_path), str(tmp_path / "chosen.json")) == objects[:1]
     _, names, split = render_clips.load_emoji()
     held = {render_clips.caption(names[i], m) for i, m in render_clips.split_pairs(split)["heldout"]}
     wanted = {c for c in held if any(c.startswith(name + " ") for name in objects)}

@@ -2,9 +2,9 @@
 
 Prompts are captions of held-out object/motion pairs (``heldout`` in ``data/emoji/clip_split.json``: objects
 and motions both seen in training, never together); a model trained on some objects only (``objects`` in its
-``training.json``) is scored on those objects' held-out pairs. For ``--samples`` prompts (going round the pairs
-again where there are fewer) the run generates one clip each with the trained transformer and with a freshly
-initialised one (``WanTransformer3DModel.from_config``, seed 0), then prints:
+``training.json``) or ``--objects`` scores those objects' held-out pairs. For ``--samples`` prompts (going round
+the pairs again where there are fewer) the run generates one clip each with the trained transformer and with a
+freshly initialised one (``WanTransformer3DModel.from_config``, seed 0), then prints:
 
 * per-frame FID-EffNetLite0 and KID-EffNetLite0 of ``--frames-per-clip`` evenly spaced frames of every clip
   against the same frames of ``--real-clips`` rendered clips of held-out pairs (``scripts/render_clips.py``);
@@ -70,6 +70,9 @@ class VideoBenchConfig:
     seed: int = field(default=0, metadata=_help("seed of the prompt draw; clip i is generated with seed + i"))
     model: str | None = field(default=None, metadata=_help("video pipeline folder; omitted: the bundled model"))
     motion_weights: str | None = field(default=None, metadata=_help("motion classifier; omitted: the shipped one"))
+    objects: str | None = field(
+        default=None, metadata=_help("JSON list of train objects whose held-out pairs are scored; omitted: the model's")
+    )
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata=RUNTIME_FIELD)
 
     def __post_init__(self) -> None:
@@ -82,7 +85,7 @@ class VideoBenchConfig:
             raise ValueError(
                 f"--frames-per-clip must be at most {frames} (frames per clip), got {self.frames_per_clip}"
             )
-        for name in ("model", "motion_weights"):
+        for name in ("model", "motion_weights", "objects"):
             path = getattr(self, name)
             if path is not None and not Path(path).exists():
                 raise ValueError(f"--{name.replace('_', '-')} {path} does not exist")
@@ -117,9 +120,12 @@ class HeldOutData:
     pairs: int  # held-out object/motion pairs the prompts and clips are drawn from
 
 
-def trained_objects(model: str | None) -> list[str] | None:
-    """The train objects a video pipeline folder's training run was restricted to (``objects`` in its
-    ``training.json``, written by ``scripts/train_video_model.py export --objects``); None: all of them."""
+def trained_objects(model: str | None, objects: str | None = None) -> list[str] | None:
+    """The train objects to score: the JSON list in the file ``objects`` if given, else those a video pipeline
+    folder's training run was restricted to (``objects`` in its ``training.json``, written by
+    ``scripts/train_video_model.py export --objects``); None: all of them."""
+    if objects is not None:
+        return json.loads(Path(objects).read_text())
     summary = Path(model or DEFAULT_VIDEO_MODEL_DIR) / "training.json"
     return json.loads(summary.read_text()).get("objects") if summary.is_file() else None
 
@@ -311,7 +317,7 @@ def run(argv: list[str]) -> dict:
     add_config_arguments(parser, VideoBenchConfig)
     config = config_from_args(parser.parse_args(argv), cls=VideoBenchConfig)
     device = config.runtime.check()
-    data = held_out_data(config, load_render_clips(), trained_objects(config.model))
+    data = held_out_data(config, load_render_clips(), trained_objects(config.model, config.objects))
     from accel.eval.motion import load_motion_scorer
 
     load_motion_scorer(config.motion_weights)  # fails now, not after an hour of generation
