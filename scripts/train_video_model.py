@@ -8,6 +8,7 @@ Stages, each resumable from its checkpoints under ``--work`` (default ``runs/vid
     python scripts/train_video_model.py dit --minutes 90     # rectified-flow WanTransformer3DModel, EMA
     python scripts/train_video_model.py export               # diffusers folder at pipelines/default_video_model
     python scripts/train_video_model.py sample               # a strip of frames of held-out prompts (PNG)
+    python scripts/train_video_model.py roundtrip            # held-out clips through the exported VAE (PNG)
 
 ``vae`` and ``dit`` continue from their last checkpoint when run again (model, EMA, optimiser, step and the
 data/noise generator), so a run may span sessions. Clips come from ``scripts/render_clips.py`` (rendered on the
@@ -547,6 +548,34 @@ def sample(args: argparse.Namespace) -> None:
 
 
 @torch.no_grad()
+def roundtrip(args: argparse.Namespace) -> None:
+    """Pass ``--samples`` rendered held-out clips through the VAE exported in ``--out`` (encode, decode); write a
+    strip PNG (each rendered clip above its decoded one) and log each clip's PSNR and the mean colour of its ink
+    (pixels the rendered frame does not leave white), rendered against decoded: what the VAE alone loses."""
+    from diffusers import AutoencoderKLWan
+    from PIL import Image
+
+    from accel.eval.metrics import psnr
+
+    images, names, split = load_emoji()
+    specs = clip_specs(object_split(split, names, args.objects), "heldout", 1, seed=args.seed)
+    specs = [specs[i] for i in np.random.default_rng(args.seed).choice(len(specs), args.samples, replace=False)]
+    vae = AutoencoderKLWan.from_pretrained(Path(args.out) / "vae", torch_dtype=torch.float32).eval()
+    clips = render_batch(images, specs)  # (B, 3, T, H, W) in [-1, 1]
+    decoded = torch.cat([vae.decode(vae.encode(clip[None]).latent_dist.mode()).sample for clip in clips])
+    clips, decoded = [(x.clamp(-1, 1) + 1).div(2).permute(0, 2, 3, 4, 1) for x in (clips, decoded)]  # (B, T, H, W, 3)
+    for spec, clip, out, db in zip(specs, clips, decoded, psnr(decoded, clips)):
+        ink = (clip < 0.9).any(-1)  # (T, H, W)
+        colours = [(x[ink].mean(0) * 255).round().int().tolist() for x in (clip, out)]
+        logger.info("%s: PSNR %.1f dB; ink colour %s -> %s", caption(names[spec.index], spec.motion), db, *colours)
+    shown = np.linspace(0, FRAMES - 1, 9).round().astype(int)
+    rows = [torch.cat(list(x[shown]), dim=1) for pair in zip(clips, decoded) for x in pair]  # (H, 9 W, 3) each
+    path = args.work / "roundtrip.png"
+    Image.fromarray((torch.cat(rows) * 255).round().byte().numpy()).save(path)
+    logger.info("wrote %s", path)
+
+
+@torch.no_grad()
 def caption_gap(model, data: dict, objects: list[int], motions: list[str], count: int = 128, seed: int = 0) -> dict:
     """How much ``model`` uses the object's name: its flow loss on ``count`` cached rows of ``data`` (``latents``,
     ``text``) with each row's own caption and with the caption of a row of another object and the same motion, at
@@ -604,7 +633,7 @@ def gap(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line: a stage and its options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "encode", "frames", "dit", "export", "sample", "gap"])
+    parser.add_argument("stage", choices=["vae", "encode", "frames", "dit", "export", "sample", "gap", "roundtrip"])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "video_model")
     parser.add_argument("--out", type=Path, default=ROOT / "pipelines" / "default_video_model")
     parser.add_argument("--device", default="cpu")
@@ -632,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decoder-only", action="store_true", help="vae: fine-tune the decoder, encoder frozen")
     parser.add_argument("--clips-per-object", type=int, default=5)
     parser.add_argument(
-        "--objects", type=Path, default=None, help="encode, frames, export, sample, gap: a JSON list of train objects"
+        "--objects", type=Path, default=None, help="encode, frames, export, sample, gap, roundtrip: objects (JSON list)"
     )
     parser.add_argument("--max-clips", type=int, default=None, help="encode only the first clips (smoke tests)")
     parser.add_argument("--samples", type=int, default=6)
@@ -662,6 +691,7 @@ def main() -> None:
         "export": export,
         "sample": sample,
         "gap": gap,
+        "roundtrip": roundtrip,
     }
     stages[args.stage](args)
 
