@@ -181,15 +181,15 @@ def _vae_state(args: argparse.Namespace):
     """The VAE, its optimiser, generator, checkpoint path and step, resumed when a checkpoint exists.
 
     ``--decoder-only`` fine-tunes the decoder with the encoder frozen, in its own checkpoint
-    ``vae_decoder.safetensors`` that starts from ``vae.safetensors``: the latents, and a transformer trained on
-    them, stay valid while the reconstructions improve.
+    ``vae_decoder.safetensors`` that starts from ``vae.safetensors`` (or, without it, from the VAE exported under
+    ``--init``): the latents, and a transformer trained on them, stay valid while the reconstructions improve.
     """
     vae = new_vae().to(args.device).train()
     logger.info("vae: %.2fM parameters", sum(p.numel() for p in vae.parameters()) / 1e6)
     path, step = args.work / ("vae_decoder.safetensors" if args.decoder_only else "vae.safetensors"), 0
     if args.decoder_only:
-        tensors, _ = load_checkpoint(args.work / "vae.safetensors")
-        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        vae.load_state_dict(load_vae(args.work, init=args.init).state_dict())  # an export's weights are fp16
+        vae.float().train()
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     trained = [p for p in vae.parameters() if p.requires_grad]
@@ -672,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--init",
         type=Path,
         default=None,
-        help="encode, frames, dit, export: without checkpoints, start from this exported folder",
+        help="encode, frames, dit, export, vae --decoder-only: without checkpoints, start from this export",
     )
     return parser
 
