@@ -564,10 +564,14 @@ def roundtrip(args: argparse.Namespace) -> None:
     clips = render_batch(images, specs)  # (B, 3, T, H, W) in [-1, 1]
     decoded = torch.cat([vae.decode(vae.encode(clip[None]).latent_dist.mode()).sample for clip in clips])
     clips, decoded = [(x.clamp(-1, 1) + 1).div(2).permute(0, 2, 3, 4, 1) for x in (clips, decoded)]  # (B, T, H, W, 3)
-    for spec, clip, out, db in zip(specs, clips, decoded, psnr(decoded, clips)):
+    scores, errors = psnr(decoded, clips), []
+    for spec, clip, out, db in zip(specs, clips, decoded, scores):
         ink = (clip < 0.9).any(-1)  # (T, H, W)
         colours = [(x[ink].mean(0) * 255).round().int().tolist() for x in (clip, out)]
+        errors.append(np.abs(np.subtract(*colours)).mean())
         logger.info("%s: PSNR %.1f dB; ink colour %s -> %s", caption(names[spec.index], spec.motion), db, *colours)
+    logger.info("mean of %d clips: PSNR %.2f dB, ink colour off by %.1f levels of 255", len(specs), scores.mean(),
+                np.mean(errors))  # fmt: skip
     shown = np.linspace(0, FRAMES - 1, 9).round().astype(int)
     rows = [torch.cat(list(x[shown]), dim=1) for pair in zip(clips, decoded) for x in pair]  # (H, 9 W, 3) each
     path = args.work / "roundtrip.png"

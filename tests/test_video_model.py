@@ -322,8 +322,8 @@ def test_roundtrip_strip_puts_each_rendered_held_out_clip_above_its_vae_reconstr
     strip = np.asarray(Image.open(tmp_path / "roundtrip.png"))
     size = render_clips.SIZE
     assert strip.shape == (4 * size, 9 * size, 3)
-    logged = [r.getMessage() for r in caplog.records if "ink colour" in r.getMessage()]
-    assert len(logged) == 2
+    logged = [r.getMessage() for r in caplog.records if "ink colour [" in r.getMessage()]
+    assert len(logged) == 2 and "mean of 2 clips" in caplog.records[-2].getMessage()
     held = {render_clips.caption(names[i], m): (i, m) for i, m in render_clips.split_pairs(split)["heldout"]}
     first = held[logged[0].split(":")[0]]
     spec = next(s for s in render_clips.clip_specs(split, "heldout", 1) if (s.index, s.motion) == first)
