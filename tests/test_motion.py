@@ -241,6 +241,26 @@ def test_video_bench_scores_a_subset_model_on_its_objects_held_out_pairs_going_r
     assert data.pairs < full.pairs and len(set(full.prompts)) == 7 and set(full.prompts) <= held
 
 
+def test_the_shuffled_prompt_is_never_the_clips_own_even_when_prompts_repeat():
+    from accel.bench.video_model import other_prompts
+
+    for prompts in (["a", "b", "c", "d"], ["a", "b", "a", "b"], ["a", "b", "c"] * 3 + ["a"]):
+        shuffled = other_prompts(prompts)
+        assert all(mine != other for mine, other in zip(prompts, shuffled))
+        assert sorted(set(shuffled)) == sorted(set(prompts))
+    assert other_prompts(["a", "b", "c", "d"]) == ["c", "d", "a", "b"]  # distinct prompts: shifted by half
+    with pytest.raises(ValueError, match="2 distinct"):
+        other_prompts(["a", "a"])
+
+
+@needs_data
+def test_video_bench_refuses_objects_with_a_single_held_out_pair_before_loading(tmp_path, no_model, capsys):
+    (tmp_path / "one.json").write_text(json.dumps(["red apple"]))
+    assert bench_main(["model", "--video", "--objects", str(tmp_path / "one.json")]) == 1
+    assert "needs at least 2" in capsys.readouterr().err
+    assert no_model == []
+
+
 def test_video_bench_help_lists_its_flags(capsys):
     with pytest.raises(SystemExit):
         bench_main(["model", "--video", "--help"])

@@ -137,6 +137,8 @@ def held_out_data(config: VideoBenchConfig, render_clips: ModuleType, objects: l
     images, names, split = render_clips.load_emoji()
     split = render_clips.subset_split(split, names, objects)
     pairs = render_clips.split_pairs(split)["heldout"]
+    if len(pairs) < 2:
+        raise ValueError(f"the objects give {len(pairs)} held-out pair(s); the benchmark needs at least 2")
     rng = np.random.default_rng(config.seed)
     order = itertools.cycle([pairs[k] for k in rng.permutation(len(pairs))])
     prompts = [render_clips.caption(names[i], motion) for i, motion in itertools.islice(order, config.samples)]
@@ -214,9 +216,20 @@ def frame_features(scorer, clips: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat(chunks).double().cpu()
 
 
+def other_prompts(prompts: list[str]) -> list[str]:
+    """For each prompt, another one of the list: the distinct prompts, in order of first appearance, shifted by
+    half their number (prompts that repeat, as when the draws go round the held-out pairs, never meet themselves)."""
+    distinct = list(dict.fromkeys(prompts))
+    if len(distinct) < 2:
+        raise ValueError("a shuffled prompt needs at least 2 distinct prompts")
+    shift = {p: distinct[(i + len(distinct) // 2) % len(distinct)] for i, p in enumerate(distinct)}
+    return [shift[p] for p in prompts]
+
+
 def alignment_scores(scorer, features: torch.Tensor, prompts: list[str], count: int) -> dict[str, float]:
-    """Mean per-frame alignment of generated frames with their own prompt and with a shuffled prompt."""
-    shuffled = [prompts[(i + len(prompts) // 2) % len(prompts)] for i in range(len(prompts))]
+    """Mean per-frame alignment of generated frames with their own prompt and with another one
+    (:func:`other_prompts`)."""
+    shuffled = other_prompts(prompts)
     with torch.no_grad():
         images = scorer.heads.embed_image_features(features.float())  # (N * count, 384)
         own = scorer.embed_prompts(prompts).repeat_interleave(count, dim=0)
