@@ -559,6 +559,8 @@ def roundtrip(args: argparse.Namespace) -> None:
 
     images, names, split = load_emoji()
     specs = clip_specs(object_split(split, names, args.objects), "heldout", 1, seed=args.seed)
+    if not 1 <= args.samples <= len(specs):
+        raise ValueError(f"--samples must be in 1..{len(specs)} (held-out pairs of these objects), got {args.samples}")
     specs = [specs[i] for i in np.random.default_rng(args.seed).choice(len(specs), args.samples, replace=False)]
     vae = AutoencoderKLWan.from_pretrained(Path(args.out) / "vae", torch_dtype=torch.float32).eval()
     clips = render_batch(images, specs)  # (B, 3, T, H, W) in [-1, 1]

@@ -333,3 +333,11 @@ def test_roundtrip_strip_puts_each_rendered_held_out_clip_above_its_vae_reconstr
     assert all(float(message.split("PSNR ")[1].split(" dB")[0]) > 17 for message in logged)
     decoded = strip[size : 2 * size, :size].astype(float)
     assert np.abs(decoded - clip[0]).mean() < 20
+
+
+def test_roundtrip_refuses_more_samples_than_held_out_pairs_before_loading(tmp_path):
+    (tmp_path / "objects.json").write_text(json.dumps(["red apple", "ghost"]))
+    argv = ["roundtrip", "--work", str(tmp_path), "--out", str(tmp_path / "none"), "--samples", "3"]
+    args = train_video_model.build_parser().parse_args([*argv, "--objects", str(tmp_path / "objects.json")])
+    with pytest.raises(ValueError, match=r"--samples must be in 1\.\.2"):
+        train_video_model.roundtrip(args)

@@ -62,7 +62,7 @@ def _help(text: str) -> dict:
 class VideoBenchConfig:
     """Settings of the video model benchmark; every field is a flag (``--real-clips``, ``--device``, ...)."""
 
-    samples: int = field(default=64, metadata=_help("clips generated per model, one per held-out pair, round again"))
+    samples: int = field(default=64, metadata=_help("clips per model, one per held-out pair (round again if fewer)"))
     steps: int = field(default=20, metadata=_help("denoising steps per clip"))
     batch: int = field(default=8, metadata=_help("clips per pipeline call"))
     real_clips: int = field(default=128, metadata=_help("rendered held-out clips the frames are compared with"))
