@@ -9,13 +9,16 @@ Backends, each tested against :func:`accel.sparse.reference.reference_attention`
 * ``"triton"``: the block-sparse flash-attention kernel of :mod:`accel.sparse.triton_attention` (every sparse
   head in one launch, full tiles unmasked, the mask computed in-kernel in partial ones); GPU tensors only
   (CPU under the Triton interpreter), needs the ``triton`` extra;
+* ``"runs"``: :mod:`accel.sparse.runs`: SDPA over slices of ``key``/``value`` for the query ranges whose tiles
+  are all full (windows over whole frames), FlexAttention (compiled) for the rest; any device;
 * ``"flex"``: FlexAttention with a block mask whose ``mask_mod`` is :func:`accel.sparse.patterns.allowed`
   over per-head tables, so every sparse head of the layer shares one launch; compiled (on CPU and GPU);
 * ``"sdpa"``: SDPA with a materialised boolean mask (``heads x length x length``): the last resort;
 * ``"reference"``: the float32 specification.
 
-The fallback chain is triton -> flex -> sdpa -> reference: ``"auto"`` picks ``"triton"`` when the layer's
-device is CUDA and triton is installed, else ``"flex"``; ``"sdpa"`` (memory quadratic in the length) and
+The fallback chain is triton -> runs -> flex -> sdpa -> reference: ``"auto"`` picks ``"triton"`` when the
+layer's device is CUDA and triton is installed, else ``"runs"`` (which is ``"flex"`` for the rows it cannot
+slice); ``"sdpa"`` (memory quadratic in the length) and
 ``"reference"`` (float32, for tests) are only ever chosen by name.
 """
 
@@ -31,17 +34,18 @@ import torch.nn.functional as F
 
 from accel.sparse.patterns import HeadPattern, HeadTables, TokenGrid, allowed, dense_mask
 from accel.sparse.reference import check_qkv, reference_attention
+from accel.sparse.runs import RunsAttention
 
-Backend = Literal["auto", "triton", "flex", "sdpa", "reference"]
-BACKENDS = ("auto", "triton", "flex", "sdpa", "reference")
+Backend = Literal["auto", "triton", "runs", "flex", "sdpa", "reference"]
+BACKENDS = ("auto", "triton", "runs", "flex", "sdpa", "reference")
 
 
 def auto_backend(device: torch.device | str) -> str:
     """The first link of the fallback chain that runs on ``device``: ``"triton"`` on CUDA with triton installed,
-    else ``"flex"``."""
+    else ``"runs"``."""
     if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
         return "triton"
-    return "flex"
+    return "runs"
 
 
 #: recompiles the compiled FlexAttention may make in one process. Each (batch, heads in the launch, head width,
@@ -140,6 +144,8 @@ class LayerAttention:
 
             size = block_size or default_block_size(grid.length)
             self.launch = TritonSparseAttention.build(sparse, grid, device, size, size)
+        elif sparse and self.backend == "runs":
+            self.launch = RunsAttention(sparse, grid, device, block_size or default_block_size(grid.length))
         elif sparse and self.backend == "flex":
             self.block_mask = block_mask_for(sparse, grid, device, block_size)
         elif sparse and self.backend == "sdpa":
@@ -152,13 +158,13 @@ class LayerAttention:
     def block_density(self) -> float | None:
         """The fraction of (query block, key block) tiles the sparse heads' launch computes, or None."""
         if self.launch is not None:
-            return self.launch.table.density()
+            return self.launch.density()
         if self.block_mask is None:
             return None
         return 1.0 - self.block_mask.sparsity() / 100.0
 
     def _sparse(self, query, key, value, scale):
-        if self.backend == "triton":
+        if self.backend in ("triton", "runs"):
             return self.launch(query, key, value, scale)
         if self.backend == "flex":
             return flex_attention(query, key, value, self.block_mask, scale)

@@ -26,11 +26,11 @@ from accel.sparse.patterns import HeadPattern, TokenGrid, density
 from accel.sparse.plan import make_plan, plan_density, sparse_layers, trajectory_density, uniform_plan
 from accel.sparse.search import (
     ErrorRecorder,
-    block_densities,
     candidate_densities,
     candidate_patterns,
     choose,
     fit_cost_model,
+    tile_densities,
 )
 
 logger = logging.getLogger(__name__)
@@ -175,8 +175,8 @@ def search(
     errors, grid = profile_errors(pipe, prompts, candidates, steps, profile_steps, rows, seed, call_kwargs)
     parameter = next(transformer.parameters())
     cost = fit_cost_model(grid, geometry.heads, geometry.head_dim, parameter.device, parameter.dtype)
-    blocks = block_densities(candidates, grid)
-    costs = np.array([cost.head_cost(p, b) for p, b in zip(candidates, blocks, strict=True)])
+    tiles = tile_densities(candidates, grid)
+    costs = np.array([cost.head_cost(p, t) for p, t in zip(candidates, tiles, strict=True)])
     densities = candidate_densities(candidates, grid)
     goal = sparse_target if sparse_target is not None else 0.4
     probe = min((i for i, p in enumerate(candidates) if p.kind == "sparse"), key=lambda i: abs(densities[i] - goal))
@@ -234,7 +234,9 @@ def search(
         logger.warning(
             "accel.sparse: on this device and token grid the cost model puts the plan's attention at %.2f ms a layer "
             "against %.2f ms dense: it meets the density target but will not be faster (sparse kernels pay off on "
-            "longer sequences and on GPUs)", metrics["predicted_ms_per_layer"], metrics["dense_ms_per_layer"],
+            "longer sequences and on GPUs)",
+            metrics["predicted_ms_per_layer"],
+            metrics["dense_ms_per_layer"],
         )
     return Plan.from_dict({**plan.to_dict(), "metrics": metrics})
 

@@ -5,9 +5,10 @@ solve an integer program.
    attention call of the chosen steps a recorder (in place of each layer's kernel, through the same sparse
    processors) draws query rows and measures, per head and candidate pattern, the relative error of the head's
    output on those rows, ``||O_pattern - O_dense|| / ||O_dense||``, averaged over calls.
-2. **Cost** (:func:`fit_cost_model`): the layer kernel is timed on this device and shape at several block
-   densities; a line through the points gives the time of one head as a function of its block density, beside
-   the time of one dense head through SDPA.
+2. **Cost** (:func:`fit_cost_model`): the layer kernel is timed on this device and shape under frame windows
+   (full tiles) and spatial windows (partial tiles); a plane through the points gives the time of one head from
+   its tile densities in unmasked and in masked query rows (:func:`tile_densities`), beside the time of one
+   dense head through SDPA.
 3. **Choose** (:func:`choose`): one candidate per head minimising the summed error subject to a mean attention
    density (or maximising the time saved subject to an error budget): a multiple-choice knapsack solved exactly
    by ``scipy.optimize.milp``. Heads of a layer that share a pattern run in the layer's one launch.
@@ -129,25 +130,42 @@ class ErrorRecorder:
 class CostModel:
     """Measured time of one head, in milliseconds, on one device and token grid.
 
+    A launch's tiles fall in two classes (:func:`tile_densities`): tiles of query rows whose every visited tile
+    is full (the ``"runs"`` backend runs them as SDPA over slices, no mask) and tiles of rows with a partial
+    tile (masked). Their prices differ, so each has its own slope.
+
     Attributes:
         dense_head: one head through SDPA.
-        sparse_head_fixed, sparse_head_per_density: one head through the sparse launch costs
-            ``sparse_head_fixed + sparse_head_per_density * block_density``.
-        points: the measured ``(block_density, ms per head)`` pairs the line was fitted to.
+        sparse_head_fixed, per_full_row_density, per_partial_row_density: one head through the sparse launch
+            costs ``sparse_head_fixed + per_full_row_density * full + per_partial_row_density * partial``, with
+            ``(full, partial)`` its :func:`tile_densities`.
+        points: the measured ``(full, partial, ms per head)`` triples the plane was fitted to.
     """
 
     dense_head: float
     sparse_head_fixed: float
-    sparse_head_per_density: float
-    points: tuple[tuple[float, float], ...]
+    per_full_row_density: float
+    per_partial_row_density: float
+    points: tuple[tuple[float, float, float], ...]
 
-    def head_cost(self, pattern: HeadPattern, block_density: float) -> float:
-        """Predicted milliseconds of one head under ``pattern``."""
+    def head_cost(self, pattern: HeadPattern, tiles: Sequence[float]) -> float:
+        """Predicted milliseconds of one head under ``pattern`` with :func:`tile_densities` ``tiles``."""
         if pattern.kind == "skip":
             return 0.0
         if pattern.kind == "dense":
             return self.dense_head
-        return self.sparse_head_fixed + self.sparse_head_per_density * block_density
+        full, partial = tiles
+        return self.sparse_head_fixed + self.per_full_row_density * full + self.per_partial_row_density * partial
+
+
+def _timing_patterns(grid: TokenGrid) -> list[HeadPattern]:
+    """What :func:`fit_cost_model` times: windows over whole frames (full tiles where frames fill whole blocks)
+    and spatial windows over every frame (partial tiles)."""
+    frames = sorted({0, max(1, grid.frames // 4), max(1, grid.frames // 2)})
+    side = max(grid.height, grid.width)
+    radii = sorted({r for r in (1, side // 4) if 0 < r < side})
+    temporal = [HeadPattern(windows=((f, None, None),)) for f in frames]
+    return temporal + [HeadPattern(windows=((None, r, r),)) for r in radii]
 
 
 @torch.no_grad()
@@ -160,37 +178,43 @@ def fit_cost_model(
     backend: str = "auto",
     repeats: int = 5,
 ) -> CostModel:
-    """Time one layer (``heads`` heads of ``head_dim``, batch 1) dense and under windows of several densities,
-    and fit :class:`CostModel`."""
+    """Time one layer (``heads`` heads of ``head_dim``, batch 1) dense and under frame and spatial windows, and
+    fit :class:`CostModel` by least squares."""
     from accel.eval.timing import time_interleaved
 
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, grid.length, head_dim, generator=generator).to(device, dtype) for _ in range(3))
-    kernels = {
-        frames: LayerAttention([HeadPattern(windows=((frames, None, None),))] * heads, grid, device, backend)
-        for frames in sorted({0, max(1, grid.frames // 4), max(1, grid.frames // 2)})
-    }
+    patterns = _timing_patterns(grid)
+    kernels = [LayerAttention([pattern] * heads, grid, device, backend) for pattern in patterns]
     fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
-    fns.update({frames: (lambda kernel=kernel: kernel(q, k, v)) for frames, kernel in kernels.items()})
+    fns.update({index: (lambda kernel=kernel: kernel(q, k, v)) for index, kernel in enumerate(kernels)})
     timings = time_interleaved(fns, repeats=repeats)
     dense = 1000 * timings["dense"].median / heads
-    points = [(kernel.block_density() or 1.0, 1000 * timings[f].median / heads) for f, kernel in kernels.items()]
-    x, y = np.array(points).T
-    slope, intercept = np.polyfit(x, y, 1) if len(set(x)) > 1 else (y.mean() / max(x.mean(), 1e-6), 0.0)
-    return CostModel(dense, max(float(intercept), 0.0), max(float(slope), 0.0), tuple(points))
+    tiles = tile_densities(patterns, grid)
+    points = tuple(
+        (float(full), float(partial), 1000 * timings[i].median / heads) for i, (full, partial) in enumerate(tiles)
+    )
+    features = np.array([[1.0, full, partial] for full, partial, _ in points])
+    (fixed, full_slope, partial_slope), *_ = np.linalg.lstsq(features, np.array([p[2] for p in points]), rcond=None)
+    return CostModel(dense, *(max(float(v), 0.0) for v in (fixed, full_slope, partial_slope)), points)
 
 
-def block_densities(candidates: Sequence[HeadPattern], grid: TokenGrid, block_size: int | None = None) -> np.ndarray:
-    """The fraction of tiles each candidate's block mask computes on ``grid`` (dense 1, skip 0)."""
-    from accel.sparse.kernels import block_mask_for
+def tile_densities(candidates: Sequence[HeadPattern], grid: TokenGrid, block_size: int | None = None) -> np.ndarray:
+    """``(candidates, 2)``: per candidate, the fraction of the launch's tiles it visits in query rows whose
+    visited tiles are all full, and in rows with a partial tile (dense: ``(1, 0)``, skip: ``(0, 0)``)."""
+    from accel.sparse.blocks import block_classes
+    from accel.sparse.kernels import default_block_size
 
+    size = block_size or default_block_size(grid.length)
     values = []
     for pattern in candidates:
         if pattern.kind != "sparse":
-            values.append(float(pattern.kind == "dense"))
-        else:
-            values.append(1.0 - block_mask_for([pattern], grid, "cpu", block_size).sparsity() / 100.0)
+            values.append((float(pattern.kind == "dense"), 0.0))
+            continue
+        partial, full = block_classes([pattern], grid, size, size)
+        visited, masked_rows = (partial | full).float(), partial.any(-1, keepdim=True)
+        values.append(((visited * ~masked_rows).mean().item(), (visited * masked_rows).mean().item()))
     return np.array(values)
 
 

@@ -353,6 +353,10 @@ class TritonSparseAttention:
                 "the Triton interpreter: TRITON_INTERPRET=1 before this module is imported)"
             )
 
+    def density(self) -> float:
+        """The fraction of tiles the launch visits (full or partial)."""
+        return self.table.density()
+
     def __call__(
         self,
         query: torch.Tensor,

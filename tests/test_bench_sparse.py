@@ -35,7 +35,18 @@ def test_kernel_rows_time_the_pattern_nearest_each_density():
     assert row["tokens"] == 512 and row["density"] == 0.5  # 2 frames: one frame of two, or all
     assert row["sdpa_ms"] > 0 and row["sparse_ms"] > 0
     assert row["ratio"] == pytest.approx(row["sdpa_ms"] / row["sparse_ms"] * row["density"], rel=0.01)
-    assert result["flex_ratio_at_0.2"] is None  # 0.2 was not measured
+    assert row["backend"] == result["kernel_backend"] == "runs"  # what plans run on here; flex timed beside it
+    assert row["flex_ratio"] == pytest.approx(row["sdpa_ms"] / row["flex_ms"] * row["density"], rel=0.01)
+    assert result["flex_ratio_at_0.2"] is None and result["ratio_at_0.2"] is None  # 0.2 was not measured
+
+
+def test_kernel_rows_of_flex_alone_report_it_as_the_backend():
+    result = sparse.run(
+        ["--lengths", "512", "--densities", "0.2", "--skip-end-to-end", "--repeats", "1"] + ["--backend", "flex"]
+    )
+    (row,) = result["kernel_rows"]
+    assert row["backend"] == "flex" and "flex_ms" not in row
+    assert result["flex_ratio_at_0.2"] == result["ratio_at_0.2"] == row["ratio"]
 
 
 @pytest.mark.slow

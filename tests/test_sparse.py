@@ -33,7 +33,8 @@ from accel.sparse import (
 )
 from accel.sparse.offline import compare_to_dense, run_pipeline, search
 from accel.sparse.patterns import dense_mask
-from accel.sparse.search import ErrorRecorder, candidate_patterns, choose
+from accel.sparse.runs import SliceCall, slice_calls
+from accel.sparse.search import ErrorRecorder, candidate_patterns, choose, fit_cost_model, tile_densities
 
 WAN = TINY_MODELS["wan"]
 
@@ -219,7 +220,7 @@ def test_many_layer_variants_all_run_compiled_flex():
     assert not [w for w in caught if "without torch.compile" in str(w.message)], "flex fell back to eager"
 
 
-def test_a_plan_applied_again_reuses_its_layers_block_masks():
+def test_a_plan_applied_again_reuses_its_layers_launches():
     model = WAN.build()
     plan = uniform_plan(model, HeadPattern(windows=((0, 1, 1),), sink_frames=(0,)))
     kernels = []
@@ -227,7 +228,7 @@ def test_a_plan_applied_again_reuses_its_layers_block_masks():
         with accel.apply(model, SparseAttentionConfig(plan=plan)) as handle:
             denoise(model, WAN, [1], steps=2, cfg=False)
             (built,) = handle[SparseAttentionConfig]._kernels.values()
-            assert all(kernel.block_mask is not None for kernel in built)
+            assert all(kernel.block_density() is not None for kernel in built)  # a sparse launch was built
             kernels.append(built)
     assert all(a is b for a, b in zip(*kernels, strict=True))
 
@@ -335,3 +336,68 @@ def test_accel_search_technique_sparse_writes_a_plan_that_loads(tmp_path):
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.model_class == "WanTransformer3DModel" and plan.metrics["density"] <= 0.5 + 1e-9
     assert main(["search", "--technique", "pruning", "--out", "x"]) == 2
+
+
+# frames of 32 tokens, blocks of 32: a window over whole frames visits whole (full) tiles
+ALIGNED = TokenGrid(4, 4, 8)
+SLICED = [
+    HeadPattern(windows=((0, None, None),)),  # one run per query frame
+    HeadPattern(windows=((1, None, None),), sink_frames=(-1,)),  # two runs for the first frames
+    HeadPattern.skip(),
+    HeadPattern(windows=((1, None, None),)),
+    HeadPattern(windows=((None, 1, 1),)),  # partial tiles: FlexAttention's rows
+    HeadPattern(),  # sees no key: zeros
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_runs_backend_slices_whole_tiles_and_meets_the_reference_bound(dtype):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, len(SLICED), ALIGNED.length, 16, generator=generator) for _ in range(3))
+    ref = reference_attention(q, k, v, SLICED, ALIGNED)
+    low = [t.to(dtype) for t in (q, k, v)]
+    ref_low_err = (reference_attention(*low, SLICED, ALIGNED).float() - ref).abs().max()
+    kernel = LayerAttention(SLICED, ALIGNED, backend="runs", block_size=32)
+    out = kernel(*low).float()
+    assert (out - ref).abs().max() <= 2 * ref_low_err + 1e-5
+    assert out[:, 2].abs().max() == 0 and out[:, 5].abs().max() == 0  # skip head; a head that sees nothing
+    calls = kernel.launch.calls  # the launch holds the sparse heads 0, 1, 3, 4, 5 as 0..4
+    assert {call.heads for call in calls} >= {(0, 1), (1, 3)}  # heads 1 and 3 share the middle frames' runs
+    assert any(len(call.keys) == 2 for call in calls)  # the sink: two runs, concatenated
+    assert kernel.launch.block_mask is not None  # the spatial window's rows
+
+
+def test_slice_calls_merge_query_blocks_and_heads_that_share_their_runs():
+    full = torch.zeros(3, 4, 4, dtype=torch.bool)
+    full[:, :2, :2] = True  # every head: query blocks 0-1 see key blocks 0-1
+    full[:, 2:, 3] = True  # query blocks 2-3 see key block 3 ...
+    full[1, 2:, 0] = True  # ... and head 1 also block 0
+    flex = torch.zeros(3, 4, dtype=torch.bool)
+    flex[2, 3] = True  # head 2's last query block: FlexAttention's
+    calls = set(slice_calls(full, flex, block=16, length=60))
+    assert calls == {
+        SliceCall((0, 3), (0, 32), ((0, 32),)),
+        SliceCall((0, 1), (32, 60), ((48, 60),)),  # clipped to the length
+        SliceCall((1, 2), (32, 60), ((0, 16), (48, 60))),
+        SliceCall((2, 3), (32, 48), ((48, 60),)),
+    }
+
+
+def test_runs_backend_compiles_to_one_graph_without_recompiles():
+    kernel = LayerAttention(SLICED, ALIGNED, backend="runs", block_size=32)
+    counter = CompileCounter()
+    compiled = torch.compile(kernel.__call__, backend=counter, fullgraph=True)
+    for seed in (0, 1):
+        generator = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(1, len(SLICED), ALIGNED.length, 16, generator=generator) for _ in range(3))
+        assert (compiled(q, k, v) - kernel(q, k, v)).abs().max() < 1e-5
+    assert counter.frame_count == 1
+
+
+def test_tile_densities_split_unmasked_and_masked_rows_and_the_cost_model_prices_both():
+    frames, spatial = HeadPattern(windows=((0, None, None),)), HeadPattern(windows=((None, 1, 1),))
+    tiles = tile_densities([HeadPattern.dense(), HeadPattern.skip(), frames, spatial], ALIGNED, block_size=32)
+    assert tiles.tolist() == [[1.0, 0.0], [0.0, 0.0], [0.25, 0.0], [0.0, 1.0]]  # 1 frame of 4; every tile partial
+    cost = fit_cost_model(ALIGNED, heads=2, head_dim=16, repeats=1)
+    assert {(full > 0, partial > 0) for full, partial, _ in cost.points} == {(True, False), (False, True)}
+    assert cost.head_cost(HeadPattern.skip(), (0.0, 0.0)) == 0 and cost.head_cost(frames, (0.25, 0.0)) >= 0

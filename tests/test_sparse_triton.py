@@ -281,8 +281,8 @@ def test_a_missing_triton_names_the_extra(monkeypatch):
 
 
 def test_auto_backend_is_triton_only_on_cuda():
-    assert auto_backend("cpu") == "flex"
-    assert LayerAttention(WINDOWS, TokenGrid(2, 4, 4), "cpu").backend == "flex"
+    assert auto_backend("cpu") == "runs"
+    assert LayerAttention(WINDOWS, TokenGrid(2, 4, 4), "cpu").backend == "runs"
 
 
 # ---------------------------------------------------------------------------------------- the compiled kernel
