@@ -38,8 +38,9 @@ class SparseAttentionConfig:
     Attributes:
         plan: a sparse-attention plan (:func:`accel.sparse.make_plan`, :func:`accel.sparse.uniform_plan`,
             :func:`accel.sparse.search` or ``Plan.load``).
-        backend: ``"auto"`` (the Triton kernel on CUDA when triton is installed, else FlexAttention),
-            ``"triton"``, ``"flex"``, ``"sdpa"`` (materialised mask) or ``"reference"``.
+        backend: ``"auto"`` (the Triton kernel on CUDA when triton is installed, else ``"runs"``),
+            ``"triton"``, ``"runs"`` (SDPA over key slices where whole tiles allow it, FlexAttention for the other
+            rows; :mod:`accel.sparse.runs`), ``"flex"``, ``"sdpa"`` (materialised mask) or ``"reference"``.
         block_size: the block mask's tile; default by sequence length
             (:func:`accel.sparse.kernels.default_block_size`).
         dense_steps: run the first this many denoising steps with dense attention; ``None`` (default) takes the
