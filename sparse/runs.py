@@ -1,4 +1,4 @@
-"""Block-sparse attention as dense SDPA over runs of whole tiles: the fast CPU link of the fallback chain.
+"""Block-sparse attention as SDPA over runs of visited tiles: the fast CPU link of the fallback chain.
 
 A window over frames (Sparse-vDiT's diagonal and multi-diagonal patterns) visits, for each query block, one or a
 few contiguous runs of key blocks, every tile of them **full** (all pairs allowed) when frames fill whole blocks.
@@ -6,14 +6,14 @@ Such a query range needs no mask at all: its attention is plain SDPA over slices
 slice is a view, so a single run costs no copy, and SDPA's CPU flash kernel computes a visited tile about three
 times faster than compiled FlexAttention does (``python -m accel.bench sparse``, one thread, 8,192 tokens).
 
-:class:`RunsAttention` splits one launch's ``(head, query block)`` rows in two:
+:class:`RunsAttention` groups one launch's ``(head, query block)`` rows into SDPA calls: consecutive query blocks
+with the same runs of visited key blocks, then heads with the same query range and runs, make one call (several
+runs are concatenated). A call over full tiles only needs no mask. A call with partial tiles gets an additive
+float mask over its runs, built once, while the masks of the launch fit in :data:`MASK_BYTES` (a float mask
+costs SDPA's CPU kernel about 8%); past that, the rows with a partial tile run through FlexAttention with a block
+mask restricted to them (compiled), as the ``"flex"`` backend runs them.
 
-* rows whose visited tiles are all full: consecutive query blocks with the same key runs, and then heads with
-  the same query range and runs, are merged into one SDPA call each (several runs are concatenated);
-* rows with a partial tile: FlexAttention with a block mask restricted to those rows (compiled), as the
-  ``"flex"`` backend runs them.
-
-Rows that visit no tile get zeros, as in :func:`accel.sparse.reference.reference_attention`. A layout that would
+Rows that see no key get zeros, as in :func:`accel.sparse.reference.reference_attention`. A layout that would
 need more than :data:`MAX_CALLS` SDPA calls runs every row through FlexAttention instead (the calls are unrolled
 into a compiled graph).
 """
@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 #: the most SDPA calls one launch unrolls; past it, every row runs through FlexAttention
 MAX_CALLS = 512
+
+#: the most bytes of additive masks one launch keeps for its rows with partial tiles; past it, those rows run
+#: through FlexAttention (a float mask costs SDPA about 8% on CPU, FlexAttention's tile about 3x SDPA's)
+MASK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,8 @@ def slice_calls(full: torch.Tensor, flex_rows: torch.Tensor, block: int, length:
 
 
 class RunsAttention:
-    """A block-sparse launch as SDPA over runs of full tiles plus FlexAttention for rows with partial tiles.
+    """A block-sparse launch as SDPA calls over runs of visited tiles (masked where a tile is partial), with
+    FlexAttention for the rows with partial tiles when their masks would not fit in :data:`MASK_BYTES`.
 
     Args:
         patterns: one sparse :class:`HeadPattern` per head of the launch.
@@ -101,26 +106,20 @@ class RunsAttention:
     """
 
     def __init__(self, patterns: Sequence[HeadPattern], grid: TokenGrid, device: torch.device | str, block: int):
-        from torch.nn.attention.flex_attention import create_block_mask
-
         self.grid, self.block = grid, block
         partial, full = block_classes(patterns, grid, block, block)
-        flex_rows = partial.any(-1)  # (heads, q_blocks)
-        self.calls = slice_calls(full, flex_rows, block, grid.length)
+        visited = partial | full
+        self.visited = visited.sum().item() / max(1, full.numel())
+        masked_rows = partial.any(-1)  # (heads, q_blocks)
+        mask_bytes = 4 * block * block * (visited & masked_rows[..., None]).sum().item()
+        flex_rows = masked_rows if mask_bytes > MASK_BYTES else torch.zeros_like(masked_rows)
+        self.calls = slice_calls(visited, flex_rows, block, grid.length)
         if len(self.calls) > MAX_CALLS:
             logger.debug("%d SDPA calls in one launch (> %d): FlexAttention for every row", len(self.calls), MAX_CALLS)
             self.calls, flex_rows = [], torch.ones_like(flex_rows)
-        self.visited = (partial | full).sum().item() / max(1, full.numel())
-        self.block_mask = None
-        if flex_rows.any():
-            tables, rows = HeadTables.build(patterns, grid, device), flex_rows.to(device)
-
-            def mask_mod(batch, head, query, key):
-                return allowed(tables, grid, head, query, key) & rows[head, query // block]
-
-            self.block_mask = create_block_mask(
-                mask_mod, None, len(patterns), grid.length, grid.length, device=device, BLOCK_SIZE=block
-            )
+        tables = HeadTables.build(patterns, grid, device)
+        self.masks = [_call_mask(tables, grid, call, partial, block, device) for call in self.calls]
+        self.block_mask = _flex_block_mask(tables, grid, flex_rows.to(device), block) if flex_rows.any() else None
 
     def density(self) -> float:
         """The fraction of tiles the launch visits (full or partial)."""
@@ -134,13 +133,44 @@ class RunsAttention:
             out = flex_attention(query, key, value, self.block_mask, scale)
         else:
             out = torch.zeros_like(query)
-        for call in self.calls:
+        for call, mask in zip(self.calls, self.masks, strict=True):
             (h0, h1), (q0, q1) = call.heads, call.queries
             keys = [key[:, h0:h1, start:stop] for start, stop in call.keys]  # views: no copy for one run
             values = [value[:, h0:h1, start:stop] for start, stop in call.keys]
             if len(keys) > 1:
                 keys, values = [torch.cat(keys, 2)], [torch.cat(values, 2)]
             out[:, h0:h1, q0:q1] = F.scaled_dot_product_attention(
-                query[:, h0:h1, q0:q1], keys[0], values[0], scale=scale
-            )
+                query[:, h0:h1, q0:q1], keys[0], values[0], attn_mask=None if mask is None else mask.to(query.dtype),
+                scale=scale,
+            )  # fmt: skip
         return out
+
+
+def _call_mask(
+    tables: HeadTables, grid: TokenGrid, call: SliceCall, partial: torch.Tensor, block: int, device
+) -> torch.Tensor | None:
+    """The additive float32 mask ``(heads, queries, keys)`` of one call over its key runs (0 where allowed,
+    -inf where not), or None when its tiles are all full."""
+    (h0, h1), (q0, q1) = call.heads, call.queries
+    kv_blocks = [b for start, stop in call.keys for b in range(start // block, -(-stop // block))]
+    if not partial[h0:h1, q0 // block : -(-q1 // block)][..., kv_blocks].any():
+        return None
+    heads = torch.arange(h0, h1, device=device)[:, None, None]
+    queries = torch.arange(q0, q1, device=device)[None, :, None]
+    keys = torch.cat([torch.arange(start, stop, device=device) for start, stop in call.keys])[None, None, :]
+    allowed_pairs = allowed(tables, grid, heads, queries, keys)  # (heads, queries, keys)
+    # every pattern lets a query see itself, a sink frame or the text, so no row of a visited tile is empty
+    # (an empty row would be NaN under SDPA where the reference gives 0)
+    assert allowed_pairs.any(-1).all(), "a query row of a visited tile sees no key"
+    return torch.zeros(allowed_pairs.shape, device=device).masked_fill(~allowed_pairs, float("-inf"))
+
+
+def _flex_block_mask(tables: HeadTables, grid: TokenGrid, rows: torch.Tensor, block: int):
+    """A FlexAttention block mask of the pattern restricted to the query blocks ``rows`` ``(heads, q_blocks)``."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(batch, head, query, key):
+        return allowed(tables, grid, head, query, key) & rows[head, query // block]
+
+    heads, length = rows.shape[0], grid.length
+    return create_block_mask(mask_mod, None, heads, length, length, device=rows.device, BLOCK_SIZE=block)

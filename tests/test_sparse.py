@@ -351,7 +351,9 @@ SLICED = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_runs_backend_slices_whole_tiles_and_meets_the_reference_bound(dtype):
+@pytest.mark.parametrize("mask_bytes", [64 << 20, 0])  # partial tiles: masked SDPA, or FlexAttention
+def test_runs_backend_slices_whole_tiles_and_meets_the_reference_bound(dtype, mask_bytes, monkeypatch):
+    monkeypatch.setattr(accel.sparse.runs, "MASK_BYTES", mask_bytes)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, len(SLICED), ALIGNED.length, 16, generator=generator) for _ in range(3))
     ref = reference_attention(q, k, v, SLICED, ALIGNED)
@@ -364,7 +366,11 @@ def test_runs_backend_slices_whole_tiles_and_meets_the_reference_bound(dtype):
     calls = kernel.launch.calls  # the launch holds the sparse heads 0, 1, 3, 4, 5 as 0..4
     assert {call.heads for call in calls} >= {(0, 1), (1, 3)}  # heads 1 and 3 share the middle frames' runs
     assert any(len(call.keys) == 2 for call in calls)  # the sink: two runs, concatenated
-    assert kernel.launch.block_mask is not None  # the spatial window's rows
+    masked = [call.heads for call, mask in zip(calls, kernel.launch.masks) if mask is not None]
+    if mask_bytes:  # the spatial window's rows: SDPA with a mask, the frame windows' without
+        assert kernel.launch.block_mask is None and set(masked) == {(3, 4)}
+    else:
+        assert kernel.launch.block_mask is not None and not masked
 
 
 def test_slice_calls_merge_query_blocks_and_heads_that_share_their_runs():
