@@ -528,8 +528,6 @@ def _write_model_index(out: Path) -> None:
 
 def sample(args: argparse.Namespace) -> None:
     """Generate held-out object/motion pairs with the exported pipeline; save a strip PNG (one clip a row)."""
-    from PIL import Image
-
     from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
 
     _, names, split = load_emoji()
@@ -540,11 +538,19 @@ def sample(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     kwargs = {**DEFAULT_VIDEO_CALL_KWARGS, "num_inference_steps": args.sample_steps}
     frames = pipe(prompts, generator=generator, **kwargs).frames  # (B, T, H, W, 3) in [0, 1]
-    shown = np.linspace(0, frames.shape[1] - 1, 9).round().astype(int)
-    grid = np.concatenate([np.concatenate(list(clip[shown]), axis=1) for clip in frames], axis=0)
     path = args.work / f"samples_{json.loads((Path(args.out) / 'training.json').read_text())['dit_steps']}.png"
-    Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
+    save_strip(path, list(frames))
     logger.info("wrote %s for prompts %s", path, prompts)
+
+
+def save_strip(path: Path, clips: list) -> None:
+    """Write ``clips`` (each ``(T, H, W, 3)`` in [0, 1], numpy or torch) as a PNG: one clip a row, 9 evenly spaced
+    frames."""
+    from PIL import Image
+
+    shown = np.linspace(0, len(clips[0]) - 1, 9).round().astype(int)
+    rows = [np.concatenate([np.asarray(clip[i]) for i in shown], axis=1) for clip in clips]  # (H, 9 W, 3) each
+    Image.fromarray((np.concatenate(rows) * 255).round().astype(np.uint8)).save(path)
 
 
 @torch.no_grad()
@@ -553,7 +559,6 @@ def roundtrip(args: argparse.Namespace) -> None:
     strip PNG (each rendered clip above its decoded one) and log each clip's PSNR and the mean colour of its ink
     (pixels the rendered frame does not leave white), rendered against decoded: what the VAE alone loses."""
     from diffusers import AutoencoderKLWan
-    from PIL import Image
 
     from accel.eval.metrics import psnr
 
@@ -574,10 +579,8 @@ def roundtrip(args: argparse.Namespace) -> None:
         logger.info("%s: PSNR %.1f dB; ink colour %s -> %s", caption(names[spec.index], spec.motion), db, *colours)
     logger.info("mean of %d clips: PSNR %.2f dB, ink colour off by %.1f levels of 255", len(specs), scores.mean(),
                 np.mean(errors))  # fmt: skip
-    shown = np.linspace(0, FRAMES - 1, 9).round().astype(int)
-    rows = [torch.cat(list(x[shown]), dim=1) for pair in zip(clips, decoded) for x in pair]  # (H, 9 W, 3) each
     path = args.work / "roundtrip.png"
-    Image.fromarray((torch.cat(rows) * 255).round().byte().numpy()).save(path)
+    save_strip(path, [x.numpy() for pair in zip(clips, decoded) for x in pair])  # each rendered clip above its decoded
     logger.info("wrote %s", path)
 
 
