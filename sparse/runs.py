@@ -107,7 +107,7 @@ class RunsAttention:
 
     def __init__(self, patterns: Sequence[HeadPattern], grid: TokenGrid, device: torch.device | str, block: int):
         self.grid, self.block = grid, block
-        partial, full = block_classes(patterns, grid, block, block)
+        partial, full = (t.cpu() for t in block_classes(patterns, grid, block, block, device))  # walked in Python
         visited = partial | full
         self.visited = visited.sum().item() / max(1, full.numel())
         masked_rows = partial.any(-1)  # (heads, q_blocks)

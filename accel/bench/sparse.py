@@ -5,8 +5,9 @@ Two parts, one run:
 * **kernel rows**: one attention layer of random ``(1, heads, tokens, head_dim)`` inputs on a ``(frames, 16, 16)``
   grid, dense SDPA against the sparse kernel at several attention densities (windows over frames), each as a
   fraction of the ideal speed-up ``1 / density``: ``ratio = (t_sdpa / t_sparse) * density``. The kernel is
-  ``--backend``'s (``auto``: the one plans run on, ``"runs"`` on CPU); FlexAttention is timed beside it when
-  that is another backend (``flex_ratio``), all interleaved in one run.
+  ``--backend``'s (``auto``: the one plans run on, ``"runs"`` on CPU, ``"triton"`` on CUDA); the ``"runs"`` and
+  ``"flex"`` backends are timed beside it where they are others (``runs_ratio``, ``flex_ratio``), all interleaved
+  in one run.
 * **end to end** on the bundled video model: :func:`accel.sparse.search` at ``--target-density``, against the
   best uniform plan (one pattern for every head) at the same density, both scored by PSNR/SSIM of the decoded
   clips against the dense run of the same prompts and seeds, and timed against it (each plan applied around its
@@ -134,22 +135,23 @@ def _length_rows(args, length: int, densities: list[float], dtype, heads: int, d
             "sparse_ms": round(1000 * timings[target, backends[0]].median, 3),
             "ratio": round(sdpa / timings[target, backends[0]].median * actual, 3),
         }
-        if len(backends) > 1:  # FlexAttention beside the chosen backend
-            row["flex_ms"] = round(1000 * timings[target, "flex"].median, 3)
-            row["flex_ratio"] = round(sdpa / timings[target, "flex"].median * actual, 3)
-        flex = f"  flex {row['flex_ms']:9.2f} ms  of ideal {row['flex_ratio']:.2f}" if "flex_ms" in row else ""
+        others = ""
+        for backend in backends[1:]:  # the other links of the chain, beside the chosen one
+            row[f"{backend}_ms"] = round(1000 * timings[target, backend].median, 3)
+            row[f"{backend}_ratio"] = round(sdpa / timings[target, backend].median * actual, 3)
+            others += f"  {backend} {row[f'{backend}_ms']:9.2f} ms  of ideal {row[f'{backend}_ratio']:.2f}"
         print(
             f"{length:>6} tokens  density {actual:.3f} (tiles {row['block_density']:.3f})  SDPA {row['sdpa_ms']:9.2f} "
-            f"ms  {row['backend']} {row['sparse_ms']:9.2f} ms  of ideal {row['ratio']:.2f}{flex}"
+            f"ms  {row['backend']} {row['sparse_ms']:9.2f} ms  of ideal {row['ratio']:.2f}{others}"
         )
         rows.append(row)
     return rows
 
 
 def _timed_backends(args) -> list[str]:
-    """The backend the plans run on (``--backend``), then ``"flex"`` when that is another one."""
+    """The backend the plans run on (``--backend``), then ``"runs"`` and ``"flex"`` where they are others."""
     chosen = auto_backend(args.device) if args.backend == "auto" else args.backend
-    return [chosen] if chosen == "flex" else [chosen, "flex"]
+    return [chosen] + [backend for backend in ("runs", "flex") if backend != chosen]
 
 
 def end_to_end(args) -> dict:
