@@ -378,3 +378,19 @@ def test_every_autotune_config_compiles_for_hopper(dtype, head_dim):
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         compiled = compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         assert compiled.asm["cubin"] and compiled.metadata.shared <= 228 * 1024, config
+
+
+@pytest.mark.gpu
+def test_runs_backend_on_cuda_meets_the_reference_bound_compiled_and_eager():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    grid = TokenGrid(8, 32, 32)  # frames of 1,024 tokens: whole tiles of 128, so frame windows run unmasked
+    layer = LayerAttention(GPU_PATTERNS, grid, "cuda", backend="runs")
+    assert layer.launch.calls and 0 < layer.block_density() < 1
+    generator = torch.Generator("cuda").manual_seed(2)
+    tensors = [torch.randn(1, len(GPU_PATTERNS), grid.length, 64, device="cuda", generator=generator) for _ in range(3)]
+    low = [t.bfloat16() for t in tensors]
+    eager = layer(*low)
+    compiled = torch.compile(layer.__call__, fullgraph=True)(*low)
+    assert (compiled.float() - eager.float()).abs().max() <= 2e-2  # SDPA may pick another kernel compiled
+    _assert_heads_within_bound(eager, tensors, layer.patterns, grid, torch.bfloat16)
