@@ -9,16 +9,16 @@ Backends, each tested against :func:`accel.sparse.reference.reference_attention`
 * ``"triton"``: the block-sparse flash-attention kernel of :mod:`accel.sparse.triton_attention` (every sparse
   head in one launch, full tiles unmasked, the mask computed in-kernel in partial ones); GPU tensors only
   (CPU under the Triton interpreter), needs the ``triton`` extra;
-* ``"runs"``: :mod:`accel.sparse.runs`: SDPA over slices of ``key``/``value`` for the query ranges whose tiles
-  are all full (windows over whole frames), FlexAttention (compiled) for the rest; any device;
+* ``"runs"``: :mod:`accel.sparse.runs`: SDPA per query range over slices of ``key``/``value``, unmasked where
+  the range's tiles are all full (windows over whole frames), with an additive mask where some are partial, and
+  FlexAttention (compiled) for those rows when their masks would not fit in a budget; any device;
 * ``"flex"``: FlexAttention with a block mask whose ``mask_mod`` is :func:`accel.sparse.patterns.allowed`
   over per-head tables, so every sparse head of the layer shares one launch; compiled (on CPU and GPU);
 * ``"sdpa"``: SDPA with a materialised boolean mask (``heads x length x length``): the last resort;
 * ``"reference"``: the float32 specification.
 
 The fallback chain is triton -> runs -> flex -> sdpa -> reference: ``"auto"`` picks ``"triton"`` when the
-layer's device is CUDA and triton is installed, else ``"runs"`` (which is ``"flex"`` for the rows it cannot
-slice); ``"sdpa"`` (memory quadratic in the length) and
+layer's device is CUDA and triton is installed, else ``"runs"``; ``"sdpa"`` (memory quadratic in the length) and
 ``"reference"`` (float32, for tests) are only ever chosen by name.
 """
 
