@@ -149,8 +149,9 @@ class RunsAttention:
 def _call_mask(
     tables: HeadTables, grid: TokenGrid, call: SliceCall, partial: torch.Tensor, block: int, device
 ) -> torch.Tensor | None:
-    """The additive float32 mask ``(heads, queries, keys)`` of one call over its key runs (0 where allowed,
-    -inf where not), or None when its tiles are all full."""
+    """The additive float32 mask ``(1, heads, queries, keys)`` of one call over its key runs (0 where allowed,
+    -inf where not), or None when its tiles are all full. Four dimensions: SDPA's CPU flash kernel takes a 4-D
+    mask, and a 3-D one sends the call to the unfused math path (4x slower at 576 tokens)."""
     (h0, h1), (q0, q1) = call.heads, call.queries
     kv_blocks = [b for start, stop in call.keys for b in range(start // block, -(-stop // block))]
     if not partial[h0:h1, q0 // block : -(-q1 // block)][..., kv_blocks].any():
@@ -162,7 +163,7 @@ def _call_mask(
     # every pattern lets a query see itself, a sink frame or the text, so no row of a visited tile is empty
     # (an empty row would be NaN under SDPA where the reference gives 0)
     assert allowed_pairs.any(-1).all(), "a query row of a visited tile sees no key"
-    return torch.zeros(allowed_pairs.shape, device=device).masked_fill(~allowed_pairs, float("-inf"))
+    return torch.zeros(allowed_pairs.shape, device=device).masked_fill(~allowed_pairs, float("-inf"))[None]
 
 
 def _flex_block_mask(tables: HeadTables, grid: TokenGrid, rows: torch.Tensor, block: int):

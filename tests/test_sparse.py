@@ -407,3 +407,14 @@ def test_tile_densities_split_unmasked_and_masked_rows_and_the_cost_model_prices
     cost = fit_cost_model(ALIGNED, heads=2, head_dim=16, repeats=1)
     assert {(full > 0, partial > 0) for full, partial, _ in cost.points} == {(True, False), (False, True)}
     assert cost.head_cost(HeadPattern.skip(), (0.0, 0.0)) == 0 and cost.head_cost(frames, (0.25, 0.0)) >= 0
+
+
+def test_runs_backend_masked_calls_take_sdpas_fused_kernel_not_the_math_path():
+    kernel = LayerAttention(SLICED, ALIGNED, backend="runs", block_size=32)
+    assert any(mask is not None for mask in kernel.launch.masks)
+    q, k, v = (torch.randn(1, len(SLICED), ALIGNED.length, 16) for _ in range(3))
+    with torch.profiler.profile() as profiler:
+        kernel(q, k, v)
+    ops = {event.name for event in profiler.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_softmax" not in ops  # a 3-D mask sent masked calls to the unfused math path (4x slower)
