@@ -4,7 +4,8 @@ A window over frames (Sparse-vDiT's diagonal and multi-diagonal patterns) visits
 few contiguous runs of key blocks, every tile of them **full** (all pairs allowed) when frames fill whole blocks.
 Such a query range needs no mask at all: its attention is plain SDPA over slices of ``key`` and ``value``. A
 slice is a view, so a single run costs no copy, and SDPA's CPU flash kernel computes a visited tile about three
-times faster than compiled FlexAttention does (``python -m accel.bench sparse``, one thread, 8,192 tokens).
+times faster than compiled FlexAttention does (dense through both, 8,192 tokens, one thread: 255-285 ms against
+800 ms; in ``python -m accel.bench sparse`` this backend reaches about twice FlexAttention's share of the ideal).
 
 :class:`RunsAttention` groups one launch's ``(head, query block)`` rows into SDPA calls: consecutive query blocks
 with the same runs of visited key blocks, then heads with the same query range and runs, make one call (several
@@ -62,26 +63,27 @@ def _ranges(indices: Sequence[int]) -> list[tuple[int, int]]:
     return [(start, stop) for start, stop in ranges]
 
 
-def key_runs(full_row: torch.Tensor, block: int, length: int) -> tuple[tuple[int, int], ...]:
-    """The contiguous token ranges covered by the True entries of ``full_row`` (``(kv_blocks,)`` bool), each
-    block ``block`` tokens, clipped to ``length``."""
-    blocks = _ranges(full_row.nonzero().flatten().tolist())
+def key_runs(row: torch.Tensor, block: int, length: int) -> tuple[tuple[int, int], ...]:
+    """The contiguous token ranges covered by the True entries of ``row`` (``(kv_blocks,)`` bool), each block
+    ``block`` tokens, clipped to ``length``."""
+    blocks = _ranges(row.nonzero().flatten().tolist())
     return tuple((start * block, min(stop * block, length)) for start, stop in blocks)
 
 
-def slice_calls(full: torch.Tensor, flex_rows: torch.Tensor, block: int, length: int) -> list[SliceCall]:
+def slice_calls(visited: torch.Tensor, flex_rows: torch.Tensor, block: int, length: int) -> list[SliceCall]:
     """The SDPA calls of the rows that are not in ``flex_rows``: consecutive query blocks of a head with the same
     key runs form one query range, and the heads sharing a query range and runs form ranges of consecutive heads.
 
     Args:
-        full: ``(heads, q_blocks, kv_blocks)`` bool: the full tiles.
+        visited: ``(heads, q_blocks, kv_blocks)`` bool: the tiles the launch visits (full or partial).
         flex_rows: ``(heads, q_blocks)`` bool: rows left to FlexAttention.
         block: the tile size (queries and keys).
         length: the sequence length.
     """
     heads_of: dict[tuple, list[int]] = {}  # (query range, key runs) -> heads, ascending
-    for head in range(full.shape[0]):
-        row_runs = [None if flex else key_runs(row, block, length) for row, flex in zip(full[head], flex_rows[head])]
+    for head in range(visited.shape[0]):
+        rows = zip(visited[head], flex_rows[head])
+        row_runs = [None if flex else key_runs(row, block, length) for row, flex in rows]
         for runs, group in itertools.groupby(enumerate(row_runs), key=lambda item: item[1]):
             if runs:  # None: FlexAttention's row; (): no key, zeros
                 blocks = [q_block for q_block, _ in group]
@@ -106,7 +108,6 @@ class RunsAttention:
     """
 
     def __init__(self, patterns: Sequence[HeadPattern], grid: TokenGrid, device: torch.device | str, block: int):
-        self.grid, self.block = grid, block
         partial, full = (t.cpu() for t in block_classes(patterns, grid, block, block, device))  # walked in Python
         visited = partial | full
         self.visited = visited.sum().item() / max(1, full.numel())
