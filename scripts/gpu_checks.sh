@@ -50,7 +50,7 @@ triton.__version__, '| diffusers', diffusers.__version__, '| torchao', torchao._
 cat "$out/env.txt"
 
 check tests-gpu 100 python3 -m pytest -q -m gpu -p no:cacheprovider "$repo/tests/test_sparse_triton.py"
-check bench-sparse-gpu 170 python3 -m accel.bench sparse --device cuda --skip-end-to-end --repeats 5
+check bench-sparse-gpu 170 python3 -m accel.bench sparse --device cuda --skip-end-to-end --repeats 5 --densities 0.1,0.2,0.3
 check bench-quant-gpu 300 python3 -m accel.bench quant --device cuda --repeats 2 --gpu-steps 10
 check bench-gpu 240 python3 -m accel.bench gpu --repeats 3
 echo "== done at $(date -u +%T), $((deadline - $(date +%s)))s before the deadline"

@@ -3,6 +3,7 @@
 Stages, each resumable from its checkpoints under ``--work`` (default ``runs/video_model``):
 
     python scripts/train_video_model.py vae --minutes 20     # AutoencoderKLWan 17x64x64x3 <-> 9x16x16x8
+    python scripts/train_video_model.py captions             # (optional) MiniLM states of every caption
     python scripts/train_video_model.py encode               # cache clip latents and MiniLM caption states
     python scripts/train_video_model.py frames               # cache 1-frame clips of every training pair
     python scripts/train_video_model.py dit --minutes 90     # rectified-flow WanTransformer3DModel, EMA
@@ -15,10 +16,16 @@ data/noise generator), so a run may span sessions. Clips come from ``scripts/ren
 fly, seeded); the text encoder is the all-MiniLM-L6-v2 copy in ``pipelines/default_model``, encoded exactly as
 ``WanPipeline`` does (token states, padding zeroed, no mask). ``--device cuda`` trains on a GPU.
 
+``captions`` stores the caption states of every object/motion pair in ``--work``; ``encode`` and ``frames`` then
+look captions up there instead of running the text encoder, so a machine without its weights (a lent GPU the
+checkout travels to without them) can encode. ``encode --workers N`` renders clips in ``N`` processes.
+
 ``dit --frame-batch N`` trains on images and video jointly, as Wan does: each step adds the loss of ``N`` one-frame
 clips (the first frame of a training pair's clip, which the causal VAE encodes alone, as it encodes a clip's first
 frame: 64 tokens each) to the loss of the video batch, so object appearance is learnt at a ninth of the cost per
-sample.
+sample. Without the ``frames`` stage's file, the one-frame clips are the first latent frames of the encoded clips
+(the same latents: the causal VAE encodes a clip's first frame alone). ``dit --decay-at-deadline`` lets the lr fall
+linearly to zero at the ``--minutes`` deadline, for a run that must end inside one lease of a GPU.
 
 ``python scripts/train_video_model.py gap --out FOLDER`` prints how much an export uses the object's name
 (:func:`caption_gap`). ``encode``, ``frames``, ``export``, ``sample`` and ``gap --objects objects.json`` (a JSON
@@ -67,6 +74,7 @@ logger = logging.getLogger("train_video_model")
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_DIR = ROOT / "pipelines" / "default_model"  # tokenizer/ and text_encoder/ (all-MiniLM-L6-v2, fp16)
 TEXT_LENGTH = 32  # tokens; the longest caption has 22
+CAPTIONS = "captions.safetensors"  # the ``captions`` stage's table in --work
 # the scheduler's sigma shift at sampling time: on 64 training-split object/motion pairs (20 steps, guidance 4,
 # the 9,070-step export) FID-EffNetLite0 was 172.0 / 168.6 / 166.6 / 165.6 / 165.4 at shift 1 / 2 / 3 / 4 / 5
 FLOW_SHIFT = 5.0
@@ -106,8 +114,31 @@ DIT_CONFIG = dict(
 
 def render_batch(images: np.ndarray, specs: list[ClipSpec], frames: int = FRAMES) -> torch.Tensor:
     """Clips as float ``(B, 3, frames, SIZE, SIZE)`` in [-1, 1] (the first ``frames`` of each clip's track)."""
-    clips = np.stack([render_clip(images[s.index], s.motion, s.seed, frames) for s in specs])  # (B, T, H, W, 3)
+    return as_clip_tensor(_render_uint8(images, specs, frames))
+
+
+def _render_uint8(images: np.ndarray, specs: list[ClipSpec], frames: int = FRAMES) -> np.ndarray:
+    return np.stack([render_clip(images[s.index], s.motion, s.seed, frames) for s in specs])  # (B, T, H, W, 3)
+
+
+def as_clip_tensor(clips: np.ndarray) -> torch.Tensor:
+    """uint8 ``(B, T, H, W, 3)`` frames as float ``(B, 3, T, H, W)`` in [-1, 1]."""
     return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def rendered_batches(images: np.ndarray, specs: list[ClipSpec], batch: int, workers: int = 1, frames: int = FRAMES):
+    """:func:`render_batch` of consecutive ``batch``-sized chunks of ``specs``, in order, rendered by ``workers``
+    processes (in this one when 1)."""
+    chunks = [specs[start : start + batch] for start in range(0, len(specs), batch)]
+    if workers <= 1:
+        yield from (render_batch(images, chunk, frames) for chunk in chunks)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    with ProcessPoolExecutor(workers) as pool:
+        for clips in pool.map(partial(_render_uint8, images, frames=frames), chunks):
+            yield as_clip_tensor(clips)
 
 
 def encode_text(captions: list[str], device: str = "cpu") -> torch.Tensor:
@@ -130,6 +161,34 @@ def encode_text(captions: list[str], device: str = "cpu") -> torch.Tensor:
             hidden = encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
             states.append((hidden * tokens.attention_mask[..., None]).cpu())
     return torch.cat(states)
+
+
+def write_captions(args: argparse.Namespace) -> None:
+    """The ``captions`` stage: MiniLM states of the caption of every train and held-out pair (and of the empty
+    prompt) of ``--objects``' split, in ``--work``/:data:`CAPTIONS`, for :func:`caption_states`."""
+    images, names, split = load_emoji()
+    pairs = split_pairs(object_split(split, names, args.objects))
+    captions = sorted({caption(names[i], m) for part in ("train", "heldout") for i, m in pairs[part]}) + [""]
+    states = encode_text(captions, args.device)
+    save_file({"states": states.half().contiguous()}, args.work / CAPTIONS, metadata={"captions": json.dumps(captions)})
+    logger.info("caption states of %d captions in %s", len(captions), args.work / CAPTIONS)
+
+
+def caption_states(args: argparse.Namespace, captions: list[str]) -> torch.Tensor:
+    """:func:`encode_text` of ``captions``, or, where ``--work`` holds the ``captions`` stage's table, those
+    captions' rows of it (a ``KeyError`` naming a caption it lacks)."""
+    path = args.work / CAPTIONS
+    if not path.is_file():
+        return encode_text(captions, args.device)
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        row = {text: k for k, text in enumerate(json.loads(f.metadata()["captions"]))}
+        states = f.get_tensor("states").float()
+    missing = [text for text in captions if text not in row]
+    if missing:
+        raise KeyError(f"{path} has no states for {missing[:3]}: run the 'captions' stage again with these objects")
+    return states[[row[text] for text in captions]]
 
 
 # -- VAE -----------------------------------------------------------------------------------------------------
@@ -264,11 +323,11 @@ def encode(args: argparse.Namespace) -> None:
     specs = clip_specs(object_split(split, names, args.objects), "train", args.clips_per_object, seed=args.seed)
     specs = specs[: args.max_clips]
     vae = load_vae(args.work, args.device, args.init)
-    latents = []
+    latents, batch = [], 16 if args.device == "cpu" else 128
+    batches = rendered_batches(images, specs, batch, args.workers)
     with torch.no_grad():
-        for start in tqdm(range(0, len(specs), 16), desc="encode", mininterval=30):
-            clips = render_batch(images, specs[start : start + 16]).to(args.device)
-            latents.append(vae.encode(clips).latent_dist.mean.cpu())
+        for clips in tqdm(batches, desc="encode", total=-(-len(specs) // batch), mininterval=30):
+            latents.append(vae.encode(clips.to(args.device)).latent_dist.mean.cpu())
     latents = torch.cat(latents)  # (N, 8, 9, 16, 16)
     mean = latents.mean(dim=(0, 2, 3, 4))
     std = latents.std(dim=(0, 2, 3, 4))
@@ -276,7 +335,7 @@ def encode(args: argparse.Namespace) -> None:
         mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)  # its model learned
     latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
     captions = [caption(names[s.index], s.motion) for s in specs]
-    text = encode_text([*captions, ""], args.device)
+    text = caption_states(args, [*captions, ""])
     save_file(
         {"latents": latents.half().contiguous(), "text": text[:-1].half().contiguous(), "empty_text": text[-1:]},
         args.work / "encoded.safetensors",
@@ -337,7 +396,7 @@ def encode_frames(args: argparse.Namespace) -> None:
             clips = render_batch(images, specs[start : start + 64], frames=1)
             latents.append(vae.encode(clips.to(args.device)).latent_dist.mean.cpu())
     latents = (torch.cat(latents) - mean) / std  # (N, 8, 1, 16, 16)
-    text = encode_text([caption(names[s.index], s.motion) for s in specs], args.device)
+    text = caption_states(args, [caption(names[s.index], s.motion) for s in specs])
     save_file(
         {"latents": latents.half().contiguous(), "text": text.half().contiguous()}, args.work / "frames.safetensors"
     )
@@ -369,15 +428,17 @@ def flow_batch(data: dict, batch: int, dropout: float, generator: torch.Generato
     """A rectified-flow batch: ``x_t = (1 - s) x0 + s noise``, target ``noise - x0``, s logit-normal.
 
     Returns ``(x_t, timestep, text, target)``; the timestep is ``1000 s``, as Wan's flow schedulers number them.
-    ``empty_text`` stands in for ``data["empty_text"]`` where ``data`` has none.
+    ``empty_text`` stands in for ``data["empty_text"]`` where ``data`` has none. Everything is drawn on the
+    generator's device, where ``data`` must be.
     """
-    index = torch.randint(len(data["latents"]), (batch,), generator=generator)
+    device = generator.device
+    index = torch.randint(len(data["latents"]), (batch,), generator=generator, device=device)
     x0 = data["latents"][index].float()
     text = data["text"][index].float()
-    drop = torch.rand(batch, generator=generator) < dropout  # classifier-free guidance: the empty prompt
+    drop = torch.rand(batch, generator=generator, device=device) < dropout  # classifier-free guidance: empty prompt
     text[drop] = (data["empty_text"] if empty_text is None else empty_text).float()
-    sigma = torch.sigmoid(torch.randn(batch, generator=generator))
-    noise = torch.randn(x0.shape, generator=generator)
+    sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    noise = torch.randn(x0.shape, generator=generator, device=device)
     s = sigma.view(-1, 1, 1, 1, 1)
     return (1 - s) * x0 + s * noise, sigma * 1000, text, noise - x0
 
@@ -395,22 +456,28 @@ def train_dit(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     if args.reinit_text and args.init is None and not (args.work / "dit.safetensors").exists():
         raise ValueError("--reinit-text starts the caption path afresh on an export: give --init (or resume its run)")
-    encoded = stage_output(args, "encoded.safetensors", "encode")
-    first_frames = stage_output(args, "frames.safetensors", "frames") if args.frame_batch else None
-    data = load_file(encoded)
-    frames = load_file(first_frames) if first_frames else None
+    data = load_file(stage_output(args, "encoded.safetensors", "encode"), device=args.device)
+    frames = None
+    if args.frame_batch and (args.work / "frames.safetensors").is_file():
+        frames = load_file(args.work / "frames.safetensors", device=args.device)
+    elif args.frame_batch:  # the causal VAE encodes a clip's first frame alone: its first latent frame is one
+        frames = {"latents": data["latents"][:, :, :1], "text": data["text"]}
+        logger.info("dit: one-frame clips from the first latent frames of the %d clips", len(data["latents"]))
     model = new_transformer().to(args.device).train()
     logger.info("transformer: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
     path, step, losses, start = args.work / "dit.safetensors", 0, [], 0
     if path.exists():
         tensors, meta = load_checkpoint(path)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         ema = {k[4:]: v.to(args.device) for k, v in tensors.items() if k.startswith("ema.")}
         _restore_optimizer(optimizer, {k: v.to(args.device) for k, v in tensors.items()}, meta["optimizer"])
-        generator.set_state(tensors["generator"])
+        try:
+            generator.set_state(tensors["generator"])
+        except RuntimeError:  # a checkpoint written on another kind of device: its draws cannot continue here
+            logger.warning("dit: the checkpoint's generator is another device's; drawing afresh from --seed")
         step, losses, start = meta["step"], meta["losses"], meta.get("optimizer_start", 0)
     elif args.init is not None:  # no checkpoint here (a new session): start from an exported transformer
         exported = load_file(args.init / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -428,18 +495,19 @@ def train_dit(args: argparse.Namespace) -> None:
     # --decay-steps, then falls linearly to zero at that many steps after the optimiser's start, where training
     # ends; the checkpoint records the start, so a resume continues both
     end = start + args.decay_steps if args.decay_steps else args.max_steps
-    deadline, last_save, window = time.time() + 60 * args.minutes, time.time(), []
+    began, deadline, last_save, window = time.time(), time.time() + 60 * args.minutes, time.time(), []
     bar = tqdm(desc="dit", initial=step, mininterval=30)
     while time.time() < deadline and step < min(end, args.max_steps):
         x_t, timestep, text, target = flow_batch(data, args.batch, args.caption_dropout, generator)
         decay = (end - step) / args.decay_steps if args.decay_steps else 1.0
+        if args.decay_at_deadline:
+            decay = min(decay, max(0.0, (deadline - time.time()) / (deadline - began)))
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step - start + 1) / args.warmup, decay)
-        batch = [tensor.to(args.device) for tensor in (x_t, timestep, text, target)]
-        loss = flow_loss(model, *batch, precision=args.precision)
+        loss = flow_loss(model, x_t, timestep, text, target, precision=args.precision)
         if frames is not None:  # joint image-video training: one-frame clips in a second forward
             still = flow_batch(frames, args.frame_batch, args.caption_dropout, generator, data["empty_text"])
-            loss = loss + flow_loss(model, *[t.to(args.device) for t in still], precision=args.precision)
+            loss = loss + flow_loss(model, *still, precision=args.precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -447,10 +515,10 @@ def train_dit(args: argparse.Namespace) -> None:
         # a new text path starts random: the EMA warms up again from the optimiser's start, or it would hold the init
         _ema_update(ema, model, step - start if args.reinit_text else step, args.ema_decay)
         step += 1
-        window.append(loss.item())
+        window.append(loss.detach())  # read every 100 steps: a read per step would stall a GPU
         bar.update()
         if step % 100 == 0:
-            losses.append([step, float(np.mean(window))])
+            losses.append([step, torch.stack(window).mean().item()])
             logger.info("dit step %d: loss %.4f", step, losses[-1][1])
             window = []
         if time.time() - last_save > 60 * args.save_minutes:
@@ -642,7 +710,9 @@ def gap(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line: a stage and its options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "encode", "frames", "dit", "export", "sample", "gap", "roundtrip"])
+    parser.add_argument(
+        "stage", choices=["vae", "captions", "encode", "frames", "dit", "export", "sample", "gap", "roundtrip"]
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "video_model")
     parser.add_argument("--out", type=Path, default=ROOT / "pipelines" / "default_video_model")
     parser.add_argument("--device", default="cpu")
@@ -658,6 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="dit: lr falls linearly to 0 this many steps after the optimiser began",
     )
+    parser.add_argument(
+        "--decay-at-deadline", action="store_true", help="dit: lr falls linearly to 0 at the --minutes deadline"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="encode: processes rendering clips")
     parser.add_argument("--frame-batch", type=int, default=0, help="dit: one-frame clips per step (joint training)")
     parser.add_argument(
         "--reinit-text", action="store_true", help="dit --init: a new caption path (see is_text_path), the rest loaded"
@@ -694,6 +768,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     stages = {
         "vae": train_vae,
+        "captions": write_captions,
         "encode": encode,
         "frames": encode_frames,
         "dit": train_dit,

@@ -142,3 +142,34 @@ def build_block_table(
     kv_num_blocks, kv_indices = _listing(partial)
     full_kv_num_blocks, full_kv_indices = _listing(full)
     return BlockTable(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_block, kv_block, grid.length)
+
+
+def flex_block_mask(
+    patterns: Sequence[HeadPattern],
+    grid: TokenGrid,
+    block: int,
+    device: torch.device | str = "cpu",
+    rows: torch.Tensor | None = None,
+):
+    """A FlexAttention ``BlockMask`` of ``patterns`` (one per head of the launch) on ``grid``, from their tiles.
+
+    ``create_block_mask`` would evaluate the mask over every (head, query, key) at once and sum it in int64: 96 GiB
+    at 12 heads and 32,768 tokens. :func:`block_classes` walks it in chunks instead; its partial tiles evaluate
+    :func:`~accel.sparse.patterns.allowed` per element, its full tiles nothing. ``rows``, a ``(heads, q_blocks)``
+    bool tensor, keeps only those query blocks' tiles (the others' outputs are zero).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    tables = HeadTables.build(patterns, grid, device)
+    partial, full = block_classes(patterns, grid, block, block, device)
+    if rows is not None:
+        partial, full = partial & rows[..., None], full & rows[..., None]
+    (counts, indices), (full_counts, full_indices) = _listing(partial), _listing(full)
+
+    def mask_mod(batch, head, query, key):
+        return allowed(tables, grid, head, query, key)
+
+    return BlockMask.from_kv_blocks(
+        counts[None], indices[None], full_counts[None], full_indices[None], BLOCK_SIZE=block, mask_mod=mask_mod,
+        seq_lengths=(grid.length, grid.length),
+    )  # fmt: skip

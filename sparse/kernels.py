@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from accel.sparse.patterns import HeadPattern, HeadTables, TokenGrid, allowed, dense_mask
+from accel.sparse.blocks import flex_block_mask
+from accel.sparse.patterns import HeadPattern, TokenGrid, dense_mask
 from accel.sparse.reference import check_qkv, reference_attention
 from accel.sparse.runs import RunsAttention
 
@@ -60,7 +62,10 @@ FLEX_RECOMPILE_LIMIT = 256
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False, recompile_limit=FLEX_RECOMPILE_LIMIT)
+    # torch.compile takes recompile_limit in newer releases (2.13 here), not in 2.11: there the global limit (8) holds
+    has_limit = "recompile_limit" in inspect.signature(torch.compile).parameters
+    limit = {"recompile_limit": FLEX_RECOMPILE_LIMIT} if has_limit else {}
+    return torch.compile(flex_attention, dynamic=False, **limit)
 
 
 def flex_attention(query, key, value, block_mask, scale=None):
@@ -81,16 +86,9 @@ def default_block_size(length: int) -> int:
 def block_mask_for(
     patterns: Sequence[HeadPattern], grid: TokenGrid, device: torch.device | str, block_size: int | None = None
 ):
-    """A FlexAttention ``BlockMask`` for ``patterns`` (one per head of the launch) on ``grid``."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    tables = HeadTables.build(patterns, grid, device)
-
-    def mask_mod(batch, head, query, key):
-        return allowed(tables, grid, head, query, key)
-
-    size = block_size or default_block_size(grid.length)
-    return create_block_mask(mask_mod, None, len(patterns), grid.length, grid.length, device=device, BLOCK_SIZE=size)
+    """A FlexAttention ``BlockMask`` for ``patterns`` (one per head of the launch) on ``grid``
+    (:func:`~accel.sparse.blocks.flex_block_mask`, at ``block_size`` or :func:`default_block_size`)."""
+    return flex_block_mask(patterns, grid, block_size or default_block_size(grid.length), device)
 
 
 @functools.lru_cache(maxsize=256)

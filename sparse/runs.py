@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from accel.sparse.blocks import block_classes
+from accel.sparse.blocks import block_classes, flex_block_mask
 from accel.sparse.patterns import HeadPattern, HeadTables, TokenGrid, allowed
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,10 @@ class RunsAttention:
             self.calls, flex_rows = [], torch.ones_like(flex_rows)
         tables = HeadTables.build(patterns, grid, device)
         self.masks = [_call_mask(tables, grid, call, partial, block, device) for call in self.calls]
-        self.block_mask = _flex_block_mask(tables, grid, flex_rows.to(device), block) if flex_rows.any() else None
+        if flex_rows.any():
+            self.block_mask = flex_block_mask(patterns, grid, block, device, flex_rows.to(device))
+        else:
+            self.block_mask = None
 
     def density(self) -> float:
         """The fraction of tiles the launch visits (full or partial)."""
@@ -165,14 +168,3 @@ def _call_mask(
     # (an empty row would be NaN under SDPA where the reference gives 0)
     assert allowed_pairs.any(-1).all(), "a query row of a visited tile sees no key"
     return torch.zeros(allowed_pairs.shape, device=device).masked_fill(~allowed_pairs, float("-inf"))[None]
-
-
-def _flex_block_mask(tables: HeadTables, grid: TokenGrid, rows: torch.Tensor, block: int):
-    """A FlexAttention block mask of the pattern restricted to the query blocks ``rows`` ``(heads, q_blocks)``."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(batch, head, query, key):
-        return allowed(tables, grid, head, query, key) & rows[head, query // block]
-
-    heads, length = rows.shape[0], grid.length
-    return create_block_mask(mask_mod, None, heads, length, length, device=rows.device, BLOCK_SIZE=block)

@@ -57,6 +57,35 @@ def _brute_force_tiles(patterns, grid, q_block, kv_block):
     return partial, full
 
 
+@pytest.mark.parametrize("rows", [False, True])
+def test_flex_block_mask_from_tiles_matches_create_block_mask(rows):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from accel.sparse.blocks import flex_block_mask
+    from accel.sparse.kernels import flex_attention
+    from accel.sparse.patterns import HeadTables, allowed
+
+    grid, patterns, block = TokenGrid(3, 4, 6, text=7), WINDOWS, 16  # 79 tokens: a padded last block
+    keep = torch.rand(len(patterns), 5, generator=torch.Generator().manual_seed(0)) < 0.5
+    tables = HeadTables.build(patterns, grid)
+
+    def mask_mod(batch, head, query, key):
+        return allowed(tables, grid, head, query, key) & (keep[head, query // block] if rows else True)
+
+    ours = flex_block_mask(patterns, grid, block, rows=keep if rows else None)
+    theirs = create_block_mask(mask_mod, None, len(patterns), grid.length, grid.length, device="cpu", BLOCK_SIZE=block)
+    # the same tiles, and the same classes but in the padded last query block (whose rows past the end count as
+    # allowed here, so a tile of it can be full: see accel.sparse.blocks)
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    for name in ("kv_num_blocks", "full_kv_num_blocks"):
+        assert torch.equal(getattr(ours, name)[..., :-1], getattr(theirs, name)[..., :-1]), name
+    q, k, v = torch.randn(3, 1, len(patterns), grid.length, 32).unbind(0)
+    expected = reference_attention(q, k, v, patterns, grid) * (
+        keep.repeat_interleave(block, 1)[:, : grid.length, None] if rows else 1
+    )
+    torch.testing.assert_close(flex_attention(q, k, v, ours), expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "grid, q_block, kv_block",
     [

@@ -291,15 +291,12 @@ def test_exports_drop_the_paths_components_were_loaded_from(tmp_path):
     "argv,missing",
     [
         (["dit"], "'encode' stage"),
-        (["dit", "--frame-batch", "8"], "'frames' stage"),
         (["frames"], "'encode' stage"),
         (["export"], "'encode' stage"),
     ],
 )
 def test_a_stage_whose_input_is_missing_names_the_stage_to_run_first(tmp_path, argv, missing):
     args = train_video_model.build_parser().parse_args([*argv, "--work", str(tmp_path)])
-    if "--frame-batch" in argv:  # the clips are there, the one-frame clips are not
-        (tmp_path / "encoded.safetensors").write_bytes(b"")
     stages = {"dit": train_video_model.train_dit, "frames": train_video_model.encode_frames,
               "export": train_video_model.export}  # fmt: skip
     with pytest.raises(FileNotFoundError, match=missing):
@@ -341,3 +338,33 @@ def test_roundtrip_refuses_more_samples_than_held_out_pairs_before_loading(tmp_p
     args = train_video_model.build_parser().parse_args([*argv, "--objects", str(tmp_path / "objects.json")])
     with pytest.raises(ValueError, match=r"--samples must be in 1\.\.2"):
         train_video_model.roundtrip(args)
+
+
+def test_captions_table_stands_in_for_the_text_encoder_and_workers_render_the_same_clips(emoji, tmp_path):
+    images, names, split = emoji
+    objects = tmp_path / "objects.json"
+    pairs = render_clips.split_pairs(split)["train"]
+    objects.write_text(json.dumps([names[pairs[0][0]]]))
+    args = train_video_model.build_parser().parse_args(["captions", "--work", str(tmp_path), "--objects", str(objects)])
+    train_video_model.write_captions(args)
+    captions = [render_clips.caption(names[pairs[0][0]], pairs[0][1]), ""]
+    looked_up = train_video_model.caption_states(args, captions)
+    torch.testing.assert_close(looked_up, train_video_model.encode_text(captions), atol=4e-3, rtol=4e-3)  # fp16
+    with pytest.raises(KeyError, match="captions"):
+        train_video_model.caption_states(args, ["a caption of no pair"])
+
+    specs = render_clips.clip_specs(split, "train", 1)[:5]
+    rendered = torch.cat(list(train_video_model.rendered_batches(images, specs, 2, workers=2)))
+    assert torch.equal(rendered, train_video_model.render_batch(images, specs))
+
+
+def test_dit_without_a_frames_cache_trains_on_the_clips_first_latent_frames(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    encoded = {"latents": torch.randn(2, 8, 9, 16, 16).half(), "text": torch.randn(2, 32, 384).half()}
+    save_file({**encoded, "empty_text": torch.zeros(1, 32, 384)}, tmp_path / "encoded.safetensors")
+    argv = ["dit", "--work", str(tmp_path), "--batch", "1", "--frame-batch", "2", "--max-steps", "2"]
+    with caplog.at_level("INFO", logger="train_video_model"):
+        train_video_model.train_dit(train_video_model.build_parser().parse_args([*argv, "--decay-at-deadline"]))
+    assert "first latent frames of the 2 clips" in caplog.text
+    assert (tmp_path / "dit.safetensors").is_file()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The bundled video model's training on one lease of a GPU (issue 12), as the device tool runs it: render and encode
+# many clips of the 32 objects of data/emoji/video_objects32.json, then train two transformers side by side on the
+# one GPU from the shipped export, each for MINUTES with the lr falling to zero at its deadline:
+#
+#   reinit: a new caption path (`dit --reinit-text`), the rest loaded; the path that learnt to bind object names;
+#   keep:   everything loaded.
+#
+# Each is exported (EMA weights, fp16) and its transformer weights and training summary are copied to OUT_DIR, small
+# enough to come back from the device (the checkpoints, with optimiser state, are not); the training logs stay in
+# WORK-reinit.log and WORK-keep.log, and their last lines are printed. Captions come from WORK's
+# `captions` table (`train_video_model.py captions --work WORK --objects ...`, made where the text encoder is), so the
+# text encoder need not travel.
+#
+# Usage: scripts/gpu_train_video.sh WORK OUT_DIR MINUTES [CLIPS_PER_OBJECT [BATCH [DEVICE]]]
+set -euo pipefail
+work=$(realpath -m "$1") out=$(realpath -m "$2") minutes=$3 clips=${4:-400} batch=${5:-128} device=${6:-cuda}
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$out"
+common=(--objects data/emoji/video_objects32.json --init pipelines/default_video_model --device "$device")
+start=$(date +%s)
+python3 scripts/train_video_model.py encode --work "$work" "${common[@]}" --clips-per-object "$clips" --workers 8
+echo "== encoded in $(($(date +%s) - start))s"
+for variant in reinit keep; do
+    mkdir -p "$work-$variant"
+    ln -sf "$work/encoded.safetensors" "$work-$variant/encoded.safetensors"
+done
+train=(dit "${common[@]}" --batch "$batch" --frame-batch "$batch" --minutes "$minutes" --decay-at-deadline
+    --warmup 200 --save-minutes 1000 --threads 2)
+python3 scripts/train_video_model.py "${train[@]}" --work "$work-reinit" --reinit-text --lr 5e-4 \
+    >"$work-reinit.log" 2>&1 &
+python3 scripts/train_video_model.py "${train[@]}" --work "$work-keep" --lr 3e-4 >"$work-keep.log" 2>&1 &
+wait
+for variant in reinit keep; do
+    python3 scripts/train_video_model.py export --work "$work-$variant" --out "$work-$variant/export" \
+        --objects data/emoji/video_objects32.json --init pipelines/default_video_model ||
+        { tail -n 20 "$work-$variant.log"; continue; }
+    cp "$work-$variant/export/transformer/diffusion_pytorch_model.safetensors" "$out/$variant.safetensors"
+    cp "$work-$variant/export/training.json" "$out/$variant.json"
+    grep "dit step\|dit: \|Error" "$work-$variant.log" | tail -n 4 || true
+done
+echo "== trained and exported in $(($(date +%s) - start))s"
