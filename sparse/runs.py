@@ -14,6 +14,11 @@ float mask over its runs, built once, while the masks of the launch fit in :data
 costs SDPA's CPU kernel about 8%); past that, the rows with a partial tile run through FlexAttention with a block
 mask restricted to them (compiled), as the ``"flex"`` backend runs them.
 
+Calls that step along the sequence together, as the frames of a window over frames do (each frame's queries
+attending to the same number of keys, starting one frame further on), run as one batched SDPA call over
+overlapping views of the keys and values (``Tensor.unfold``: no copy), a :class:`CallGroup`: on a GPU, one small
+call per frame leaves most of the chip idle.
+
 Rows that see no key get zeros, as in :func:`accel.sparse.reference.reference_attention`. A layout that would
 need more than :data:`MAX_CALLS` SDPA calls runs every row through FlexAttention instead (the calls are unrolled
 into a compiled graph).
@@ -50,6 +55,67 @@ class SliceCall:
     heads: tuple[int, int]
     queries: tuple[int, int]
     keys: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class CallGroup:
+    """``count`` mask-free one-run calls of heads ``heads[0]:heads[1]`` as one batched SDPA call: call ``i``'s
+    queries are ``[queries + i * query_length, queries + (i + 1) * query_length)`` and its keys
+    ``[keys + i * key_step, keys + i * key_step + key_length)``."""
+
+    heads: tuple[int, int]
+    queries: int
+    query_length: int
+    keys: int
+    key_length: int
+    key_step: int
+    count: int
+
+    def calls(self) -> list[SliceCall]:
+        """The calls it stands for."""
+        return [
+            SliceCall(
+                self.heads,
+                (self.queries + i * self.query_length, self.queries + (i + 1) * self.query_length),
+                ((self.keys + i * self.key_step, self.keys + i * self.key_step + self.key_length),),
+            )
+            for i in range(self.count)
+        ]
+
+
+def group_calls(calls: Sequence[SliceCall], masked: Sequence[bool], smallest: int = 3):
+    """Split ``calls`` into :class:`CallGroup` s of at least ``smallest`` mask-free one-run calls that step along
+    the sequence together (same heads, query and key lengths; each call's queries right after the last one's, its
+    keys a constant step further) and the calls left over, as ``(groups, [(call, index in calls)...])``."""
+    by_shape: dict[tuple, list[tuple[SliceCall, int]]] = {}
+    rest = []
+    for index, (call, mask) in enumerate(zip(calls, masked, strict=True)):
+        if mask or len(call.keys) != 1:
+            rest.append((call, index))
+            continue
+        (k0, k1), (q0, q1) = call.keys[0], call.queries
+        by_shape.setdefault((call.heads, q1 - q0, k1 - k0), []).append((call, index))
+    groups = []
+    for (heads, q_len, k_len), members in by_shape.items():
+        members.sort(key=lambda item: item[0].queries[0])
+        start = 0
+        while start < len(members):
+            stop = start + 1
+            if stop < len(members):
+                step = members[stop][0].keys[0][0] - members[start][0].keys[0][0]
+                while (
+                    stop < len(members)
+                    and members[stop][0].queries[0] == members[stop - 1][0].queries[0] + q_len
+                    and members[stop][0].keys[0][0] == members[stop - 1][0].keys[0][0] + step
+                ):
+                    stop += 1
+            if stop - start >= smallest:
+                first = members[start][0]
+                groups.append(CallGroup(heads, first.queries[0], q_len, first.keys[0][0], k_len, step, stop - start))
+            else:
+                rest.extend(members[start:stop])
+            start = stop
+    return groups, sorted(rest, key=lambda item: item[1])
 
 
 def _ranges(indices: Sequence[int]) -> list[tuple[int, int]]:
@@ -119,7 +185,9 @@ class RunsAttention:
             logger.debug("%d SDPA calls in one launch (> %d): FlexAttention for every row", len(self.calls), MAX_CALLS)
             self.calls, flex_rows = [], torch.ones_like(flex_rows)
         tables = HeadTables.build(patterns, grid, device)
-        self.masks = [_call_mask(tables, grid, call, partial, block, device) for call in self.calls]
+        masks = [_call_mask(tables, grid, call, partial, block, device) for call in self.calls]
+        self.groups, rest = group_calls(self.calls, [mask is not None for mask in masks])
+        self.calls, self.masks = [call for call, _ in rest], [masks[index] for _, index in rest]
         if flex_rows.any():
             self.block_mask = flex_block_mask(patterns, grid, block, device, flex_rows.to(device))
         else:
@@ -137,6 +205,17 @@ class RunsAttention:
             out = flex_attention(query, key, value, self.block_mask, scale)
         else:
             out = torch.zeros_like(query)
+        for group in self.groups:
+            (h0, h1), q0, q_len = group.heads, group.queries, group.query_length
+            q_end, k_end = q0 + group.count * q_len, group.keys + (group.count - 1) * group.key_step + group.key_length
+            for b in range(query.shape[0]):  # (count, heads, length, head_dim) views, one per call of the group
+                q = query[b, h0:h1, q0:q_end].unflatten(1, (group.count, q_len)).transpose(0, 1)
+                k, v = (
+                    x[b, h0:h1, group.keys : k_end].unfold(1, group.key_length, group.key_step).permute(1, 0, 3, 2)
+                    for x in (key, value)
+                )
+                result = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (count, heads, q_len, head_dim)
+                out[b, h0:h1, q0:q_end] = result.transpose(0, 1).flatten(1, 2)
         for call, mask in zip(self.calls, self.masks, strict=True):
             (h0, h1), (q0, q1) = call.heads, call.queries
             keys = [key[:, h0:h1, start:stop] for start, stop in call.keys]  # views: no copy for one run

@@ -33,7 +33,7 @@ from accel.sparse import (
 )
 from accel.sparse.offline import compare_to_dense, run_pipeline, search
 from accel.sparse.patterns import dense_mask
-from accel.sparse.runs import SliceCall, slice_calls
+from accel.sparse.runs import CallGroup, SliceCall, group_calls, slice_calls
 from accel.sparse.search import ErrorRecorder, candidate_patterns, choose, fit_cost_model, tile_densities
 
 WAN = TINY_MODELS["wan"]
@@ -363,7 +363,9 @@ def test_runs_backend_slices_whole_tiles_and_meets_the_reference_bound(dtype, ma
     out = kernel(*low).float()
     assert (out - ref).abs().max() <= 2 * ref_low_err + 1e-5
     assert out[:, 2].abs().max() == 0 and out[:, 5].abs().max() == 0  # skip head; a head that sees nothing
-    calls = kernel.launch.calls  # the launch holds the sparse heads 0, 1, 3, 4, 5 as 0..4
+    # the launch holds the sparse heads 0, 1, 3, 4, 5 as 0..4; head 0's four frames step along together: a group
+    assert [(g.heads, g.count, g.key_step) for g in kernel.launch.groups] == [((0, 1), 4, 32)]
+    calls = kernel.launch.calls + kernel.launch.groups[0].calls()
     assert {call.heads for call in calls} >= {(0, 1), (1, 3)}  # heads 1 and 3 share the middle frames' runs
     assert any(len(call.keys) == 2 for call in calls)  # the sink: two runs, concatenated
     masked = [call.heads for call, mask in zip(calls, kernel.launch.masks) if mask is not None]
@@ -387,6 +389,21 @@ def test_slice_calls_merge_query_blocks_and_heads_that_share_their_runs():
         SliceCall((1, 2), (32, 60), ((0, 16), (48, 60))),
         SliceCall((2, 3), (32, 48), ((48, 60),)),
     }
+
+
+def test_group_calls_batches_calls_that_step_along_the_sequence_together():
+    def call(heads, q0, k0, k1, q_len=16):
+        return SliceCall(heads, (q0, q0 + q_len), ((k0, k1),))
+
+    window = [call((0, 2), 16 * i, max(0, 16 * i - 16), min(96, 16 * i + 32)) for i in range(6)]  # a frame window
+    other = [call((2, 3), 0, 0, 32), call((2, 3), 16, 16, 48)]  # two in step: fewer than three
+    masked = [call((3, 4), 16 * i, 16 * i, 16 * i + 32) for i in range(4)]
+    calls = window + other + masked
+    groups, rest = group_calls(calls, [False] * 8 + [True] * 4)
+    # the first and last frame see fewer keys: left as calls; the four in between step by one frame
+    assert groups == [CallGroup((0, 2), 16, 16, 0, 48, 16, 4)]
+    assert groups[0].calls() == window[1:5]
+    assert [index for _, index in rest] == [0, 5, 6, 7, 8, 9, 10, 11]
 
 
 def test_runs_backend_compiles_to_one_graph_without_recompiles():
