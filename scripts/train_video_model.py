@@ -166,7 +166,7 @@ def encode_text(captions: list[str], device: str = "cpu") -> torch.Tensor:
 def write_captions(args: argparse.Namespace) -> None:
     """The ``captions`` stage: MiniLM states of the caption of every train and held-out pair (and of the empty
     prompt) of ``--objects``' split, in ``--work``/:data:`CAPTIONS`, for :func:`caption_states`."""
-    images, names, split = load_emoji()
+    _, names, split = load_emoji()
     pairs = split_pairs(object_split(split, names, args.objects))
     captions = sorted({caption(names[i], m) for part in ("train", "heldout") for i, m in pairs[part]}) + [""]
     states = encode_text(captions, args.device)
