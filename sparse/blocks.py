@@ -149,22 +149,21 @@ def flex_block_mask(
     grid: TokenGrid,
     block: int,
     device: torch.device | str = "cpu",
-    rows: torch.Tensor | None = None,
+    tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """A FlexAttention ``BlockMask`` of ``patterns`` (one per head of the launch) on ``grid``, from their tiles.
 
     ``create_block_mask`` would evaluate the mask over every (head, query, key) at once and sum it in int64: 96 GiB
     at 12 heads and 32,768 tokens. :func:`block_classes` walks it in chunks instead; its partial tiles evaluate
-    :func:`~accel.sparse.patterns.allowed` per element, its full tiles nothing. ``rows``, a ``(heads, q_blocks)``
-    bool tensor, keeps only those query blocks' tiles (the others' outputs are zero).
+    :func:`~accel.sparse.patterns.allowed` per element, its full tiles nothing. ``tiles``, the ``(partial, full)``
+    of :func:`block_classes` on ``device`` where the caller has them (possibly with some query blocks' rows
+    cleared, whose outputs are then zero), saves walking them again.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    tables = HeadTables.build(patterns, grid, device)
-    partial, full = block_classes(patterns, grid, block, block, device)
-    if rows is not None:
-        partial, full = partial & rows[..., None], full & rows[..., None]
+    partial, full = tiles if tiles is not None else block_classes(patterns, grid, block, block, device)
     (counts, indices), (full_counts, full_indices) = _listing(partial), _listing(full)
+    tables = HeadTables.build(patterns, grid, device)
 
     def mask_mod(batch, head, query, key):
         return allowed(tables, grid, head, query, key)

@@ -188,10 +188,10 @@ class RunsAttention:
         masks = [_call_mask(tables, grid, call, partial, block, device) for call in self.calls]
         self.groups, rest = group_calls(self.calls, [mask is not None for mask in masks])
         self.calls, self.masks = [call for call, _ in rest], [masks[index] for _, index in rest]
-        if flex_rows.any():
-            self.block_mask = flex_block_mask(patterns, grid, block, device, flex_rows.to(device))
-        else:
-            self.block_mask = None
+        self.block_mask = None
+        if flex_rows.any():  # the tiles walked above, restricted to those rows
+            tiles = tuple((t & flex_rows[..., None]).to(device) for t in (partial, full))
+            self.block_mask = flex_block_mask(patterns, grid, block, device, tiles)
 
     def density(self) -> float:
         """The fraction of tiles the launch visits (full or partial)."""

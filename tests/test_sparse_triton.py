@@ -61,7 +61,7 @@ def _brute_force_tiles(patterns, grid, q_block, kv_block):
 def test_flex_block_mask_from_tiles_matches_create_block_mask(rows):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from accel.sparse.blocks import flex_block_mask
+    from accel.sparse.blocks import block_classes, flex_block_mask
     from accel.sparse.kernels import flex_attention
     from accel.sparse.patterns import HeadTables, allowed
 
@@ -72,7 +72,10 @@ def test_flex_block_mask_from_tiles_matches_create_block_mask(rows):
     def mask_mod(batch, head, query, key):
         return allowed(tables, grid, head, query, key) & (keep[head, query // block] if rows else True)
 
-    ours = flex_block_mask(patterns, grid, block, rows=keep if rows else None)
+    tiles = None
+    if rows:  # the tiles of those query blocks only
+        tiles = tuple(t & keep[..., None] for t in block_classes(patterns, grid, block, block))
+    ours = flex_block_mask(patterns, grid, block, tiles=tiles)
     theirs = create_block_mask(mask_mod, None, len(patterns), grid.length, grid.length, device="cpu", BLOCK_SIZE=block)
     # the same tiles, and the same classes but in the padded last query block (whose rows past the end count as
     # allowed here, so a tile of it can be full: see accel.sparse.blocks)
