@@ -87,10 +87,12 @@ class TokenStepConfig:
             coarsens the pipeline's step grid, to ``budget / min_active`` of its steps (every token gets fewer
             steps, as with a smaller ``num_inference_steps``), and spends the budget on that grid; the handle
             logs the grid it ran. ``0`` never coarsens: every step of the pipeline's grid, fewer tokens (HSA's
-            form). On both bundled models the coarser grid beats the every-step form at equal measured runtime,
-            and plain fewer steps beats both (``python -m accel.bench tokens``, docs/bench-tokens.txt). A bare
-            transformer has no scheduler to coarsen: its budget is spent on every step it is called at, and the
-            handle says so.
+            form). On both bundled models, at half of full compute's runtime, PSNR rises with ``min_active``
+            from 0 to about 0.8 (a coarser grid, fewer tokens skipped) and there ties plain fewer steps; below,
+            the skipped tokens' stale keys and values cost more than a coarser grid (``python -m accel.bench
+            tokens`` and its ``--bounds``, docs/bench-tokens.txt). A bare transformer has no scheduler to coarsen:
+            its budget is spent on every step it is called at, and the handle says so. The handle also says when
+            the dense steps leave no token to skip on the grid, or alone exceed the budget.
     """
 
     budget: float | None = None
@@ -104,7 +106,7 @@ class TokenStepConfig:
     rate_floor: float = 0.1
     ras_starvation: float = 0.1
     assume_flow_matching: bool = False
-    min_active: float = 0.5
+    min_active: float = 0.8
 
     def __post_init__(self):
         if (self.budget is None) == (self.speedup is None):
@@ -317,6 +319,8 @@ class TokenStepHandle(Handle):
         config = self.config
         grid = config.grid_steps(requested) if requested else None
         self._requested = requested
+        if grid is not None:
+            self._check_dense(requested, grid)
         if grid is None or grid == requested:
             return inner(*args, **kwargs)
         for name in explicit:
@@ -333,6 +337,25 @@ class TokenStepHandle(Handle):
             "average (min_active=0 keeps every step)",
         )
         return inner(*args, **kwargs)
+
+    def _check_dense(self, requested: int, grid: int) -> None:
+        """Say when the dense steps leave no token to skip, or alone compute more than the budget."""
+        config, dense = self.config, self.config.dense_count(grid)
+        if dense >= grid:
+            self._notices.once(
+                f"all-dense-{requested}",
+                logging.WARNING,
+                f"TokenStepConfig(budget={config.fraction:g}): every step of the {grid}-step grid computes every "
+                f"token (dense_steps={config.dense_steps}, reset_points={config.reset_points}): no token is "
+                f"skipped, this is {grid} plain steps",
+            )
+        elif dense / requested > config.fraction + 1e-9:
+            self._notices.once(
+                f"dense-over-budget-{requested}",
+                logging.WARNING,
+                f"TokenStepConfig(budget={config.fraction:g}): the {dense} dense steps of the {grid}-step grid alone "
+                f"compute {dense / requested:.2f} of the token-steps of {requested} steps, more than the budget",
+            )
 
     # -- per call, eagerly ---------------------------------------------------------------------------------
 

@@ -58,6 +58,30 @@ def test_video_report_draws_one_heat_map_per_frame(tmp_path):
     _check_report(tmp_path, results, frames=3, steps=6)
 
 
+@pytest.mark.parametrize(
+    "config, said",
+    [
+        ({"budget": 0.1, "dense_steps": 1, "reset_points": (0.4, 0.733)}, "no token is skipped, this is 2 plain steps"),
+        ({"budget": 0.1, "dense_steps": 2}, "the 2 dense steps of the 3-step grid alone compute 0.20 of the"),
+        ({"budget": 0.5}, None),
+    ],
+)
+def test_the_handle_says_when_its_dense_steps_skip_nothing_or_exceed_the_budget(caplog, config, said):
+    import torch
+
+    from accel import apply
+    from accel.caching import TokenStepConfig
+
+    pipe = build_tiny_wan_pipeline()
+    with caplog.at_level("WARNING", logger="accel.caching.tokens"), apply(pipe, TokenStepConfig(**config)):
+        kwargs = {"num_inference_steps": 10, "output_type": "latent", "generator": torch.Generator().manual_seed(0)}
+        pipe(list(VIDEO_PROMPTS[:1]), **kwargs, **TINY_VIDEO_KWARGS)
+    if said:
+        assert said in caplog.text
+    else:
+        assert "dense steps" not in caplog.text and "no token is skipped" not in caplog.text
+
+
 def test_a_budget_below_min_active_runs_the_pipeline_on_a_coarser_grid(caplog):
     """Budget 0.25 on 10 steps (min_active 0.5) is the same allocation as budget 0.5 on 5 steps, and says so."""
     import torch
@@ -80,7 +104,7 @@ def test_a_budget_below_min_active_runs_the_pipeline_on_a_coarser_grid(caplog):
         return latents, handle.stats()
 
     with caplog.at_level("WARNING", logger="accel.caching.tokens"):
-        coarse, stats = run(10, TokenStepConfig(budget=0.25))
+        coarse, stats = run(10, TokenStepConfig(budget=0.25, min_active=0.5))
     assert "10 steps run on a grid of 5" in caplog.text
     fewer, fewer_stats = run(5, TokenStepConfig(budget=0.5, min_active=0))
     assert torch.equal(coarse, fewer)
@@ -89,7 +113,8 @@ def test_a_budget_below_min_active_runs_the_pipeline_on_a_coarser_grid(caplog):
     assert pipe.scheduler.set_timesteps == original  # the wrap is undone
     import numpy as np
 
-    numpy_count, numpy_stats = run(np.int64(10), TokenStepConfig(budget=0.25))  # a NumPy count is a count too
+    # a NumPy count is a count too
+    numpy_count, numpy_stats = run(np.int64(10), TokenStepConfig(budget=0.25, min_active=0.5))
     assert numpy_stats.steps == (10, 5) and torch.equal(numpy_count, coarse)
 
 

@@ -56,12 +56,13 @@ def test_sparse_fraction_makes_the_whole_trajectory_meet_the_budget():
 
 
 def test_a_budget_below_min_active_runs_a_coarser_grid_with_the_same_token_steps():
-    config = TokenStepConfig(budget=0.3, dense_steps=2, reset_points=(0.5,), buckets=16)  # min_active 0.5
+    config = TokenStepConfig(budget=0.3, dense_steps=2, reset_points=(0.5,), buckets=16, min_active=0.5)
     assert config.grid_steps(20) == 12 and math.isclose(config.grid_fraction(20), 0.5)
     counts = config.active_counts(20, 576)
     assert len(counts) == 12 and counts[:2] == [576, 576] and counts[6] == 576
     assert abs(config.planned_fraction(20, 576) - 0.3) < 12 / 20 / 16 / 10
-    assert TokenStepConfig(budget=0.6).grid_steps(20) == 20 and TokenStepConfig(budget=0.01).grid_steps(20) == 3
+    assert TokenStepConfig(budget=0.8).grid_steps(20) == 20 and TokenStepConfig(budget=0.01).grid_steps(20) == 3
+    assert TokenStepConfig(budget=0.4).grid_steps(20) == 10  # the default min_active 0.8
     assert ras_config(0.1, 20).grid_steps(20) == 20  # RAS's released rule keeps every step
     with pytest.raises(ValueError, match="min_active"):
         TokenStepConfig(budget=0.5, min_active=1.5)
