@@ -241,7 +241,10 @@ def alignment_scores(scorer, features: torch.Tensor, prompts: list[str], count: 
 
 
 def score(
-    config: VideoBenchConfig, data: HeldOutData, trained: torch.Tensor, untrained: torch.Tensor,
+    config: VideoBenchConfig,
+    data: HeldOutData,
+    trained: torch.Tensor,
+    untrained: torch.Tensor,
     references: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """FID/KID, motion accuracies and alignment scores of the two models' clips, and FID/KID of the
