@@ -8,6 +8,7 @@ import pytest
 import torch
 from eval_helpers import TINY_VIDEO_KWARGS, VIDEO_PROMPTS, build_tiny_wan_pipeline
 
+from accel.bench import token_bounds
 from accel.bench import tokens as bench
 from accel.caching import TokenStepConfig
 
@@ -55,9 +56,9 @@ def test_calibration_picks_a_knob_per_method_and_the_rows_follow_it(capsys):
 )
 def test_tokens_of_a_sampler_velocity_round_trip_and_gather_one_patch_each(shape, patch):
     velocity = torch.randn(shape)
-    tokens = bench._to_tokens(velocity, patch)
+    tokens = token_bounds._to_tokens(velocity, patch)
     assert tokens.shape == (shape[0], math.prod(s // p for s, p in zip(shape[2:], patch)), shape[1] * math.prod(patch))
-    assert torch.equal(bench._from_tokens(tokens, velocity, patch), velocity)
+    assert torch.equal(token_bounds._from_tokens(tokens, velocity, patch), velocity)
     corner = velocity[(0, slice(None), *(slice(0, p) for p in patch))]  # the first patch is the first token
     assert torch.equal(tokens[0, 0], corner.reshape(-1))
 
@@ -66,22 +67,22 @@ def test_the_sampler_allocation_at_full_budget_is_the_pipeline_and_skips_at_half
     model = _tiny_model("latent")
     full = model.generate(model.prompts, 6, 0)
     every = TokenStepConfig(budget=1.0, dense_steps=2, min_active=0)
-    with bench.SamplerAllocation(model.pipe, every, 6, "velocity"):
+    with token_bounds.SamplerAllocation(model.pipe, every, 6, "velocity"):
         same = model.generate(model.prompts, 6, 0)
     assert torch.equal(same, full)
     assert "step" not in vars(model.pipe.scheduler)  # the wrap is gone
     half = TokenStepConfig(budget=0.5, dense_steps=2, min_active=0)
     for selection in ("velocity", "oracle", "random"):
-        with bench.SamplerAllocation(model.pipe, half, 6, selection):
+        with token_bounds.SamplerAllocation(model.pipe, half, 6, selection):
             skipped = model.generate(model.prompts, 6, 0)
         error = (skipped - full).square().mean() / full.square().mean()
         assert 0 < error < 0.5, selection
     with pytest.raises(ValueError, match="selection"):
-        bench.SamplerAllocation(model.pipe, half, 6, "best")
+        token_bounds.SamplerAllocation(model.pipe, half, 6, "best")
 
 
 def test_bounds_print_every_row_at_each_share(capsys):
-    table = bench.bounds(_tiny_model(), steps=8)
+    table = token_bounds.bounds(_tiny_model(), steps=8)
     assert list(table) == ["0.5", "0.25"]
     for share, row in table.items():
         assert list(row) == [f"steps-{round(float(share) * 8)}", "ours", "current-context", "oracle", "random",
@@ -113,7 +114,7 @@ def test_the_sampler_allocation_feeds_the_scheduler_fresh_velocities_of_the_fast
         step[..., :2] += change[0]
         step[..., 2:] += change[1]
         velocities.append(step)
-    with bench.SamplerAllocation(pipe, config, 4, "velocity"):
+    with token_bounds.SamplerAllocation(pipe, config, 4, "velocity"):
         for index, velocity in enumerate(velocities):
             scheduler.step_index = index
             pipe.scheduler.step(velocity, torch.tensor(1000.0 - 250 * index), torch.zeros_like(velocity))

@@ -1,0 +1,140 @@
+"""``python -m accel.bench tokens --bounds``: where per-token step allocation loses its quality.
+
+At equal token-steps (no timing), on the bundled models, the allocation as built (the skipped tokens' keys and
+values come from the per-layer cache) beside the same allocation with every token's context current
+(:class:`SamplerAllocation`: the model computes every token, only the skipped tokens' velocities are the cached
+ones), an oracle selection, a random one, and fewer steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+import accel
+from accel.adapters import patch_size
+from accel.bench.tokens import Model
+from accel.caching import TokenStepConfig
+from accel.caching.token_select import TokenHistory, select, velocity_scores
+
+#: the token shares of the bounds and the first steps that compute every token there
+BOUND_SHARES = (0.5, 0.25)
+BOUND_DENSE_STEPS = 2
+Selection = Literal["velocity", "oracle", "random"]
+
+
+def _to_tokens(velocity: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    """``(rows, channels, *dims)`` -> ``(rows, tokens, channels * prod(patch))``, one entry per patch of
+    ``patch`` latent pixels (the token order is the grid's; the inverse is :func:`_from_tokens`)."""
+    rows, channels, *dims = velocity.shape
+    split = [v for d, p in zip(dims, patch, strict=True) for v in (d // p, p)]
+    n = len(dims)
+    order = [0, *range(2, 2 + 2 * n, 2), 1, *range(3, 3 + 2 * n, 2)]
+    return velocity.reshape(rows, channels, *split).permute(order).reshape(rows, -1, channels * math.prod(patch))
+
+
+def _from_tokens(tokens: torch.Tensor, like: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of :func:`_to_tokens`, shaped like ``like``."""
+    rows, channels, *dims = like.shape
+    n = len(dims)
+    grid = [d // p for d, p in zip(dims, patch, strict=True)]
+    blocks = tokens.reshape(rows, *grid, channels, *patch)
+    order = [0, n + 1] + [v for i in range(n) for v in (1 + i, n + 2 + i)]
+    return blocks.permute(order).reshape(like.shape)
+
+
+class SamplerAllocation:
+    """Per-token step allocation with every token's context current: the model computes every token at every
+    step, and before the scheduler's update the velocity of the tokens a step skips is replaced by the one cached
+    when they were last computed (what per-token steps feed the sampler), so only the skipped tokens' own
+    velocities are stale, not the keys and values the computed tokens attend to. It costs full compute; it
+    bounds what a fresher attention cache could give.
+
+    Args:
+        pipe: the pipeline (its ``scheduler.step`` is wrapped while the context is open).
+        config: the allocation's schedule (:meth:`TokenStepConfig.active_counts`) and velocity rule settings.
+        steps: the pipeline call's step count.
+        selection: ``"velocity"`` (our rule on the guided velocity of each prompt), ``"oracle"`` (the tokens whose
+            velocity changed most since cached, known only after computing them) or ``"random"``.
+    """
+
+    def __init__(self, pipe, config: TokenStepConfig, steps: int, selection: Selection):
+        if selection not in ("velocity", "oracle", "random"):
+            raise ValueError(f"selection must be 'velocity', 'oracle' or 'random', got {selection!r}")
+        self.pipe, self.config, self.steps, self.selection = pipe, config, steps, selection
+        dims = patch_size(pipe.transformer)
+        self.patches = {4: dims[1:], 5: dims}  # images (rows, C, H, W), clips (rows, C, F, H, W)
+
+    def __enter__(self) -> SamplerAllocation:
+        scheduler, original = self.pipe.scheduler, self.pipe.scheduler.step
+        history: list[TokenHistory] = []
+        generator = torch.Generator().manual_seed(0)
+
+        def step(model_output, timestep, sample, *args, **kwargs):
+            patch = self.patches[model_output.ndim]
+            velocity = _to_tokens(model_output.float(), patch)
+            rows, tokens, _ = velocity.shape
+            index = scheduler.step_index or 0
+            time = torch.as_tensor(timestep, dtype=torch.float32).flatten()[:1].expand(rows)
+            count = self.config.active_counts(self.steps, tokens)[index]
+            if not history or index == 0:  # a pipeline call starts
+                history[:] = [TokenHistory.start(velocity, time, self.steps)]
+                return original(model_output, timestep, sample, *args, **kwargs)
+            past = history[0]
+            if count == tokens:
+                past.update(velocity, torch.ones(rows, tokens, dtype=torch.bool), time)
+                return original(model_output, timestep, sample, *args, **kwargs)
+            if self.selection == "velocity":
+                skipped = self.config.max_skipped_steps or max(2, math.ceil(2 * tokens / count))
+                scores = velocity_scores(past, time, self.config.rate_floor, skipped)
+            elif self.selection == "oracle":
+                scores = (velocity - past.last).square().mean(-1)
+            else:
+                scores = torch.rand(rows, tokens, generator=generator)
+            active = torch.zeros(rows, tokens, dtype=torch.bool).scatter_(1, select(scores, count), True)
+            mixed = _from_tokens(past.update(velocity, active, time), model_output, patch)
+            return original(mixed.to(model_output.dtype), timestep, sample, *args, **kwargs)
+
+        scheduler.step = step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.pipe.scheduler.step  # the class's method again
+
+
+def bounds(model: Model, steps: int) -> dict:
+    """Where per-token steps lose quality, at equal token-steps (no timing), PSNR against full compute, per share
+    of :data:`BOUND_SHARES` on every step of the grid (``min_active=0``, the first steps dense):
+
+    * ``steps-N``: fewer steps with the same token-steps;
+    * ``ours``: :class:`~accel.caching.TokenStepConfig` itself (skipped tokens' keys and values from the cache);
+    * ``current-context``: :class:`SamplerAllocation` with our rule (the same allocation, every token computed);
+    * ``oracle``, ``random``: :class:`SamplerAllocation` choosing by the true change of velocity, or at random.
+    """
+    from accel.eval.metrics import psnr
+
+    full = model.generate(model.prompts, steps, 0).float()
+
+    def score(samples: torch.Tensor) -> float:
+        frames, reference = samples.float(), full
+        if frames.ndim == 5:
+            frames, reference = frames.flatten(0, 1), reference.flatten(0, 1)
+        return round(float(psnr(frames, reference, 1.0).mean()), 2)
+
+    table = {}
+    for share in BOUND_SHARES:
+        config = TokenStepConfig(budget=share, dense_steps=BOUND_DENSE_STEPS, buckets=16, min_active=0)
+        row = {f"steps-{round(share * steps)}": score(model.generate(model.prompts, round(share * steps), 0))}
+        with accel.apply(model.pipe, config):
+            row["ours"] = score(model.generate(model.prompts, steps, 0))
+        for name, selection in (("current-context", "velocity"), ("oracle", "oracle"), ("random", "random")):
+            with SamplerAllocation(model.pipe, config, steps, selection):
+                row[name] = score(model.generate(model.prompts, steps, 0))
+        row["token_steps"] = round(config.planned_fraction(steps, model.tokens), 3)
+        table[str(share)] = row
+    print(f"\n{model.name} model: PSNR vs full compute at equal token-steps, {steps} steps, {model.tokens} tokens")
+    for share, row in table.items():
+        print(f"  share {share}: " + "  ".join(f"{name} {value}" for name, value in row.items()))
+    return table
