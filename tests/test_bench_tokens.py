@@ -125,3 +125,13 @@ def test_the_sampler_allocation_feeds_the_scheduler_fresh_velocities_of_the_fast
     # token 0's predicted error is now 0.05 / 250 x 250, token 1's (skipped) 0.1 / 250 x 500: token 1 computes
     assert torch.equal(received[3][..., 2:], velocities[3][..., 2:])
     assert torch.equal(received[3][..., :2], velocities[2][..., :2])
+
+
+def test_the_min_active_sweep_times_and_scores_fewer_steps_and_each_value_at_both_targets(capsys):
+    rows = token_bounds.min_active_sweep(_tiny_model(), steps=8, values=(0.0, 0.8))
+    for tag in ("@50", "@25"):
+        named = [name for name in rows if name.endswith(tag)]
+        assert len(named) == 3 and named[0].startswith("steps-")
+        assert [name.split("@")[0] for name in named[1:]] == ["min_active-0", "min_active-0.8"]
+    assert all(row["speedup"] > 0 and math.isfinite(row["psnr"]) for row in rows.values())
+    assert "ours at several min_active values" in capsys.readouterr().out

@@ -19,8 +19,9 @@ each), PSNR and SSIM against full compute, FID and KID (EfficientNet-Lite0 featu
 with other seeds (so the full row shows the noise floor), the alignment score of each image (or frame) with
 its prompt, and on video the motion accuracy.
 
-``--bounds`` runs a diagnostic instead (:func:`accel.bench.token_bounds.bounds`): where the allocation loses its
-quality, at equal token-steps and without timing.
+``--bounds`` and ``--sweep-min-active`` run a diagnostic instead (:mod:`accel.bench.token_bounds`): where the
+allocation loses its quality, at equal token-steps and without timing; ours at several ``min_active`` values at
+equal runtime.
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ def _speedups(model: Model, runs: dict[str, tuple], repeats: int = 3) -> dict[st
     return {name: min(timings["full"].samples) / min(timing.samples) for name, timing in timings.items()}
 
 
-def calibrate(model: Model, steps: int) -> dict[float, dict]:
-    """Per target runtime ratio, the knob of every method (see the module docstring)."""
+def calibrate(model: Model, steps: int, min_actives: tuple[float, ...] = ()) -> dict[float, dict]:
+    """Per target runtime ratio, the knob of every method (see the module docstring), and for each value ``m`` of
+    ``min_actives`` the budget of ours with ``min_active=m`` (key ``"min_active-m"``)."""
     layout = layout_of(model.pipe)
     configs = {"ours-all-0.5": ours(0.5, steps, min_active=0), "ours-all-0.2": ours(0.2, steps, min_active=0)}
     configs["ours-0.2"] = ours(0.2, steps)
@@ -162,6 +164,7 @@ def calibrate(model: Model, steps: int) -> dict[float, dict]:
             "ras": best(lambda b: ras(b, steps)),
             "steps": number,
             "fora": interval,
+            **{f"min_active-{m:g}": best(lambda b, m=m: ours(b, steps, min_active=m)) for m in min_actives},
         }
     print(
         f"{model.name}: calibration on {model.probe} prompts: runtime ratio = {fit[0]:.2f} + {fit[1]:.2f} x grid "
@@ -350,17 +353,22 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--skip-video", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--bounds", action="store_true", help="the diagnostic at equal token-steps instead")
+    parser.add_argument(
+        "--sweep-min-active", action="store_true", help="ours at several min_active values and equal runtime instead"
+    )
     args = parser.parse_args(argv)
     if args.steps < 8 or not 1 <= args.clips <= len(VIDEO_PROMPTS) or args.images < 2:
         raise ValueError(f"--steps >= 8, --images >= 2, --clips in 1..{len(VIDEO_PROMPTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.bounds:
-        from accel.bench.token_bounds import bounds
+    if args.bounds or args.sweep_min_active:
+        from accel.bench.token_bounds import bounds, min_active_sweep
 
         models = [] if args.skip_video else [_video_model(args.clips)]
         models += [] if args.skip_image else [_image_model(args.images)]
-        return {"bounds": {model.name: bounds(model, args.steps) for model in models}}
+        if args.bounds:
+            return {"bounds": {model.name: bounds(model, args.steps) for model in models}}
+        return {"min_active_sweep": {model.name: min_active_sweep(model, args.steps) for model in models}}
     result, details = {}, {}
     if not args.skip_video:
         details["video"] = evaluate(_video_model(args.clips), args.steps)
