@@ -90,9 +90,9 @@ class TokenStepConfig:
             form). On both bundled models, at half of full compute's runtime, PSNR rises with ``min_active``
             from 0 to about 0.8 (a coarser grid, fewer tokens skipped) and there ties plain fewer steps; below,
             the skipped tokens' stale keys and values cost more than a coarser grid (``python -m accel.bench
-            tokens`` and its ``--bounds``, docs/bench-tokens.txt). A bare transformer has no scheduler to coarsen:
-            its budget is spent on every step it is called at, and the handle says so. The handle also says when
-            the dense steps leave no token to skip on the grid, or alone exceed the budget.
+            tokens --sweep-min-active`` and ``--bounds``, docs/bench-tokens.txt). A bare transformer has no
+            scheduler to coarsen: its budget is spent on every step it is called at, and the handle says so. The
+            handle also says when the dense steps leave no token to skip on the grid, or alone exceed the budget.
     """
 
     budget: float | None = None
