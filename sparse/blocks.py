@@ -150,6 +150,7 @@ def flex_block_mask(
     block: int,
     device: torch.device | str = "cpu",
     tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tables: HeadTables | None = None,
 ):
     """A FlexAttention ``BlockMask`` of ``patterns`` (one per head of the launch) on ``grid``, from their tiles.
 
@@ -157,13 +158,14 @@ def flex_block_mask(
     at 12 heads and 32,768 tokens. :func:`block_classes` walks it in chunks instead; its partial tiles evaluate
     :func:`~accel.sparse.patterns.allowed` per element, its full tiles nothing. ``tiles``, the ``(partial, full)``
     of :func:`block_classes` on ``device`` where the caller has them (possibly with some query blocks' rows
-    cleared, whose outputs are then zero), saves walking them again.
+    cleared, whose outputs are then zero), saves walking them again; ``tables``, the patterns' ``HeadTables`` on
+    ``device``, building them again.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     partial, full = tiles if tiles is not None else block_classes(patterns, grid, block, block, device)
     (counts, indices), (full_counts, full_indices) = _listing(partial), _listing(full)
-    tables = HeadTables.build(patterns, grid, device)
+    tables = tables if tables is not None else HeadTables.build(patterns, grid, device)
 
     def mask_mod(batch, head, query, key):
         return allowed(tables, grid, head, query, key)

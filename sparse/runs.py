@@ -191,7 +191,7 @@ class RunsAttention:
         self.block_mask = None
         if flex_rows.any():  # the tiles walked above, restricted to those rows
             tiles = tuple((t & flex_rows[..., None]).to(device) for t in (partial, full))
-            self.block_mask = flex_block_mask(patterns, grid, block, device, tiles)
+            self.block_mask = flex_block_mask(patterns, grid, block, device, tiles, tables)
 
     def density(self) -> float:
         """The fraction of tiles the launch visits (full or partial)."""
