@@ -19,7 +19,7 @@ import torch
 
 import accel
 from accel.adapters import patch_size
-from accel.bench.tokens import TARGETS, Model, _speedups, calibrate, ours
+from accel.bench.tokens import TARGETS, Model, _speedups, calibrate, ours, psnr_of
 from accel.caching import TokenStepConfig
 from accel.caching.token_select import TokenHistory, select, velocity_scores
 
@@ -117,15 +117,10 @@ def bounds(model: Model, steps: int) -> dict:
     * ``current-context``: :class:`SamplerAllocation` with our rule (the same allocation, every token computed);
     * ``oracle``, ``random``: :class:`SamplerAllocation` choosing by the true change of velocity, or at random.
     """
-    from accel.eval.metrics import psnr
-
-    full = model.generate(model.prompts, steps, 0).float()
+    full = model.generate(model.prompts, steps, 0)
 
     def score(samples: torch.Tensor) -> float:
-        frames, reference = samples.float(), full
-        if frames.ndim == 5:
-            frames, reference = frames.flatten(0, 1), reference.flatten(0, 1)
-        return round(float(psnr(frames, reference, 1.0).mean()), 2)
+        return round(psnr_of(samples, full), 2)
 
     table = {}
     for share in BOUND_SHARES:
@@ -152,10 +147,8 @@ def min_active_sweep(model: Model, steps: int, values: tuple[float, ...] = MIN_A
     """Per target of :data:`~accel.bench.tokens.TARGETS`, fewer steps and ours at each ``min_active`` of
     ``values`` (its budget calibrated to the target like the benchmark's rows): PSNR against full compute on
     every prompt, speed-up measured on the probe prompts (interleaved, the fastest of three rounds)."""
-    from accel.eval.metrics import psnr
-
     chosen = calibrate(model, steps, values)
-    full = model.generate(model.prompts, steps, 0).float()
+    full = model.generate(model.prompts, steps, 0)
     runs, rows = {"full": (nullcontext, steps)}, {}
     for target in TARGETS:
         knobs, tag = chosen[target], f"@{round(100 * target)}"
@@ -167,9 +160,8 @@ def min_active_sweep(model: Model, steps: int, values: tuple[float, ...] = MIN_A
         if name == "full":
             continue
         with context():
-            samples = model.generate(model.prompts, row_steps, 0).float()
-        frames, reference = (samples, full) if samples.ndim == 4 else (samples.flatten(0, 1), full.flatten(0, 1))
-        rows[name] = {"psnr": round(float(psnr(frames, reference, 1.0).mean()), 2)}
+            samples = model.generate(model.prompts, row_steps, 0)
+        rows[name] = {"psnr": round(psnr_of(samples, full), 2)}
     for name, speedup in _speedups(model, runs).items():
         if name in rows:
             rows[name]["speedup"] = round(speedup, 2)

@@ -193,6 +193,18 @@ def methods(model: Model, steps: int, chosen: dict[float, dict]) -> dict[str, tu
     return rows
 
 
+def frames_of(samples: torch.Tensor) -> torch.Tensor:
+    """Images ``(N, 3, H, W)`` as they are, clips ``(N, F, 3, H, W)`` as ``(N * F, 3, H, W)`` frames."""
+    return samples.flatten(0, 1) if samples.ndim == 5 else samples
+
+
+def psnr_of(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean PSNR (dB) of the images or frames of ``samples`` in [0, 1] against ``reference``'s."""
+    from accel.eval.metrics import psnr
+
+    return float(psnr(frames_of(samples).float(), frames_of(reference).float(), 1.0).mean())
+
+
 class Scores:
     """PSNR/SSIM against full compute, FID/KID against a full-compute reference, alignment, motion."""
 
@@ -203,11 +215,8 @@ class Scores:
         self.scorer = load_alignment_scorer()
         self.real = self._features(reference)[:, -1280:]
 
-    def _frames(self, samples: torch.Tensor) -> torch.Tensor:
-        return samples.flatten(0, 1) if samples.ndim == 5 else samples
-
     def _features(self, samples: torch.Tensor) -> torch.Tensor:
-        frames = self._frames(samples).float()
+        frames = frames_of(samples).float()
         with torch.no_grad():
             return torch.cat([self.scorer.frozen_image_features(frames[i : i + 64]) for i in range(0, len(frames), 64)])
 
@@ -215,9 +224,8 @@ class Scores:
         from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
         from accel.eval.fid import FidKidConfig, fid_kid_from_features
-        from accel.eval.metrics import psnr
 
-        frames, full = self._frames(samples).float(), self._frames(self.full).float()
+        frames, full = frames_of(samples).float(), frames_of(self.full).float()
         features = self._features(samples)
         fid = fid_kid_from_features(self.real.double(), features[:, -1280:].double(), "E", FidKidConfig())
         per_frame = samples.shape[1] if samples.ndim == 5 else 1
@@ -226,7 +234,7 @@ class Scores:
             images = self.scorer.heads.embed_image_features(features.float())
             texts = self.scorer.embed_prompts(prompts)
         row = {
-            "psnr": float(psnr(frames, full, 1.0).mean()),
+            "psnr": psnr_of(samples, self.full),
             "ssim": float(ssim(frames, full, data_range=1.0)),
             "fid": fid["FID-E"],
             "kid": fid["KID-E"],
