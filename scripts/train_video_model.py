@@ -18,7 +18,7 @@ fly, seeded); the text encoder is the all-MiniLM-L6-v2 copy in ``pipelines/defau
 
 ``captions`` stores the caption states of every object/motion pair in ``--work``; ``encode`` and ``frames`` then
 look captions up there instead of running the text encoder, so a machine without its weights (a lent GPU the
-checkout travels to without them) can encode. ``encode --workers N`` renders clips in ``N`` processes.
+checkout travels to without them) can encode. ``encode --workers N`` (and ``frames``) renders clips in ``N`` processes.
 
 ``dit --frame-batch N`` trains on images and video jointly, as Wan does: each step adds the loss of ``N`` one-frame
 clips (the first frame of a training pair's clip, which the causal VAE encodes alone, as it encodes a clip's first
@@ -390,10 +390,9 @@ def encode_frames(args: argparse.Namespace) -> None:
     pairs = split_pairs(object_split(split, names, args.objects))["train"][: args.max_clips]
     specs = [ClipSpec(index, motion, int(rng.integers(2**31))) for index, motion in pairs]
     vae = load_vae(args.work, args.device, args.init)
-    latents = []
+    latents, batches = [], rendered_batches(images, specs, 64, args.workers, frames=1)
     with torch.no_grad():
-        for start in tqdm(range(0, len(specs), 64), desc="frames", mininterval=30):
-            clips = render_batch(images, specs[start : start + 64], frames=1)
+        for clips in tqdm(batches, desc="frames", total=-(-len(specs) // 64), mininterval=30):
             latents.append(vae.encode(clips.to(args.device)).latent_dist.mean.cpu())
     latents = (torch.cat(latents) - mean) / std  # (N, 8, 1, 16, 16)
     text = caption_states(args, [caption(names[s.index], s.motion) for s in specs])
@@ -731,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--decay-at-deadline", action="store_true", help="dit: lr falls linearly to 0 at the --minutes deadline"
     )
-    parser.add_argument("--workers", type=int, default=1, help="encode: processes rendering clips")
+    parser.add_argument("--workers", type=int, default=1, help="encode, frames: processes rendering clips")
     parser.add_argument("--frame-batch", type=int, default=0, help="dit: one-frame clips per step (joint training)")
     parser.add_argument(
         "--reinit-text", action="store_true", help="dit --init: a new caption path (see is_text_path), the rest loaded"
