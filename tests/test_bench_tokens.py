@@ -135,3 +135,9 @@ def test_the_min_active_sweep_times_and_scores_fewer_steps_and_each_value_at_bot
         assert [name.split("@")[0] for name in named[1:]] == ["min_active-0", "min_active-0.8"]
     assert all(row["speedup"] > 0 and math.isfinite(row["psnr"]) for row in rows.values())
     assert "ours at several min_active values" in capsys.readouterr().out
+
+
+def test_the_two_diagnostics_are_one_or_the_other(capsys):
+    with pytest.raises(SystemExit):
+        bench.run(["--bounds", "--sweep-min-active"])
+    assert "not allowed with argument" in capsys.readouterr().err

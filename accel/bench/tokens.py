@@ -360,8 +360,9 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--skip-image", action="store_true")
     parser.add_argument("--skip-video", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--bounds", action="store_true", help="the diagnostic at equal token-steps instead")
-    parser.add_argument(
+    diagnostic = parser.add_mutually_exclusive_group()
+    diagnostic.add_argument("--bounds", action="store_true", help="the diagnostic at equal token-steps instead")
+    diagnostic.add_argument(
         "--sweep-min-active", action="store_true", help="ours at several min_active values and equal runtime instead"
     )
     args = parser.parse_args(argv)
