@@ -20,7 +20,7 @@ from accel.adapters import token_grid
 from accel.api import Handle, Target, register
 from accel.context import StepContext
 from accel.plan import Plan
-from accel.sparse.kernels import BACKENDS, Backend, LayerAttention, shared_layer_attention
+from accel.sparse.kernels import BACKENDS, Backend, LayerAttention, check_backend, shared_layer_attention
 from accel.sparse.patterns import TokenGrid
 from accel.sparse.plan import check_plan, plan_dense_steps, plan_density
 from accel.sparse.processors import SparseLayer, sparse_processor_for
@@ -38,9 +38,10 @@ class SparseAttentionConfig:
     Attributes:
         plan: a sparse-attention plan (:func:`accel.sparse.make_plan`, :func:`accel.sparse.uniform_plan`,
             :func:`accel.sparse.search` or ``Plan.load``).
-        backend: ``"auto"`` (the Triton kernel on CUDA when triton is installed, else ``"runs"``),
-            ``"triton"``, ``"runs"`` (SDPA over key slices where whole tiles allow it, FlexAttention for the other
-            rows; :mod:`accel.sparse.runs`), ``"flex"``, ``"sdpa"`` (materialised mask) or ``"reference"``.
+        backend: ``"auto"`` (the Triton kernel on CUDA when triton is installed, FlexAttention on CUDA without
+            it, else ``"runs"``), ``"triton"`` (checked at apply: triton installed, the model on CUDA),
+            ``"runs"`` (SDPA over key slices where whole tiles allow it, FlexAttention for the other rows;
+            :mod:`accel.sparse.runs`), ``"flex"``, ``"sdpa"`` (materialised mask) or ``"reference"``.
         block_size: the block mask's tile; default by sequence length
             (:func:`accel.sparse.kernels.default_block_size`).
         dense_steps: run the first this many denoising steps with dense attention; ``None`` (default) takes the
@@ -57,6 +58,11 @@ class SparseAttentionConfig:
             raise TypeError(f"SparseAttentionConfig.plan must be an accel Plan, got {type(self.plan).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"SparseAttentionConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.block_size is not None and (not isinstance(self.block_size, int) or isinstance(self.block_size, bool)):
+            raise TypeError(
+                f"SparseAttentionConfig.block_size must be an int (a power of two >= 16) or None, got "
+                f"{self.block_size!r} ({type(self.block_size).__name__})"
+            )
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise ValueError(f"SparseAttentionConfig.block_size must be a power of two >= 16, got {self.block_size}")
         if self.dense_steps is not None and (
@@ -106,6 +112,8 @@ class SparseHandle(Handle):
         self.target, self.config = target, config
         self._kernel_factory = kernel_factory or self._layer_attention
         self.patterns = check_plan(config.plan, target.transformer, target.spec)
+        parameter = next(target.transformer.parameters(), None)
+        check_backend(config.backend, parameter.device if parameter is not None else "cpu")
         self.dense_steps = plan_dense_steps(config.plan) if config.dense_steps is None else config.dense_steps
         self._densities: list[float] = []  # per transformer call
         self._dense_calls = 0

@@ -18,15 +18,18 @@ Backends, each tested against :func:`accel.sparse.reference.reference_attention`
 * ``"reference"``: the float32 specification.
 
 The fallback chain is triton -> runs -> flex -> sdpa -> reference: ``"auto"`` picks ``"triton"`` when the
-layer's device is CUDA and triton is installed, else ``"runs"``; ``"sdpa"`` (memory quadratic in the length) and
+layer's device is CUDA and triton is installed, ``"flex"`` on CUDA without triton (there ``"runs"`` is the
+slowest path), else ``"runs"`` (:func:`auto_backend`); ``"sdpa"`` (memory quadratic in the length) and
 ``"reference"`` (float32, for tests) are only ever chosen by name.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import inspect
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
@@ -41,13 +44,44 @@ from accel.sparse.runs import RunsAttention
 Backend = Literal["auto", "triton", "runs", "flex", "sdpa", "reference"]
 BACKENDS = ("auto", "triton", "runs", "flex", "sdpa", "reference")
 
+logger = logging.getLogger(__name__)
+
 
 def auto_backend(device: torch.device | str) -> str:
     """The first link of the fallback chain that runs on ``device``: ``"triton"`` on CUDA with triton installed,
-    else ``"runs"``."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+    ``"flex"`` on CUDA without it (logged once), else ``"runs"``.
+
+    On CUDA the ``"runs"`` backend is the slowest path (one small SDPA call per frame; docs/gpu-h200.txt: 0.13-0.17
+    of the ideal speed-up where Triton and FlexAttention reach 0.36-0.53), so ``"auto"`` never picks it there."""
+    if torch.device(device).type != "cuda":
+        return "runs"
+    if importlib.util.find_spec("triton") is not None:
         return "triton"
-    return "runs"
+    _say_no_triton()
+    return "flex"
+
+
+@functools.cache
+def _say_no_triton() -> None:
+    logger.info(
+        "accel.sparse: triton is not installed, so backend 'auto' runs sparse attention on CUDA through compiled "
+        "FlexAttention ('flex'); pip install 'diffusers-accel[triton]' for the Triton kernel (said once)"
+    )
+
+
+def check_backend(backend: Backend, device: torch.device | str) -> None:
+    """Raise before any change to a model if ``backend`` cannot run on ``device``: ``"triton"`` needs triton
+    installed (``ImportError`` naming the extra) and a CUDA device (``ValueError``), except under the Triton
+    interpreter (CPU tensors, for tests)."""
+    if backend != "triton":
+        return
+    triton_attention = importlib.import_module("accel.sparse.triton_attention")  # ImportError names the extra
+
+    if torch.device(device).type != "cuda" and not triton_attention.INTERPRETED:
+        raise ValueError(
+            f"the 'triton' sparse-attention backend needs a CUDA model, but it is on {torch.device(device)}; move "
+            "it to a GPU first, or use backend 'auto', 'runs' or 'flex' here"
+        )
 
 
 #: recompiles the compiled FlexAttention may make in one process. Each (batch, heads in the launch, head width,
@@ -175,7 +209,14 @@ class LayerAttention:
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
     ) -> torch.Tensor:
         """Attention output ``(batch, heads, length, head_dim)`` of ``query``, ``key``, ``value``, each
-        ``(batch, heads, length, head_dim)``."""
+        ``(batch, heads, length, head_dim)``.
+
+        Raises:
+            ValueError: in eager calls, the inputs do not have this layer's heads and grid length (:meth:`check`);
+                compiled calls skip the check (shapes are fixed by the compiled graph's guards).
+        """
+        if not torch.compiler.is_compiling():
+            self.check(query, key, value)
         if self.all_dense or (not torch.compiler.is_compiling() and _is_fake(query)):
             # fake tensors: a shape-only run (the cache engine counting MACs) counts the heads as dense
             return F.scaled_dot_product_attention(query, key, value, scale=scale)

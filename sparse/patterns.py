@@ -24,7 +24,9 @@ length. :func:`allowed` is the specification every kernel is tested against.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -35,6 +37,8 @@ Kind = Literal["dense", "skip", "sparse"]
 
 #: half-widths ``(frames, rows, columns)`` of one window; ``None``: unbounded on that axis
 Window = tuple[int | None, int | None, int | None]
+
+logger = logging.getLogger(__name__)
 
 
 def _window_order(window: Window) -> tuple:
@@ -49,7 +53,8 @@ class HeadPattern:
         kind: ``"dense"``, ``"skip"`` or ``"sparse"``.
         windows: for ``sparse``: windows, each half-widths ``(frames, rows, columns)``, each ``>= 0`` or
             ``None`` (unbounded).
-        sink_frames: for ``sparse``: frames whose keys every query sees.
+        sink_frames: for ``sparse``: frames whose keys every query sees (negative: counted from the last frame).
+            On a grid with fewer frames, those outside it are dropped, with a warning logged once.
     """
 
     kind: Kind = "sparse"
@@ -150,6 +155,26 @@ class TokenGrid:
 _UNBOUNDED = 1 << 30
 
 
+def _sinks_on(pattern: HeadPattern, grid: TokenGrid) -> tuple[int, ...]:
+    """The sink frames of ``pattern`` that exist on ``grid`` (negative ones count from the last frame); the others
+    are dropped, and said once per (sink frames, frame count) in the process."""
+    inside = tuple(f for f in pattern.sink_frames if -grid.frames <= f < grid.frames)
+    if len(inside) < len(pattern.sink_frames):
+        _say_sinks_dropped(pattern.sink_frames, grid.frames)
+    return inside
+
+
+@functools.cache
+def _say_sinks_dropped(sink_frames: tuple[int, ...], frames: int) -> None:
+    dropped = [f for f in sink_frames if not -frames <= f < frames]
+    logger.warning(
+        "accel.sparse: sink frames %s lie outside a grid of %d frames and are dropped (a plan made for more frames "
+        "applied to fewer); the heads that had them see only their windows and the text there (said once)",
+        dropped,
+        frames,
+    )
+
+
 @dataclass(frozen=True)
 class HeadTables:
     """Per-head pattern parameters as tensors, so that one mask function serves every head of a launch.
@@ -174,9 +199,8 @@ class HeadTables:
         for head, pattern in enumerate(patterns):
             for index, half_widths in enumerate(pattern.windows):
                 window[head, index] = torch.tensor([_UNBOUNDED if w is None else w for w in half_widths])
-            for frame in pattern.sink_frames:
-                if -grid.frames <= frame < grid.frames:
-                    sinks[head, frame] = True
+            for frame in _sinks_on(pattern, grid):
+                sinks[head, frame] = True
         return cls(window.to(device), sinks.to(device), dense.to(device))
 
 
@@ -253,7 +277,7 @@ def density(pattern: HeadPattern, grid: TokenGrid) -> float:
     if pattern.kind != "sparse":
         return float(pattern.kind == "dense")
     area = grid.height * grid.width
-    sinks = {f % grid.frames for f in pattern.sink_frames if -grid.frames <= f < grid.frames}
+    sinks = {f % grid.frames for f in _sinks_on(pattern, grid)}
     by_offset: dict[int, int] = {}  # frame offset -> covered position pairs of one frame pair
     visual = 0
     for fq in range(grid.frames):

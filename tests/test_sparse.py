@@ -104,6 +104,62 @@ def test_every_backend_meets_the_reference_bound(backend, dtype):
     assert out[:, 2].abs().max() == 0  # the skip head
 
 
+@pytest.mark.parametrize("backend", ["runs", "flex"])
+def test_a_layer_refuses_inputs_of_another_head_count_or_length_before_any_compute(backend):
+    grid = TokenGrid(2, 4, 4)
+    layer = LayerAttention(MIXED, grid, backend=backend)
+    right = [torch.randn(1, len(MIXED), grid.length, 8) for _ in range(3)]
+    assert layer(*right).shape == right[0].shape
+    more_heads = [torch.randn(1, len(MIXED) + 1, grid.length, 8) for _ in range(3)]  # ran silently: head 5 zeros
+    with pytest.raises(ValueError, match=f"expected {len(MIXED)} heads over {grid.length} tokens"):
+        layer(*more_heads)
+    shorter = [t[:, :, :-16] for t in right]  # one frame fewer than the grid
+    with pytest.raises(ValueError, match=f"expected {len(MIXED)} heads over {grid.length} tokens"):
+        layer(*shorter)
+    with pytest.raises(ValueError, match="of one shape"):
+        layer(right[0], right[1][:, :, :-16], right[2])
+
+
+def test_bad_config_fields_are_refused_with_what_is_allowed():
+    plan = make_plan([MIXED])
+    with pytest.raises(TypeError, match=r"block_size must be an int .* got 32.0 \(float\)"):
+        SparseAttentionConfig(plan=plan, block_size=32.0)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        SparseAttentionConfig(plan=plan, block_size=24)
+    assert SparseAttentionConfig(plan=plan, block_size=32).block_size == 32
+
+
+def test_sink_frames_outside_a_smaller_grid_are_dropped_with_one_warning(caplog):
+    from accel.sparse.patterns import _say_sinks_dropped
+
+    _say_sinks_dropped.cache_clear()
+    model = WAN.build()
+    with_sink = HeadPattern(windows=((0, 1, 1),), sink_frames=(0, 3))  # frame 3: a plan made for 4 frames or more
+    without = HeadPattern(windows=((0, 1, 1),), sink_frames=(0,))
+
+    def forward(pattern, frames):
+        latents = torch.randn(1, 4, frames, 8, 8, generator=torch.Generator().manual_seed(0))
+        kwargs = WAN.forward_kwargs(latents, WAN.conditions([3]), torch.full((1,), 500.0))
+        with accel.apply(model, SparseAttentionConfig(plan=uniform_plan(model, pattern))) as handle:
+            out = WAN.output(model(**kwargs))
+            assert handle.stats().grids == (TokenGrid(frames, 4, 4),)
+        return out
+
+    def dropped():
+        return [r for r in caplog.records if "sink frames [3] lie outside a grid of 2 frames" in r.getMessage()]
+
+    with caplog.at_level("WARNING", logger="accel.sparse"):
+        at_four = forward(with_sink, 4)  # the sink exists: no warning, and it is attended
+        assert not dropped()
+        assert (at_four - forward(without, 4)).abs().max() > 1e-3
+        at_two = forward(with_sink, 2)
+        assert len(dropped()) == 1
+        forward(with_sink, 2)
+        assert len(dropped()) == 1  # said once
+    assert (at_two - forward(without, 2)).abs().max() < 1e-6  # dropped: the plan without that sink
+    assert density(with_sink, TokenGrid(2, 4, 4)) == density(without, TokenGrid(2, 4, 4))
+
+
 def test_plans_round_trip_and_describe_themselves(tmp_path):
     plan = make_plan([MIXED, MIXED[::-1]], model_class="Toy", metrics={"psnr": 30.0})
     path = plan.save(tmp_path / "plan.json")

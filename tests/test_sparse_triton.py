@@ -317,6 +317,43 @@ def test_auto_backend_is_triton_only_on_cuda():
     assert LayerAttention(WINDOWS, TokenGrid(2, 4, 4), "cpu").backend == "runs"
 
 
+def test_auto_backend_on_cuda_without_triton_is_flex_and_says_so(monkeypatch, caplog):
+    from accel.sparse import kernels
+
+    kernels._say_no_triton.cache_clear()
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name, *a: object() if name != "triton" else None)
+    with caplog.at_level("INFO", logger="accel.sparse"):
+        assert auto_backend("cuda") == auto_backend(torch.device("cuda", 0)) == "flex"  # not "runs", the slowest
+        assert auto_backend("cpu") == "runs"
+    said = [r for r in caplog.records if "runs sparse attention on CUDA through compiled FlexAttention" in r.message]
+    assert len(said) == 1
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name, *a: object())
+    assert auto_backend("cuda") == "triton"
+
+
+def test_the_triton_backend_is_checked_when_the_config_is_applied(monkeypatch):
+    import types
+
+    from tiny_models import TINY_MODELS
+
+    import accel
+    from accel.sparse import SparseAttentionConfig, sparse_layers, uniform_plan
+
+    model = TINY_MODELS["wan"].build()
+    config = SparseAttentionConfig(plan=uniform_plan(model, WINDOWS[0]), backend="triton")
+    processors = [m.processor for _, m in sparse_layers(model)]
+    monkeypatch.setitem(sys.modules, "triton", None)  # not installed: the extra is named, nothing changes
+    monkeypatch.delitem(sys.modules, "accel.sparse.triton_attention", raising=False)
+    with pytest.raises(ImportError, match=r"diffusers-accel\[triton\]"):
+        accel.apply(model, config)
+    compiled = types.ModuleType("accel.sparse.triton_attention")
+    compiled.INTERPRETED = False  # installed, compiled for a GPU: a CPU model is refused
+    monkeypatch.setitem(sys.modules, "accel.sparse.triton_attention", compiled)
+    with pytest.raises(ValueError, match="'triton' sparse-attention backend needs a CUDA model, but it is on cpu"):
+        accel.apply(model, config)
+    assert [m.processor for _, m in sparse_layers(model)] == processors
+
+
 # ---------------------------------------------------------------------------------------- the compiled kernel
 
 # 12 heads of a realistic layer: 8192 visual tokens (8 frames of 32 x 32) plus 226 text tokens first
