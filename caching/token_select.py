@@ -1,13 +1,15 @@
 """Pure decisions of per-token step allocation: how many tokens are active at each step, and which.
 
-Nothing here touches a model. :func:`step_fractions` turns a budget (a fraction of the token-steps of full
-compute) into a per-step active count, in a few bucket sizes; :class:`TokenHistory` keeps, per sample (batch
+Nothing here touches a model. :func:`sparse_fraction` turns a budget (a fraction of the token-steps of full
+compute) into the active fraction of the sparse steps and :func:`active_count` that into a per-step active count,
+in a few bucket sizes (:func:`bucket_levels`); :class:`TokenHistory` keeps, per sample (batch
 row) and token, the last velocities the model produced, when, and how long ago; the selectors rank tokens:
 
 * :func:`velocity_scores` (ours): the error of reusing a token's cached velocity grows with how fast that
   velocity was changing when it was last computed and with the time since, ``rate * elapsed``. Every token's
   rate is floored at a share of its sample's mean rate, so a skipped token's score keeps growing, and a token
-  skipped for ``max_skipped`` steps is taken before any other: no token starves.
+  skipped for ``max_skipped`` steps is taken before any other of its row: no token starves. Every row ranks
+  its own tokens only, so a prompt's selection never depends on the others in its batch.
 * :func:`ras_scores`: the rule RAS (region-adaptive sampling) released: the per-patch standard deviation over
   channels of the last update, scaled by ``exp(starvation * drop_count)``; the patches with the *lowest*
   scores stay active, one selection shared by every row and branch.
@@ -109,8 +111,8 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 
 def velocity_scores(history: TokenHistory, time: torch.Tensor, floor: float, max_skipped: int) -> torch.Tensor:
     """``(rows, tokens)`` priorities of our rule (see the module docstring): predicted error of the cached
-    velocity ``(rate + floor * mean rate) * elapsed``; tokens skipped ``max_skipped`` steps or more rank first,
-    the longest skipped first."""
+    velocity ``(rate + floor * mean rate) * elapsed``; tokens skipped ``max_skipped`` steps or more rank first
+    in their row, the longest skipped first. Each row's scores depend on that row alone."""
     now = time.to(history.time_last.device, torch.float32).expand(history.last.shape[0])[:, None]
     span = (history.time_previous - history.time_last).clamp_min(1e-6)
     rate = _rms(history.last - history.previous) / span
@@ -118,7 +120,8 @@ def velocity_scores(history: TokenHistory, time: torch.Tensor, floor: float, max
     elapsed = (history.time_last - now).clamp_min(0) + 1e-6
     scores = rate * elapsed
     starved = history.skipped >= max_skipped
-    return torch.where(starved, scores.amax() + 1 + history.skipped.float(), scores)
+    top = scores.amax(-1, keepdim=True)  # (rows, 1): each row's own highest, never another prompt's
+    return torch.where(starved, top + 1 + history.skipped.float(), scores)
 
 
 def ras_scores(histories: list[TokenHistory], channels: int, starvation: float) -> torch.Tensor:
