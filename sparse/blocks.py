@@ -54,6 +54,7 @@ class BlockTable:
 
     @property
     def heads(self) -> int:
+        """The number of heads the table covers (its first axis)."""
         return self.kv_num_blocks.shape[0]
 
     def density(self) -> float:

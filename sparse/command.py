@@ -1,7 +1,8 @@
 """Search a sparse-attention plan (one pattern per layer and head) for a video pipeline.
 
-``accel search --technique sparse --model bundled-video --target-density 0.4 --out plan.json`` profiles the
-calibration prompts, fits the kernel cost model on this machine, solves for a plan and checks it against dense
+``accel search --technique sparse --model bundled-video --target-density 0.4 --out plan.json`` (or
+``--min-psnr`` or ``--target-speedup`` in place of ``--target-density``) profiles the calibration prompts, fits the
+kernel cost model on this machine, solves for a plan and checks it against dense
 (:func:`accel.sparse.search`); the plan, with its measured figures, is saved as versioned JSON for
 ``accel.sparse.SparseAttentionConfig(plan=Plan.load(...))``.
 """
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     goal = parser.add_mutually_exclusive_group(required=True)
     goal.add_argument("--target-density", type=float, help="mean attention density to meet (0..1]")
     goal.add_argument("--min-psnr", type=float, help="predicted PSNR against dense to keep (dB)")
+    goal.add_argument(
+        "--target-speedup", type=float, help="predicted attention speed-up over dense to meet (> 1; the cost model's)"
+    )
     add_config_arguments(parser, SparseSearchOptions)
 
 
@@ -67,11 +71,14 @@ def run(args: argparse.Namespace) -> int:
     from accel.eval.generation import pipeline_defaults
     from accel.pipelines.loading import is_bundled, load_pipeline
     from accel.sparse.offline import search
+    from accel.sparse.search import Goal
     from accel.textconfig import read_prompts
 
-    if args.target_density is not None and not 0 < args.target_density <= 1:
-        raise ValueError(f"--target-density must be in (0, 1], got {args.target_density}")
     options = config_from_args(args, SparseSearchOptions)
+    try:  # the goal, checked before the model loads
+        Goal.of(args.target_density, args.min_psnr, args.target_speedup, options.steps, options.dense_steps)
+    except ValueError as error:
+        raise ValueError(f"{error} (--target-density, --min-psnr, --target-speedup)") from error
     out = Path(args.out)
     if out.suffix != ".json":
         raise ValueError(f"--out names the plan's JSON file, e.g. plan.json; got {out}")
@@ -87,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         prompts,
         target_density=args.target_density,
         min_psnr=args.min_psnr,
+        target_speedup=args.target_speedup,
         steps=options.steps,
         rows=options.rows,
         seed=options.seed,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,9 @@ from accel.sparse.apply import SparseAttentionConfig, SparseHandle, call_grid
 from accel.sparse.patterns import HeadPattern, TokenGrid, density
 from accel.sparse.plan import make_plan, plan_density, sparse_layers, trajectory_density, uniform_plan
 from accel.sparse.search import (
+    Choice,
     ErrorRecorder,
+    Goal,
     candidate_densities,
     candidate_patterns,
     choose,
@@ -111,6 +114,7 @@ def search(
     prompts: Sequence[str],
     target_density: float | None = None,
     min_psnr: float | None = None,
+    target_speedup: float | None = None,
     steps: int = 20,
     profile_steps: Sequence[int] | None = None,
     rows: int = 64,
@@ -127,7 +131,11 @@ def search(
         pipe: a pipeline whose transformer has a sparse processor (Wan today).
         prompts: calibration prompts (a few).
         target_density: minimise the predicted error subject to this mean attention density (0..1); or
-        min_psnr: minimise the predicted time subject to a predicted PSNR against dense of at least this (dB).
+        min_psnr: minimise the predicted time subject to a predicted PSNR against dense of at least this (dB); or
+        target_speedup: minimise the predicted error subject to the cost model's attention time being at most the
+            dense attention time divided by this (> 1): the summed per-head costs of every layer, averaged over
+            the trajectory like ``target_density`` (dense steps at the dense cost). Attention only: the rest of a
+            step does not get faster.
         steps: denoising steps of the calibration and check runs.
         profile_steps: the steps profiled (default: four spread over the trajectory).
         rows: query rows drawn per attention call.
@@ -144,30 +152,19 @@ def search(
 
     Returns:
         The plan, with ``metrics`` holding its density, predicted error and time, the end-to-end PSNR/SSIM
-        against dense, the cost model's points and the search's wall time.
+        against dense, the cost model's points and the search's wall and CPU time (seconds).
 
     Raises:
-        ValueError: bad arguments (checked before any compute).
+        ValueError: bad arguments, a goal the dense steps alone already miss, or a transformer with no layer to
+            sparsify (checked before any compute).
     """
-    if (target_density is None) == (min_psnr is None):
-        raise ValueError("give exactly one of target_density and min_psnr")
-    if target_density is not None and not 0 < target_density <= 1:
-        raise ValueError(f"target_density must be in (0, 1], got {target_density}")
-    if not prompts or steps < 1 or rows < 1:
-        raise ValueError("search needs at least one prompt, steps >= 1 and rows >= 1")
-    if not isinstance(dense_steps, int) or not 0 <= dense_steps < steps:
-        raise ValueError(f"dense_steps must be an integer in 0..{steps - 1}, got {dense_steps!r}")
-    sparse_target = None
-    if target_density is not None:
-        sparse_target = (target_density * steps - dense_steps) / (steps - dense_steps)
-        if sparse_target <= 0:
-            raise ValueError(f"{dense_steps} dense steps of {steps} already exceed a mean density of {target_density}")
+    goal = _check_search(pipe, prompts, target_density, min_psnr, target_speedup, steps, rows, dense_steps)
     first = dense_steps
     default_profile = np.linspace(first, steps - 1, min(4, steps - first)).round().astype(int).tolist()
     profile_steps = sorted(set(profile_steps or default_profile))
     if profile_steps[0] < first or profile_steps[-1] >= steps:
         raise ValueError(f"profile_steps must lie in {first}..{steps - 1} (the sparse steps), got {profile_steps}")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     transformer = resolve(pipe).transformer
     geometry = sparse_layers(transformer)[0][0]
     probe_grid = grid_of_call(pipe, prompts, call_kwargs)
@@ -178,45 +175,35 @@ def search(
     tiles = tile_densities(candidates, grid)
     costs = np.array([cost.head_cost(p, t) for p, t in zip(candidates, tiles, strict=True)])
     densities = candidate_densities(candidates, grid)
-    goal = sparse_target if sparse_target is not None else 0.4
-    probe = min((i for i, p in enumerate(candidates) if p.kind == "sparse"), key=lambda i: abs(densities[i] - goal))
+    if goal.cost_fraction is not None:  # the sparse steps' share of the dense heads' summed cost
+        goal = replace(goal, max_cost=goal.cost_fraction * cost.dense_head * sum(len(e) for e in errors))
+    near = goal.sparse_density if goal.sparse_density is not None else 0.4
+    probe = min((i for i, p in enumerate(candidates) if p.kind == "sparse"), key=lambda i: abs(densities[i] - near))
     calibration = Calibration(pipe, prompts, steps, seed, call_kwargs, errors, candidates, probe, dense_steps)
-    max_error = None if min_psnr is None else 10 ** (-min_psnr / 10)
-    for _ in range(rounds):  # solve, measure the pairs the answer relies on, solve again
-        choice = choose(calibration.weighted(), densities, costs, sparse_target, max_error)
-        missing = calibration.unmeasured(choice.indices)
-        if not missing:
-            break
-        for layer, candidate in sorted(missing):
-            calibration.measure(layer, candidate)
-    else:
-        choice = choose(calibration.weighted(), densities, costs, sparse_target, max_error)
+    choice = _solve(calibration, densities, costs, goal, rounds)
     patterns = [[candidates[i] for i in layer] for layer in choice.indices]
     refined = 0
-    if sparse_target is not None and refine:
-        pool = _refinement_pool(patterns, candidates, densities, sparse_target)
+    if goal.sparse_density is not None and refine:
+        pool = _refinement_pool(patterns, candidates, densities, goal.sparse_density)
         patterns, refined = refine_layers(
-            pipe, prompts, patterns, pool, grid, sparse_target, steps, seed, call_kwargs, calibration.dense,
+            pipe, prompts, patterns, pool, grid, goal.sparse_density, steps, seed, call_kwargs, calibration.dense,
             dense_steps,
         )  # fmt: skip
-    plan = make_plan(
-        patterns,
-        model_class=type(transformer).__name__,
-        provenance={
-            "made_by": "accel.sparse.search",
-            "prompts": list(prompts),
-            "steps": steps,
-            "profile_steps": profile_steps,
-            "rows": rows,
-            "seed": seed,
-            "target_density": target_density,
-            "min_psnr": min_psnr,
-            "calibration_runs": len(calibration.factors),
-            "refinement_moves": refined,
-            "grid": [grid.frames, grid.height, grid.width, grid.text],
-        },
-        dense_steps=dense_steps,
-    )
+    provenance = {
+        "made_by": "accel.sparse.search",
+        "prompts": list(prompts),
+        "steps": steps,
+        "profile_steps": profile_steps,
+        "rows": rows,
+        "seed": seed,
+        "target_density": target_density,
+        "min_psnr": min_psnr,
+        "target_speedup": target_speedup,
+        "calibration_runs": len(calibration.factors),
+        "refinement_moves": refined,
+        "grid": [grid.frames, grid.height, grid.width, grid.text],
+    }
+    plan = make_plan(patterns, type(transformer).__name__, provenance, dense_steps=dense_steps)
     dense = calibration.dense if check_prompts is None else None  # the calibration prompts' dense run, once
     check = check_plans(pipe, [plan], check_prompts or prompts, steps, seed, call_kwargs, dense)[0]
     metrics = {
@@ -225,20 +212,60 @@ def search(
         "predicted_psnr": -10 * float(np.log10(max(choice.error, 1e-12))),
         "predicted_ms_per_layer": choice.cost_ms / len(patterns),
         "dense_ms_per_layer": cost.dense_head * geometry.heads,
+        "predicted_attention_speedup": _speedup(cost.dense_head * sum(map(len, patterns)), choice, steps, dense_steps),
         "cost_points": [list(p) for p in cost.points],
         **check,
         "search_seconds": time.perf_counter() - start,
+        "search_cpu_seconds": time.process_time() - cpu_start,
     }
-    logger.info("sparse plan: density %.3f, PSNR %.2f dB vs dense", metrics["density"], check["psnr"])
+    _log_plan(metrics)
+    return Plan.from_dict({**plan.to_dict(), "metrics": metrics})
+
+
+def _check_search(pipe, prompts, target_density, min_psnr, target_speedup, steps, rows, dense_steps) -> Goal:
+    """:func:`search`'s arguments checked (before any compute) and turned into its goal in the sparse steps."""
+    goal = Goal.of(target_density, min_psnr, target_speedup, steps, dense_steps)
+    if not prompts or steps < 1 or rows < 1:
+        raise ValueError("search needs at least one prompt, steps >= 1 and rows >= 1")
+    transformer = resolve(pipe).transformer
+    if not sparse_layers(transformer):
+        raise ValueError(
+            f"{type(transformer).__name__} has no self- or joint-attention layer with a softmax kernel: there is "
+            "nothing for a sparse-attention plan to cover"
+        )
+    return goal
+
+
+def _solve(calibration: Calibration, densities: np.ndarray, costs: np.ndarray, goal: Goal, rounds: int) -> Choice:
+    """Solve, measure the (layer, pattern) pairs the answer relies on, solve again: up to ``rounds`` rounds."""
+    for _ in range(rounds):
+        choice = choose(calibration.weighted(), densities, costs, goal.sparse_density, goal.max_error, goal.max_cost)
+        missing = calibration.unmeasured(choice.indices)
+        if not missing:
+            return choice
+        for layer, candidate in sorted(missing):
+            calibration.measure(layer, candidate)
+    return choose(calibration.weighted(), densities, costs, goal.sparse_density, goal.max_error, goal.max_cost)
+
+
+def _speedup(dense_ms: float, choice: Choice, steps: int, dense_steps: int) -> float | None:
+    """The cost model's attention speed-up over a trajectory (dense steps at ``dense_ms``), or None when the plan's
+    predicted time is zero (every head skipped)."""
+    total = dense_steps * dense_ms + (steps - dense_steps) * choice.cost_ms
+    return steps * dense_ms / total if total > 0 else None
+
+
+def _log_plan(metrics: dict) -> None:
+    """Log the plan's figures, and warn when the cost model predicts it no faster than dense."""
+    logger.info("sparse plan: density %.3f, PSNR %.2f dB vs dense", metrics["density"], metrics["psnr"])
     if metrics["predicted_ms_per_layer"] >= metrics["dense_ms_per_layer"]:
         logger.warning(
             "accel.sparse: on this device and token grid the cost model puts the plan's attention at %.2f ms a layer "
-            "against %.2f ms dense: it meets the density target but will not be faster (sparse kernels pay off on "
+            "against %.2f ms dense: it meets its target but will not be faster (sparse kernels pay off on "
             "longer sequences and on GPUs)",
             metrics["predicted_ms_per_layer"],
             metrics["dense_ms_per_layer"],
         )
-    return Plan.from_dict({**plan.to_dict(), "metrics": metrics})
 
 
 class Calibration:

@@ -10,8 +10,9 @@ solve an integer program.
    its tile densities in unmasked and in masked query rows (:func:`tile_densities`), beside the time of one
    dense head through SDPA.
 3. **Choose** (:func:`choose`): one candidate per head minimising the summed error subject to a mean attention
-   density (or maximising the time saved subject to an error budget): a multiple-choice knapsack solved exactly
-   by ``scipy.optimize.milp``. Heads of a layer that share a pattern run in the layer's one launch.
+   density or to a predicted time (a target speed-up), or minimising the predicted time subject to an error
+   budget: a multiple-choice knapsack solved exactly by ``scipy.optimize.milp``. Heads of a layer that share a
+   pattern run in the layer's one launch.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class ErrorRecorder:
         self.calls = 0
 
     def __call__(self, query, key, value, scale=None):
+        """Dense attention ``(batch, heads, length, head_dim)`` of ``query``, ``key``, ``value`` (each ``(batch,
+        heads, length, head_dim)``), as the layer would compute without a plan; when :attr:`grid` is set and
+        ``active()`` says so, the candidates' errors on sampled rows are recorded on the way."""
         out = F.scaled_dot_product_attention(query, key, value, scale=scale)
         if self.grid is not None and self.active():
             self._record(query.float(), key.float(), value.float(), scale)
@@ -235,6 +239,7 @@ def choose(
     costs: np.ndarray,
     target_density: float | None = None,
     max_error: float | None = None,
+    max_cost: float | None = None,
 ) -> Choice:
     """One candidate per head (an exact integer program, ``scipy.optimize.milp``).
 
@@ -243,21 +248,33 @@ def choose(
         densities: ``(candidates,)`` attention density of each candidate.
         costs: ``(candidates,)`` predicted milliseconds per head.
         target_density: minimise the summed error subject to a mean density at most this; or
-        max_error: minimise the predicted time subject to a summed error at most this.
+        max_error: minimise the predicted time subject to a summed error at most this; or
+        max_cost: minimise the summed error subject to a summed predicted time (ms, over every head) at most this
+            (a target speed-up: the dense heads' summed cost divided by it).
 
     Raises:
-        ValueError: not exactly one of ``target_density`` and ``max_error``, or no feasible choice.
+        ValueError: not exactly one of ``target_density``, ``max_error`` and ``max_cost``; ``densities`` or
+            ``costs`` not one value per candidate; or no feasible choice.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    if (target_density is None) == (max_error is None):
-        raise ValueError("give exactly one of target_density and max_error")
+    if sum(goal is not None for goal in (target_density, max_error, max_cost)) != 1:
+        raise ValueError("give exactly one of target_density, max_error and max_cost")
     error = np.concatenate([np.asarray(e, dtype=float) for e in errors])  # (all heads, candidates)
     heads, count = error.shape
+    densities, costs = np.asarray(densities, dtype=float), np.asarray(costs, dtype=float)
+    if densities.shape != (count,) or costs.shape != (count,):
+        raise ValueError(
+            f"densities and costs need one value per candidate ({count}, the errors' last axis), got shapes "
+            f"{densities.shape} and {costs.shape}"
+        )
     one_each = np.kron(np.eye(heads), np.ones(count))  # each head picks exactly one candidate
     constraints = [LinearConstraint(one_each, 1, 1)]
     if target_density is not None:
         constraints.append(LinearConstraint(np.tile(densities, heads)[None], -np.inf, target_density * heads))
+        objective = error.flatten()
+    elif max_cost is not None:
+        constraints.append(LinearConstraint(np.tile(costs, heads)[None], -np.inf, max_cost))
         objective = error.flatten()
     else:
         constraints.append(LinearConstraint(error.flatten()[None], -np.inf, max_error))
@@ -276,6 +293,70 @@ def choose(
         density=float(densities[picks].mean()),
         cost_ms=float(costs[picks].sum()),
     )
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What a search solves for in the sparse steps (one field of the first three is set).
+
+    Attributes:
+        sparse_density: a mean attention density over the heads.
+        max_error: a budget for the summed predicted error.
+        cost_fraction: a share of the dense heads' summed predicted time.
+        max_cost: that share in milliseconds, once the cost model is fitted (``dataclasses.replace``).
+    """
+
+    sparse_density: float | None = None
+    max_error: float | None = None
+    cost_fraction: float | None = None
+    max_cost: float | None = None
+
+    @classmethod
+    def of(
+        cls,
+        target_density: float | None,
+        min_psnr: float | None,
+        target_speedup: float | None,
+        steps: int,
+        dense_steps: int,
+    ) -> Goal:
+        """The goal in the sparse steps of exactly one of a mean ``target_density`` over all ``steps``, a
+        ``min_psnr`` (dB) or a ``target_speedup`` of the attention time over all ``steps``, whose first
+        ``dense_steps`` run dense (density 1, the dense cost).
+
+        Raises:
+            ValueError: not exactly one goal, a goal out of range, bad step counts, or a goal the dense steps
+                alone already miss.
+        """
+        if sum(goal is not None for goal in (target_density, min_psnr, target_speedup)) != 1:
+            raise ValueError("give exactly one of target_density, min_psnr and target_speedup")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if not isinstance(dense_steps, int) or isinstance(dense_steps, bool) or not 0 <= dense_steps < steps:
+            raise ValueError(f"dense_steps must be an integer in 0..{steps - 1}, got {dense_steps!r}")
+        sparse_steps = steps - dense_steps
+        if target_density is not None:
+            if not 0 < target_density <= 1:
+                raise ValueError(f"target_density must be in (0, 1], got {target_density}")
+            sparse_density = (target_density * steps - dense_steps) / sparse_steps
+            if sparse_density <= 0:
+                raise ValueError(
+                    f"{dense_steps} dense steps of {steps} already exceed a mean density of {target_density}"
+                )
+            return cls(sparse_density=sparse_density)
+        if min_psnr is not None:
+            if not math.isfinite(min_psnr) or min_psnr <= 0:
+                raise ValueError(f"min_psnr must be a finite number of dB above 0, got {min_psnr}")
+            return cls(max_error=10 ** (-min_psnr / 10))
+        if not math.isfinite(target_speedup) or target_speedup <= 1:
+            raise ValueError(f"target_speedup must be a finite number above 1, got {target_speedup}")
+        fraction = (steps / target_speedup - dense_steps) / sparse_steps
+        if fraction <= 0:
+            raise ValueError(
+                f"{dense_steps} dense steps of {steps} already take more than 1/{target_speedup} of the dense "
+                "attention time: no plan reaches that speed-up; ask for less or run fewer steps dense"
+            )
+        return cls(cost_fraction=fraction)
 
 
 def candidate_densities(candidates: Sequence[HeadPattern], grid: TokenGrid) -> np.ndarray:

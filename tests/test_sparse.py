@@ -221,14 +221,24 @@ def test_a_plan_for_another_model_is_refused_before_anything_changes():
 
 def test_sparse_and_caching_compose_in_one_apply():
     model = WAN.build()
-    plan = uniform_plan(model, HeadPattern(windows=((0, None, None),)))
-    with accel.apply(model, SparseAttentionConfig(plan=plan)):
-        sparse_only = denoise(model, WAN, [1], steps=6, cfg=False)
-    with accel.apply(model, CacheConfig(schedule=fora(layout_of(model), 6, 1)), SparseAttentionConfig(plan=plan)) as h:
+    plan = SparseAttentionConfig(plan=uniform_plan(model, HeadPattern(windows=((0, None, None),))))
+    cache = CacheConfig(schedule=fora(layout_of(model), 6, 2))  # every other step reuses the cached features
+
+    def run(*configs):
+        with accel.apply(model, *configs):
+            return denoise(model, WAN, [1], steps=6, cfg=False)
+
+    plain, cache_only, sparse_only = denoise(model, WAN, [1], steps=6, cfg=False), run(cache), run(plan)
+    with accel.apply(model, cache, plan) as handle:
         both = denoise(model, WAN, [1], steps=6, cfg=False)
-        names = [p.technique for p in h.patches()]
-    assert "sparse_attention" in names and "caching" in names
-    assert torch.equal(both, sparse_only)  # interval-1 caching computes everything
+        assert {"sparse_attention", "caching"} <= {p.technique for p in handle.patches()}
+        assert sum(handle[CacheConfig].stats().reused.values()) > 0
+        assert handle[SparseAttentionConfig].stats().sparse_calls > 0
+    caching_error = ((cache_only - plain).norm() / plain.norm()).item()
+    assert caching_error > 1e-4  # the cache really reused, and it costs this much on the dense model
+    # on the sparse model it costs about as much: composing neither hides nor amplifies either technique
+    composed_error = ((both - sparse_only).norm() / sparse_only.norm()).item()
+    assert caching_error / 2 <= composed_error <= 2 * caching_error, (composed_error, caching_error)
 
 
 @pytest.mark.parametrize(
@@ -332,6 +342,16 @@ def test_choose_is_the_exact_optimum_of_the_multiple_choice_program():
     assert budget.error <= flat[:, 0].sum() + 0.5 + 1e-9 and budget.cost_ms < 12.0
     with pytest.raises(ValueError, match="exactly one"):
         choose(errors, densities, costs)
+    fast = choose(errors, densities, costs, max_cost=5.0)  # a target speed-up: 12 ms dense over 5 ms
+    best = min(
+        (picks for picks in itertools.product(range(4), repeat=3) if costs[list(picks)].sum() <= 5.0 + 1e-9),
+        key=lambda picks: flat[np.arange(3), list(picks)].sum(),
+    )
+    assert [i for layer in fast.indices for i in layer] == list(best) and fast.cost_ms <= 5.0 + 1e-9
+    with pytest.raises(ValueError, match="one value per candidate"):
+        choose(errors, densities[:3], costs, target_density=0.5)
+    with pytest.raises(ValueError, match="one value per candidate"):
+        choose(errors, densities, costs[:3], max_cost=5.0)
 
 
 def test_candidates_cover_the_named_pattern_families():
@@ -372,9 +392,58 @@ def test_search_on_a_wan_pipeline_meets_its_density_and_records_its_figures(tmp_
     slower = plan.metrics["predicted_ms_per_layer"] >= plan.metrics["dense_ms_per_layer"]
     assert slower == any("will not be faster" in record.getMessage() for record in caplog.records)
     dense = run_pipeline(pipe, ["a red apple"], 3, 0, TINY_VIDEO_KWARGS)
-    with accel.apply(pipe, SparseAttentionConfig(plan=Plan.load(plan.save(tmp_path / "p.json")))):
+    loaded = Plan.load(plan.save(tmp_path / "p.json"))
+    assert {k: loaded.metrics[k] for k in ("psnr", "ssim")} == {k: plan.metrics[k] for k in ("psnr", "ssim")}
+    with accel.apply(pipe, SparseAttentionConfig(plan=loaded)):
         again = run_pipeline(pipe, ["a red apple"], 3, 0, TINY_VIDEO_KWARGS)
     assert compare_to_dense(again, dense)["psnr"] == pytest.approx(plan.metrics["psnr"], abs=1e-3)
+
+
+def test_search_by_target_speedup_meets_its_predicted_time():
+    from eval_helpers import TINY_VIDEO_KWARGS, build_tiny_wan_pipeline
+
+    pipe = build_tiny_wan_pipeline()
+    plan = search(pipe, ["a red apple"], target_speedup=2.0, steps=2, rows=8, call_kwargs=TINY_VIDEO_KWARGS)
+    metrics = plan.metrics
+    assert metrics["predicted_ms_per_layer"] <= metrics["dense_ms_per_layer"] / 2 + 1e-9  # no dense steps
+    assert metrics["predicted_attention_speedup"] is None or metrics["predicted_attention_speedup"] >= 2 - 1e-9
+    assert plan.provenance["target_speedup"] == 2.0 and 0 < metrics["psnr"] < 100
+
+
+def test_search_by_min_psnr_meets_its_predicted_psnr():
+    from eval_helpers import TINY_VIDEO_KWARGS, build_tiny_wan_pipeline
+
+    pipe = build_tiny_wan_pipeline()
+    plan = search(pipe, ["a red apple"], min_psnr=20.0, steps=2, rows=8, call_kwargs=TINY_VIDEO_KWARGS)
+    assert plan.metrics["predicted_psnr"] >= 20.0 - 1e-6 and plan.provenance["min_psnr"] == 20.0
+
+
+@pytest.mark.parametrize(
+    ("goal", "message"),
+    [
+        ({"target_speedup": 1.0}, "target_speedup must be a finite number above 1"),
+        ({"target_speedup": float("inf")}, "target_speedup must be a finite number above 1"),
+        ({"target_speedup": float("nan")}, "target_speedup must be a finite number above 1"),
+        ({"target_speedup": 4.0, "dense_steps": 1}, "no plan reaches that speed-up"),  # 1 of 3 steps > 1/4
+        ({"min_psnr": 0.0}, "min_psnr must be a finite number of dB above 0"),
+        ({"min_psnr": float("nan")}, "min_psnr must be a finite number of dB above 0"),
+        ({"min_psnr": 20.0, "target_speedup": 2.0}, "exactly one"),
+    ],
+)
+def test_search_refuses_a_bad_goal_before_any_compute(goal, message, monkeypatch):
+    import accel.sparse.offline as offline
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("computed before checking its arguments")
+
+    monkeypatch.setattr(offline, "grid_of_call", no_compute)
+    with pytest.raises(ValueError, match=message):
+        search(WAN.build(), ["a red apple"], steps=3, **goal)
+
+
+def test_search_on_a_model_with_no_layer_to_sparsify_says_so():
+    with pytest.raises(ValueError, match="no self- or joint-attention layer .* nothing for a sparse-attention plan"):
+        search(TINY_MODELS["sana"].build(), ["a red apple"], target_density=0.5, steps=2)
 
 
 def test_accel_search_technique_sparse_writes_a_plan_that_loads(tmp_path):
@@ -392,6 +461,16 @@ def test_accel_search_technique_sparse_writes_a_plan_that_loads(tmp_path):
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.model_class == "WanTransformer3DModel" and plan.metrics["density"] <= 0.5 + 1e-9
     assert main(["search", "--technique", "pruning", "--out", "x"]) == 2
+    for bad in (["--target-speedup", "1"], ["--min-psnr", "nan"]):  # refused before the model loads
+        bad_argv = [a for a in argv if a not in ("--target-density", "0.5")] + bad
+        bad_argv[bad_argv.index("--out") + 1] = str(tmp_path / "bad.json")
+        assert main(bad_argv) == 1 and not (tmp_path / "bad.json").exists()
+    fast_argv = [a for a in argv if a not in ("--target-density", "0.5")] + ["--target-speedup", "2"]
+    fast_argv[fast_argv.index("--out") + 1] = str(tmp_path / "fast.json")
+    assert main(fast_argv) == 0
+    fast = Plan.load(tmp_path / "fast.json")
+    assert fast.provenance["target_speedup"] == 2.0
+    assert fast.metrics["predicted_ms_per_layer"] <= fast.metrics["dense_ms_per_layer"] / 2 + 1e-9
 
 
 # frames of 32 tokens, blocks of 32: a window over whole frames visits whole (full) tiles
@@ -479,7 +558,10 @@ def test_tile_densities_split_unmasked_and_masked_rows_and_the_cost_model_prices
     assert tiles.tolist() == [[1.0, 0.0], [0.0, 0.0], [0.25, 0.0], [0.0, 1.0]]  # 1 frame of 4; every tile partial
     cost = fit_cost_model(ALIGNED, heads=2, head_dim=16, repeats=1)
     assert {(full > 0, partial > 0) for full, partial, _ in cost.points} == {(True, False), (False, True)}
-    assert cost.head_cost(HeadPattern.skip(), (0.0, 0.0)) == 0 and cost.head_cost(frames, (0.25, 0.0)) >= 0
+    assert cost.head_cost(HeadPattern.skip(), (0.0, 0.0)) == 0 and cost.head_cost(HeadPattern.dense(), (1, 0)) > 0
+    assert cost.head_cost(HeadPattern.dense(), (1.0, 0.0)) == cost.dense_head
+    plane = cost.sparse_head_fixed + 0.25 * cost.per_full_row_density + 0.5 * cost.per_partial_row_density
+    assert cost.head_cost(frames, (0.25, 0.5)) == pytest.approx(plane)
 
 
 def test_runs_backend_masked_calls_take_sdpas_fused_kernel_not_the_math_path():
