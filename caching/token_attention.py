@@ -52,12 +52,16 @@ class TokenAttention:
     def __init__(self, original: Any, active: ActiveTokens, layer: int):
         self.original, self.active, self.layer = original, active, layer
 
+    def cached(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values of every token, ``(rows, tokens, heads, head_dim)`` each, after writing
+        the active tokens' current ``key`` and ``value`` (``(rows, active, heads, head_dim)``) into them."""
+        keys, values = self.active.caches[self.layer]
+        return _merge(keys, self.active.index, key), _merge(values, self.active.index, value)
+
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """``(rows, active, heads, head_dim)`` attention of the active queries over every cached key and value
         after writing the current ``key`` and ``value`` of the active tokens into the cache."""
-        keys, values = self.active.caches[self.layer]
-        keys = _merge(keys, self.active.index, key)
-        values = _merge(values, self.active.index, value)
+        keys, values = self.cached(key, value)
         out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
         return out.transpose(1, 2)
 
@@ -118,11 +122,16 @@ def _check_default(attn: torch.nn.Module) -> None:
 
 
 def _registry() -> dict[type, tuple[type, Any]]:
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
     from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+    from accel.caching.token_joint import FluxTokenAttention, SD3TokenAttention
+
     return {
+        JointAttnProcessor2_0: (SD3TokenAttention, None),
+        FluxAttnProcessor: (FluxTokenAttention, None),
         WanAttnProcessor: (WanTokenAttention, None),
         LTXVideoAttnProcessor: (LTXTokenAttention, None),
         AttnProcessor2_0: (DefaultTokenAttention, _check_default),

@@ -3,7 +3,8 @@
 Full inference gives every visual token the same number of denoising steps. Here each sample (each batch row,
 each classifier-free-guidance branch) computes, at a sparse step, only its active tokens, chosen from its own
 velocity dynamics (:mod:`accel.caching.token_select`); an inactive token's velocity is its cached one, so the
-scheduler advances it with the cached (Euler) update and no model evaluation. How it runs:
+scheduler advances it with its own update (Euler for a flow-matching Euler scheduler) on the cached velocity, and
+no model evaluation. How it runs:
 
 * a budget below ``min_active`` first coarsens the scheduler's grid (fewer steps for every token), so the
   steps that remain compute at least that share of the tokens on average;
@@ -15,7 +16,9 @@ scheduler advances it with the cached (Euler) update and no model evaluation. Ho
   ``(rows, active, width)``: the linear, norm and feed-forward cost shrink with the count; modulation is per
   sample and broadcasts; the last block scatters the result back;
 * self-attention (:mod:`accel.caching.token_attention`) lets the active queries see every key and value:
-  current ones for the active tokens, the per-layer cache of their last computed step for the others;
+  current ones for the active tokens, the per-layer cache of their last computed step for the others; in
+  MMDiT models (SD3, FLUX: :mod:`accel.caching.token_joint`) the text is computed at every step and the joint
+  attention runs over the text and every image token the same way;
 * the output projection's per-token result is kept for the computed tokens and replaced by the cached velocity
   for the others.
 
@@ -257,11 +260,17 @@ class TokenStepHandle(Handle):
         self.blocks = [(stack, block) for stack, block in target.spec.block_list(model)]
         self.active = ActiveTokens()
         layers = []
-        for _, block in self.blocks:
+        for stack, block in self.blocks:
+            positions = [name for name, dim in stack.token_axes if name != "hidden_states" and dim != 1]
             for component in _self_attention(target, block):
                 attn = getattr(block, component.module)
                 original = getattr(attn, component.processor_attr)
                 processor = token_processor_for(attn, original, self.active, len(layers))
+                if positions and not getattr(processor, "gathers_positions", False):
+                    raise ValueError(
+                        f"per-token steps: {type(model).__name__}'s {positions} run over the tokens along another "
+                        f"dimension than 1 and {type(original).__name__}'s replacement does not gather them"
+                    )
                 width = int(getattr(attn, component.inner_dim_attr))
                 heads = int(getattr(attn, component.heads_attr))
                 layers.append((attn, component.processor_attr, processor, heads, width // heads))
@@ -475,7 +484,8 @@ class TokenStepHandle(Handle):
         first, last = position == 0, position == len(self.blocks) - 1
         stack, _ = self.blocks[position]
         params = self._params[position]
-        axes = [name for name, _ in stack.token_axes if name != "hidden_states"]
+        axes = [name for name, dim in stack.token_axes if name != "hidden_states" and dim == 1]
+        output = stack.outputs.index("hidden_states")
 
         def wrapper(inner, *args, **kwargs):
             if self.target.tracker.current is None:
@@ -499,7 +509,9 @@ class TokenStepHandle(Handle):
             out = inner(*args, **kwargs)
             if last:
                 full, index = self._call["full"], self._call["index"]
-                out = full.scatter(1, index[..., None].expand(*index.shape, full.shape[-1]), out.to(full.dtype))
+                result = out[output] if isinstance(out, tuple) else out
+                result = full.scatter(1, index[..., None].expand(*index.shape, full.shape[-1]), result.to(full.dtype))
+                out = (*out[:output], result, *out[output + 1 :]) if isinstance(out, tuple) else result
             return out
 
         return wrapper
@@ -598,17 +610,25 @@ def _position(module: torch.nn.Module, name: str) -> int | None:
 def _self_attention(target: Target, block: torch.nn.Module):
     stack = next(s for s, b in target.spec.block_list(target.transformer) if b is block)
     for component in stack.components:
-        if component.kind == "attention" and component.attention == "self" and getattr(block, component.module, None):
+        joint_or_self = component.attention in ("self", "joint")
+        if component.kind == "attention" and joint_or_self and getattr(block, component.module, None):
             yield component
 
 
 def _check_caching(target: Target) -> None:
     """Block caching underneath (applied first, in an earlier phase) composes through per-token cached features
     (:mod:`accel.caching.token_features`), except a dynamic policy, whose decision compares a whole-sequence
-    first-block residual between steps that compute different tokens."""
+    first-block residual between steps that compute different tokens, and on joint-attention models."""
     from accel.caching.config import CacheConfig
 
     handle = target.tracker.active.get(CacheConfig)
+    joint = any(c.attention == "joint" for stack in target.spec.stacks for c in stack.components)
+    if handle is not None and joint:
+        raise ValueError(
+            f"TokenStepConfig does not compose with a CacheConfig on {type(target.transformer).__name__}: its "
+            "joint-attention blocks cache text and image features together (FLUX's single-stream blocks in one "
+            "sequence), which per-token features cannot keep apart; apply one of them"
+        )
     if handle is not None and handle.engine.dynamic:
         raise ValueError(
             "TokenStepConfig does not compose with a dynamic (first-block) CacheConfig policy: its decision "
@@ -635,15 +655,12 @@ def _check_applies(target: Target, config: TokenStepConfig) -> None:
             f"{name}'s adapter does not say flow matching; apply to the pipeline (its scheduler decides) or set "
             "TokenStepConfig(assume_flow_matching=True) if this transformer samples a flow"
         )
-    if spec.token_layout is None or spec.token_layout.text in ("first", "last"):
-        raise ValueError(
-            f"per-token steps support models whose blocks see only visual tokens (text by cross-attention); "
-            f"{name} is not one"
-        )
-    if any(stack.outputs != ("hidden_states",) for stack in spec.stacks):
-        raise ValueError(f"per-token steps need blocks that return hidden_states alone; {name}'s do not")
-    if any(dim != 1 for stack in spec.stacks for _, dim in stack.token_axes):
-        raise ValueError(f"per-token steps need token axes at dimension 1; {name}'s spec has others")
+    if spec.token_layout is None:
+        raise ValueError(f"per-token steps need the token layout of the model's adapter; {name}'s has none")
+    if any("hidden_states" not in stack.outputs for stack in spec.stacks):
+        raise ValueError(f"per-token steps need blocks that return hidden_states; {name}'s do not")
+    if any(dict(stack.token_axes).get("hidden_states") != 1 for stack in spec.stacks):
+        raise ValueError(f"per-token steps need hidden_states' tokens along dimension 1; {name}'s spec differs")
     if not isinstance(getattr(model, "proj_out", None), torch.nn.Linear):
         raise ValueError(f"per-token steps need a token-wise output projection `proj_out`; {name} has none")
 
