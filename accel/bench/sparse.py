@@ -5,9 +5,9 @@ Two parts, one run:
 * **kernel rows**: one attention layer of random ``(1, heads, tokens, head_dim)`` inputs on a ``(frames, 16, 16)``
   grid, dense SDPA against the sparse kernel at several attention densities (windows over frames), each as a
   fraction of the ideal speed-up ``1 / density``: ``ratio = (t_sdpa / t_sparse) * density``. The kernel is
-  ``--backend``'s (``auto``: the one plans run on, ``"runs"`` on CPU, ``"triton"`` on CUDA); the ``"runs"`` and
-  ``"flex"`` backends are timed beside it where they are others (``runs_ratio``, ``flex_ratio``), all interleaved
-  in one run.
+  ``--backend``'s (``auto``: the one plans run on, ``"runs"`` on CPU, ``"triton"`` on CUDA, ``"flex"`` there
+  without triton); the ``"runs"`` and ``"flex"`` backends are timed beside it where they are others
+  (``runs_ratio``, ``flex_ratio``), all interleaved in one run.
 * **end to end** on the bundled video model: :func:`accel.sparse.search` at ``--target-density``, against the
   best uniform plan (one pattern for every head) at the same density, both scored by PSNR/SSIM of the decoded
   clips against the dense run of the same prompts and seeds, and timed against it (each plan applied around its
@@ -18,7 +18,15 @@ Two parts, one run:
 attention changes (one head skipped in one layer, one head per layer banded to neighbouring frames, a frame band
 everywhere after 0-9 dense steps), each scored like the plans: what a PSNR target can ask of this model.
 
-``--device cuda`` runs the kernel rows at about Wan-1.3B-480p length (32,768 tokens, 12 heads x 128) in bf16.
+``--device cuda`` runs the kernel rows at about Wan-1.3B-480p length (32,768 tokens, 12 heads x 128) in bf16,
+with the Triton kernel timed beside the chosen backend when triton is installed. The end-to-end and sensitivity
+parts load the bundled video model on ``--device`` too, in ``--dtype`` when given, else float32.
+
+The JSON line's ``targets`` holds the issue's targets this run measured, each met or not, and leaves out the
+others: the kernel at density 0.2 (``ratio`` and FlexAttention's, >= 0.5 of ideal), on CUDA the Triton kernel
+at every measured density in 0.1-0.3 (>= 0.7 of ideal, on the longest length), and with the end-to-end part
+its density, PSNR, margin over the uniform plan and search time. ``search_minutes`` is the search's wall-clock
+time (the 15-minute target's), ``search_cpu_minutes`` its process CPU time (all threads).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch.nn.functional as F
 from accel.eval.timing import time_interleaved
 from accel.sparse import HeadPattern, LayerAttention, TokenGrid, density
 from accel.sparse.kernels import auto_backend
+from accel.sparse.search import Goal
 
 #: the prompts of the end-to-end part: held-out object/motion pairs of the video model's training set
 PROMPTS = (
@@ -87,6 +96,20 @@ def _check(args: argparse.Namespace) -> tuple[list[int], list[float], torch.dtyp
         raise ValueError(f"--densities must lie in (0, 1), got {densities}")
     if not 0 < args.target_density <= 1 or args.steps < 1 or args.repeats < 1:
         raise ValueError("--target-density must be in (0, 1], --steps and --repeats >= 1")
+    for name in ("heads", "head_dim", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.dense_steps < 0 or (not args.skip_end_to_end and args.dense_steps >= args.steps):
+        raise ValueError(
+            f"--dense-steps must be in 0..{args.steps - 1} (below --steps: the end-to-end plans need a sparse step), "
+            f"got {args.dense_steps}"
+        )
+    if not args.skip_end_to_end:  # the search's own goal check (dense steps within the density), up front
+        try:
+            Goal.of(args.target_density, None, None, args.steps, args.dense_steps)
+        except ValueError as error:
+            raise ValueError(f"end to end: {error} (--target-density, --steps, --dense-steps)") from error
     if not 1 <= args.prompts <= len(PROMPTS):
         raise ValueError(f"--prompts must be 1..{len(PROMPTS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -149,22 +172,33 @@ def _length_rows(args, length: int, densities: list[float], dtype, heads: int, d
 
 
 def _timed_backends(args) -> list[str]:
-    """The backend the plans run on (``--backend``), then ``"runs"`` and ``"flex"`` where they are others."""
+    """The backend the plans run on (``--backend``), then ``"triton"`` (CUDA with triton installed), ``"runs"``
+    and ``"flex"`` where they are others."""
     chosen = auto_backend(args.device) if args.backend == "auto" else args.backend
-    return [chosen] + [backend for backend in ("runs", "flex") if backend != chosen]
+    others = ("triton", "runs", "flex") if auto_backend(args.device) == "triton" else ("runs", "flex")
+    return [chosen] + [backend for backend in others if backend != chosen]
+
+
+def _pipeline(args):
+    """The bundled video pipeline on ``--device``, in ``--dtype`` when given, else float32."""
+    from accel.pipelines.video import load_default_video_pipeline
+
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+    pipe = load_default_video_pipeline(torch_dtype=dtype, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def end_to_end(args) -> dict:
     """Searched vs best uniform plan on the bundled video model; see the module docstring."""
     from accel.api import apply
-    from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
+    from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS
     from accel.sparse import SparseAttentionConfig, best_uniform_plan, describe_plan, search
     from accel.sparse.offline import run_pipeline
 
-    pipe = load_default_video_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _pipeline(args)
     prompts, kwargs = list(PROMPTS[: args.prompts]), DEFAULT_VIDEO_CALL_KWARGS
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     plan = search(
         pipe,
         prompts,
@@ -173,7 +207,7 @@ def end_to_end(args) -> dict:
         call_kwargs=kwargs,
         dense_steps=args.dense_steps,
     )
-    minutes = (time.perf_counter() - start) / 60
+    minutes, cpu_minutes = (time.perf_counter() - start) / 60, (time.process_time() - cpu_start) / 60
     uniform, uniform_check = best_uniform_plan(
         pipe, prompts, args.target_density, args.steps, call_kwargs=kwargs, dense_steps=args.dense_steps
     )
@@ -205,6 +239,7 @@ def end_to_end(args) -> dict:
         "uniform_psnr_at_same_density": round(uniform_check["psnr"], 2),
         "uniform_speedup": round(timings["dense"].median / timings["uniform"].median, 3),
         "search_minutes": round(minutes, 2),
+        "search_cpu_minutes": round(cpu_minutes, 2),
     }
 
 
@@ -214,12 +249,11 @@ def sensitivity(args) -> list[dict]:
     in the last layer, head 0 of every layer banded to its neighbouring frames, and that band on every head after
     ``0, steps // 2, steps - 2, steps - 1`` dense steps; and, as a floor, the dense pipeline under bf16 autocast."""
     from accel.api import resolve
-    from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
+    from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS
     from accel.sparse import make_plan, sparse_layers, trajectory_density
     from accel.sparse.offline import check_plans, compare_to_dense, grid_of_call, run_pipeline
 
-    pipe = load_default_video_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _pipeline(args)
     prompts, kwargs = list(PROMPTS[: args.prompts]), DEFAULT_VIDEO_CALL_KWARGS
     grid = grid_of_call(pipe, prompts, kwargs)
     heads = [geometry.heads for geometry, _ in sparse_layers(resolve(pipe).transformer)]
@@ -258,6 +292,33 @@ def _at(rows: list[dict], target: float, field: str = "ratio") -> float | None:
     return matching[0] if matching else None
 
 
+def targets(result: dict, device: str) -> dict[str, bool]:
+    """The issue's targets that this run measured, each met or not (unmeasured ones are left out, and the GPU
+    kernel target's absence on a CUDA run is said): the kernel's ``ratio`` and FlexAttention's at density 0.2 on
+    the longest length, on CUDA the Triton kernel's ratio at every measured density in 0.1-0.3 there, and the end-to-end
+    figures when that part ran (``search_minutes`` is wall-clock time)."""
+    found = {}
+    for field in ("ratio_at_0.2", "flex_ratio_at_0.2"):
+        if result.get(field) is not None:
+            found[f"{field}_at_least_0.5"] = result[field] >= 0.5
+    rows, longest = result["kernel_rows"], max(row["tokens"] for row in result["kernel_rows"])
+    triton = [
+        row["ratio"] if row["backend"] == "triton" else row.get("triton_ratio")
+        for row in rows
+        if row["tokens"] == longest and 0.1 - 1e-9 <= row["target"] <= 0.3 + 1e-9
+    ]
+    if triton and None not in triton:
+        found["triton_ratio_at_0.1_0.3_at_least_0.7"] = min(triton) >= 0.7
+    elif device.startswith("cuda"):
+        print("no Triton kernel rows at densities 0.1-0.3: the GPU kernel target was not measured")
+    if "psnr_vs_dense" in result:
+        found["density_at_most_0.4"] = result["attention_density"] <= 0.4
+        found["psnr_at_least_25"] = result["psnr_vs_dense"] >= 25
+        found["beats_uniform_by_1db"] = result["psnr_vs_dense"] - result["uniform_psnr_at_same_density"] >= 1
+        found["search_under_15_minutes"] = result["search_minutes"] < 15
+    return found
+
+
 def run(argv: list[str]) -> dict:
     """Run the benchmark; returns the JSON line's fields."""
     args = _parser().parse_args(argv)
@@ -275,15 +336,7 @@ def run(argv: list[str]) -> dict:
     }
     if not args.skip_end_to_end:
         result.update(end_to_end(args))
-        gain = result["psnr_vs_dense"] - result["uniform_psnr_at_same_density"]
-        result["targets"] = {
-            "density_at_most_0.4": result["attention_density"] <= 0.4,
-            "psnr_at_least_25": result["psnr_vs_dense"] >= 25,
-            "beats_uniform_by_1db": gain >= 1,
-            "flex_ratio_at_0.2_at_least_0.5": (result["flex_ratio_at_0.2"] or 0) >= 0.5,
-            "ratio_at_0.2_at_least_0.5": (result["ratio_at_0.2"] or 0) >= 0.5,
-            "search_under_15_minutes": result["search_minutes"] < 15,
-        }
+    result["targets"] = targets(result, args.device)
     if args.sensitivity:
         print("sensitivity of the bundled video model (PSNR/SSIM vs dense):")
         result["sensitivity"] = sensitivity(args)
