@@ -8,8 +8,9 @@ Typical use::
         images = pipe(prompts).images
     print(handle.stats().weight_memory_ratio)
 
-    # cache-aware: layer selection and error correction calibrated along the cached trajectory
-    config = accel.quant.QuantConfig(scheme="int8-dynamic", min_sqnr=20.0, correct=True)
+    # cache-aware: with a CacheConfig in the same call, calibration prompts run under its schedule at apply and
+    # the error correction is fitted there (correct=None, the default: correct=False opts out, min_sqnr=20.0
+    # adds layer selection; without a cache nothing calibrates)
     with accel.apply(pipe, accel.caching.CacheConfig(schedule=schedule), config):
         images = pipe(prompts).images
 

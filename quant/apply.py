@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -226,22 +226,86 @@ def _cache_config(target: Target, config: QuantConfig) -> Any:
         )
     if not config.cache_aware:
         return None
+    return _same_call_cache(target)
+
+
+def _same_call_cache(target: Target) -> Any:
+    """The CacheConfig of the same ``accel.apply`` call, or None."""
+    from accel.caching import CacheConfig
+
     return next((c for c in target.configs if isinstance(c, CacheConfig)), None)
 
 
-def _check_schedule(target: Target, plan: Plan) -> None:
-    """Warn when a plan applied with a cache was calibrated under another schedule (or none): its correction
-    and layer choice were measured on another trajectory."""
+def _resolved(target: Target, config: QuantConfig) -> QuantConfig:
+    """``config`` (without a plan) with ``correct=None`` decided by what it is applied with (see
+    :class:`QuantConfig`): True under a static schedule applied in the same call to a pipeline; otherwise
+    unchanged, with a warning where a cache comes but no correction can be calibrated, or where ``calibration``
+    is given and nothing calibrates."""
+    from accel.caching import CacheConfig, FirstBlockPolicy
+
+    if config.correct is not None:
+        return config
+    cache = _same_call_cache(target)
+    unused = config.calibration is not None and not config.needs_calibration
+    if CacheConfig in target.tracker.active:
+        reason = "the CacheConfig was applied in an earlier accel.apply call; apply both in one call"
+    elif cache is None:
+        if unused:
+            logger.warning(
+                "accel.quant: QuantConfig.calibration is given but nothing calibrates: correct=None corrects "
+                "only under a CacheConfig applied in the same accel.apply call; pass correct=True to calibrate "
+                "the correction without a cache"
+            )
+        return config
+    elif isinstance(cache.schedule, FirstBlockPolicy):
+        reason = "a FirstBlockPolicy decides at run time; cache-aware calibration needs a static Schedule"
+    elif target.pipeline is None:
+        reason = (
+            "a bare transformer has no pipeline to run calibration prompts through; pass "
+            "plan=accel.quant.calibrate(transformer, QuantConfig(correct=True), cache=cache, run=...)"
+        )
+    else:
+        return replace(config, correct=True)
+    logger.warning(
+        "accel.quant: QuantConfig(correct=None) applied with a cache quantizes without the error correction%s: %s",
+        " (its calibration settings unused)" if unused else "",
+        reason,
+    )
+    return config
+
+
+def _check_schedule(target: Target, config: QuantConfig, plan: Plan) -> None:
+    """What a plan applied with or without a cache must agree with: a plan with correction applied after a
+    cache (in an earlier call) is refused, since its correction would sit outside the cache; a warning when a
+    plan is applied with another caching schedule than it was calibrated under (or none, or without a cache
+    when it was calibrated under one): its correction and layer choice were measured on another trajectory."""
     from accel.caching import CacheConfig, Schedule
 
-    cache = next((c for c in target.configs if isinstance(c, CacheConfig)), None)
-    if cache is None or not isinstance(cache.schedule, Schedule):
+    earlier = target.tracker.active.get(CacheConfig)
+    if earlier is not None and "corrected" in plan.channels:
+        raise ValueError(
+            "a quantization plan with error correction must be applied before CacheConfig, or both in one "
+            "accel.apply call: applied after, its correction would sit outside the cache, which would store and "
+            "reuse uncorrected features"
+        )
+    calibrated = plan.settings.get("schedule")
+    cache = _same_call_cache(target) or getattr(getattr(earlier, "engine", None), "config", None)
+    if cache is None and earlier is None:
+        if calibrated is not None:
+            logger.warning(
+                "accel.quant: the plan was calibrated under a caching schedule and is applied without a cache: its "
+                "correction and layer choice were measured on the cached trajectory; apply it with that "
+                "CacheConfig in the same accel.apply call, or calibrate without a cache"
+            )
         return
-    if plan.settings.get("schedule") != cache.schedule.to_dict():
+    if cache is None or not config.cache_aware or not isinstance(cache.schedule, Schedule):
+        return
+    if calibrated != cache.schedule.to_dict():
         logger.warning(
             "accel.quant: the plan was calibrated %s, and is applied with another caching schedule; calibrate "
-            "under this one (accel.quant.calibrate(pipe, config, cache=...)) for cache-aware statistics",
-            "without a cache" if plan.settings.get("schedule") is None else "under another schedule",
+            "under this one (accel.quant.calibrate(pipe, config, cache=...)) for cache-aware statistics, or "
+            "pass cache_aware=False for the naive combination on purpose",
+            "without a cache" if calibrated is None else "under another schedule",
         )
 
 
@@ -251,16 +315,16 @@ def apply_quant(target: Target, config: QuantConfig) -> QuantHandle:
     parameter = next(target.transformer.parameters())
     check_scheme(config.scheme, parameter.device)
     plan = config.plan
-    if config.needs_calibration:
-        cache = _cache_config(target, config)
+    if plan is not None:
+        _check_schedule(target, config, plan)
+    elif (resolved := _resolved(target, config)).needs_calibration:
+        cache = _cache_config(target, resolved)
         if target.pipeline is None:
             raise ValueError(
                 f"QuantConfig with min_sqnr, correct or scheme {config.scheme!r} calibrates on prompts through a "
                 "pipeline: apply it to the pipeline, or pass plan=accel.quant.calibrate(transformer, config, run=...)"
             )
-        plan = calibrate(target.pipeline, config, cache=cache, spec=target.spec)
-    elif plan is not None:
-        _check_schedule(target, plan)
+        plan = calibrate(target.pipeline, resolved, cache=cache, spec=target.spec)
     handle = QuantHandle(target, config)
     try:
         handle.install(plan)

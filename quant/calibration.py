@@ -35,7 +35,14 @@ from accel.patches import PatchLog, eager
 from accel.plan import Plan
 from accel.quant.config import Calibration, QuantConfig
 from accel.quant.correction import CorrectionStatistics
-from accel.quant.schemes import FULL_PRECISION, STATIC_SCHEMES, ActivationRange, quantized_weight, sqnr
+from accel.quant.schemes import (
+    FULL_PRECISION,
+    STATIC_SCHEMES,
+    ActivationRange,
+    check_scheme,
+    quantized_weight,
+    sqnr,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +292,10 @@ def calibrate(
     """Measure layer sensitivity (and, with ``config.correct``, fit the error correction) along the calibration
     trajectories, under ``cache`` when given; returns the plan ``QuantConfig(plan=...)`` applies as it is.
 
+    ``config.correct=None`` fits the correction when ``cache`` is given. The scheme is checked against the
+    transformer's device (:func:`~accel.quant.check_scheme`) and a dynamic cache refused before any calibration
+    run.
+
     Args:
         pipe_or_transformer: the pipeline (or its transformer, with ``run``), not quantized yet.
         config: the scheme, layer scope, ``min_sqnr``, ``correct`` and ``calibration`` settings.
@@ -300,12 +311,20 @@ def calibrate(
         ``[absmax, ndim]``), whose metrics hold each layer's SQNR (dB), and, with ``correct``,
         channels ``correction_scale``/``correction_shift`` over (step, block, component, channel) and
         ``corrected`` over (step, block, component).
+
+    Raises:
+        ValueError: ``cache`` holds a ``FirstBlockPolicy``, or a bare transformer without ``run``.
+        RuntimeError: the scheme cannot run on the transformer's device (e.g. fp8 on a CPU).
     """
     from accel.caching import FirstBlockPolicy
 
     if cache is not None and isinstance(cache.schedule, FirstBlockPolicy):
-        raise ValueError("cache-aware quantization calibrates under a static Schedule, not a FirstBlockPolicy")
+        raise ValueError(
+            "cache-aware quantization calibrates under a static Schedule, not a FirstBlockPolicy (it decides at run "
+            "time, so no trajectory stands for it): pass a Schedule (e.g. a front member) or cache=None"
+        )
     target = resolve(pipe_or_transformer, spec)
+    check_scheme(config.scheme, next(target.transformer.parameters()).device)  # before any calibration run
     calibration = config.calibration or Calibration()
     if run is None:
         if target.pipeline is None:
@@ -347,7 +366,7 @@ def calibrate(
                         "num_inference_steps": calibration.num_inference_steps},
             metrics={"sqnr": {name: _finite(value) for name, value in sqnrs.items()}},
         )  # fmt: skip
-        if config.correct:
+        if config.corrects(cache is not None):
             plan = _with_correction(plan, pipe_or_transformer, target, layers, decisions, config.scheme, ranges, run,
                                     cache)  # fmt: skip
     finally:

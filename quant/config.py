@@ -60,36 +60,48 @@ class QuantConfig:
     """Post-training quantization of the transformer's linear layers through torchao, applied with
     ``accel.apply(pipe, QuantConfig(...))``.
 
-    Without ``min_sqnr``, ``correct`` or ``plan``, and with a dynamic or weight-only scheme, it needs no data:
-    every selected linear layer is quantized. With them (or the static scheme, whose activation scales are
-    measured), calibration prompts run through the pipeline first (``calibration``), along the trajectory that
-    a :class:`~accel.caching.CacheConfig` applied in the same ``accel.apply`` call produces (``cache_aware``),
-    and the result is a plan (:func:`accel.quant.calibrate` returns the same one; ``plan.save(path)``); a config
-    holding a plan applies it without calibrating.
+    Applied alone, with a dynamic or weight-only scheme and no ``min_sqnr``, it needs no data: every selected
+    linear layer is quantized. Applied together with a :class:`~accel.caching.CacheConfig` (a static
+    ``Schedule``) in one ``accel.apply`` call on a pipeline, it is cache-aware by default: calibration prompts
+    (``calibration``, or the defaults) run through the pipeline at apply, along the trajectory the schedule
+    produces (``cache_aware``), and the error correction is fitted there (``correct=None`` resolves to True).
+    Where a cache comes but no correction can be calibrated (a bare transformer, a ``FirstBlockPolicy``, a cache
+    applied in an earlier ``accel.apply`` call), it quantizes without one and logs a warning that says why and
+    how to ask for it. ``min_sqnr`` and the static scheme (whose activation scales are measured) always
+    calibrate. What calibration makes is a plan (:func:`accel.quant.calibrate` returns the same one;
+    ``plan.save(path)``); a config holding a plan applies it without calibrating.
 
     Attributes:
         scheme: ``"int8-weight"``, ``"int8-dynamic"`` (W8A8, per-token scales at run time), ``"int8-static"``
             (W8A8 with per-layer activation scales from calibration: always calibrates, along the cached
             trajectory when cache-aware) or ``"fp8"`` (GPUs with float8 matmuls); see :mod:`accel.quant.schemes`.
         layers: ``"blocks"``: the linear layers inside the transformer blocks; ``"all"``: every linear layer of
-            the transformer (also its embedders and output projection).
+            the transformer (also its embedders and output projection). With a plan, the scope it was
+            calibrated for.
         min_sqnr: keep in full precision every layer whose output SQNR (dB), measured on its inputs along the
-            calibration trajectories, is below this (mixed precision); None quantizes every selected layer.
+            calibration trajectories, is below this (mixed precision); None quantizes every selected layer (with
+            a plan: the plan's bound, whatever it was).
         correct: CacheQuant's decoupled error correction: per step, block, component and output channel, a
             linear map ``a * x + b`` (``a = cov(y, x) / var(x)``, ``b = mean(y) - a * mean(x)``) fitted on
             calibration data from the quantized component output ``x`` to the full-precision one ``y`` on the
             same inputs, applied where the component computes, so the cache stores and reuses corrected values.
+            None (the default): correct when applied with a ``CacheConfig`` (see above; to
+            :func:`~accel.quant.calibrate`: when given a ``cache``), and with a plan, whatever the plan holds.
+            True always calibrates (two passes of the calibration prompts at apply); False never corrects.
         cache_aware: calibrate under the caching schedule of a ``CacheConfig`` applied in the same
             ``accel.apply`` call (False: calibrate on the uncached trajectory, the naive combination).
-        calibration: the calibration prompts and settings (defaults when None and calibration is needed).
+        calibration: the calibration prompts and settings (defaults when None and calibration runs). Refused
+            where nothing can calibrate (with a plan, or with ``correct=False``, no ``min_sqnr`` and a scheme
+            without calibrated scales).
         plan: a plan from :func:`accel.quant.calibrate` (or ``Plan.load``): its layers and coefficients are
-            used as they are, with no calibration run.
+            used as they are, with no calibration run. ``layers``, a ``min_sqnr`` or ``correct`` that disagree
+            with it, or ``cache_aware=False`` with a plan calibrated under a cache, raise ``ValueError``.
     """
 
     scheme: Scheme = "int8-dynamic"
     layers: Literal["blocks", "all"] = "all"
     min_sqnr: float | None = None
-    correct: bool = False
+    correct: bool | None = None
     cache_aware: bool = True
     calibration: Calibration | None = None
     plan: Plan | None = None
@@ -101,20 +113,62 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.layers must be 'blocks' or 'all', got {self.layers!r}")
         if self.min_sqnr is not None and not isinstance(self.min_sqnr, (int, float)):
             raise TypeError(f"QuantConfig.min_sqnr must be a number of dB or None, got {self.min_sqnr!r}")
+        if self.correct is not None and not isinstance(self.correct, bool):
+            raise TypeError(f"QuantConfig.correct must be True, False or None, got {self.correct!r}")
         if self.calibration is not None and not isinstance(self.calibration, Calibration):
             raise TypeError(f"QuantConfig.calibration must be a Calibration, got {type(self.calibration).__name__}")
         if self.plan is not None:
-            if not isinstance(self.plan, Plan):
-                raise TypeError(f"QuantConfig.plan must be an accel Plan, got {type(self.plan).__name__}")
-            planned = self.plan.settings.get("scheme")
-            if self.plan.settings.get("technique") != "quant" or planned != self.scheme:
-                raise ValueError(
-                    f"QuantConfig.plan must be a quantization plan for scheme {self.scheme!r} "
-                    f"(from accel.quant.calibrate), got one for {planned!r}"
-                )
+            self._check_plan()
+        elif self.calibration is not None and self.correct is False and not self._calibrates_anyway:
+            raise ValueError(
+                "QuantConfig.calibration is given but nothing calibrates: correct=False, no min_sqnr and "
+                f"scheme {self.scheme!r} needs no activation scales; drop calibration or set correct/min_sqnr"
+            )
+
+    def _check_plan(self) -> None:
+        """Refuse a plan of another technique or scheme, and settings that disagree with the plan's."""
+        plan = self.plan
+        if not isinstance(plan, Plan):
+            raise TypeError(f"QuantConfig.plan must be an accel Plan, got {type(plan).__name__}")
+        settings = plan.settings
+        planned = settings.get("scheme")
+        if settings.get("technique") != "quant" or planned != self.scheme:
+            raise ValueError(
+                f"QuantConfig.plan must be a quantization plan for scheme {self.scheme!r} "
+                f"(from accel.quant.calibrate), got one for {planned!r}"
+            )
+        wrong = []
+        scope = settings.get("layer_scope", self.layers)
+        if scope != self.layers:
+            wrong.append(f"layers={scope!r} (given {self.layers!r}: its other layers would stay in full precision)")
+        if self.min_sqnr is not None and self.min_sqnr != settings.get("min_sqnr"):
+            wrong.append(f"min_sqnr={settings.get('min_sqnr')!r} (given {self.min_sqnr!r})")
+        corrected = "corrected" in plan.channels
+        if self.correct is not None and self.correct != corrected:
+            wrong.append(f"correct={corrected} (given {self.correct})")
+        if not self.cache_aware and settings.get("schedule") is not None:
+            wrong.append("a caching schedule (given cache_aware=False, the uncached calibration)")
+        if self.calibration is not None:
+            wrong.append("its calibration already run (given calibration=..., which a plan does not use)")
+        if wrong:
+            raise ValueError(
+                "QuantConfig settings disagree with its plan, which was calibrated with "
+                + "; ".join(wrong)
+                + ". Leave them out (min_sqnr/correct None) or calibrate a plan with these settings"
+            )
+
+    @property
+    def _calibrates_anyway(self) -> bool:
+        """Whether calibration runs whatever comes with this config: a bound or a static scheme."""
+        return self.min_sqnr is not None or self.scheme in STATIC_SCHEMES
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether applying this config runs calibration prompts (activation ranges of a static scheme, layer
-        selection or correction, and no plan)."""
-        return self.plan is None and (self.min_sqnr is not None or self.correct or self.scheme in STATIC_SCHEMES)
+        """Whether applying this config runs calibration prompts whatever it is applied with (activation ranges
+        of a static scheme, layer selection or ``correct=True``, and no plan). ``correct=None`` also calibrates
+        when applied with a ``CacheConfig`` (see the class docstring)."""
+        return self.plan is None and (self.correct is True or self._calibrates_anyway)
+
+    def corrects(self, with_cache: bool) -> bool:
+        """Whether calibrating this config fits the correction, applied (or calibrated) with a cache or not."""
+        return self.correct if self.correct is not None else with_cache

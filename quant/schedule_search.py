@@ -39,6 +39,7 @@ from accel.caching.search.features import record_features
 from accel.caching.search.front import Front
 from accel.caching.search.runner import search
 from accel.quant.config import QuantConfig
+from accel.quant.schemes import check_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +77,23 @@ def search_schedules(
 
     Raises:
         ValueError: a MAC cost, or an ``evaluator`` built with another cost.
+        RuntimeError: the scheme cannot run on the transformer's device (e.g. fp8 on a CPU); checked, like the
+            cost, before any pipeline run.
     """
     if config.evaluation.cost == "macs":
         raise ValueError(
             "a quantized search needs a measured cost: SearchConfig(evaluation=EvaluatorConfig(cost='latency' or "
             "'fitted')); MACs are the same with int8 weights, so they cannot see what quantization changes in time"
         )
+    check_scheme(quant.scheme, next(pipe.transformer.parameters()).device)  # before the evaluator's runs
     if evaluator is None:
         evaluator = Evaluator(pipe, prompts, config.evaluation, call_kwargs)
     elif evaluator.config != config.evaluation:
         raise ValueError("the evaluator was built with another EvaluatorConfig than config.evaluation")
     with accel.apply(pipe, quant) as handle:
         stats = handle[QuantConfig].stats()
-        applied = QuantConfig(scheme=quant.scheme, layers=quant.layers, plan=handle[QuantConfig].plan)
+        plan = handle[QuantConfig].plan  # timed under each schedule as it ran in the search (no new calibration)
+        applied = QuantConfig(scheme=quant.scheme, layers=quant.layers, plan=plan, correct=None if plan else False)
         with record_features(
             pipe.transformer, evaluator.layout.components, evaluator.config.sketch_size, evaluator.config.seed
         ) as recorder:

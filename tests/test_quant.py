@@ -3,6 +3,7 @@ cache-aware calibration and CacheQuant's error correction, plans as data, compil
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -55,6 +56,10 @@ def test_fp8_on_a_cpu_names_what_it_needs():
     with pytest.raises(RuntimeError, match="CUDA GPU"):
         accel.apply(model, QuantConfig(scheme="fp8"))
     assert not any(type(p) is not torch.nn.Parameter for p in model.parameters()), "nothing may stay quantized"
+    # calibrating checks the device before any calibration run (it used to run them, then fail in torchao)
+    for config in (QuantConfig(scheme="fp8", correct=True), QuantConfig(scheme="fp8", min_sqnr=20.0)):
+        with pytest.raises(RuntimeError, match="CUDA GPU"):
+            calibrate(model, config, run=lambda: pytest.fail("a calibration run"))
 
 
 @pytest.mark.parametrize("scheme,bound", [("int8-weight", 35.0), ("int8-dynamic", 30.0)])
@@ -337,13 +342,22 @@ def test_a_saved_plan_applies_without_calibrating(tmp_path, monkeypatch):
     plan = calibrate(model, QuantConfig(correct=True, min_sqnr=40.0), run=_calibration_run(model))
     with accel.apply(model, QuantConfig(plan=plan)):
         expected = _run(model)
+    # the tiny plan's channels (12 steps x 2 blocks x 3 components x 16 channels) are under the inline limit: a
+    # lower limit sends the correction coefficients to the safetensors sidecar, as a real model's are
+    assert 64 < plan.channel("correction_scale").size <= INLINE_LIMIT
+    monkeypatch.setattr("accel.plan.INLINE_LIMIT", 64)
     plan.save(tmp_path / "quant.json")
-    large = plan.channel("correction_scale").size > INLINE_LIMIT  # large channels go to a safetensors file
-    assert (tmp_path / "quant.safetensors").is_file() == large
+    assert (tmp_path / "quant.safetensors").is_file()
+    saved = json.loads((tmp_path / "quant.json").read_text())
+    assert {saved["channels"][n].get("stored") for n in ("correction_scale", "correction_shift")} == {"safetensors"}
     loaded = Plan.load(tmp_path / "quant.json")
+    for name in ("correction_scale", "correction_shift", "corrected"):
+        assert (loaded.channel(name) == plan.channel(name)).all()
+    assert loaded.settings == plan.settings and loaded.metrics == plan.metrics
     monkeypatch.setattr("accel.quant.apply.calibrate", lambda *a, **k: pytest.fail("calibrated"))
-    with accel.apply(model, QuantConfig(plan=loaded)):
+    with accel.apply(model, QuantConfig(plan=loaded)) as handle:
         assert torch.equal(_run(model), expected)
+        assert handle.stats().corrected_components == 2 * 3
 
 
 def test_a_plan_calibrated_without_the_cache_it_is_applied_with_says_so(caplog):

@@ -38,6 +38,18 @@ def test_a_mac_cost_is_refused_before_any_compute(tmp_path):
         search_schedules(None, PROMPTS, QuantConfig(), _config("macs"), tmp_path)
 
 
+def test_a_scheme_the_device_cannot_run_is_refused_before_the_evaluator_runs(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tiny_models import TINY_MODELS
+
+    monkeypatch.setattr("accel.quant.schedule_search.Evaluator", lambda *a, **k: pytest.fail("evaluator built"))
+    pipe = SimpleNamespace(transformer=TINY_MODELS["pixart"].build())  # on the CPU: no float8 matmuls
+    with pytest.raises(RuntimeError, match="'fp8' needs a CUDA GPU"):
+        search_schedules(pipe, PROMPTS, QuantConfig(scheme="fp8"), _config(), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("cost", ["latency", "fitted"])
 def test_the_search_scores_candidates_on_the_quantized_model_against_full_precision(tmp_path, cost):
     torch.manual_seed(0)
