@@ -10,6 +10,7 @@ from eval_helpers import TINY_VIDEO_KWARGS, VIDEO_PROMPTS, build_tiny_wan_pipeli
 
 from accel.bench import token_bounds
 from accel.bench import tokens as bench
+from accel.bench.token_report import psnr_of
 from accel.caching import TokenStepConfig
 
 
@@ -42,6 +43,8 @@ def test_calibration_picks_a_knob_per_method_and_the_rows_follow_it(capsys):
     for target, knobs in chosen.items():
         assert 0.05 <= knobs["ours"] <= 1 and 0.05 <= knobs["ras"] <= 1 and 2 <= knobs["steps"] <= 8
         assert 2 <= knobs["fora"] <= 8 and knobs["steps"] <= {0.5: 8, 0.25: 6}[target]
+        assert set(knobs["predicted"]) == {"ours", "ours-all-steps", "ras", "steps", "fora"}  # no front here
+        assert set(knobs["unreachable"]) <= set(knobs["predicted"])
     rows = bench.methods(model, 8, chosen)
     assert [name.split("@")[0] for name in rows][:5] == ["full", "ours", "ours-own", "ours-all-steps", "ras"]
     ours = rows["ours@25"][3]
@@ -134,6 +137,7 @@ def test_the_min_active_sweep_times_and_scores_fewer_steps_and_each_value_at_bot
         assert len(named) == 3 and named[0].startswith("steps-")
         assert [name.split("@")[0] for name in named[1:]] == ["min_active-0", "min_active-0.8"]
     assert all(row["speedup"] > 0 and math.isfinite(row["psnr"]) for row in rows.values())
+    assert all(isinstance(row["reached"], bool) for row in rows.values())
     assert "ours at several min_active values" in capsys.readouterr().out
 
 
@@ -141,3 +145,144 @@ def test_the_two_diagnostics_are_one_or_the_other(capsys):
     with pytest.raises(SystemExit):
         bench.run(["--bounds", "--sweep-min-active"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+# -- reachability, the caching baseline and the JSON line (calibration timings stubbed) ----------------------------
+
+
+def _tiny_image_model() -> bench.Model:
+    """The tiny PixArt pipeline as the benchmark's image model, 16 tokens, with a front of FORA schedules that
+    carries the metrics a searched front has (members A..D: relative MACs 0.9, 0.47, 0.44, 0.2)."""
+    from conftest import build_tiny_pixart_pipeline
+
+    from accel.caching import Front, fora, layout_of
+
+    pipe = build_tiny_pixart_pipeline()
+    kwargs = {"output_type": "pt", "height": 16, "width": 16, "use_resolution_binning": False, "clean_caption": False}
+
+    def generate(prompts, steps, seed):
+        generator = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+        return pipe(list(prompts), num_inference_steps=steps, generator=generator, **kwargs).images
+
+    members = [(1, 0.9, 45.0), (2, 0.47, 30.0), (3, 0.44, 33.0), (6, 0.2, 20.0)]
+    front = Front(
+        schedules=tuple(
+            fora(layout_of(pipe), 20, k).with_metrics(relative_macs=macs, psnr=psnr, speedup=1 / macs)
+            for k, macs, psnr in members
+        )
+    )
+    return bench.Model("image", pipe, ["a red apple", "a blue car"], generate, tokens=16, probe=1, front=front)
+
+
+def _stub_runtime(model, steps):
+    """Predicted runtime ratios as a calibration could fit them: ``0.1 + 0.2 x grid + 0.7 x token-steps``,
+    FORA ``0.3 + 0.6 / interval`` (at best 0.3 + 0.6 / steps: it cannot reach 25%), the front ``0.1 + 0.9 x
+    relative MACs`` (member D at 0.28: it misses 25% by more than 10%)."""
+    predict = {
+        "tokens": lambda config, n=steps: (
+            0.1 + 0.2 * bench._shares(config, steps, model, n)[0] + 0.7 * bench._shares(config, steps, model, n)[1]
+        ),
+        "fora": lambda interval: 0.3 + 0.6 / interval,
+    }
+    if model.front is not None:
+        predict["front"] = lambda i: 0.1 + 0.9 * model.front.schedules[i].metrics["relative_macs"]
+    return predict
+
+
+def test_rows_that_cannot_reach_their_target_are_flagged_and_the_front_member_is_the_best_near_it(monkeypatch):
+    monkeypatch.setattr(bench, "_runtime", _stub_runtime)
+    chosen = bench.calibrate(_tiny_image_model(), steps=16)
+    half, quarter = chosen[0.5], chosen[0.25]
+    assert abs(half["predicted"]["ours"] - 0.5) <= 0.05 and "ours" not in half["unreachable"]
+    assert half["fora"] == 3 and half["predicted"]["fora"] == pytest.approx(0.5)
+    # members B (predicted 0.523, PSNR 30) and C (0.496, PSNR 33) are both within 10% of 0.5: the better, C
+    assert half["front"] == 2 and "front" not in half["unreachable"]
+    assert quarter["fora"] == 16 and quarter["front"] == 3  # the fastest settings
+    assert {"fora", "front", "ras"} <= set(quarter["unreachable"])  # RAS's dense steps alone cost 0.3 and more
+    assert "ours" not in quarter["unreachable"] and "steps" not in quarter["unreachable"]
+    for target, knobs in chosen.items():
+        for name in ("ours", "ours-all-steps", "ras", "steps", "fora", "front"):
+            missed = abs(knobs["predicted"][name] - target) > bench.TOLERANCE * target
+            assert (name in knobs["unreachable"]) == missed, (target, name)
+
+
+class _StubScores:
+    """Stands in for :class:`accel.bench.token_report.Scores` (whose scorers need downloaded weights): the real
+    PSNR, zeros for the rest."""
+
+    def __init__(self, model, full, reference):
+        self.model, self.full = model, full
+
+    def __call__(self, samples):
+        row = {"psnr": psnr_of(samples, self.full), "ssim": 0.0, "fid": 0.0, "kid": 0.0, "alignment": 0.0}
+        return row | ({"motion": 0.0} if samples.ndim == 5 else {})
+
+
+#: the issue's keys of the JSON line (per model: bare for video, prefixed ``image_`` for images)
+REQUIRED = {
+    "psnr_at_50", "ras_psnr_at_50", "steps_psnr_at_50", "cache_psnr_at_50",
+    "psnr_at_25", "ras_psnr_at_25", "steps_psnr_at_25", "speedup_at_50", "speedup_at_25",
+}  # fmt: skip
+
+
+def _no_model(count):
+    raise AssertionError("a skipped model was loaded")
+
+
+@pytest.fixture
+def stubbed(monkeypatch):
+    """The benchmark on the tiny models: stub runtime fit and scores, real generation and timing."""
+    monkeypatch.setattr(bench, "_runtime", _stub_runtime)
+    monkeypatch.setattr(bench, "Scores", _StubScores)
+
+
+def test_skip_video_runs_the_image_model_alone_with_the_front_as_a_caching_row(stubbed, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_video_model", _no_model)
+    monkeypatch.setattr(bench, "_image_model", lambda count: _tiny_image_model())
+    result = bench.run(["--skip-video", "--steps", "8", "--images", "2"])
+    assert REQUIRED <= {key.removeprefix("image_") for key in result} and "psnr_at_50" not in result
+    assert list(result["details"]) == ["image"]
+    rows = result["details"]["image"]["rows"]
+    assert {name.split("-")[0] for name in rows if name.endswith("@50")} >= {"fora", "front"}
+    for tag in ("50", "25"):  # the caching baseline: the better of the FORA and front rows that reach the target
+        cached = {name: row for name, row in rows.items() if name.endswith(f"@{tag}") and "-" in name}
+        cached = {n.split("@")[0]: r for n, r in cached.items() if n.startswith(("fora-", "front-")) and r["reached"]}
+        best = max(cached, key=lambda name: cached[name]["psnr"], default=None)
+        assert result[f"image_cache_row_at_{tag}"] == best, tag
+        assert result[f"image_cache_psnr_at_{tag}"] == (None if best is None else round(cached[best]["psnr"], 2))
+    _check_reachability(result, "image_")
+    out = capsys.readouterr().out
+    assert "unreachable" in out and "no searched caching front" not in out
+    _check_active(rows, out, "image")
+
+
+def test_skip_image_runs_the_video_model_alone_with_fora_as_the_labelled_caching_baseline(stubbed, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_image_model", _no_model)
+    monkeypatch.setattr(bench, "_video_model", lambda count: _tiny_model())
+    result = bench.run(["--skip-image", "--steps", "8", "--clips", "2"])
+    assert REQUIRED <= set(result) and not any(key.startswith("image_") for key in result)
+    assert list(result["details"]) == ["video"] and result["details"]["video"]["cache_baseline"].startswith("FORA")
+    assert result["cache_row_at_50"].startswith("fora-")
+    assert not any(name.startswith("front-") for name in result["details"]["video"]["rows"])
+    _check_reachability(result, "")
+    out = capsys.readouterr().out
+    assert "video: no searched caching front for this model: its caching rows are FORA" in out
+    _check_active(result["details"]["video"]["rows"], out, "video")
+    with pytest.raises(ValueError, match="no model to run"):
+        bench.run(["--skip-image", "--skip-video"])
+
+
+def _check_reachability(result: dict, prefix: str) -> None:
+    """A row that misses its target has a null headline PSNR; its measured numbers stay in the details."""
+    rows = result["details"]["image" if prefix else "video"]["rows"]
+    assert rows["ras@25"]["reached"] is False and result[f"{prefix}ras_psnr_at_25"] is None
+    assert math.isfinite(rows["ras@25"]["psnr"]) and result[f"{prefix}ras_speedup_at_25"] > 0
+    assert rows["ours@50"]["reached"] and result[f"{prefix}psnr_at_50"] == round(rows["ours@50"]["psnr"], 2)
+
+
+def _check_active(rows: dict, out: str, name: str) -> None:
+    """``ours@50`` and ``ours@25`` record and print their per-step active fraction (dense steps first)."""
+    for row in ("ours@50", "ours@25"):
+        active = rows[row]["active"]
+        assert active[0] == 1.0 and len(active) == rows[row]["grid_steps"] and min(active) < 1
+        assert f"{name} {row}: active fraction per step ({len(active)} ran): " in out

@@ -19,7 +19,8 @@ import torch
 
 import accel
 from accel.adapters import patch_size
-from accel.bench.tokens import TARGETS, Model, _speedups, calibrate, ours, psnr_of
+from accel.bench.token_report import psnr_of
+from accel.bench.tokens import TARGETS, Model, _speedups, calibrate, ours
 from accel.caching import TokenStepConfig
 from accel.caching.token_select import TokenHistory, select, velocity_scores
 
@@ -146,26 +147,31 @@ MIN_ACTIVES = (0.0, 0.5, 0.65, 0.8, 0.9)
 def min_active_sweep(model: Model, steps: int, values: tuple[float, ...] = MIN_ACTIVES) -> dict:
     """Per target of :data:`~accel.bench.tokens.TARGETS`, fewer steps and ours at each ``min_active`` of
     ``values`` (its budget calibrated to the target like the benchmark's rows): PSNR against full compute on
-    every prompt, speed-up measured on the probe prompts (interleaved, the fastest of three rounds)."""
+    every prompt, speed-up measured on the probe prompts (interleaved, the fastest of three rounds); ``reached``:
+    whether the calibration predicts the row within tolerance of its target (else flagged ``unreachable``)."""
     chosen = calibrate(model, steps, values)
     full = model.generate(model.prompts, steps, 0)
-    runs, rows = {"full": (nullcontext, steps)}, {}
+    runs, calibrated, rows = {"full": (nullcontext, steps)}, {}, {}
     for target in TARGETS:
         knobs, tag = chosen[target], f"@{round(100 * target)}"
-        runs[f"steps-{knobs['steps']}{tag}"] = (nullcontext, knobs["steps"])
+        name = f"steps-{knobs['steps']}{tag}"
+        runs[name], calibrated[name] = (nullcontext, knobs["steps"]), (target, "steps")
         for value in values:
             config = ours(knobs[f"min_active-{value:g}"], steps, min_active=value)
-            runs[f"min_active-{value:g}{tag}"] = (lambda config=config: accel.apply(model.pipe, config), steps)
-    for name, (context, row_steps) in runs.items():
-        if name == "full":
-            continue
+            name = f"min_active-{value:g}{tag}"
+            runs[name] = (lambda config=config: accel.apply(model.pipe, config), steps)
+            calibrated[name] = (target, f"min_active-{value:g}")
+    for name, (target, method) in calibrated.items():
+        context, row_steps = runs[name]
         with context():
             samples = model.generate(model.prompts, row_steps, 0)
-        rows[name] = {"psnr": round(psnr_of(samples, full), 2)}
+        reached = method not in chosen[target]["unreachable"]
+        rows[name] = {"psnr": round(psnr_of(samples, full), 2), "reached": reached}
     for name, speedup in _speedups(model, runs).items():
         if name in rows:
             rows[name]["speedup"] = round(speedup, 2)
     print(f"\n{model.name} model: ours at several min_active values, {steps} steps (PSNR vs full compute)")
     for name, row in rows.items():
-        print(f"  {name:<18} speed-up {row['speedup']:.2f}x  PSNR {row['psnr']:.2f}")
+        flag = "" if row["reached"] else "  unreachable"
+        print(f"  {name:<18} speed-up {row['speedup']:.2f}x  PSNR {row['psnr']:.2f}{flag}")
     return rows

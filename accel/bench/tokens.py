@@ -4,20 +4,26 @@ measured runtime, on the bundled image model and the bundled video model.
 For each model, a calibration first times the prompts (two clips on video) under full compute and two
 settings of each method's knob, fits the runtime ratio to the share of the step grid that runs and the share of
 token-steps computed (``a + c * grid + d * token-steps``, least squares; fewer steps have both equal to
-``N / steps``; FORA: ``a + b / interval``), and picks the knob whose predicted runtime is 50% and 25% of full
-compute. Then every method generates all prompts (same seeds as full compute), timed as it goes:
+``N / steps``; FORA: ``a + b / interval``; the searched front's members: ``a + b * relative MACs``), and picks
+the knob whose predicted runtime is 50% and 25% of full compute. A row whose knob cannot get there (its
+prediction misses by more than 10%, e.g. clamped at its fastest setting) is flagged ``unreachable`` and its
+headline PSNR is ``null`` (:mod:`accel.bench.token_report`). Then every method generates all prompts (same seeds as full
+compute), timed as it goes:
 
 * ``ours``: :class:`~accel.caching.TokenStepConfig` with the velocity rule, CFG branches of a prompt paired, and
   its default ``min_active=0.8``: a budget below it also coarsens the step grid (both levers at once);
 * ``ours-own``: the same with every row and branch selecting alone (the issue's per-branch requirement);
 * ``ours-all-steps``: ours with ``min_active=0``, every step of the grid and fewer tokens (HSA's form);
 * ``ras``: RAS's released rule and dense schedule (:func:`~accel.caching.ras_config`) in the same machinery;
-* ``steps-N``: fewer flow-matching steps; ``fora-k``: block caching every k steps (FORA).
+* ``steps-N``: fewer flow-matching steps; ``fora-k``: block caching every k steps (FORA);
+* ``front-i``: the image model's bundled caching front (searched schedules), its best-quality member at the
+  target; the caching baseline (``cache_*`` keys) is the better of it and FORA. The video model has no front:
+  its caching baseline is FORA.
 
 Per row: measured speed-up (on the calibration prompts, all rows interleaved, the fastest of three rounds
 each), PSNR and SSIM against full compute, FID and KID (EfficientNet-Lite0 features) against full compute
 with other seeds (so the full row shows the noise floor), the alignment score of each image (or frame) with
-its prompt, and on video the motion accuracy.
+its prompt, and on video the motion accuracy; for ``ours`` the active fraction of every step.
 
 ``--bounds`` and ``--sweep-min-active`` run a diagnostic instead (:mod:`accel.bench.token_bounds`): where the
 allocation loses its quality, at equal token-steps and without timing; ours at several ``min_active`` values at
@@ -37,7 +43,18 @@ import numpy as np
 import torch
 
 import accel
-from accel.caching import CacheConfig, TokenStepConfig, fora, layout_of, ras_config
+from accel.bench.token_report import (
+    TOLERANCE,
+    FrontKnob,
+    Knob,
+    Scores,
+    headline,
+    print_active,
+    print_heat_map,
+    print_table,
+    reaches,
+)
+from accel.caching import CacheConfig, Front, TokenStepConfig, fora, layout_of, ras_config
 from accel.eval.timing import time_interleaved
 
 TARGETS = (0.5, 0.25)
@@ -63,6 +80,8 @@ class Model:
         generate: ``(prompts, steps, seed) -> (N, 3, H, W)`` images or ``(N, F, 3, H, W)`` clips in [0, 1].
         tokens: visual tokens per sample.
         probe: how many of the prompts the calibration times.
+        front: the caching front searched for the model (its members need a ``relative_macs`` metric), or None:
+            the caching baseline is then FORA alone.
     """
 
     name: str
@@ -71,6 +90,7 @@ class Model:
     generate: Callable[[list[str], int, int], torch.Tensor]
     tokens: int
     probe: int
+    front: Front | None = None
 
 
 def ours(budget: float, steps: int, branches: str = "paired", min_active: float = 0.8) -> TokenStepConfig:
@@ -127,9 +147,22 @@ def _speedups(model: Model, runs: dict[str, tuple], repeats: int = 3) -> dict[st
     return {name: min(timings["full"].samples) / min(timing.samples) for name, timing in timings.items()}
 
 
-def calibrate(model: Model, steps: int, min_actives: tuple[float, ...] = ()) -> dict[float, dict]:
-    """Per target runtime ratio, the knob of every method (see the module docstring), and for each value ``m`` of
-    ``min_actives`` the budget of ours with ``min_active=m`` (key ``"min_active-m"``)."""
+def _front_cache(model: Model, index: int, steps: int) -> CacheConfig:
+    """Block caching with the ``index``-th member of the model's front, resampled to ``steps`` steps."""
+    return CacheConfig(schedule=model.front.schedules[index].resample(steps))
+
+
+def _front_macs(front: Front) -> list[float]:
+    """Each member's ``relative_macs`` metric (what the front's runtime is fitted on)."""
+    if any("relative_macs" not in member.metrics for member in front):
+        raise ValueError("bench tokens: every member of the caching front needs a relative_macs metric")
+    return [float(member.metrics["relative_macs"]) for member in front]
+
+
+def _runtime(model: Model, steps: int) -> dict[str, Callable]:
+    """Time the calibration's runs and fit them (see the module docstring); returns the predicted runtime ratio
+    of each method family: ``tokens(config or None, row_steps)``, ``fora(interval)`` and, for a model with a
+    front, ``front(member index)`` (``a + b * relative MACs``, fitted on its members with the most and fewest)."""
     layout = layout_of(model.pipe)
     configs = {"ours-all-0.5": ours(0.5, steps, min_active=0), "ours-all-0.2": ours(0.2, steps, min_active=0)}
     configs["ours-0.2"] = ours(0.2, steps)
@@ -137,175 +170,139 @@ def calibrate(model: Model, steps: int, min_actives: tuple[float, ...] = ()) -> 
     probes.update({name: (_applied(model, config), steps) for name, config in configs.items()})
     probes.update({f"steps-{n}": (nullcontext, n) for n in (steps // 2, steps // 4)})
     probes.update({f"fora-{k}": (_applied(model, CacheConfig(schedule=fora(layout, steps, k))), steps) for k in (2, 4)})
+    macs = _front_macs(model.front) if model.front is not None else []
+    ends = sorted({int(np.argmax(macs)), int(np.argmin(macs))}) if macs else []
+    probes.update({f"front-{i}": (_applied(model, _front_cache(model, i, steps)), steps) for i in ends})
     ratios = {name: 1 / speedup for name, speedup in _speedups(model, probes).items()}
     shares = {"full": (1.0, 1.0), **{name: _shares(config, steps, model) for name, config in configs.items()}}
     shares.update({f"steps-{n}": (n / steps, n / steps) for n in (steps // 2, steps // 4)})
     fit = _fit(list(shares.values()), [ratios[name] for name in shares])
-    fora_ratios = [ratios["fora-2"], ratios["fora-4"]]
-    fora_slope = (fora_ratios[0] - fora_ratios[1]) / (1 / 2 - 1 / 4)
-    fora_fit = (fora_ratios[1] - fora_slope / 4, fora_slope)
-    budgets = np.round(np.arange(0.05, 1.0001, 0.01), 2)
-
-    def predict(config: TokenStepConfig | None, row_steps: int = steps) -> float:
-        return float(fit @ np.array([1.0, *_shares(config, steps, model, row_steps)]))
-
-    chosen = {}
-    for target in TARGETS:
-
-        def best(build, target=target):
-            return float(min(budgets, key=lambda b: abs(predict(build(b)) - target)))
-
-        # two steps at least: PixArt's pipeline treats a 1-step call as a distilled model's
-        number = min(range(2, steps + 1), key=lambda n: abs(predict(None, n) - target))
-        interval = min(range(2, steps + 1), key=lambda k: abs(fora_fit[0] + fora_fit[1] / k - target))
-        chosen[target] = {
-            "ours": best(lambda b: ours(b, steps)),
-            "ours-all-steps": best(lambda b: ours(b, steps, min_active=0)),
-            "ras": best(lambda b: ras(b, steps)),
-            "steps": number,
-            "fora": interval,
-            **{f"min_active-{m:g}": best(lambda b, m=m: ours(b, steps, min_active=m)) for m in min_actives},
-        }
+    slope = (ratios["fora-2"] - ratios["fora-4"]) / (1 / 2 - 1 / 4)
+    fora_fit = (ratios["fora-4"] - slope / 4, slope)
+    predict = {
+        "tokens": lambda config, n=steps: float(fit @ np.array([1.0, *_shares(config, steps, model, n)])),
+        "fora": lambda interval: fora_fit[0] + fora_fit[1] / interval,
+    }
+    line = f"FORA-2/4 {ratios['fora-2']:.2f}/{ratios['fora-4']:.2f}"
+    if ends:
+        front_fit = np.polyfit([macs[i] for i in ends], [ratios[f"front-{i}"] for i in ends], len(ends) - 1)
+        predict["front"] = lambda i: float(np.polyval(front_fit, macs[i]))
+        line += ", front " + "/".join(f"{ratios[f'front-{i}']:.2f}" for i in ends) + " (members with most/fewest MACs)"
     print(
         f"{model.name}: calibration on {model.probe} prompts: runtime ratio = {fit[0]:.2f} + {fit[1]:.2f} x grid "
-        f"share + {fit[2]:.2f} x token-step share, FORA-2/4 {fora_ratios[0]:.2f}/{fora_ratios[1]:.2f}; "
-        f"chosen {chosen}"
+        f"share + {fit[2]:.2f} x token-step share, {line}"
     )
+    return predict
+
+
+def _knobs(model: Model, steps: int, predict: dict[str, Callable], min_actives: tuple[float, ...]) -> dict:
+    """Every method's :class:`Knob`: budgets 0.05..1 (ours, RAS), steps from 2 (PixArt's pipeline treats a
+    1-step call as a distilled model's), FORA intervals, front members."""
+    tokens, budgets = predict["tokens"], [round(float(b), 2) for b in np.arange(0.05, 1.0001, 0.01)]
+    knobs = {
+        "ours": Knob(budgets, budgets[0], lambda b: tokens(ours(b, steps))),
+        "ours-all-steps": Knob(budgets, budgets[0], lambda b: tokens(ours(b, steps, min_active=0))),
+        "ras": Knob(budgets, budgets[0], lambda b: tokens(ras(b, steps))),
+        "steps": Knob(range(2, steps + 1), 2, lambda n: tokens(None, n)),
+        "fora": Knob(range(2, steps + 1), steps, predict["fora"]),
+    }
+    for m in min_actives:
+        knobs[f"min_active-{m:g}"] = Knob(budgets, budgets[0], lambda b, m=m: tokens(ours(b, steps, min_active=m)))
+    if "front" in predict:
+        members = range(len(model.front))
+        fastest = min(members, key=predict["front"])
+        knobs["front"] = FrontKnob(members, fastest, predict["front"], front=model.front)
+    return knobs
+
+
+def calibrate(model: Model, steps: int, min_actives: tuple[float, ...] = ()) -> dict[float, dict]:
+    """Per target runtime ratio, the knob of every method (see the module docstring), and for each value ``m`` of
+    ``min_actives`` the budget of ours with ``min_active=m`` (key ``"min_active-m"``); ``"predicted"``: each
+    method's predicted runtime ratio there, ``"unreachable"``: the methods that miss the target
+    (:func:`~accel.bench.token_report.reaches`)."""
+    knobs = _knobs(model, steps, _runtime(model, steps), min_actives)
+    chosen = {}
+    for target in TARGETS:
+        picked = {name: knob.pick(target) for name, knob in knobs.items()}
+        predicted = {name: knobs[name].predict(value) for name, value in picked.items()}
+        missed = [name for name in picked if not reaches(predicted[name], target)]
+        chosen[target] = {**picked, "predicted": predicted, "unreachable": missed}
+        said = [
+            f"{name} ({predicted[name]:.2f}{' clamped' * (picked[name] == knobs[name].fastest)})" for name in missed
+        ]
+        print(f"  at {target:g}: chosen {picked}; unreachable within {TOLERANCE:.0%}: {', '.join(said) or 'none'}")
     return chosen
 
 
 def methods(model: Model, steps: int, chosen: dict[float, dict]) -> dict[str, tuple]:
-    """``name -> (target, context factory, steps, token config or None)`` of every row."""
-    rows: dict[str, tuple] = {"full": (1.0, nullcontext, steps, None)}
+    """``name -> (target, context factory, steps, token config or None, calibrated method)`` of every row; with a
+    front, its member at each target is a caching row beside FORA."""
+    rows: dict[str, tuple] = {"full": (1.0, nullcontext, steps, None, None)}
     layout = layout_of(model.pipe)
     for target, knobs in chosen.items():
         tag = f"@{round(100 * target)}"
-        for name, config in (
-            ("ours", ours(knobs["ours"], steps)),
-            ("ours-own", ours(knobs["ours"], steps, "own")),
-            ("ours-all-steps", ours(knobs["ours-all-steps"], steps, min_active=0)),
-            ("ras", ras(knobs["ras"], steps)),
+        for name, method, config in (
+            ("ours", "ours", ours(knobs["ours"], steps)),
+            ("ours-own", "ours", ours(knobs["ours"], steps, "own")),
+            ("ours-all-steps", "ours-all-steps", ours(knobs["ours-all-steps"], steps, min_active=0)),
+            ("ras", "ras", ras(knobs["ras"], steps)),
         ):
-            rows[f"{name}{tag}"] = (target, _applied(model, config), steps, config)
-        rows[f"steps-{knobs['steps']}{tag}"] = (target, nullcontext, knobs["steps"], None)
+            rows[f"{name}{tag}"] = (target, _applied(model, config), steps, config, method)
+        rows[f"steps-{knobs['steps']}{tag}"] = (target, nullcontext, knobs["steps"], None, "steps")
         cache = CacheConfig(schedule=fora(layout, steps, knobs["fora"]))
-        rows[f"fora-{knobs['fora']}{tag}"] = (target, _applied(model, cache), steps, None)
+        rows[f"fora-{knobs['fora']}{tag}"] = (target, _applied(model, cache), steps, None, "fora")
+        if "front" in knobs:
+            member = _applied(model, _front_cache(model, knobs["front"], steps))
+            rows[f"front-{knobs['front']}{tag}"] = (target, member, steps, None, "front")
     return rows
 
 
-def frames_of(samples: torch.Tensor) -> torch.Tensor:
-    """Images ``(N, 3, H, W)`` as they are, clips ``(N, F, 3, H, W)`` as ``(N * F, 3, H, W)`` frames."""
-    return samples.flatten(0, 1) if samples.ndim == 5 else samples
-
-
-def psnr_of(samples: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean PSNR (dB) of the images or frames of ``samples`` in [0, 1] against ``reference``'s."""
-    from accel.eval.metrics import psnr
-
-    return float(psnr(frames_of(samples).float(), frames_of(reference).float(), 1.0).mean())
-
-
-class Scores:
-    """PSNR/SSIM against full compute, FID/KID against a full-compute reference, alignment, motion."""
-
-    def __init__(self, model: Model, full: torch.Tensor, reference: torch.Tensor):
-        from accel.eval.alignment import load_alignment_scorer
-
-        self.model, self.full = model, full
-        self.scorer = load_alignment_scorer()
-        self.real = self._features(reference)[:, -1280:]
-
-    def _features(self, samples: torch.Tensor) -> torch.Tensor:
-        frames = frames_of(samples).float()
-        with torch.no_grad():
-            return torch.cat([self.scorer.frozen_image_features(frames[i : i + 64]) for i in range(0, len(frames), 64)])
-
-    def __call__(self, samples: torch.Tensor) -> dict:
-        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
-        from accel.eval.fid import FidKidConfig, fid_kid_from_features
-
-        frames, full = frames_of(samples).float(), frames_of(self.full).float()
-        features = self._features(samples)
-        fid = fid_kid_from_features(self.real.double(), features[:, -1280:].double(), "E", FidKidConfig())
-        per_frame = samples.shape[1] if samples.ndim == 5 else 1
-        prompts = [p for p in self.model.prompts for _ in range(per_frame)]
-        with torch.no_grad():
-            images = self.scorer.heads.embed_image_features(features.float())
-            texts = self.scorer.embed_prompts(prompts)
-        row = {
-            "psnr": psnr_of(samples, self.full),
-            "ssim": float(ssim(frames, full, data_range=1.0)),
-            "fid": fid["FID-E"],
-            "kid": fid["KID-E"],
-            "alignment": float(100 * (images * texts).sum(-1).mean()),
-        }
-        if samples.ndim == 5:
-            from accel.eval.motion import load_motion_scorer, motion_accuracy
-
-            row["motion"] = motion_accuracy(load_motion_scorer(), samples, self.model.prompts)["accuracy"]
-        return row
+def _generate_row(model: Model, name: str, context, row_steps: int) -> tuple[torch.Tensor, dict]:
+    """One row's samples of every prompt, and for ``ours@*`` the handle's per-step active fractions (and at 25%
+    the heat map of sample 0)."""
+    with context() as handle:
+        samples = model.generate(model.prompts, row_steps, 0)
+        if not name.startswith("ours@"):
+            return samples, {}
+        stats = handle.stats()
+    found = {"active": list(stats.active)}
+    if name == "ours@25":
+        found["heat_map"] = {"grid": stats.grid, "counts": stats.heat_maps[0][0].tolist(), "steps": stats.steps}
+    return samples, found
 
 
 def evaluate(model: Model, steps: int) -> dict:
-    """Calibrate, generate every row, score; print the table; returns the rows and a heat map."""
+    """Calibrate, generate every row, score; print the table; returns the rows, a heat map and the knobs. A row
+    records its predicted runtime ratio and whether it reaches its target (``predicted``, ``reached``)."""
     chosen = calibrate(model, steps)
     full = model.generate(model.prompts, steps, 0)
     reference = model.generate(model.prompts, steps, REFERENCE_SEED)
     scores = Scores(model, full, reference)
     rows, heat = {}, None
     every = methods(model, steps, chosen)
-    for name, (target, context, row_steps, config) in every.items():
-        samples = full
-        if name != "full":
-            with context() as handle:
-                samples = model.generate(model.prompts, row_steps, 0)
-                if name == "ours@25":
-                    stats = handle.stats()
-                    heat = {"grid": stats.grid, "counts": stats.heat_maps[0][0].tolist(), "steps": stats.steps}
-        rows[name] = {"target": target, **scores(samples)}
+    for name, (target, context, row_steps, config, method) in every.items():
+        samples, found = (full, {}) if name == "full" else _generate_row(model, name, context, row_steps)
+        heat = found.pop("heat_map", heat)
+        rows[name] = {"target": target, **scores(samples), **found}
+        if method is not None:
+            rows[name]["predicted"] = chosen[target]["predicted"][method]
+            rows[name]["reached"] = method not in chosen[target]["unreachable"]
         if config is not None:
             rows[name]["token_steps"] = config.planned_fraction(row_steps, model.tokens) * row_steps / steps
             rows[name]["grid_steps"] = config.grid_steps(row_steps)
-    speedups = _speedups(model, {name: (context, n) for name, (_, context, n, _) in every.items()})
+    speedups = _speedups(model, {name: (context, n) for name, (_, context, n, *_) in every.items()})
     for name, speedup in speedups.items():
         rows[name]["speedup"] = speedup
     print_table(model, steps, rows)
-    return {"rows": rows, "heat_map": heat, "knobs": {str(k): v for k, v in chosen.items()}}
-
-
-def print_table(model: Model, steps: int, rows: dict) -> None:
-    """One line per row."""
-    print(f"\n{model.name} model: {len(model.prompts)} prompts, {steps} steps, {model.tokens} tokens per sample")
-    motion = model.name == "video"
-    header = (
-        f"{'method':<16}{'target':>7}{'tokens':>7}{'speedup':>8}{'PSNR':>7}{'SSIM':>7}{'FID':>8}{'KID':>8}{'align':>7}"
-    )
-    print(header + ("  motion" if motion else ""))
-    for name, row in rows.items():
-        tokens = f"{row['token_steps']:.2f}" if "token_steps" in row else "-"
-        line = (
-            f"{name:<16}{row['target']:>7.2f}{tokens:>7}{row['speedup']:>8.2f}{row['psnr']:>7.2f}"
-            f"{row['ssim']:>7.3f}{row['fid']:>8.2f}{row['kid']:>8.4f}{row['alignment']:>7.2f}"
-        )
-        print(line + (f"  {row['motion']:.2f}" if motion else ""))
-
-
-def print_heat_map(name: str, heat: dict | None) -> None:
-    """Per-token step counts of the first sample, as digits (``+`` for 10 or more), frame by frame."""
-    if not heat:
-        return
-    counts = np.asarray(heat["counts"])
-    asked, ran = heat["steps"]
-    print(f"{name}: steps computed per token of sample 0 at the 25% point ({ran} of {asked} ran), frames side by side")
-    frames = [["".join(str(v) if v < 10 else "+" for v in line) for line in frame] for frame in counts]
-    for row in range(counts.shape[1]):
-        print("  " + " ".join(frame[row] for frame in frames))
+    print_active(model.name, rows)
+    baseline = "the better of FORA and the searched front's member" if model.front else "FORA (the model has no front)"
+    return {"rows": rows, "heat_map": heat, "knobs": {str(k): v for k, v in chosen.items()}, "cache_baseline": baseline}
 
 
 def _image_model(count: int) -> Model:
     from accel.bench.model import generate, load_dataset
-    from accel.pipelines.default import load_default_pipeline
+    from accel.caching import load_front
+    from accel.pipelines.default import DEFAULT_FRONT_DIR, load_default_pipeline
 
     pipe = load_default_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -314,7 +311,8 @@ def _image_model(count: int) -> Model:
     prompts = [captions[i] for i in held_out[np.linspace(0, len(held_out) - 1, count).round().astype(int)]]
     patch = pipe.transformer.config.patch_size
     tokens = (pipe.transformer.config.sample_size // patch) ** 2
-    return Model("image", pipe, prompts, lambda p, steps, seed: generate(pipe, p, steps, len(p), seed), tokens, count)
+    run = lambda p, steps, seed: generate(pipe, p, steps, len(p), seed)  # noqa: E731
+    return Model("image", pipe, prompts, run, tokens, count, front=load_front(DEFAULT_FRONT_DIR))
 
 
 def _video_model(count: int) -> Model:
@@ -326,29 +324,6 @@ def _video_model(count: int) -> Model:
     prompts = list(VIDEO_PROMPTS[:count])
     run = lambda p, steps, seed: generate_clips(pipe, p, steps, len(p), seed)  # noqa: E731
     return Model("video", pipe, prompts, run, tokens_per_clip(pipe), min(2, count))
-
-
-def _headline(rows: dict, prefix: str = "") -> dict:
-    """The issue's keys from one model's rows."""
-    result = {}
-    for target, tag in ((0.5, "50"), (0.25, "25")):
-        at = {name.split("@")[0]: row for name, row in rows.items() if row["target"] == target}
-        steps = next(row for name, row in at.items() if name.startswith("steps-"))
-        cache = next(row for name, row in at.items() if name.startswith("fora-"))
-        result.update({
-            f"{prefix}psnr_at_{tag}": round(at["ours"]["psnr"], 2),
-            f"{prefix}own_psnr_at_{tag}": round(at["ours-own"]["psnr"], 2),
-            f"{prefix}ras_psnr_at_{tag}": round(at["ras"]["psnr"], 2),
-            f"{prefix}steps_psnr_at_{tag}": round(steps["psnr"], 2),
-            f"{prefix}cache_psnr_at_{tag}": round(cache["psnr"], 2),
-            f"{prefix}speedup_at_{tag}": round(at["ours"]["speedup"], 2),
-            f"{prefix}ras_speedup_at_{tag}": round(at["ras"]["speedup"], 2),
-            f"{prefix}steps_speedup_at_{tag}": round(steps["speedup"], 2),
-            f"{prefix}cache_speedup_at_{tag}": round(cache["speedup"], 2),
-            f"{prefix}all_steps_psnr_at_{tag}": round(at["ours-all-steps"]["psnr"], 2),
-            f"{prefix}all_steps_speedup_at_{tag}": round(at["ours-all-steps"]["speedup"], 2),
-        })  # fmt: skip
-    return result
 
 
 def run(argv: list[str]) -> dict:
@@ -368,6 +343,8 @@ def run(argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     if args.steps < 8 or not 1 <= args.clips <= len(VIDEO_PROMPTS) or args.images < 2:
         raise ValueError(f"--steps >= 8, --images >= 2, --clips in 1..{len(VIDEO_PROMPTS)}")
+    if args.skip_image and args.skip_video:
+        raise ValueError("--skip-image and --skip-video together leave no model to run")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.bounds or args.sweep_min_active:
@@ -381,10 +358,10 @@ def run(argv: list[str]) -> dict:
     result, details = {}, {}
     if not args.skip_video:
         details["video"] = evaluate(_video_model(args.clips), args.steps)
-        result.update(_headline(details["video"]["rows"]))
+        result.update(headline(details["video"]["rows"]))
     if not args.skip_image:
         details["image"] = evaluate(_image_model(args.images), args.steps)
-        result.update(_headline(details["image"]["rows"], "image_"))
+        result.update(headline(details["image"]["rows"], "image_"))
     for name, found in details.items():
         print_heat_map(name, found["heat_map"])
     result["details"] = json.loads(json.dumps(details, default=float))
