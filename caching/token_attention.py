@@ -52,6 +52,12 @@ class TokenAttention:
     def __init__(self, original: Any, active: ActiveTokens, layer: int):
         self.original, self.active, self.layer = original, active, layer
 
+    @staticmethod
+    def refuse_mask(attention_mask: torch.Tensor | None) -> None:
+        """Raise if the call carries an attention mask: the active queries attend to every token's key here."""
+        if attention_mask is not None:
+            raise ValueError("per-token steps do not support an attention mask in self- or joint attention")
+
     def cached(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's keys and values of every token, ``(rows, tokens, heads, head_dim)`` each, after writing
         the active tokens' current ``key`` and ``value`` (``(rows, active, heads, head_dim)``) into them."""
@@ -72,6 +78,7 @@ class WanTokenAttention(TokenAttention):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         """Same signature and result layout as ``WanAttnProcessor.__call__`` for self-attention."""
+        self.refuse_mask(attention_mask)
         query, key, value = wan_qkv(attn, hidden_states, rotary_emb)  # (rows, active, heads, head_dim)
         out = self.attend(query, key, value).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
@@ -83,6 +90,7 @@ class LTXTokenAttention(TokenAttention):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         """Same signature and result as ``LTXVideoAttnProcessor.__call__`` for self-attention without a mask."""
+        self.refuse_mask(attention_mask)
         from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
@@ -101,6 +109,7 @@ class DefaultTokenAttention(TokenAttention):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         """Same signature and result as ``AttnProcessor2_0.__call__`` for self-attention on token sequences."""
+        self.refuse_mask(attention_mask)
         residual = hidden_states
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         # (rows, active, heads * head_dim) -> (rows, active, heads, head_dim)

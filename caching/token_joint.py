@@ -26,11 +26,6 @@ from accel.caching.token_attention import TokenAttention
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _refuse_mask(attention_mask) -> None:
-    if attention_mask is not None:
-        raise ValueError("per-token steps do not support an attention mask in joint attention")
-
-
 class JointTokenAttentionBase(TokenAttention):
     """Attention of the text and active image queries over the text and every image key and value."""
 
@@ -62,7 +57,7 @@ class SD3TokenAttention(JointTokenAttentionBase):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         """Same signature and results as ``JointAttnProcessor2_0.__call__``."""
-        _refuse_mask(attention_mask)
+        self.refuse_mask(attention_mask)
         image = _heads(attn, attn.to_q, attn.to_k, attn.to_v, hidden_states)
         image = (_norm(attn.norm_q, image[0]), _norm(attn.norm_k, image[1]), image[2])
         if encoder_hidden_states is None:
@@ -85,7 +80,7 @@ class FluxTokenAttention(JointTokenAttentionBase):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         """Same signature and results as ``FluxAttnProcessor.__call__``."""
-        _refuse_mask(attention_mask)
+        self.refuse_mask(attention_mask)
         index = self.active.index
         if attn.fused_projections:
             qkv = attn.to_qkv(hidden_states).chunk(3, dim=-1)

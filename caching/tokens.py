@@ -33,7 +33,7 @@ import inspect
 import logging
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -112,6 +112,7 @@ class TokenStepConfig:
     min_active: float = 0.8
 
     def __post_init__(self):
+        self._check_types()
         if (self.budget is None) == (self.speedup is None):
             raise ValueError("TokenStepConfig needs exactly one of budget (a fraction of token-steps) and speedup")
         if self.budget is not None and not 0 < self.budget <= 1:
@@ -132,6 +133,33 @@ class TokenStepConfig:
             raise ValueError("TokenStepConfig.rate_floor must be >= 0")
         if not 0 <= self.min_active <= 1:
             raise ValueError(f"TokenStepConfig.min_active must be in [0, 1], got {self.min_active}")
+        self._check_selector_knobs()
+
+    def _check_types(self) -> None:
+        """Numbers where numbers belong (no bools, strings or infinities), counts that are integers, and the
+        reset points a sequence: checked first, so the range checks compare numbers."""
+        for name in ("budget", "speedup", "rate_floor", "ras_starvation", "min_active"):
+            value = getattr(self, name)
+            if value is None and name in ("budget", "speedup"):
+                continue
+            if not _is_real(value) or not math.isfinite(value):
+                raise ValueError(f"TokenStepConfig.{name} must be a finite number, got {value!r}")
+        for name in ("dense_steps", "buckets", "max_skipped_steps"):
+            value = getattr(self, name)
+            if not (_is_count(value) or (value is None and name == "max_skipped_steps")):
+                raise ValueError(f"TokenStepConfig.{name} must be an integer, got {value!r}")
+        points = self.reset_points
+        if not isinstance(points, (tuple, list)) or not all(_is_real(p) for p in points):
+            raise ValueError(f"TokenStepConfig.reset_points must be a tuple of fractions, got {points!r}")
+        object.__setattr__(self, "reset_points", tuple(points))
+
+    def _check_selector_knobs(self) -> None:
+        """Refuse knobs the chosen selector never reads (set away from their defaults), rather than ignore them."""
+        defaults = {f.name: f.default for f in fields(self)}
+        ignored = {"ras": ("branches", "rate_floor", "max_skipped_steps"), "velocity": ("ras_starvation",)}
+        unread = [name for name in ignored[self.selector] if getattr(self, name) != defaults[name]]
+        if unread:
+            raise ValueError(f"TokenStepConfig(selector={self.selector!r}) does not use {unread}: leave them unset")
 
     @property
     def fraction(self) -> float:
@@ -244,6 +272,11 @@ class _Branch:
         self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
+def _is_real(value: Any) -> bool:
+    """Whether ``value`` is a real number (a NumPy one too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _is_count(value: Any) -> bool:
     """Whether ``value`` is a step count: any integer (a NumPy one too), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -297,15 +330,28 @@ class TokenStepHandle(Handle):
         scheduler = getattr(target.pipeline, "scheduler", None)
         if scheduler is not None and hasattr(scheduler, "set_timesteps"):
             self.patch_log.wrap(scheduler, "set_timesteps", self._set_timesteps)
-        elif config.fraction < config.min_active:
+        else:
+            self._bare_transformer_notices()
+        target.tracker.add_call_listener(self._on_call)
+        target.tracker.add_reset_listener(self.reset)
+
+    def _bare_transformer_notices(self) -> None:
+        """What a bare transformer (no scheduler to wrap) cannot do with the config, said at apply."""
+        config = self.config
+        if config.fraction < config.min_active:
             self._notices.once(
                 "bare-transformer",
                 logging.WARNING,
                 f"TokenStepConfig(budget={config.fraction:g}) is below min_active={config.min_active:g}, but a bare "
                 "transformer has no scheduler to coarsen: the budget is spent on every step it is called at",
             )
-        target.tracker.add_call_listener(self._on_call)
-        target.tracker.add_reset_listener(self.reset)
+        if config.reset_points:
+            self._notices.once(
+                "bare-resets",
+                logging.WARNING,
+                f"TokenStepConfig(reset_points={config.reset_points}) needs the step count, which a bare transformer "
+                "does not know: only the first dense_steps compute every token; apply to the pipeline instead",
+            )
 
     @property
     def _grid_budget(self) -> float:
@@ -598,8 +644,14 @@ def _times(timestep: Any, rows: int, device) -> torch.Tensor:
     """``(rows,)`` float32 timesteps of a call (a scalar timestep is every row's)."""
     if timestep is None:
         raise ValueError("per-token steps need the transformer's timestep argument")
-    value = torch.as_tensor(timestep, device=device).float().flatten()
-    return value.expand(rows) if value.numel() == 1 else value[:rows]
+    value = torch.as_tensor(timestep, device=device).float()
+    if value.ndim > 1 or value.numel() not in (1, rows):
+        raise ValueError(
+            f"per-token steps need one timestep per sample; got a timestep of shape {tuple(value.shape)} for {rows} "
+            "rows (per-token timesteps, as in Wan 2.2's image-to-video, are not supported)"
+        )
+    value = value.flatten()
+    return value.expand(rows) if value.numel() == 1 else value
 
 
 def _position(module: torch.nn.Module, name: str) -> int | None:

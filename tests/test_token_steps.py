@@ -208,6 +208,19 @@ def test_refuses_models_and_samplers_where_it_does_not_apply():
     ):
         with pytest.raises(ValueError):
             TokenStepConfig(**bad)
+    for bad, message in (
+        ({"budget": True}, "budget must be a finite number"),
+        ({"budget": "0.5"}, "budget must be a finite number"),
+        ({"speedup": float("inf")}, "speedup must be a finite number"),
+        ({"budget": 0.5, "reset_points": 0.4}, "reset_points must be a tuple"),
+        ({"budget": 0.5, "buckets": 2.5}, "buckets must be an integer"),
+        ({"budget": 0.5, "max_skipped_steps": 1.5}, "max_skipped_steps must be an integer"),
+        ({"budget": 0.5, "selector": "ras", "branches": "own"}, r"does not use \['branches'\]"),
+        ({"budget": 0.5, "ras_starvation": 0.2}, r"does not use \['ras_starvation'\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TokenStepConfig(**bad)
+    assert TokenStepConfig(budget=0.5, reset_points=[0.4]).reset_points == (0.4,)
     assert TokenStepConfig(speedup=4.0).fraction == 0.25
 
 
@@ -314,3 +327,19 @@ def test_sparse_attention_underneath_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="no self-attention processor for WanSparseProcessor"):
         accel.apply(model, sparse, _config(budget=0.5))
     assert torch.equal(denoise(model, tiny, [1], steps=4, cfg=False), reference)
+
+
+def test_a_bare_transformer_says_its_reset_points_cannot_apply_and_per_token_timesteps_are_refused(caplog):
+    tiny = TINY_MODELS["wan"]
+    model = tiny.build()
+    with caplog.at_level("WARNING", logger="accel.caching.tokens"):
+        handle = accel.apply(model, _config(budget=0.9, reset_points=(0.5,)))
+    assert "needs the step count, which a bare transformer does not know" in caplog.text
+    latents = tiny.latents(1, torch.Generator().manual_seed(0))
+    kwargs = tiny.forward_kwargs(latents, tiny.conditions([1]), torch.full((1,), 500.0))
+    tokens = math.prod(tiny_grid(tiny))
+    kwargs["timestep"] = torch.full((1, tokens), 500.0)  # Wan 2.2 image-to-video style: one per token
+    with pytest.raises(ValueError, match="one timestep per sample"):
+        with torch.no_grad():
+            model(**kwargs)
+    handle.remove()
