@@ -4,7 +4,7 @@ A per-token-steps trial's ``technique_stats`` (:meth:`accel.caching.TokenStepSta
 ``heat_map``: each visual token's step count averaged over the timed call's rows and branches,
 ``[frame][row][column]`` on the transformer's token grid. It is drawn as inline SVG: one small grid of cells per
 frame (an image has one frame), white for no step and dark red for every step, so what the budget spent where is
-visible beside the images.
+visible beside the images; under it, one bar per step that ran for ``active``, the share of tokens it computed.
 """
 
 from __future__ import annotations
@@ -43,6 +43,24 @@ def frame_svg(frame: list[list[float]], steps: int, title: str) -> str:
     return "".join(parts)
 
 
+def active_svg(active: list[float], title: str) -> str:
+    """The share of tokens each step computed, one bar per step (full height: every token); each bar's tooltip
+    says its step and share."""
+    width, height = 6, 32
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{len(active) * width}' height='{height}' role='img' "
+        f"aria-label='{html.escape(title)}'><title>{html.escape(title)}</title>"
+    ]
+    for step, share in enumerate(active):
+        bar = round(height * min(max(share, 0.0), 1.0))
+        parts.append(
+            f"<rect x='{step * width}' y='{height - bar}' width='{width - 1}' height='{bar}' fill='{_colour(share)}'>"
+            f"<title>step {step}: {100 * share:.0f}% of tokens</title></rect>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _figure(frame: list[list[float]], steps: int, method: str, index: int, video: bool) -> str:
     caption = f"<figcaption class='muted'>frame {index}</figcaption>" if video else ""
     svg = frame_svg(frame, steps, f"{method} frame {index}")
@@ -62,15 +80,18 @@ def token_heat_maps(results: dict) -> str:
         frames = "".join(_figure(frame, steps, trial["method"], i, len(heat) > 1) for i, frame in enumerate(heat))
         share = stats.get("token_steps")
         note = f"{100 * share:.0f}% of token-steps computed" if share is not None else ""
+        active = stats.get("active") or []
+        bars = active_svg(active, f"{trial['method']}: tokens computed per step") if active else ""
         blocks.append(
             f"<div class='heat'><p><code>{html.escape(trial['method'])}</code> "
-            f"<span class='muted'>{html.escape(note)}</span></p>{frames}</div>"
+            f"<span class='muted'>{html.escape(note)}</span></p>{frames}<p>{bars}</p></div>"
         )
     if not blocks:
         return ""
     legend = (
         "Each cell is one visual token of the transformer's grid (one grid per latent frame), coloured by how many "
         "of the steps computed it, averaged over the samples and guidance branches of the timed call: white none, "
-        "dark red all; hover a cell for its count."
+        "dark red all; hover a cell for its count. Below each, one bar per step that ran: the share of the tokens "
+        "it computed."
     )
     return f"<h2>Per-token step counts</h2><p class='muted'>{legend}</p>{''.join(blocks)}"

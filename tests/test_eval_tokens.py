@@ -34,9 +34,13 @@ def _check_report(out, results, frames: int, steps: int) -> None:
     assert abs(sum(values) / (len(values) * steps) - stats["token_steps"]) < 1e-3
     page = (out / "report.html").read_text()
     section = page[page.index("<h2>Per-token step counts</h2>") :]
-    assert section.count("<svg") == frames  # one grid per latent frame
+    assert section.count("<svg") == frames + 1  # one grid per latent frame, then the bars of the steps
     cells = re.findall(r"<rect [^>]*><title>([0-9.]+) steps</title>", section)
     assert sorted(float(c) for c in cells) == pytest.approx(sorted(values), abs=0.01)
+    bars = re.findall(r"<title>step (\d+): (\d+)% of tokens</title>", section)
+    assert [int(step) for step, _ in bars] == list(range(len(stats["active"])))
+    assert [int(share) for _, share in bars] == [round(100 * a) for a in stats["active"]]
+    assert [int(share) for _, share in bars][:2] == [100, 100] and min(int(s) for _, s in bars) < 100
     assert "<h2>Per-token step counts</h2>" not in page[: page.index("<h2>All methods</h2>")]
 
 
