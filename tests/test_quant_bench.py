@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,9 +20,30 @@ from accel.bench import quant
         pytest.param(
             ["--device", "cuda"], "CUDA", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")
         ),
+        (["--device", "mps"], "--device must be cpu, cuda or cuda:N"),
+        (["--device", "cuda", "--repeats", "0"], "--repeats must be >= 1"),
+        (["--target-speedups", ""], "one or more speedups above 1"),
+        (["--target-speedups", " , "], "one or more speedups above 1"),
+        (["--target-speedups", "2,x"], "numbers separated by commas"),
+        (["--target-speedups", "2,1"], "above 1"),
+        (["--target-speedups", "0.5"], "above 1"),
+        (["--target-speedups", "inf"], "above 1"),
+        (["--calibration-prompts", "9"], r"--calibration-prompts must be in 1\.\.8"),
+        (["--calibration-prompts", "0"], "--calibration-prompts"),
+        (["--video-prompts", "9"], r"--video-prompts must be in 1\.\.8"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--images", "0"], "--images"),
+        (["--batch", "-1"], "--batch"),
+        (["--repeats", "0"], "--repeats"),
+        (["--video-interval", "0"], "--video-interval"),
+        (["--threads", "0"], "--threads"),
     ],
 )
-def test_bad_arguments_fail_before_any_compute(argv, message):
+def test_bad_arguments_fail_before_any_compute(argv, message, monkeypatch):
+    from accel.eval.runtime import RuntimeConfig
+
+    monkeypatch.setattr(RuntimeConfig, "load_pipeline", lambda *a, **k: pytest.fail("loaded the pipeline"))
+    monkeypatch.setattr(quant, "Evaluator", lambda *a, **k: pytest.fail("built the evaluator"))
     with pytest.raises(ValueError, match=message):
         quant.run(argv)
 
@@ -163,3 +185,110 @@ def test_compiled_rows_count_the_graphs_and_stay_within_the_eager_error(one_thre
 
     # inductor's int8 matmuls round differently from eager's: held to the same error against full precision
     assert err(compiled) <= 2 * err(eager) + 1e-6, (err(compiled), err(eager))
+
+
+def test_without_fid_nothing_is_called_within_the_noise(capsys):
+    rows = {
+        "full": _row(1.0, 100.0, 200.0, 12.0),
+        "int8-weight": _row(0.9, 50.0, 200.0, 12.0, 26),
+        "int8-dynamic": _row(0.8, 40.0, 201.0, 12.0, 26),
+        "naive@2": _row(1.9, 30.0, 203.0, 11.9, 26),
+        "aware@2": _row(1.8, 31.5, 202.0, 11.9, 26),
+    }
+    args = SimpleNamespace(steps=20, images=8, batch=4, repeats=1, threads=1, scheme="int8-static")
+    result = quant._summarise(rows, None, {"2": None}, {}, args)
+    assert result["combined_row"] == "aware@2" and result["combined_within_noise"] is None  # not scored: unknown
+    assert all(row["within_noise"] is None for row in result["rows"].values())
+    assert result["noise"] is None and "within noise" not in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def searched_bench():
+    """The tiny pipeline, the bench's calibration and an evaluator on two prompts at 6 steps (one thread)."""
+    from conftest import build_tiny_pixart_pipeline
+
+    from accel.caching.search import Evaluator, EvaluatorConfig
+    from accel.quant import Calibration
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    pipe = build_tiny_pixart_pipeline()
+    call = {"max_sequence_length": 16}
+    calibration = Calibration(prompts=("a red apple", "a blue car"), num_inference_steps=6, batch=2, call_kwargs=call)
+    evaluator = Evaluator(pipe, ["a green tree", "the moon"], EvaluatorConfig(num_steps=6), call)
+    yield pipe, calibration, evaluator
+    torch.set_num_threads(threads)
+
+
+def _finite_rows(rows: dict, names: list[str], evaluator, schedules: dict) -> None:
+    """Every row has the bench's fields, finite (``weight_bytes`` and ``ideal_speedup`` set as ``run`` sets them)."""
+    import math
+
+    for name in names:
+        row = rows[name]
+        assert {"psnr", "speedup", "median_speedup", "spread"} <= set(row), row
+        assert all(math.isfinite(v) for v in row.values()), row
+        assert quant._ideal(evaluator, name, schedules) > 1.0  # the searched schedule's MACs are fewer
+
+
+def test_the_searched_row_is_the_dp_schedule_of_the_quantized_models_changes(searched_bench, monkeypatch):
+    from accel.caching import fora
+    from accel.caching.search import dp
+    from accel.caching.search.features import record_features
+    from accel.eval.comparison import measure_methods
+    from accel.quant.calibration import pipeline_runner
+
+    pipe, calibration, evaluator = searched_bench
+    seen = []
+    real = dp.cachequant_mask
+    monkeypatch.setattr(dp, "cachequant_mask", lambda change, updates: seen.append(change) or real(change, updates))
+    schedules = {"2": fora(evaluator.layout, 6, 2)}
+    args = SimpleNamespace(steps=6, scheme="int8-dynamic")
+    schedule = quant._searched_schedule(pipe, calibration, evaluator, schedules, args)
+
+    def changes(*configs):  # the change matrices of one trajectory over the calibration prompts
+        with quant.accel.apply(pipe, *configs) if configs else quant.nullcontext():
+            with record_features(pipe.transformer, evaluator.layout.components, sketch_size=4096) as recorder:
+                pipeline_runner(pipe, calibration)()
+        return recorder.change_matrices()
+
+    quantized, full = changes(quant.QuantConfig(scheme="int8-dynamic")), changes()
+    assert len(seen) == 1 and np.allclose(seen[0], quantized) and not np.allclose(seen[0], full)
+    updates = max(2, round(schedules["2"].mask.mean() * 6))
+    assert (schedule.mask == real(quantized, updates)).all() and "int8-dynamic" in schedule.provenance["method"]
+    contexts, memory, plans = quant._contexts(pipe, {"searched": schedule}, calibration, None, "int8-dynamic")
+    assert list(contexts) == ["full", "int8-weight", "int8-dynamic", "searched"]
+    assert plans["searched"].settings["schedule"] == schedule.to_dict()  # calibrated cache-aware under it
+    rows, _ = measure_methods(evaluator, contexts, batch=2, repeats=1)
+    _finite_rows(rows, ["searched"], evaluator, {"searched": schedule})
+    assert 15 < rows["searched"]["psnr"] < 80 and memory["searched"] < 0.5 * memory["full"]
+
+
+def test_the_nsga_row_is_searched_with_the_quantized_model_in_the_loop(searched_bench, monkeypatch):
+    from dataclasses import replace
+
+    from accel.eval.comparison import measure_methods
+
+    pytest.importorskip("pymoo")
+    pipe, calibration, evaluator = searched_bench
+    calls = []
+    real = quant.search_schedules
+
+    def measured(pipe, prompts, config, search, out, **kwargs):  # the bench's search, with the measured latency
+        calls.append((config, search))  # cost instead of the fitted one (fitting takes ~15 s more here)
+        return real(pipe, prompts, config, replace(search, evaluation=replace(search.evaluation, cost="latency")),
+                    out, **kwargs)  # fmt: skip
+
+    monkeypatch.setattr(quant, "search_schedules", measured)
+    args = SimpleNamespace(steps=6, nsga_population=4, nsga_generations=1, scheme="int8-dynamic")
+    schedule = quant._nsga_schedule(pipe, calibration, {"max_sequence_length": 16}, 4.5, [1.5], args)
+    ((config, search),) = calls
+    assert config.scheme == "int8-dynamic" and config.correct is False and config.calibration is None
+    assert search.generations == 1 and search.evaluation.cost == "fitted"  # what the bench asks for
+    assert schedule.num_steps == 6 and not schedule.mask.all()
+    assert schedule.metrics["latent_psnr"] < 80  # scored with int8 weights against full precision
+    contexts, memory, _ = quant._contexts(pipe, {"nsga": schedule}, calibration, None, "int8-dynamic")
+    rows, _ = measure_methods(evaluator, {"full": contexts["full"], "nsga": contexts["nsga"]}, batch=2, repeats=1)
+    _finite_rows(rows, ["nsga"], evaluator, {"nsga": schedule})
+    assert memory["nsga"] < 0.5 * memory["full"]

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import tempfile
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
@@ -55,6 +56,7 @@ from accel.caching.search.evaluator import Evaluator, EvaluatorConfig
 from accel.eval.comparison import measure_methods, score_methods
 from accel.eval.noise import within_noise
 from accel.quant import Calibration, QuantConfig, calibrate, search_schedules
+from accel.quant.schemes import STATIC_SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +103,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: list[str]) -> dict:
-    """Measure, print the table; return the headline numbers."""
-    args = _parser().parse_args(argv)
-    if args.device.startswith("cuda"):
-        return run_gpu(args)
+def check_arguments(args: argparse.Namespace) -> list[float]:
+    """Refuse bad arguments before any model is loaded (``ValueError`` naming the flag and what it allows);
+    returns the parsed ``--target-speedups``."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    for flag in ("steps", "images", "batch", "repeats", "threads", "video_interval", "gpu_steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("calibration_prompts", "video_prompts"):
+        if not 1 <= getattr(args, flag) <= len(DEFAULT_PROMPTS):
+            raise ValueError(
+                f"--{flag.replace('_', '-')} must be in 1..{len(DEFAULT_PROMPTS)} (the search's prompts), "
+                f"got {getattr(args, flag)}"
+            )
     if not 2 <= args.seed_sets <= len(SEED_SETS):
         raise ValueError(f"--seed-sets must be in 2..{len(SEED_SETS)}, got {args.seed_sets}")
     if args.nsga_generations < 0 or args.nsga_population < 4:
         raise ValueError("--nsga-generations must be >= 0 and --nsga-population >= 4")
+    try:
+        targets = [float(part) for part in args.target_speedups.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--target-speedups must be numbers separated by commas, got {args.target_speedups!r}"
+        ) from None
+    if not targets or not all(1 < t < float("inf") for t in targets):
+        raise ValueError(f"--target-speedups must name one or more speedups above 1, got {args.target_speedups!r}")
+    return targets
+
+
+def run(argv: list[str]) -> dict:
+    """Measure, print the table; return the headline numbers. Every argument is checked first
+    (:func:`check_arguments`); ``--device cuda`` runs the GPU rows (:func:`run_gpu`) instead of the CPU ones."""
+    args = _parser().parse_args(argv)
+    targets = check_arguments(args)
+    if args.device.startswith("cuda"):
+        return run_gpu(args)
     torch.set_num_threads(args.threads)
     from accel.bench.search import _prompts_and_reference
     from accel.eval.runtime import RuntimeConfig
@@ -130,7 +159,6 @@ def run(argv: list[str]) -> dict:
         call_kwargs={**call_kwargs, "guidance_scale": guidance},
     )
     front = load_front(DEFAULT_FRONT_DIR)
-    targets = [float(part) for part in args.target_speedups.split(",") if part.strip()]
     schedules = {f"{t:g}": front.pick(target_speedup=t, num_steps=args.steps) for t in targets}
     if args.search:
         schedules["searched"] = _searched_schedule(pipe, calibration, evaluator, schedules, args)
@@ -275,8 +303,8 @@ def _contexts(
         plans[key if key in SEARCHED else f"aware{suffix}"] = aware
         if key not in SEARCHED:
             contexts[f"cache{suffix}"] = applied(cache)
-            contexts[f"cache+int8{suffix}"] = applied(cache, QuantConfig(scheme="int8-dynamic"))
-            contexts[f"naive{suffix}"] = applied(cache, QuantConfig(scheme=scheme, plan=naive))
+            contexts[f"cache+int8{suffix}"] = applied(cache, QuantConfig(scheme="int8-dynamic", correct=False))
+            contexts[f"naive{suffix}"] = applied(cache, QuantConfig(scheme=scheme, plan=naive, cache_aware=False))
             contexts[f"aware{suffix}"] = applied(cache, QuantConfig(scheme=scheme, plan=aware))
         else:
             contexts[key] = applied(cache, QuantConfig(scheme=scheme, plan=aware))
@@ -329,9 +357,10 @@ def _nsga_schedule(pipe, calibration: Calibration, call_kwargs: dict, guidance: 
 
 
 def _in_the_loop(scheme: str, calibration: Calibration) -> QuantConfig:
-    """The quantization a schedule search runs with: ``scheme`` as it is (a static scheme calibrates its
-    activation scales once, without a cache, on the calibration prompts)."""
-    return QuantConfig(scheme=scheme, calibration=calibration)
+    """The quantization a schedule search runs with: ``scheme`` as it is, with no correction (a static scheme
+    calibrates its activation scales once, without a cache, on the calibration prompts)."""
+    static = scheme in STATIC_SCHEMES
+    return QuantConfig(scheme=scheme, correct=False, calibration=calibration if static else None)
 
 
 def _add_kid(rows: dict, images: dict, reference: torch.Tensor) -> None:
@@ -349,7 +378,7 @@ def _summarise(rows: dict, noise: dict | None, schedules: dict, plans: dict, arg
     full = rows["full"]
     for row in rows.values():
         row["weight_memory_ratio"] = row["weight_bytes"] / full["weight_bytes"]
-        row["within_noise"] = bool(noise is not None and within_noise(row, full, noise))
+        row["within_noise"] = None if noise is None else bool(within_noise(row, full, noise))  # None: not scored
     _print_table(rows, noise, args)
     first = f"@{next(iter(k for k in schedules if k not in SEARCHED))}" if schedules else ""
     combined = [n for n in rows if n.startswith("aware") or n in SEARCHED]
@@ -370,14 +399,19 @@ def _summarise(rows: dict, noise: dict | None, schedules: dict, plans: dict, arg
         },
         "combined_speedup": None if best is None else round(rows[best]["speedup"], 3),
         "combined_row": best,
-        "combined_within_noise": bool(best is not None and rows[best]["within_noise"]),
+        "combined_within_noise": None if best is None or noise is None else rows[best]["within_noise"],
         "noise": None if noise is None else {k: v for k, v in noise.items() if k in ("fid", "prompt_score")},
         "full_precision_layers": {name: sum(v == "full" for v in layers.values()) for name, layers in kept.items()},
         "layer_sqnr_min_median": {name: _spread(plan.metrics["sqnr"]) for name, plan in plans.items()},
         "steps": args.steps,
         "images": args.images,
-        "rows": {name: {k: round(float(v), 4) for k, v in row.items()} for name, row in rows.items()},
+        "rows": {name: {k: _rounded(v) for k, v in row.items()} for name, row in rows.items()},
     }
+
+
+def _rounded(value):
+    """A row's value for the JSON line: a number to 4 decimals, None (not measured) as it is."""
+    return None if value is None else round(float(value), 4)
 
 
 def _spread(sqnrs: dict) -> list:
