@@ -73,7 +73,8 @@ def search_schedules(
             ``prompts`` (its change matrices and model identity are replaced by the quantized model's).
 
     Returns:
-        the :class:`~accel.caching.search.Front`; ``front.info["quant"]`` says how the model was quantized.
+        the :class:`~accel.caching.search.Front`; ``front.info["quant"]`` says how the model was quantized, and
+        so does every member's ``provenance["quant"]`` (its scores hold with that quantization applied).
 
     Raises:
         ValueError: a MAC cost, or an ``evaluator`` built with another cost.
@@ -113,10 +114,14 @@ def search_schedules(
             pipe, prompts, replace(config, time_repeats=0), out_dir, resume=resume, call_kwargs=call_kwargs,
             info={**(info or {}), "quant": quant_info}, evaluator=evaluator,
         )  # fmt: skip
-    if config.time_repeats and len(front):
+    if not len(front):  # a non-main process of a multi-process search: the main one saves
+        return front
+    marked = {"scheme": quant.scheme, "layers": quant.layers, "replay": "with this QuantConfig applied"}
+    front = replace(front, schedules=tuple(replace(s, provenance={**s.provenance, "quant": marked}) for s in front))
+    if config.time_repeats:
         speedups = measure_combined_speedups(evaluator, list(front.schedules), applied, config.time_repeats)
         front = replace(front, schedules=tuple(s.with_metrics(speedup=round(v, 4)) for s, v in zip(front, speedups)))
-        front.save(out_dir)
+    front.save(out_dir)
     return front
 
 

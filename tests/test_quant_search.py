@@ -85,3 +85,44 @@ def test_the_search_scores_candidates_on_the_quantized_model_against_full_precis
         quantized_full = evaluator.latent_psnr(evaluator.generate(None, len(PROMPTS)))
     assert 20 < quantized_full < 80 and evaluator.latent_psnr(evaluator.generate(None, len(PROMPTS))) > 90
     assert weights_checksum(pipe) == checksum
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--quant-scheme", "int8-dynamic"], "needs a measured cost"),
+        (["--quant-scheme", "int8-dynamic", "--cost", "latency", "--report"], "replays the front in full precision"),
+        (["--quant-scheme", "fp8", "--cost", "fitted"], "'fp8' needs a CUDA GPU"),
+    ],
+)
+def test_cli_quant_search_is_refused_before_the_model_loads(flags, message, tmp_path, monkeypatch, capsys):
+    from accel.cli import main
+    from accel.eval.runtime import RuntimeConfig
+
+    monkeypatch.setattr(RuntimeConfig, "load_pipeline", lambda *a, **k: pytest.fail("loaded the pipeline"))
+    assert main(["search", "--out", str(tmp_path / "front"), "--algorithm", "dp", *flags]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_cli_searches_with_the_quantized_model_in_the_loop_and_marks_the_front(tmp_path):
+    from accel.caching import load_front
+    from accel.caching.schedule import Schedule
+    from accel.cli import main
+
+    pipe = build_tiny_pixart_pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "front"
+    argv = ["search", "--model", str(tmp_path / "model"), "--prompts", str(prompts), "--steps", "5", "--out", str(out)]
+    argv += ["--algorithm", "dp", "--max-sequence-length", "16", "--quant-scheme", "int8-dynamic", "--cost", "latency"]
+    assert main(argv) == 0
+    front = load_front(out)
+    assert front.info["quant"]["scheme"] == "int8-dynamic" and front.info["quant"]["weight_memory_ratio"] < 0.5
+    assert front.info["model_identity"]["quant_scheme"] == "int8-dynamic"
+    files = sorted(out.glob("schedule-*.json"))
+    assert len(files) == len(front) >= 1
+    for path in files:  # each schedule file says it was scored with int8 weights, against full precision
+        schedule = Schedule.load(path)
+        assert schedule.provenance["quant"]["scheme"] == "int8-dynamic"
+        assert schedule.metrics["latent_psnr"] < 80

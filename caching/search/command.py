@@ -5,6 +5,11 @@ Schedule JSON per front member (measured metrics in ``metrics``) and ``front.jso
 generation (rerun the same command to resume), and with ``--report`` asks the evaluation harness for the same
 report as ``accel eval``. ``--algorithm dp`` returns the dynamic-programming schedules alone, in seconds.
 
+``--quant-scheme int8-dynamic`` (with ``--cost latency`` or ``fitted``) searches with the transformer quantized
+while every candidate runs (:func:`accel.quant.search_schedules`): the front of cache + quantization, scored
+against full precision; ``front.json``'s ``info["quant"]`` and every schedule's ``provenance["quant"]`` name the
+scheme, since the scores hold only with it applied (``--report``, which replays in full precision, is refused).
+
 Candidates are evaluated across processes when launched with ``accelerate launch -m accel.cli search ...``
 (GPUs) or ``torchrun --nproc_per_node N -m accel.cli search ...`` (CPU processes, gloo); the result is the
 same as one process's.
@@ -21,11 +26,13 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from accel.caching.search.config import SearchConfig, parse_duration
 from accel.eval.config import STEPS_DEFAULT_HELP, add_runtime_arguments, check_size, runtime_from_args
 from accel.flags import add_config_arguments
 from accel.flags import config_from_args as flags_config
+from accel.quant.schemes import SCHEMES
 from accel.textconfig import read_prompts as read_prompts_file
 
 logger = logging.getLogger(__name__)
@@ -73,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="image (or clip) width in pixels; omitted: the model's")
     parser.add_argument("--report", action="store_true", help="also run `accel eval` on the front and baselines")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (CPU); omitted: torch's default")
+    parser.add_argument(
+        "--quant-scheme",
+        choices=SCHEMES,
+        help="search with the transformer quantized by this scheme in the loop (accel.quant); the front and its "
+        "schedules are marked with it; needs --cost latency or fitted; omitted: full precision",
+    )
     add_runtime_arguments(parser)
     add_config_arguments(parser, SearchConfig, **FLAG_OPTIONS)
 
@@ -109,11 +122,48 @@ def checkpoint_progress(out: Path) -> str:
     return f"the checkpoint in {out} keeps {count} evaluations ({generation} generations done)"
 
 
+def check_quant(args: argparse.Namespace, config: SearchConfig, device: str) -> None:
+    """Refuse, before any model loads, a ``--quant-scheme`` search that could not run or would mislead: a MAC cost
+    (the same with int8 weights), a scheme ``device`` cannot run, or ``--report`` (it replays in full precision)."""
+    scheme = getattr(args, "quant_scheme", None)
+    if scheme is None:
+        return
+    from accel.quant import check_scheme
+
+    if config.evaluation.cost == "macs":
+        raise ValueError(
+            "--quant-scheme needs a measured cost (--cost latency or fitted): MACs are the same with int8 weights"
+        )
+    if args.report:
+        raise ValueError("--report replays the front in full precision; run it apart from a --quant-scheme search")
+    try:
+        check_scheme(scheme, device)
+    except RuntimeError as error:
+        raise ValueError(f"--quant-scheme {scheme}: {error}") from None
+
+
+def quant_config(scheme: str, prompts: list[str], config: SearchConfig, call_kwargs: dict) -> Any:
+    """The :class:`~accel.quant.QuantConfig` of ``--quant-scheme``: no correction; a static scheme calibrates its
+    activation scales once, on the search's prompts, steps and call arguments."""
+    from accel.quant import Calibration, QuantConfig
+    from accel.quant.schemes import STATIC_SCHEMES
+
+    if scheme not in STATIC_SCHEMES:
+        return QuantConfig(scheme=scheme, correct=False)
+    evaluation = config.evaluation
+    calibration = Calibration(
+        prompts=tuple(prompts),
+        num_inference_steps=evaluation.num_steps,
+        seed=evaluation.seed,
+        call_kwargs={**call_kwargs, "guidance_scale": evaluation.guidance_scale},
+    )
+    return QuantConfig(scheme=scheme, correct=False, calibration=calibration)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load the pipeline, search, save the front (and optionally the report)."""
+    """Load the pipeline, search (with ``--quant-scheme``, quantized), save the front (and optionally the report)."""
     import torch
 
-    from accel.caching.search.runner import search
     from accel.eval.methods import check_steps
     from accel.eval.runtime import check_output_dir, report_interrupted
     from accel.pipelines.loading import default_steps
@@ -121,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     runtime = runtime_from_args(args)
     runtime.check()
+    check_quant(args, config, runtime.device)
     prompts = read_prompts(args.prompts)
     check_output_dir(args.out)
     torch.manual_seed(config.seed)
@@ -140,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     call_kwargs.update(size)
     info = {"model": args.model or "default", "prompts_file": args.prompts, "runtime": dataclasses.asdict(runtime)}
     try:
-        front = search(pipe, prompts, config, args.out, resume=not args.restart, call_kwargs=call_kwargs, info=info)
+        front = _search(args, pipe, prompts, config, call_kwargs, info)
     except KeyboardInterrupt:
         return report_interrupted(checkpoint_progress(Path(args.out)), drop=("--restart",))
     if not len(front):  # a non-main process of a multi-process run: the main one reports
@@ -149,6 +200,20 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         _report(args, front, pipe, call_kwargs, runtime)
     return 0
+
+
+def _search(args: argparse.Namespace, pipe, prompts: list[str], config: SearchConfig, call_kwargs: dict, info: dict):
+    """The caching search, or with ``--quant-scheme`` the one with the quantized model in the loop."""
+    from accel.caching.search.runner import search
+
+    resume = not args.restart
+    scheme = getattr(args, "quant_scheme", None)
+    if scheme is None:
+        return search(pipe, prompts, config, args.out, resume=resume, call_kwargs=call_kwargs, info=info)
+    from accel.quant import search_schedules
+
+    quant = quant_config(scheme, prompts, config, call_kwargs)
+    return search_schedules(pipe, prompts, quant, config, args.out, resume=resume, call_kwargs=call_kwargs, info=info)
 
 
 def _report(args: argparse.Namespace, front, pipe, call_kwargs: dict, runtime) -> None:
