@@ -76,7 +76,6 @@ def check_backend(backend: Backend, device: torch.device | str) -> None:
     if backend != "triton":
         return
     triton_attention = importlib.import_module("accel.sparse.triton_attention")  # ImportError names the extra
-
     if torch.device(device).type != "cuda" and not triton_attention.INTERPRETED:
         raise ValueError(
             f"the 'triton' sparse-attention backend needs a CUDA model, but it is on {torch.device(device)}; move "
@@ -215,9 +214,10 @@ class LayerAttention:
             ValueError: in eager calls, the inputs do not have this layer's heads and grid length (:meth:`check`);
                 compiled calls skip the check (shapes are fixed by the compiled graph's guards).
         """
-        if not torch.compiler.is_compiling():
+        eager = not torch.compiler.is_compiling()
+        if eager:
             self.check(query, key, value)
-        if self.all_dense or (not torch.compiler.is_compiling() and _is_fake(query)):
+        if self.all_dense or (eager and _is_fake(query)):
             # fake tensors: a shape-only run (the cache engine counting MACs) counts the heads as dense
             return F.scaled_dot_product_attention(query, key, value, scale=scale)
         out = torch.zeros_like(query)

@@ -169,7 +169,7 @@ def _say_sinks_dropped(sink_frames: tuple[int, ...], frames: int) -> None:
     dropped = [f for f in sink_frames if not -frames <= f < frames]
     logger.warning(
         "accel.sparse: sink frames %s lie outside a grid of %d frames and are dropped (a plan made for more frames "
-        "applied to fewer); the heads that had them see only their windows and the text there (said once)",
+        "applied to fewer); the heads that had them keep the rest of their pattern there (said once)",
         dropped,
         frames,
     )
