@@ -74,7 +74,8 @@ class TokenStepConfig:
             or calls that take the same latents) share one selection from their averaged scores, since a fresh
             conditional velocity next to a stale unconditional one (or the reverse) is amplified by the
             guidance scale; different prompts still select alone. ``"own"``: every row and branch selects alone.
-        dense_steps: the first steps compute every token (at least 1: they fill the caches).
+        dense_steps: the first steps compute every token (they fill the caches; at least 2 for the velocity
+            rule, which needs two computed velocities to rate a token, at least 1 for RAS's).
         reset_points: further steps that compute every token, as fractions of the trajectory (RAS resets at
             about 0.4 and 0.73); used when the pipeline's step count is known.
         buckets: sparse steps use active counts ``ceil(k * tokens / buckets)``, so compiled blocks see at most
@@ -125,6 +126,12 @@ class TokenStepConfig:
             raise ValueError(f"TokenStepConfig.selector must be 'velocity' or 'ras', got {self.selector!r}")
         if self.dense_steps < 1 or self.buckets < 1:
             raise ValueError("TokenStepConfig.dense_steps and buckets must be >= 1")
+        if self.selector == "velocity" and self.dense_steps < 2:
+            raise ValueError(
+                "TokenStepConfig.dense_steps must be >= 2 for the velocity rule: it rates a token by the change "
+                "between its two last computed velocities, and after one dense step every token rates the same "
+                f"(the next step would pick its tokens blindly); got {self.dense_steps}"
+            )
         if any(not 0 < p < 1 for p in self.reset_points):
             raise ValueError(f"TokenStepConfig.reset_points are fractions in (0, 1), got {self.reset_points}")
         if self.max_skipped_steps is not None and self.max_skipped_steps < 1:

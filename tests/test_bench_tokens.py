@@ -49,8 +49,8 @@ def test_calibration_picks_a_knob_per_method_and_the_rows_follow_it(capsys):
     assert [name.split("@")[0] for name in rows][:5] == ["full", "ours", "ours-own", "ours-all-steps", "ras"]
     ours = rows["ours@25"][3]
     assert ours.min_active == 0.8 and rows["ours-all-steps@25"][3].min_active == 0
-    assert ours.grid_steps(8) == (8 if ours.budget >= 0.8 else max(2, round(8 * ours.budget / 0.8)))
-    assert ours.dense_steps == 1  # 3/20 of a grid of at most 8 steps
+    assert ours.grid_steps(8) == (8 if ours.budget >= 0.8 else max(3, round(8 * ours.budget / 0.8)))
+    assert ours.dense_steps == 2  # 3/20 of a grid of at most 8 steps, but the two the velocity rule needs
     assert ours.reset_points == ((0.4, 0.733) if ours.grid_steps(8) >= 8 else ())
 
 

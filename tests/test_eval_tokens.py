@@ -65,7 +65,7 @@ def test_video_report_draws_one_heat_map_per_frame(tmp_path):
 @pytest.mark.parametrize(
     "config, said",
     [
-        ({"budget": 0.1, "dense_steps": 1, "reset_points": (0.4, 0.733)}, "no token is skipped, this is 2 plain steps"),
+        ({"budget": 0.1, "reset_points": (0.4, 0.733)}, "no token is skipped, this is 3 plain steps"),
         ({"budget": 0.1, "dense_steps": 2}, "the 2 dense steps of the 3-step grid alone compute 0.20 of the"),
         ({"budget": 0.5}, None),
     ],

@@ -130,12 +130,13 @@ def test_a_sparse_step_runs_the_blocks_on_the_active_tokens_and_with_current_key
     full = call(1000.0)
     assert torch.equal(call(500.0), full)  # the construction: the timestep no longer matters
     scale = float(full.abs().max())
-    config = TokenStepConfig(budget=0.5, dense_steps=1, min_active=0, assume_flow_matching=True)
+    config = TokenStepConfig(budget=0.5, dense_steps=2, min_active=0, assume_flow_matching=True)
     for corrupt in (False, True):
         with accel.apply(model, config) as applied:
             handle = applied[TokenStepConfig]
             hooks = _BlockInputs([block for _, block in handle.blocks])
-            assert torch.allclose(call(1000.0), full, rtol=0, atol=1e-6 * scale)  # dense: fills the caches
+            for t in (1000.0, 950.0):  # dense: fill the caches and the velocity history
+                assert torch.allclose(call(t), full, rtol=0, atol=1e-6 * scale)
             tokens = hooks.shapes[0][1]
             if corrupt:  # keys unlike the latents' own: the skipped tokens' entries stay wrong
                 for keys, _ in handle.active.caches:
@@ -144,7 +145,7 @@ def test_a_sparse_step_runs_the_blocks_on_the_active_tokens_and_with_current_key
             sparse = [call(t) for t in (900.0, 800.0)]
             hooks.remove()
             active = handle.stats().active
-        assert active == (1.0, 0.5, 0.5)
+        assert active == (1.0, 1.0, 0.5, 0.5)
         width = hooks.shapes[-1][2]
         blocks = len(handle.blocks)
         assert len(hooks.shapes) == 2 * blocks

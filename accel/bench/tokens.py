@@ -96,13 +96,14 @@ class Model:
 def ours(budget: float, steps: int, branches: str = "paired", min_active: float = 0.8) -> TokenStepConfig:
     """Our configuration at ``budget`` for calls of ``steps`` steps, 16 buckets. Its dense schedule follows the
     budget each step of the grid spends (``max(budget, min_active)``) and the grid's length: from 0.4, RAS's
-    shape (the first 3/20 of the grid's steps, at least one, and resets at 0.4 and 0.73 of the trajectory where
-    the grid has at least 8 steps: on a shorter one they leave few sparse steps, on 3 steps none); below, two
-    steps first and one reset at 0.5 from 0.25, none lower (low budgets cannot pay for them)."""
+    shape (the first 3/20 of the grid's steps, at least the two the velocity rule needs, and resets at 0.4 and
+    0.73 of the trajectory where the grid has at least 8 steps: on a shorter one they leave few sparse steps,
+    on 3 steps none); below, two steps first and one reset at 0.5 from 0.25, none lower (low budgets cannot pay
+    for them)."""
     grid_budget = max(budget, min_active)
     if grid_budget >= 0.4:
-        grid = TokenStepConfig(budget=budget, dense_steps=1, min_active=min_active).grid_steps(steps)
-        dense, resets = max(1, round(0.15 * grid)), (0.4, 0.733) if grid >= 8 else ()
+        grid = TokenStepConfig(budget=budget, min_active=min_active).grid_steps(steps)
+        dense, resets = max(2, round(0.15 * grid)), (0.4, 0.733) if grid >= 8 else ()
     else:
         dense, resets = 2, (0.5,) if grid_budget >= 0.25 else ()
     return TokenStepConfig(
