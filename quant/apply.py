@@ -149,7 +149,7 @@ class QuantHandle(Handle):
     def install(self, plan: Plan | None) -> None:
         """Quantize the layers ``plan`` chooses (every candidate without a plan) and install its correction."""
         transformer = self.target.transformer
-        layers = candidate_layers(transformer, self.target.spec, self.config.layers)
+        layers = candidate_layers(transformer, self.target.spec, self.config.scope)
         if plan is None:
             decisions = dict.fromkeys(layers, self.config.scheme)
         else:

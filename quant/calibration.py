@@ -332,7 +332,7 @@ def calibrate(
         run = pipeline_runner(target.pipeline, calibration)
     target.tracker.acquire()
     try:
-        layers = candidate_layers(target.transformer, target.spec, config.layers)
+        layers = candidate_layers(target.transformer, target.spec, config.scope)
         inputs, seen = record_layer_inputs(pipe_or_transformer, layers, run, cache, calibration.rows_per_call)
         static = config.scheme in STATIC_SCHEMES
         ranges = seen if static else {}
@@ -356,7 +356,7 @@ def calibrate(
             settings={
                 "technique": "quant",
                 "scheme": config.scheme,
-                "layer_scope": config.layers,
+                "layer_scope": config.scope,
                 "min_sqnr": bound,
                 "layers": decisions,
                 "schedule": None if cache is None else cache.schedule.to_dict(),

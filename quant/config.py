@@ -76,8 +76,8 @@ class QuantConfig:
             (W8A8 with per-layer activation scales from calibration: always calibrates, along the cached
             trajectory when cache-aware) or ``"fp8"`` (GPUs with float8 matmuls); see :mod:`accel.quant.schemes`.
         layers: ``"blocks"``: the linear layers inside the transformer blocks; ``"all"``: every linear layer of
-            the transformer (also its embedders and output projection). With a plan, the scope it was
-            calibrated for.
+            the transformer (also its embedders and output projection). None (the default): the plan's scope
+            with a plan, else ``"all"`` (:attr:`scope`); given with a plan, it must be the plan's.
         min_sqnr: keep in full precision every layer whose output SQNR (dB), measured on its inputs along the
             calibration trajectories, is below this (mixed precision); None quantizes every selected layer (with
             a plan: the plan's bound, whatever it was).
@@ -99,7 +99,7 @@ class QuantConfig:
     """
 
     scheme: Scheme = "int8-dynamic"
-    layers: Literal["blocks", "all"] = "all"
+    layers: Literal["blocks", "all"] | None = None
     min_sqnr: float | None = None
     correct: bool | None = None
     cache_aware: bool = True
@@ -109,8 +109,8 @@ class QuantConfig:
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"QuantConfig.scheme must be one of {SCHEMES}, got {self.scheme!r}")
-        if self.layers not in ("blocks", "all"):
-            raise ValueError(f"QuantConfig.layers must be 'blocks' or 'all', got {self.layers!r}")
+        if self.layers not in ("blocks", "all", None):
+            raise ValueError(f"QuantConfig.layers must be 'blocks', 'all' or None, got {self.layers!r}")
         if self.min_sqnr is not None and not isinstance(self.min_sqnr, (int, float)):
             raise TypeError(f"QuantConfig.min_sqnr must be a number of dB or None, got {self.min_sqnr!r}")
         if self.correct is not None and not isinstance(self.correct, bool):
@@ -125,6 +125,13 @@ class QuantConfig:
                 f"scheme {self.scheme!r} needs no activation scales; drop calibration or set correct/min_sqnr"
             )
 
+    @property
+    def scope(self) -> Literal["blocks", "all"]:
+        """The layers quantized: ``layers``, else the plan's scope, else ``"all"``."""
+        if self.layers is not None:
+            return self.layers
+        return self.plan.settings.get("layer_scope", "all") if self.plan is not None else "all"
+
     def _check_plan(self) -> None:
         """Refuse a plan of another technique or scheme, and settings that disagree with the plan's."""
         plan = self.plan
@@ -138,8 +145,8 @@ class QuantConfig:
                 f"(from accel.quant.calibrate), got one for {planned!r}"
             )
         wrong = []
-        scope = settings.get("layer_scope", self.layers)
-        if scope != self.layers:
+        scope = settings.get("layer_scope", self.scope)
+        if self.layers is not None and scope != self.layers:
             wrong.append(f"layers={scope!r} (given {self.layers!r}: its other layers would stay in full precision)")
         if self.min_sqnr is not None and self.min_sqnr != settings.get("min_sqnr"):
             wrong.append(f"min_sqnr={settings.get('min_sqnr')!r} (given {self.min_sqnr!r})")

@@ -94,7 +94,7 @@ def search_schedules(
     with accel.apply(pipe, quant) as handle:
         stats = handle[QuantConfig].stats()
         plan = handle[QuantConfig].plan  # timed under each schedule as it ran in the search (no new calibration)
-        applied = QuantConfig(scheme=quant.scheme, layers=quant.layers, plan=plan, correct=None if plan else False)
+        applied = QuantConfig(scheme=quant.scheme, layers=quant.scope, plan=plan, correct=None if plan else False)
         with record_features(
             pipe.transformer, evaluator.layout.components, evaluator.config.sketch_size, evaluator.config.seed
         ) as recorder:
@@ -103,7 +103,7 @@ def search_schedules(
         evaluator.model_identity = {**model_identity(pipe), "quant_scheme": quant.scheme}
         quant_info = {
             "scheme": quant.scheme,
-            "layers": quant.layers,
+            "layers": quant.scope,
             "layers_per_scheme": stats.layers_per_scheme,
             "weight_memory_ratio": round(stats.weight_memory_ratio, 4),
             "calibrated": applied.plan is not None,
@@ -116,7 +116,7 @@ def search_schedules(
         )  # fmt: skip
     if not len(front):  # a non-main process of a multi-process search: the main one saves
         return front
-    marked = {"scheme": quant.scheme, "layers": quant.layers, "replay": "with this QuantConfig applied"}
+    marked = {"scheme": quant.scheme, "layers": quant.scope, "replay": "with this QuantConfig applied"}
     front = replace(front, schedules=tuple(replace(s, provenance={**s.provenance, "quant": marked}) for s in front))
     if config.time_repeats:
         speedups = measure_combined_speedups(evaluator, list(front.schedules), applied, config.time_repeats)

@@ -41,7 +41,7 @@ def _latent_psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
 def test_config_rejects_unknown_schemes_and_foreign_plans():
     with pytest.raises(ValueError, match="int8-weight"):
         QuantConfig(scheme="int4")
-    with pytest.raises(ValueError, match="'blocks' or 'all'"):
+    with pytest.raises(ValueError, match="'blocks', 'all' or None"):
         QuantConfig(layers="attention")
     with pytest.raises(ValueError, match="quantization plan"):
         QuantConfig(plan=Plan(sizes={"block": 2}))

@@ -134,6 +134,7 @@ def test_settings_that_disagree_with_the_plan_are_refused(plans, settings, messa
         QuantConfig(plan=plans["aware"], **{"layers": "blocks", **settings})
     agreeing = QuantConfig(plan=plans["aware"], layers="blocks", min_sqnr=20.0, correct=True)
     assert agreeing.plan is plans["aware"]
+    assert QuantConfig(plan=plans["aware"]).scope == "blocks" and QuantConfig().scope == "all"  # unset: the plan's
 
 
 def test_a_plan_without_correction_refuses_correct_true(plans):
