@@ -11,6 +11,9 @@ form                       meaning
 ``tgate`` / ``tgate-K``    T-GATE: cross-attention frozen from step ``K`` (default 40% of the steps)
 ``fbc-T``                  accel's per-sample first-block-residual policy with threshold ``T`` (e.g. ``fbc-0.08``)
 ``tokens-B``               per-token step allocation computing the fraction ``B`` of the token-steps (``tokens-0.5``)
+``SCHEME``                 quantization alone: ``int8-weight``, ``int8-dynamic``, ``int8-static`` or ``fp8``
+``METHOD+SCHEME``          a caching method and quantization in one ``accel.apply`` (``front@2+int8-dynamic``):
+                           calibrated and corrected along the cached trajectory (cache-aware, the default)
 ``PATH.json``              a Schedule JSON or a CacheConfig JSON (e.g. from ``accel schedule`` or ``accel search``)
 ``DIR@S``                  the best schedule at >= ``S``x measured speedup of the front ``accel search`` saved in
                            ``DIR``; ``front@S`` picks from the bundled model's front (e.g. ``front@2``)
@@ -217,6 +220,66 @@ def _apply_tokens(pipe: Any, params: dict, steps: int, instrument: bool) -> Iter
         )
 
 
+#: the quantization schemes a method name may end in (accel.quant.SCHEMES, without importing torchao here)
+_SCHEMES = ("int8-weight", "int8-dynamic", "int8-static", "fp8")
+#: the methods a scheme may follow: accel's caching, whose CacheConfig the quantization calibrates under
+_CACHE_KINDS = ("fora", "taylorseer", "delta-dit", "tgate", "fbc", "json", "front")
+
+
+def _quantized(match: re.Match) -> dict:
+    """``METHOD+SCHEME``: the caching method's own parse, and the scheme."""
+    base = parse_method(match["base"])
+    if base.kind not in _CACHE_KINDS:
+        raise ValueError(f"{match['base']!r} is not one of accel's caching methods ({', '.join(_CACHE_KINDS)})")
+    return {"base": {"kind": base.kind, "params": base.params}, "scheme": match["scheme"]}
+
+
+@contextmanager
+def _apply_quant(pipe: Any, params: dict, steps: int, instrument: bool) -> Iterator[Applied]:
+    """Quantization (``SCHEME``), or a caching method with it (``METHOD+SCHEME``) in one ``accel.apply`` call, so
+    the QuantConfig calibrates and corrects under the cache (its default). A scheme this device cannot run is
+    unsupported here, with torchao's reason."""
+    import accel
+    from accel.quant import QuantConfig, check_scheme
+
+    try:
+        check_scheme(params["scheme"], getattr(pipe, "device", "cpu"))
+    except (RuntimeError, ImportError) as error:
+        raise UnsupportedMethod(str(error)) from None
+    configs = []
+    if "base" in params:
+        configs.append(_cache_config(pipe, params["base"]["kind"], params["base"]["params"], steps, instrument))
+    configs.append(QuantConfig(scheme=params["scheme"]))
+    with accel.apply(pipe, *configs) as handle:
+        parts = [handle[type(config)] for config in configs]
+        yield Applied(
+            steps=steps,
+            config={"type": "combined", "configs": [_config_json(config) for config in configs]},
+            reset=handle.reset,
+            stats=lambda: (
+                {type(c).__name__: _stats_json(p.stats()) for c, p in zip(configs, parts)} if instrument else None
+            ),
+        )
+
+
+def _config_json(config: Any) -> dict:
+    """A config as JSON: its own ``to_dict`` (caching), else its plain fields (quantization)."""
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return {"type": type(config).__name__, "scheme": config.scheme, "correct": config.correct}
+
+
+def _stats_json(stats: Any) -> dict | None:
+    """A technique's stats as JSON: its ``to_dict``, else the quantization stats' headline fields."""
+    if stats is None or hasattr(stats, "to_dict"):
+        return None if stats is None else stats.to_dict()
+    return {
+        "weight_memory_ratio": stats.weight_memory_ratio,
+        "layers_per_scheme": stats.layers_per_scheme,
+        "corrected_components": stats.corrected_components,
+    }
+
+
 def _budget(match: re.Match) -> dict:
     value = float(match["t"])
     if not 0 < value <= 1:
@@ -309,6 +372,20 @@ FORMS: dict[str, MethodForm] = {
         parse=_budget,
         apply=_apply_tokens,
         help="per-token step allocation computing the fraction B of the token-steps",
+    ),
+    "quant": MethodForm(
+        usage="SCHEME",
+        pattern=re.compile("|".join(_SCHEMES)),
+        parse=lambda m: {"scheme": m[0]},
+        apply=_apply_quant,
+        help="quantization alone (int8-weight, int8-dynamic, int8-static, fp8)",
+    ),
+    "quantized": MethodForm(
+        usage="METHOD+SCHEME",
+        pattern=re.compile(rf"(?P<base>.+)\+(?P<scheme>{'|'.join(_SCHEMES)})"),
+        parse=_quantized,
+        apply=_apply_quant,
+        help="a caching method with quantization, calibrated and corrected under its cache",
     ),
     "json": MethodForm(
         usage="PATH.json",
@@ -423,11 +500,14 @@ def check_method(method: Method, pipe: Any, steps: int) -> None:
                 f"caching needs a transformer pipeline; {type(pipe).__name__} has no transformer (its modules: "
                 f"{', '.join(parts) or 'none'})"
             )
-        if kind.startswith("diffusers-") or kind == "tokens":
+        if kind.startswith("diffusers-") or kind in ("tokens", "quant"):
             return  # the technique says itself what it cannot do, recorded as unsupported in its turn
+        params = method.params
+        if kind == "quantized":  # its caching method's checks
+            kind, params = params["base"]["kind"], params["base"]["params"]
         from accel.caching import Schedule, layout_of
 
-        config = _cache_config(pipe, kind, method.params, steps, instrument=False)
+        config = _cache_config(pipe, kind, params, steps, instrument=False)
         if isinstance(config.schedule, Schedule):
             config.schedule.check_layout(layout_of(pipe))
     except UnsupportedMethod:

@@ -28,6 +28,11 @@ EXAMPLES = {
     "diffusers-magcache": ("diffusers-magcache", {}),
     "runs/best.json": ("json", {"path": "runs/best.json"}),
     "front@2": ("front", {"front": "front", "target_speedup": 2.0}),
+    "int8-dynamic": ("quant", {"scheme": "int8-dynamic"}),
+    "fora-2+int8-dynamic": (
+        "quantized",
+        {"base": {"kind": "fora", "params": {"interval": 2}}, "scheme": "int8-dynamic"},
+    ),
 }
 STEPS = 4
 
@@ -52,6 +57,8 @@ def test_parse(name):
         ("steps-0", "steps-N: N must be >= 1"),
         ("fbc-", "unknown method"),
         ("diffusers-firstblock", "unknown method"),
+        ("steps-3+int8-dynamic", "'steps-3' is not one of accel's caching methods"),
+        ("fora-2+int4", "unknown method"),
     ],
 )
 def test_parse_errors_list_the_valid_forms(name, message):
@@ -222,4 +229,22 @@ def test_calibrated_mag_ratios_match_diffusers_own_calibration_mode(pipe, capsys
     printed = capsys.readouterr().out  # diffusers prints the ratios at the end of a calibration run
     theirs = ast.literal_eval(printed.strip().splitlines()[-1])
     assert ours == pytest.approx(theirs, rel=1e-5)
+    assert _instance_state(pipe.transformer) == []
+
+
+def test_a_quantized_caching_method_calibrates_and_corrects_under_its_cache_and_fp8_needs_a_gpu(pipe, one_thread):  # noqa: F811
+    method = parse_method("fora-2+int8-dynamic")
+    with apply_method(method, pipe, STEPS, instrument=True) as applied:
+        applied.reset()
+        _generate(pipe, applied.steps)
+        stats = applied.stats()
+    assert [c["type"] for c in applied.config["configs"]][1] == "QuantConfig"
+    assert stats["CacheConfig"]["blocks_skipped"] > 0
+    assert stats["QuantConfig"]["corrected_components"] > 0  # cache-aware: corrected along the FORA trajectory
+    assert stats["QuantConfig"]["weight_memory_ratio"] < 0.5
+    json.dumps(stats)
+    for name in ("fp8", "fora-2+fp8"):
+        with pytest.raises(UnsupportedMethod, match="CUDA"):
+            with apply_method(parse_method(name), pipe, STEPS):
+                pass
     assert _instance_state(pipe.transformer) == []
