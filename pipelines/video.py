@@ -10,6 +10,11 @@ needed. Captions name an emoji and a motion (``scripts/render_clips.py``)::
     pipe = load_default_video_pipeline()
     frames = pipe("red apple sliding to the right", num_inference_steps=20, **DEFAULT_VIDEO_CALL_KWARGS).frames
     # frames: (1, 17, 64, 64, 3) float in [0, 1]
+
+The folder is a ``save_pretrained`` folder without the text encoder and tokenizer, so diffusers loads it given
+those two: ``WanPipeline.from_pretrained(DEFAULT_VIDEO_MODEL_DIR, text_encoder=..., tokenizer=...)``; a loaded
+pipeline's ``save_pretrained(folder)`` writes a complete folder that ``WanPipeline.from_pretrained`` (and
+``accel eval --model folder``) loads alone.
 """
 
 from __future__ import annotations
@@ -52,17 +57,29 @@ def load_default_video_pipeline(
 
     Raises:
         FileNotFoundError: a folder or one of its components is missing.
+        TypeError: ``torch_dtype`` is not a floating-point ``torch.dtype`` (checked before anything loads).
+        ValueError: ``device`` is not a device torch knows (checked before anything loads).
     """
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise TypeError(f"torch_dtype must be a floating-point torch.dtype such as torch.float32, got {torch_dtype!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r} ({error})") from None
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import AutoTokenizer, BertModel
 
     folder = Path(path) if path is not None else DEFAULT_VIDEO_MODEL_DIR
     text_folder = Path(text_path) if text_path is not None else DEFAULT_MODEL_DIR
-    wanted = [folder / p for p in ("transformer", "vae", "scheduler")]
-    wanted += [text_folder / p for p in ("text_encoder", "tokenizer")]
-    missing = [str(p) for p in wanted if not p.is_dir()]
+    missing = [str(folder / p) for p in ("transformer", "vae", "scheduler") if not (folder / p).is_dir()]
     if missing:
         raise FileNotFoundError(f"default video model lacks {missing}; re-run scripts/train_video_model.py export")
+    missing = [str(text_folder / p) for p in ("text_encoder", "tokenizer") if not (text_folder / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"video model's text encoder lacks {missing}; text_path must be a folder with the image model's "
+            f"text_encoder and tokenizer (default {DEFAULT_MODEL_DIR})"
+        )
     pipe = WanPipeline(
         tokenizer=AutoTokenizer.from_pretrained(text_folder / "tokenizer"),
         text_encoder=BertModel.from_pretrained(text_folder / "text_encoder", torch_dtype=torch_dtype),

@@ -180,9 +180,63 @@ def test_exported_video_model_loads_and_generates():
     assert 0.3 < frames.mean() <= 1  # mostly white clips, not black or NaN
 
 
+exported = pytest.mark.skipif(
+    not (DEFAULT_VIDEO_MODEL_DIR / "transformer").is_dir(), reason="video model not exported yet"
+)
+
+
+@exported
+def test_exported_weights_are_small_half_precision_safetensors_with_wans_flow_scheduler():
+    from diffusers import UniPCMultistepScheduler
+    from safetensors import safe_open
+
+    for component in ("transformer", "vae"):
+        with safe_open(str(DEFAULT_VIDEO_MODEL_DIR / component / "diffusion_pytorch_model.safetensors"), "pt") as f:
+            dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+            count = sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())
+        assert dtypes <= {"F16", "BF16"}, (component, dtypes)
+        assert count <= 20e6, (component, count)
+    scheduler = UniPCMultistepScheduler.from_pretrained(DEFAULT_VIDEO_MODEL_DIR / "scheduler")
+    assert scheduler.config.prediction_type == "flow_prediction" and scheduler.config.use_flow_sigmas
+
+
+@exported
+def test_save_pretrained_writes_a_folder_wan_pipeline_loads_alone_with_the_same_clips(tmp_path):
+    from diffusers import DiffusionPipeline, WanPipeline
+
+    pipe = load_default_video_pipeline()
+    pipe.save_pretrained(tmp_path)
+    again = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(again) is WanPipeline and type(again.text_encoder).__name__ == "BertModel"
+    kwargs = {**DEFAULT_VIDEO_CALL_KWARGS, "num_frames": 5, "output_type": "pt"}
+    clips = [
+        p("red apple sliding up", num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kwargs).frames
+        for p in (pipe, again)
+    ]
+    torch.testing.assert_close(clips[0], clips[1], rtol=0, atol=1e-6)
+
+
 def test_loader_names_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="transformer"):
+    with pytest.raises(FileNotFoundError, match="transformer.*vae.*scheduler.*train_video_model.py export"):
         load_default_video_pipeline(tmp_path)
+    for part in ("transformer", "vae", "scheduler"):
+        (tmp_path / part).mkdir()
+    with pytest.raises(FileNotFoundError, match="text_encoder.*tokenizer.*image model") as error:
+        load_default_video_pipeline(tmp_path, text_path=tmp_path)
+    assert str(tmp_path / "vae") not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"torch_dtype": "float16"}, TypeError, "floating-point torch.dtype"),
+        ({"torch_dtype": torch.int8}, TypeError, "floating-point torch.dtype"),
+        ({"device": "gpu"}, ValueError, "torch device such as 'cpu'"),
+    ],
+)
+def test_loader_checks_dtype_and_device_before_looking_for_weights(tmp_path, kwargs, error, message):
+    with pytest.raises(error, match=message):  # not FileNotFoundError: checked before the folder
+        load_default_video_pipeline(tmp_path / "nothing-here", **kwargs)
 
 
 def test_frames_stage_caches_first_latent_frames_and_dit_trains_on_them_jointly(emoji, tmp_path):
