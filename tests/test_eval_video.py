@@ -2,6 +2,7 @@
 clip, shown as animations; bad metric choices refused before any compute."""
 
 import json
+import re
 import sys
 import types
 
@@ -23,6 +24,7 @@ from accel.eval.generation import (
     to_uint8,
 )
 from accel.eval.harness import run_evaluation
+from accel.eval.html import animation_file
 from accel.eval.metrics import MetricInputs, MetricSuite, metric_keys
 
 METHODS = ("full", "fora-2")
@@ -104,6 +106,14 @@ def test_html_shows_each_clip_as_an_animation_beside_full_compute(evaluated):
             assert f'href="animations/{name}/{index:05d}.webp"' in page
     assert page.index("<th>full</th>") < page.index("<th>fora-2</th>")  # full compute is the first column
     assert "s/clip" in (out / "report.md").read_text() and "clips of 5 frames" in page
+    # each prompt's row: full compute's clip, then each method's clip of the same prompt and seed beside it
+    rows = re.findall(r"<tr><td class='prompt'>(.*?)</tr>", page)
+    assert len(rows) == len(VIDEO_PROMPTS)
+    for index, (prompt, row) in enumerate(zip(VIDEO_PROMPTS, rows)):
+        assert row.startswith(prompt) and f"seed {results['run']['seeds'][index]}" in row
+        links = re.findall(r'<td><a href="(animations/[^"]+)"><img src="data:image/webp;base64,', row)
+        assert links == [animation_file(trial, index) for trial in results["trials"]]
+        assert "reference" in row.split("</td>")[1] and " dB</div>" in row.split("</td>")[2]
 
 
 def test_a_second_run_resumes_without_generating(evaluated, pipe, monkeypatch):
@@ -142,6 +152,26 @@ def test_motion_metric_scores_clips_through_accel_eval_motion(monkeypatch):
     assert "names a motion" in MetricSuite(["motion"]).compute(inputs)["motion-accuracy"]["unavailable"]
     monkeypatch.setitem(sys.modules, "accel.eval.motion", None)
     assert "not importable" in MetricSuite(["motion"]).compute(inputs)["motion-accuracy"]["unavailable"]
+
+
+def test_motion_accuracy_of_an_evaluated_video_run_is_the_shipped_classifiers(pipe, tmp_path):
+    """The real classifier through the harness: 17-frame clips of prompts naming motions are scored, the value
+    lands in results.json and the report, and equals the classifier run by hand on the stored clips."""
+    from accel.eval.motion import load_motion_scorer, motion_accuracy
+
+    prompts = ("red apple sliding up", "ghost zooming in", "rocket")  # the last names no motion: not scored
+    kwargs = {**TINY_VIDEO_KWARGS, "num_frames": 17}
+    config = video_config(prompts=prompts, methods=("full",), metrics=("motion",), pipeline_kwargs=kwargs)
+    results = run_evaluation(config, tmp_path, pipe=pipe)
+    (trial,) = results["trials"]
+    motion = trial["metrics"]["motion-accuracy"]
+    assert trial["frames"] == 17 and motion["scored"] == 2 and motion["total"] == 3
+    clips = load_samples(sorted((tmp_path / trial["images"]).glob("*.png")))
+    expected = motion_accuracy(load_motion_scorer(), clips.float() / 255, list(prompts))
+    assert motion["value"] is not None and motion["value"] == pytest.approx(expected["accuracy"])
+    assert motion["chance"] == pytest.approx(1 / 13)
+    assert "motion-accuracy" in (tmp_path / "report.md").read_text()
+    assert "motion-accuracy" in (tmp_path / "report.html").read_text()
 
 
 def test_clip_psnr_is_per_clip_averaged_over_frames():
