@@ -26,6 +26,7 @@ from accel.eval.generation import (
 from accel.eval.harness import run_evaluation
 from accel.eval.html import animation_file
 from accel.eval.metrics import MetricInputs, MetricSuite, metric_keys
+from accel.pipelines.video import DEFAULT_VIDEO_MODEL_DIR
 
 METHODS = ("full", "fora-2")
 METRICS = ("psnr", "ssim", "motion")  # FID and the prompt score on frames: tests of their own (model loads are slow)
@@ -270,6 +271,21 @@ def test_generate_writes_a_filmstrip_and_an_animation_per_clip(video_model_dir, 
     with Image.open(tmp_path / "fora-2-000-seed0.webp") as animation:
         assert animation.n_frames == 5
     assert "a red apple" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (DEFAULT_VIDEO_MODEL_DIR / "transformer").is_dir(), reason="video model not exported")
+def test_generate_on_the_bundled_video_model_writes_its_17_frame_clips(tmp_path, capsys):
+    from PIL import Image
+
+    argv = ["generate", "--model", "bundled-video", "--steps", "2", "--threads", "1", "--out", str(tmp_path)]
+    assert main([*argv, "--prompt", "red apple sliding to the right"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full-000-seed0.png", "full-000-seed0.webp"]
+    clip = load_samples([tmp_path / "full-000-seed0.png"])
+    assert clip.shape == (1, 17, 3, 64, 64)  # the model's own clip size (DEFAULT_VIDEO_CALL_KWARGS)
+    assert clip.float().mean() > 0.3 * 255  # mostly white, not black or NaN
+    with Image.open(tmp_path / "full-000-seed0.webp") as animation:
+        assert animation.is_animated and animation.n_frames == 17 and animation.size == (64, 64)
+    assert "red apple sliding to the right" in capsys.readouterr().out
 
 
 def test_demo_video_flag_evaluates_the_bundled_video_model(monkeypatch, tmp_path, capsys):

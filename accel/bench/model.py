@@ -95,6 +95,22 @@ def scorer_checks(images: torch.Tensor, captions: list[str], split: np.ndarray, 
     }
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before anything loads, counts below what the run needs and paths that are not there.
+
+    Raises:
+        ValueError: ``--samples`` below 2 (FID/KID need two images a side), ``--steps`` or ``--batch`` below 1,
+            ``--data`` not a file, ``--model`` not a folder.
+    """
+    for name, low in (("samples", 2), ("steps", 1), ("batch", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if not Path(args.data).is_file():
+        raise ValueError(f"--data {args.data} is not a file (the emoji set, data/emoji/emoji64.npz)")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model} is not a folder")
+
+
 def run(argv: list[str]) -> dict:
     """Measure and print; return the headline numbers. ``--video``: the video model's benchmark instead
     (:mod:`accel.bench.video_model`, which takes the remaining arguments)."""
@@ -106,13 +122,14 @@ def run(argv: list[str]) -> dict:
     parser.add_argument(
         "--video", action="store_true", help="benchmark the bundled video model instead (see --video --help)"
     )
-    parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=50)
-    parser.add_argument("--data", default=DATA_FILE)
+    parser.add_argument("--samples", type=int, default=500, help="images per model (>= 2)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per image")
+    parser.add_argument("--batch", type=int, default=50, help="images per pipeline call")
+    parser.add_argument("--data", default=DATA_FILE, help="the emoji set (.npz) FID/KID compare with")
     parser.add_argument("--model", default=None, help="pipeline folder; default: the bundled model")
     add_runtime_arguments(parser, loading=False)  # the bench loads its model itself: no --variant or --offload
     args = parser.parse_args(argv)
+    check_arguments(args)
     runtime = runtime_from_args(args)
     device = runtime.check()
     from accel.eval.fid import fid_kid

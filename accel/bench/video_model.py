@@ -85,10 +85,14 @@ class VideoBenchConfig:
             raise ValueError(
                 f"--frames-per-clip must be at most {frames} (frames per clip), got {self.frames_per_clip}"
             )
-        for name in ("model", "motion_weights", "objects"):
+        for name, kind in (("model", "folder"), ("motion_weights", "file"), ("objects", "file")):
             path = getattr(self, name)
-            if path is not None and not Path(path).exists():
+            if path is None:
+                continue
+            if not Path(path).exists():
                 raise ValueError(f"--{name.replace('_', '-')} {path} does not exist")
+            if Path(path).is_dir() != (kind == "folder"):
+                raise ValueError(f"--{name.replace('_', '-')} {path} is not a {kind}")
 
 
 # -- data ----------------------------------------------------------------------------------------------------
@@ -123,11 +127,36 @@ class HeldOutData:
 def trained_objects(model: str | None, objects: str | None = None) -> list[str] | None:
     """The train objects to score: the JSON list in the file ``objects`` if given, else those a video pipeline
     folder's training run was restricted to (``objects`` in its ``training.json``, written by
-    ``scripts/train_video_model.py export --objects``); None: all of them."""
+    ``scripts/train_video_model.py export --objects``); None: all of them.
+
+    Raises:
+        ValueError: the file is not JSON, or the list is not a non-empty list of object names (strings).
+    """
     if objects is not None:
-        return json.loads(Path(objects).read_text())
+        return _object_names(_read_json(Path(objects)), objects)
     summary = Path(model or DEFAULT_VIDEO_MODEL_DIR) / "training.json"
-    return json.loads(summary.read_text()).get("objects") if summary.is_file() else None
+    if not summary.is_file():
+        return None
+    data = _read_json(summary)
+    names = data.get("objects") if isinstance(data, dict) else None
+    return None if names is None else _object_names(names, f"{summary}'s 'objects'")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+
+
+def _object_names(names, where) -> list[str]:
+    """``names`` if it is a non-empty list of non-empty strings; else a ValueError naming ``where`` it came from."""
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f'{where} must be a non-empty JSON list of object names such as ["red apple", "ghost"], '
+            f"got {json.dumps(names)[:80]}"
+        )
+    return names
 
 
 def held_out_data(config: VideoBenchConfig, render_clips: ModuleType, objects: list[str] | None = None) -> HeldOutData:
