@@ -219,14 +219,24 @@ def save_motion_scorer(scorer: MotionScorer, path: str | Path, metrics: dict | N
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise FileNotFoundError(
             f"motion classifier weights not found at {path}; train them: scripts/train_motion_classifier.py"
         )
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a safetensors file ({error})") from None
+    missing = sorted({"config", "motions", "metrics"} - set(metadata))
+    if missing:
+        raise ValueError(
+            f"{path} is not a motion classifier written by save_motion_scorer (its metadata lacks {missing}); "
+            "train one with scripts/train_motion_classifier.py"
+        )
+    return metadata
 
 
 def load_motion_scorer(path: str | Path | None = None, device: str | torch.device = "cpu") -> MotionScorer:
@@ -238,6 +248,7 @@ def load_motion_scorer(path: str | Path | None = None, device: str | torch.devic
 
     Raises:
         FileNotFoundError: no weights at ``path``.
+        ValueError: the file is not safetensors, or not a classifier :func:`save_motion_scorer` wrote.
     """
     from safetensors.torch import load_file
 

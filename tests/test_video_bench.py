@@ -135,3 +135,19 @@ def test_image_bench_keeps_its_json_line(monkeypatch, tmp_path, capsys):
     assert result["fid_trained"] < 0.5 * result["fid_untrained"]  # the data set's own images against noise
     assert result["kid_trained"] < result["kid_untrained"] and result["seconds_per_step"] >= 0
     assert "FID-EffNetLite0" in out and "alignment scorer, held-out retrieval" in out
+
+
+@pytest.mark.skipif(not DATA_FILE.is_file(), reason=f"dataset not found: {DATA_FILE}")
+@pytest.mark.parametrize("kind", ["junk", "no metadata"])
+def test_video_bench_refuses_motion_weights_that_are_not_a_motion_classifier(tmp_path, kind, no_loading, capsys):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    if kind == "junk":
+        path.write_bytes(b"not safetensors")
+    else:
+        save_file({"weight": torch.zeros(2)}, str(path))
+    assert bench_main(["model", "--video", "--motion-weights", str(path), "--samples", "2", "--real-clips", "2"]) == 1
+    error = _one_line_error(capsys)
+    expected = "is not a safetensors file" if kind == "junk" else "is not a motion classifier written by"
+    assert expected in error and no_loading == []
