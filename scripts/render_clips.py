@@ -222,6 +222,12 @@ def main() -> None:
     parser.add_argument("--preview", type=Path, help="write a PNG with one clip of every motion per row")
     parser.add_argument("--write-split", action="store_true", help=f"(re)write {SPLIT_FILE.name}")
     args = parser.parse_args()
+    if not EMOJI.is_file():
+        parser.error(f"emoji data set not found at {EMOJI}; run from a clone of the repository")
+    if args.preview is not None and not args.preview.parent.is_dir():
+        parser.error(f"--preview {args.preview}: folder {args.preview.parent} does not exist")
+    if not args.write_split and not SPLIT_FILE.is_file():
+        parser.error(f"{SPLIT_FILE} not found; write it with --write-split")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _, _, split = load_emoji()
     record = split_record(split)

@@ -156,16 +156,20 @@ def train(args: argparse.Namespace) -> tuple[MotionScorer, dict]:
 def main() -> None:
     """Parse options, train, report and save."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=800, help="training steps, each of --batch fresh clips")
+    parser.add_argument("--batch", type=int, default=32, help="clips per step (>= 2: BatchNorm)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the clip draws, degradations and weights")
     parser.add_argument("--test-clips", type=int, default=3, help="clips per test-split object at evaluation")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the weights go (.safetensors)")
     args = parser.parse_args()
     if args.steps < 1 or args.batch < 2 or args.test_clips < 1 or args.threads < 1:
         parser.error("--steps, --test-clips and --threads must be >= 1, --batch >= 2")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.out.suffix != ".safetensors" or args.out.is_dir():
+        parser.error(f"--out must name a .safetensors file, got {args.out}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     model, metrics = train(args)

@@ -759,9 +759,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: options that must be at least 1, at least 0, and in [0, 1)
+AT_LEAST_ONE = ("batch", "max_steps", "workers", "vae_batch", "clips_per_object", "samples", "sample_steps", "threads")
+AT_LEAST_ZERO = ("warmup", "decay_steps", "frame_batch")
+FRACTIONS = ("ema_decay", "caption_dropout")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before any stage runs, numbers out of range, a device torch does not know, and ``--init`` or
+    ``--objects`` paths that are not there.
+
+    Raises:
+        ValueError: what was wrong and what is allowed.
+    """
+    for name in AT_LEAST_ONE:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in AT_LEAST_ZERO:
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in FRACTIONS:
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    for name in ("lr", "vae_lr", "minutes", "save_minutes"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.max_clips is not None and args.max_clips < 1:
+        raise ValueError(f"--max-clips must be >= 1, got {args.max_clips}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:0, got {args.device!r}") from None
+    if args.init is not None and not args.init.is_dir():
+        raise ValueError(f"--init {args.init} is not a folder (an export of this script)")
+    if args.objects is not None and not args.objects.is_file():
+        raise ValueError(f"--objects {args.objects} is not a file (a JSON list of train objects)")
+
+
 def main() -> None:
-    """Parse the stage and its options, then run it."""
-    args = build_parser().parse_args()
+    """Parse the stage and its options, check them, then run the stage."""
+    parser = build_parser()
+    args = parser.parse_args()
+    try:
+        check_arguments(args)
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -422,3 +423,56 @@ def test_dit_without_a_frames_cache_trains_on_the_clips_first_latent_frames(tmp_
         train_video_model.train_dit(train_video_model.build_parser().parse_args([*argv, "--decay-at-deadline"]))
     assert "first latent frames of the 2 clips" in caplog.text
     assert (tmp_path / "dit.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch", "0"], "--batch must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--warmup", "-1"], "--warmup must be >= 0"),
+        (["--caption-dropout", "1.5"], r"--caption-dropout must be in \[0, 1\)"),
+        (["--ema-decay", "1"], r"--ema-decay must be in \[0, 1\)"),
+        (["--lr=-1e-4"], "--lr must be > 0"),
+        (["--minutes", "0"], "--minutes must be > 0"),
+        (["--max-clips", "0"], "--max-clips must be >= 1"),
+        (["--device", "gpu"], "--device must be a torch device"),
+        (["--init", "/no/such/export"], "--init /no/such/export is not a folder"),
+        (["--objects", "/no/such.json"], "--objects /no/such.json is not a file"),
+    ],
+)
+def test_training_options_are_checked_before_any_stage_runs(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_video_model, "train_dit", lambda args: pytest.fail("the stage ran"))
+    monkeypatch.setattr(sys, "argv", ["train_video_model.py", "dit", "--work", str(tmp_path / "work"), *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        train_video_model.main()
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "work").exists()  # nothing written either
+    args = train_video_model.build_parser().parse_args(["dit", "--work", str(tmp_path)])
+    train_video_model.check_arguments(args)  # the defaults pass
+
+
+def test_render_clips_refuses_a_preview_in_a_missing_folder_before_rendering(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(render_clips, "save_preview", lambda *a: pytest.fail("rendered"))
+    monkeypatch.setattr(sys, "argv", ["render_clips.py", "--preview", str(tmp_path / "missing" / "clips.png")])
+    with pytest.raises(SystemExit) as exit_info:
+        render_clips.main()
+    assert exit_info.value.code == 2 and f"folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--batch", "1"], "--batch >= 2"),
+        (["--out", "runs/motion"], "--out must name a .safetensors file"),
+    ],
+)
+def test_motion_classifier_training_checks_its_options_before_training(flags, message, monkeypatch, capsys):
+    import train_motion_classifier
+
+    monkeypatch.setattr(train_motion_classifier, "train", lambda args: pytest.fail("trained"))
+    monkeypatch.setattr(sys, "argv", ["train_motion_classifier.py", *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        train_motion_classifier.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
