@@ -476,3 +476,22 @@ def test_motion_classifier_training_checks_its_options_before_training(flags, me
     with pytest.raises(SystemExit) as exit_info:
         train_motion_classifier.main()
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_dit_resumed_from_its_checkpoint_equals_an_uninterrupted_seeded_run(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    encoded = {"latents": torch.randn(3, 8, 9, 16, 16).half(), "text": torch.randn(3, 32, 384).half()}
+    runs = {}
+    for name, stops in (("straight", [3]), ("resumed", [1, 3])):
+        work = tmp_path / name
+        work.mkdir()
+        save_file({**encoded, "empty_text": torch.zeros(1, 32, 384)}, work / "encoded.safetensors")
+        for stop in stops:
+            argv = ["dit", "--work", str(work), "--batch", "2", "--max-steps", str(stop), "--warmup", "2"]
+            train_video_model.train_dit(train_video_model.build_parser().parse_args(argv))
+        runs[name] = load_file(work / "dit.safetensors")
+    straight, resumed = runs["straight"], runs["resumed"]
+    assert set(straight) == set(resumed) and any(k.startswith("ema.") for k in straight)
+    for key, value in straight.items():  # model, EMA, optimiser state and generator: bit for bit
+        assert torch.equal(value, resumed[key]), key
