@@ -96,6 +96,11 @@ def _sample_paths(directory: Path, count: int) -> list[Path]:
     return [directory / f"{index:05d}.png" for index in range(count)]
 
 
+def _calls(context: RunContext) -> dict:
+    """The pipeline arguments the run generates with, for a method that calibrates on them (quantization)."""
+    return {**context.kwargs, "guidance_scale": context.guidance_scale}
+
+
 def generate_shard(context: RunContext, method: Method, directory: Path) -> str | None:
     """This process's share of the method's images (or clips), skipping those on disk; the reason if
     unsupported."""
@@ -107,7 +112,7 @@ def generate_shard(context: RunContext, method: Method, directory: Path) -> str 
     if not batches:
         return None
     try:
-        with apply_method(method, context.pipe, config.steps) as applied:
+        with apply_method(method, context.pipe, config.steps, call_kwargs=_calls(context)) as applied:
             bar = tqdm(
                 batches,
                 desc=f"{method.name}: {context.unit}s",
@@ -135,16 +140,16 @@ def measure_cost(context: RunContext, method: Method) -> dict:
     def run(steps: int) -> torch.Tensor:
         return generate(context.pipe, prompts, seeds, steps, context.guidance_scale, context.kwargs)
 
-    with apply_method(method, context.pipe, config.steps, instrument=True) as applied:
+    with apply_method(method, context.pipe, config.steps, True, _calls(context)) as applied:
         applied.reset()
         macs = count_macs(lambda: run(applied.steps))
         stats, applied_config, steps = applied.stats(), applied.config, applied.steps
-    with apply_method(method, context.pipe, config.steps) as applied:
+    with apply_method(method, context.pipe, config.steps, call_kwargs=_calls(context)) as applied:
         memory = peak_memory(lambda: run(applied.steps), execution_device(context.pipe))
 
     @contextmanager
     def around():
-        with apply_method(method, context.pipe, config.steps):
+        with apply_method(method, context.pipe, config.steps, call_kwargs=_calls(context)):
             yield
 
     baseline = None if method.kind == "full" else (lambda: run(config.steps))

@@ -33,7 +33,9 @@ run, a per-generation ``reset``), and undoes it on exit. A method that cannot ru
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -234,13 +236,21 @@ def _quantized(match: re.Match) -> dict:
     return {"base": {"kind": base.kind, "params": base.params}, "scheme": match["scheme"]}
 
 
+#: plans a quantization method calibrated, per transformer, keyed by the method, step count and call arguments:
+#: the harness applies a method several times (generation, statistics, memory, timing); it calibrates once
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @contextmanager
-def _apply_quant(pipe: Any, params: dict, steps: int, instrument: bool) -> Iterator[Applied]:
+def _apply_quant(
+    pipe: Any, params: dict, steps: int, instrument: bool, call_kwargs: dict | None = None
+) -> Iterator[Applied]:
     """Quantization (``SCHEME``), or a caching method with it (``METHOD+SCHEME``) in one ``accel.apply`` call, so
-    the QuantConfig calibrates and corrects under the cache (its default). A scheme this device cannot run is
-    unsupported here, with torchao's reason."""
+    the QuantConfig calibrates and corrects under the cache (its default), on the calibration prompts at the
+    generation's ``steps`` and ``call_kwargs``. A scheme this device cannot run is unsupported here, with
+    torchao's reason."""
     import accel
-    from accel.quant import QuantConfig, check_scheme
+    from accel.quant import Calibration, QuantConfig, check_scheme
 
     try:
         check_scheme(params["scheme"], getattr(pipe, "device", "cpu"))
@@ -249,12 +259,25 @@ def _apply_quant(pipe: Any, params: dict, steps: int, instrument: bool) -> Itera
     configs = []
     if "base" in params:
         configs.append(_cache_config(pipe, params["base"]["kind"], params["base"]["params"], steps, instrument))
-    configs.append(QuantConfig(scheme=params["scheme"]))
+    kwargs = {k: v for k, v in (call_kwargs or {}).items() if k != "output_type"}  # calibration keeps latents
+    key = json.dumps([params, steps, {k: repr(v) for k, v in sorted(kwargs.items())}])
+    plans = _PLANS.setdefault(pipe.transformer, {})
+    if key in plans:  # calibrated at an earlier apply of the same method: its plan, with no calibration run
+        configs.append(QuantConfig(scheme=params["scheme"], plan=plans[key]))
+    elif configs:
+        calibration = Calibration(num_inference_steps=steps, call_kwargs=kwargs)
+        configs.append(QuantConfig(scheme=params["scheme"], calibration=calibration))
+    else:
+        configs.append(QuantConfig(scheme=params["scheme"]))
     with accel.apply(pipe, *configs) as handle:
         parts = [handle[type(config)] for config in configs]
+        plan = parts[-1].plan
+        if plan is not None:
+            plans[key] = plan
+        recorded = [_config_json(config, plan) for config in configs]
         yield Applied(
             steps=steps,
-            config={"type": "combined", "configs": [_config_json(config) for config in configs]},
+            config={"type": "combined", "configs": recorded},
             reset=handle.reset,
             stats=lambda: (
                 {type(c).__name__: _stats_json(p.stats()) for c, p in zip(configs, parts)} if instrument else None
@@ -262,11 +285,13 @@ def _apply_quant(pipe: Any, params: dict, steps: int, instrument: bool) -> Itera
         )
 
 
-def _config_json(config: Any) -> dict:
-    """A config as JSON: its own ``to_dict`` (caching), else its plain fields (quantization)."""
+def _config_json(config: Any, plan: Any) -> dict:
+    """A config as JSON: its own ``to_dict`` (caching), else the quantization's scheme and what it did (whether
+    a correction was fitted and applied; ``plan``: the handle's calibrated plan, or None)."""
     if hasattr(config, "to_dict"):
         return config.to_dict()
-    return {"type": type(config).__name__, "scheme": config.scheme, "correct": config.correct}
+    corrected = plan is not None and "corrected" in plan.channels
+    return {"type": type(config).__name__, "scheme": config.scheme, "corrected": corrected}
 
 
 def _stats_json(stats: Any) -> dict | None:
@@ -517,10 +542,16 @@ def check_method(method: Method, pipe: Any, steps: int) -> None:
         raise ValueError(f"method {method.name!r}: {message}") from None
 
 
-def apply_method(method: Method, pipe: Any, steps: int, instrument: bool = False) -> AbstractContextManager[Applied]:
+def apply_method(
+    method: Method, pipe: Any, steps: int, instrument: bool = False, call_kwargs: dict | None = None
+) -> AbstractContextManager[Applied]:
     """Apply ``method`` to ``pipe`` for a ``steps``-step generation; a context manager yielding :class:`Applied`.
+    ``call_kwargs`` are the generation's pipeline arguments (sizes, ``guidance_scale``): a quantization method
+    calibrates with them.
 
     Raises:
         UnsupportedMethod: the method cannot run on this pipeline (the message says why).
     """
+    if method.kind in ("quant", "quantized"):
+        return _apply_quant(pipe, method.params, steps, instrument, call_kwargs)
     return FORMS[method.kind].apply(pipe, method.params, steps, instrument)

@@ -326,6 +326,8 @@ def calibrate(
     target = resolve(pipe_or_transformer, spec)
     check_scheme(config.scheme, next(target.transformer.parameters()).device)  # before any calibration run
     calibration = config.calibration or Calibration()
+    if config.calibration is None and cache is not None:  # the defaults, at the step count the schedule is for
+        calibration = Calibration(num_inference_steps=cache.schedule.num_steps)
     if run is None:
         if target.pipeline is None:
             raise ValueError("calibrating a bare transformer needs run=..., a callable that drives its trajectories")

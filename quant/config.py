@@ -90,7 +90,9 @@ class QuantConfig:
             True always calibrates (two passes of the calibration prompts at apply); False never corrects.
         cache_aware: calibrate under the caching schedule of a ``CacheConfig`` applied in the same
             ``accel.apply`` call (False: calibrate on the uncached trajectory, the naive combination).
-        calibration: the calibration prompts and settings (defaults when None and calibration runs). Refused
+        calibration: the calibration prompts and settings (defaults when None and calibration runs, at the step
+            count of the cache's schedule when calibrating under one; give ``call_kwargs`` such as sizes and
+            guidance here where the pipeline's own defaults are not what it will run). Refused
             where nothing can calibrate (with a plan, or with ``correct=False``, no ``min_sqnr`` and a scheme
             without calibrated scales).
         plan: a plan from :func:`accel.quant.calibrate` (or ``Plan.load``): its layers and coefficients are

@@ -232,19 +232,39 @@ def test_calibrated_mag_ratios_match_diffusers_own_calibration_mode(pipe, capsys
     assert _instance_state(pipe.transformer) == []
 
 
-def test_a_quantized_caching_method_calibrates_and_corrects_under_its_cache_and_fp8_needs_a_gpu(pipe, one_thread):  # noqa: F811
+def test_a_quantized_caching_method_calibrates_and_corrects_under_its_cache_and_fp8_needs_a_gpu(
+    pipe, one_thread, monkeypatch
+):  # noqa: F811
     method = parse_method("fora-2+int8-dynamic")
-    with apply_method(method, pipe, STEPS, instrument=True) as applied:
+    calls = {**call_kwargs(pipe), "guidance_scale": 4.5}
+    with apply_method(method, pipe, STEPS, True, calls) as applied:
         applied.reset()
         _generate(pipe, applied.steps)
         stats = applied.stats()
-    assert [c["type"] for c in applied.config["configs"]][1] == "QuantConfig"
+        plan = apply_handle_plan(pipe)
+    cache, quant = applied.config["configs"]
+    assert quant == {"type": "QuantConfig", "scheme": "int8-dynamic", "corrected": True}
     assert stats["CacheConfig"]["blocks_skipped"] > 0
     assert stats["QuantConfig"]["corrected_components"] > 0  # cache-aware: corrected along the FORA trajectory
     assert stats["QuantConfig"]["weight_memory_ratio"] < 0.5
+    # calibrated under the very schedule it runs, at the generation's step count
+    assert plan.sizes["step"] == STEPS and plan.settings["schedule"] == cache["schedule"]
     json.dumps(stats)
+    calibrations = []
+    monkeypatch.setattr("accel.quant.apply.calibrate", lambda *a, **k: calibrations.append(1))
+    with apply_method(method, pipe, STEPS, False, calls):  # the same method again: its plan, no calibration
+        assert apply_handle_plan(pipe) is plan
+    assert calibrations == []
     for name in ("fp8", "fora-2+fp8"):
         with pytest.raises(UnsupportedMethod, match="CUDA"):
             with apply_method(parse_method(name), pipe, STEPS):
                 pass
     assert _instance_state(pipe.transformer) == []
+
+
+def apply_handle_plan(pipe):
+    """The plan of the quantization applied to ``pipe``'s transformer now (through the core's active handles)."""
+    from accel.context import tracker_for
+    from accel.quant import QuantConfig
+
+    return tracker_for(pipe.transformer).active[QuantConfig].plan

@@ -55,6 +55,9 @@ def test_the_default_config_under_a_cache_calibrates_and_corrects_under_its_sche
     with accel.apply(pipe, cache, QuantConfig(calibration=CALIBRATION, cache_aware=False)) as handle:
         naive = handle[QuantConfig].plan
     assert naive.settings["schedule"] is None and "corrected" in naive.channels
+    # no calibration given: the default prompts, at the schedule's own step count (not the default 20)
+    with accel.apply(pipe, cache, QuantConfig(scheme="int8-dynamic")) as handle:
+        assert handle[QuantConfig].plan.sizes["step"] == cache.schedule.num_steps == 6
     # correct=False: plain int8 under the cache, as asked
     with accel.apply(pipe, cache, QuantConfig(correct=False)) as handle:
         assert handle[QuantConfig].plan is None and handle[QuantConfig].stats().corrected_components == 0

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p for p in args.prompt for _ in range(config.num_images)]
     seeds = [config.seed + i for p in args.prompt for i in range(config.num_images)]
     try:
-        with apply_method(method, pipe, steps, instrument=True) as applied:
+        with apply_method(method, pipe, steps, True, {**kwargs, "guidance_scale": guidance}) as applied:
             applied.reset()
             samples = generate(pipe, prompts, seeds, applied.steps, guidance, kwargs)
             stats = applied.stats()
