@@ -18,8 +18,9 @@ Backends, each tested against :func:`accel.sparse.reference.reference_attention`
 * ``"reference"``: the float32 specification.
 
 The fallback chain is triton -> runs -> flex -> sdpa -> reference: ``"auto"`` picks ``"triton"`` when the
-layer's device is CUDA and triton is installed, ``"flex"`` on CUDA without triton (there ``"runs"`` is the
-slowest path), else ``"runs"`` (:func:`auto_backend`); ``"sdpa"`` (memory quadratic in the length) and
+layer's device is CUDA, else ``"runs"`` (:func:`auto_backend`); on CUDA every backend but ``"sdpa"`` and
+``"reference"`` needs triton installed (compiled FlexAttention too: inductor writes its kernels in Triton), and
+says so when it is missing; ``"sdpa"`` (memory quadratic in the length) and
 ``"reference"`` (float32, for tests) are only ever chosen by name.
 """
 
@@ -48,31 +49,34 @@ logger = logging.getLogger(__name__)
 
 
 def auto_backend(device: torch.device | str) -> str:
-    """The first link of the fallback chain that runs on ``device``: ``"triton"`` on CUDA with triton installed,
-    ``"flex"`` on CUDA without it (logged once), else ``"runs"``.
+    """The first link of the fallback chain that runs on ``device``: ``"triton"`` on CUDA, else ``"runs"``.
 
-    On CUDA the ``"runs"`` backend is the slowest path (one small SDPA call per frame; docs/gpu-h200.txt: 0.13-0.17
-    of the ideal speed-up where Triton and FlexAttention reach 0.36-0.53), so ``"auto"`` never picks it there."""
+    Raises:
+        ImportError: on CUDA without triton (see :func:`check_backend`).
+    """
     if torch.device(device).type != "cuda":
         return "runs"
-    if importlib.util.find_spec("triton") is not None:
-        return "triton"
-    _say_no_triton()
-    return "flex"
+    _require_triton_on_cuda("auto")
+    return "triton"
 
 
-@functools.cache
-def _say_no_triton() -> None:
-    logger.info(
-        "accel.sparse: triton is not installed, so backend 'auto' runs sparse attention on CUDA through compiled "
-        "FlexAttention ('flex'); pip install 'diffusers-accel[triton]' for the Triton kernel (said once)"
-    )
+def _require_triton_on_cuda(backend: str) -> None:
+    """On CUDA every sparse backend but ``"sdpa"`` and ``"reference"`` needs triton: the Triton kernel itself,
+    and compiled FlexAttention (alone or inside ``"runs"``), whose kernels inductor writes in Triton."""
+    if importlib.util.find_spec("triton") is None:
+        raise ImportError(
+            f"sparse attention backend {backend!r} on CUDA needs triton (the Triton kernel, or compiled "
+            "FlexAttention, which inductor writes in Triton): pip install 'diffusers-accel[triton]', or choose "
+            "backend='sdpa' (a dense mask per head: memory quadratic in the length)"
+        )
 
 
 def check_backend(backend: Backend, device: torch.device | str) -> None:
-    """Raise before any change to a model if ``backend`` cannot run on ``device``: ``"triton"`` needs triton
-    installed (``ImportError`` naming the extra) and a CUDA device (``ValueError``), except under the Triton
-    interpreter (CPU tensors, for tests)."""
+    """Raise before any change to a model if ``backend`` cannot run on ``device``: on CUDA every backend but
+    ``"sdpa"`` and ``"reference"`` needs triton installed (``ImportError`` naming the extra); ``"triton"`` needs a
+    CUDA device (``ValueError``), except under the Triton interpreter (CPU tensors, for tests)."""
+    if torch.device(device).type == "cuda" and backend in ("auto", "triton", "runs", "flex"):
+        _require_triton_on_cuda(backend)
     if backend != "triton":
         return
     triton_attention = importlib.import_module("accel.sparse.triton_attention")  # ImportError names the extra

@@ -317,16 +317,19 @@ def test_auto_backend_is_triton_only_on_cuda():
     assert LayerAttention(WINDOWS, TokenGrid(2, 4, 4), "cpu").backend == "runs"
 
 
-def test_auto_backend_on_cuda_without_triton_is_flex_and_says_so(monkeypatch, caplog):
+def test_on_cuda_without_triton_every_compiled_backend_is_refused_naming_the_extra(monkeypatch):
     from accel.sparse import kernels
 
-    kernels._say_no_triton.cache_clear()
     monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name, *a: object() if name != "triton" else None)
-    with caplog.at_level("INFO", logger="accel.sparse"):
-        assert auto_backend("cuda") == auto_backend(torch.device("cuda", 0)) == "flex"  # not "runs", the slowest
-        assert auto_backend("cpu") == "runs"
-    said = [r for r in caplog.records if "runs sparse attention on CUDA through compiled FlexAttention" in r.message]
-    assert len(said) == 1
+    for backend in ("auto", "triton", "runs", "flex"):
+        with pytest.raises(ImportError, match=r"diffusers-accel\[triton\]"):
+            kernels.check_backend(backend, "cuda")
+    with pytest.raises(ImportError, match="backend='sdpa'"):
+        auto_backend(torch.device("cuda", 0))
+    for backend in ("sdpa", "reference"):
+        kernels.check_backend(backend, "cuda")  # need no triton
+    assert auto_backend("cpu") == "runs"
+    kernels.check_backend("auto", "cpu")
     monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name, *a: object())
     assert auto_backend("cuda") == "triton"
 
