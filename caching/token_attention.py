@@ -151,8 +151,9 @@ def token_processor_for(attn: torch.nn.Module, original: Any, active: ActiveToke
     """The processor running ``attn``'s self-attention over active queries, wrapping ``original``.
 
     Raises:
-        ValueError: no processor here serves ``original``'s class (the message lists those that do), or the
-            module has parts that mix tokens.
+        ValueError: no processor here serves ``original``'s class (the message lists those that do), the
+            module has parts that mix tokens, or ``original`` has an attention backend or parallel config set
+            (diffusers' ``set_attention_backend``, context parallelism), which these processors would not use.
     """
     registry = _registry()
     found = registry.get(type(original))
@@ -160,6 +161,13 @@ def token_processor_for(attn: torch.nn.Module, original: Any, active: ActiveToke
         names = ", ".join(sorted(c.__name__ for c in registry))
         raise ValueError(f"per-token steps have no self-attention processor for {type(original).__name__}; "
                          f"supported: {names}")  # fmt: skip
+    backend, parallel = getattr(original, "_attention_backend", None), getattr(original, "_parallel_config", None)
+    if backend is not None or parallel is not None:
+        raise ValueError(
+            f"per-token steps run their own attention (SDPA over the cached keys and values), so "
+            f"{type(original).__name__}'s attention backend {backend!r} / parallel config {parallel!r} would go "
+            "unused: reset them, or run without TokenStepConfig"
+        )
     cls, check = found
     if check is not None:
         check(attn)

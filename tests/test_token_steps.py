@@ -195,6 +195,12 @@ def test_refuses_models_and_samplers_where_it_does_not_apply():
 
     with pytest.raises(ValueError, match="flow-matching sampler"):
         accel.apply(EpsilonPipeline(), TokenStepConfig(budget=0.5))
+    flux = TINY_MODELS["flux"].build()
+    processor = flux.transformer_blocks[0].attn.processor
+    processor._attention_backend = "native"  # as diffusers' set_attention_backend leaves it, on this instance
+    with pytest.raises(ValueError, match="attention backend 'native'"):
+        accel.apply(flux, _config(budget=0.5))
+    assert not any("forward" in m.__dict__ for m in flux.modules())
     cogvideox = TINY_MODELS["cogvideox"].build()
     with pytest.raises(ValueError, match="no self-attention processor for CogVideoXAttnProcessor2_0"):
         accel.apply(cogvideox, _config(budget=0.5))
