@@ -184,9 +184,10 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
 
 def check_model(model: str | None) -> None:
     """Raise a one-line ``ValueError`` if ``model`` names a local path that is not a loadable pipeline folder
-    (missing, or its ``model_index.json`` unreadable or without ``_class_name``), before any loading. A hub id
+    (missing, its ``model_index.json`` unreadable or without ``_class_name``, or a component it names without a
+    folder: :func:`~accel.pipelines.loading.check_components`), before any loading. A hub id
     (``org/name``) and the bundled names pass."""
-    from accel.pipelines.loading import is_bundled
+    from accel.pipelines.loading import check_components, is_bundled
 
     if is_bundled(model):
         return
@@ -205,6 +206,10 @@ def check_model(model: str | None) -> None:
         raise ValueError(f"--model {model}: {index} cannot be read as JSON ({error})") from None
     if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
         raise ValueError(f"--model {model}: {index} names no pipeline class (_class_name); not a pipeline folder")
+    try:
+        check_components(path)
+    except ValueError as error:
+        raise ValueError(f"--model {model}: {error}") from None
 
 
 def resume_command(drop: tuple[str, ...] = ()) -> str:

@@ -76,6 +76,7 @@ def load_pipeline(
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        check_components(path)
         try:
             pipe = DiffusionPipeline.from_pretrained(path, **options)
         except (OSError, ValueError) as error:
@@ -94,6 +95,27 @@ def load_pipeline(
                 " and pass --model DIR."
             ) from error
     return _place(pipe, device, offload)
+
+
+def check_components(path: Path) -> None:
+    """Raise a clear ``ValueError`` when components ``path/model_index.json`` names have no folder (diffusers
+    would fail deep inside a loader); the bundled video model's folder, whose text encoder is the image model's,
+    is named as such."""
+    import json
+
+    index = json.loads((path / "model_index.json").read_text())
+    named = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+    missing = [name for name in named if not (path / name).is_dir()]
+    if not missing:
+        return
+    from accel.pipelines.video import DEFAULT_VIDEO_MODEL_DIR
+
+    if path.resolve() == DEFAULT_VIDEO_MODEL_DIR.resolve():
+        raise ValueError(
+            f"{path} is the bundled video model, which borrows the image model's text encoder and tokenizer: "
+            f"pass --model {BUNDLED_VIDEO} (or load it with accel.pipelines.video.load_default_video_pipeline)"
+        )
+    raise ValueError(f"{path}/model_index.json names {missing}, which have no folder in {path}")
 
 
 def _first_line(error: BaseException) -> str:

@@ -85,12 +85,20 @@ def test_one_step_on_pixart_is_refused_up_front(model_dir, tmp_path, capsys, one
 
 
 def test_model_folders_that_cannot_be_loaded(tmp_path, capsys):
+    from accel.pipelines.video import DEFAULT_VIDEO_MODEL_DIR
+
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "model_index.json").write_text("{}")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    index = {"_class_name": "WanPipeline", "vae": ["diffusers", "AutoencoderKLWan"]}
+    (partial / "model_index.json").write_text(json.dumps(index))
     for model, expected in [
         ("./no/such/dir", "--model ./no/such/dir: no such folder"),
         (str(empty), "names no pipeline class (_class_name)"),
+        (str(partial), "names ['vae'], which have no folder"),
+        (str(DEFAULT_VIDEO_MODEL_DIR), "is the bundled video model, which borrows the image model's text encoder"),
     ]:
         assert main(["eval", "--model", model, *FAST, "--methods", "full", "--out", str(tmp_path / "o")]) == 1
         line = _error_line(capsys)

@@ -47,7 +47,7 @@ class GenerateConfig:
     )
     width: int | None = field(default=None, metadata={"help": "image (or clip) width in pixels; omitted: the model's"})
     seed: int = field(default=0, metadata={"help": "image i of a prompt is generated with seed + i"})
-    num_images: int = field(default=1, metadata={"help": "images per prompt"})
+    num_images: int = field(default=1, metadata={"help": "images (clips, for a video model) per prompt"})
     guidance_scale: float | None = field(
         default=None, metadata={"help": "classifier-free guidance scale; omitted: the model's"}
     )
