@@ -89,7 +89,9 @@ class QuantConfig:
             :func:`~accel.quant.calibrate`: when given a ``cache``), and with a plan, whatever the plan holds.
             True always calibrates (two passes of the calibration prompts at apply); False never corrects.
         cache_aware: calibrate under the caching schedule of a ``CacheConfig`` applied in the same
-            ``accel.apply`` call (False: calibrate on the uncached trajectory, the naive combination).
+            ``accel.apply`` call (False: calibrate on the uncached trajectory, the naive combination; with a
+            cache, ``correct=None`` still fits the correction there, as ``python -m accel.bench quant``'s naive
+            rows do; ``correct=False`` for plain quantization).
         calibration: the calibration prompts and settings (defaults when None and calibration runs, at the step
             count of the cache's schedule when calibrating under one; give ``call_kwargs`` such as sizes and
             guidance here where the pipeline's own defaults are not what it will run). Refused
