@@ -141,10 +141,32 @@ def test_the_min_active_sweep_times_and_scores_fewer_steps_and_each_value_at_bot
     assert "ours at several min_active values" in capsys.readouterr().out
 
 
-def test_the_two_diagnostics_are_one_or_the_other(capsys):
-    with pytest.raises(SystemExit):
-        bench.run(["--bounds", "--sweep-min-active"])
-    assert "not allowed with argument" in capsys.readouterr().err
+def test_the_diagnostics_are_one_or_the_other(capsys):
+    for pair in (["--bounds", "--sweep-min-active"], ["--curve", "--bounds"]):
+        with pytest.raises(SystemExit):
+            bench.run(pair)
+        assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_speed_curve_compares_each_of_ours_with_fewer_steps_at_its_own_measured_speed(monkeypatch, capsys):
+    curve = [(1.5, 30.0), (2.0, 26.0), (4.0, 18.0)]
+    assert token_bounds._at_speed(curve, 1.75) == 28.0 and token_bounds._at_speed(curve, 3.0) == 22.0
+    assert token_bounds._at_speed(curve, 1.0) is None and token_bounds._at_speed(curve, 5.0) is None
+    monkeypatch.setattr(token_bounds, "CURVE_BUDGETS", (0.3, 0.6))
+    monkeypatch.setattr(token_bounds, "CURVE_STEPS", (3, 5))
+    rows = token_bounds.speed_curve(_tiny_model(), steps=8)
+    assert list(rows) == ["steps-3", "steps-5", "ours-0.3", "ours-0.6"]
+    assert all(row["speedup"] > 0 and math.isfinite(row["psnr"]) for row in rows.values())
+    plain = sorted((rows[n]["speedup"], rows[n]["psnr"]) for n in ("steps-3", "steps-5"))
+    for name in ("ours-0.3", "ours-0.6"):
+        row = rows[name]
+        assert row["steps_psnr"] == token_bounds._at_speed(plain, row["speedup"])
+        assert (
+            row["gain"] is None
+            if row["steps_psnr"] is None
+            else row["gain"] == round(row["psnr"] - row["steps_psnr"], 2)
+        )
+    assert "PSNR against measured speed-up" in capsys.readouterr().out
 
 
 # -- reachability, the caching baseline and the JSON line (calibration timings stubbed) ----------------------------

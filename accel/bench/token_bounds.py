@@ -7,6 +7,9 @@
 * ``--sweep-min-active`` (:func:`min_active_sweep`): ours at several ``min_active`` values, each at the budget
   whose predicted runtime is 50% and 25% of full compute's, beside fewer steps, with measured speed-ups: what
   the default ``min_active`` rests on.
+* ``--curve`` (:func:`speed_curve`): ours at several budgets and fewer steps at several step counts, every run
+  timed in one interleaved round, and each of ours compared with fewer steps at its own measured speed-up
+  (the PSNR of the steps curve interpolated there): equal speed without a calibration's misses.
 """
 
 from __future__ import annotations
@@ -175,3 +178,52 @@ def min_active_sweep(model: Model, steps: int, values: tuple[float, ...] = MIN_A
         flag = "" if row["reached"] else "  unreachable"
         print(f"  {name:<18} speed-up {row['speedup']:.2f}x  PSNR {row['psnr']:.2f}{flag}")
     return rows
+
+
+#: the budgets of ours and the step counts of fewer steps that :func:`speed_curve` runs (of a 20-step call)
+CURVE_BUDGETS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
+CURVE_STEPS = (2, 3, 4, 5, 6, 8, 10, 12)
+
+
+def speed_curve(model: Model, steps: int) -> dict:
+    """PSNR against full compute (every prompt) and measured speed-up (the probe prompts, interleaved, fastest
+    of three rounds) of ours at :data:`CURVE_BUDGETS` and of fewer steps at :data:`CURVE_STEPS`; for each of
+    ours, ``steps_psnr``: the fewer-steps curve's PSNR at ours' speed-up (linear between its two neighbours;
+    None outside the curve's range) and ``gain``, ours' PSNR minus it."""
+    full = model.generate(model.prompts, steps, 0)
+    runs = {"full": (nullcontext, steps)}
+    runs.update({f"steps-{n}": (nullcontext, n) for n in CURVE_STEPS if n < steps})
+    configs = {f"ours-{b:g}": ours(b, steps) for b in CURVE_BUDGETS}
+    runs.update({name: (lambda c=c: accel.apply(model.pipe, c), steps) for name, c in configs.items()})
+    rows = {}
+    for name, (context, row_steps) in runs.items():
+        if name != "full":
+            with context():
+                rows[name] = {"psnr": round(psnr_of(model.generate(model.prompts, row_steps, 0), full), 2)}
+    for name, speedup in _speedups(model, runs).items():
+        if name in rows:
+            rows[name]["speedup"] = round(speedup, 2)
+    plain = sorted((rows[n]["speedup"], rows[n]["psnr"]) for n in rows if n.startswith("steps-"))
+    for name in configs:
+        rows[name]["steps_psnr"] = _at_speed(plain, rows[name]["speedup"])
+        known = rows[name]["steps_psnr"] is not None
+        rows[name]["gain"] = round(rows[name]["psnr"] - rows[name]["steps_psnr"], 2) if known else None
+    print(f"\n{model.name} model: PSNR against measured speed-up, {steps}-step calls")
+    for name, row in rows.items():
+        versus = (
+            f"  fewer steps at that speed {row['steps_psnr']:.2f}, gain {row['gain']:+.2f}"
+            if row.get("gain") is not None
+            else ""
+        )
+        print(f"  {name:<10} speed-up {row['speedup']:.2f}x  PSNR {row['psnr']:.2f}{versus}")
+    return rows
+
+
+def _at_speed(curve: list[tuple[float, float]], speedup: float) -> float | None:
+    """The PSNR of ``curve`` (``(speed-up, PSNR)`` pairs sorted by speed-up) at ``speedup``, linear between the
+    neighbouring points; None outside the curve."""
+    for (low, low_psnr), (high, high_psnr) in zip(curve, curve[1:]):
+        if low <= speedup <= high:
+            share = 0.0 if high == low else (speedup - low) / (high - low)
+            return round(low_psnr + share * (high_psnr - low_psnr), 2)
+    return None

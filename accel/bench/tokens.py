@@ -25,9 +25,9 @@ each), PSNR and SSIM against full compute, FID and KID (EfficientNet-Lite0 featu
 with other seeds (so the full row shows the noise floor), the alignment score of each image (or frame) with
 its prompt, and on video the motion accuracy; for ``ours`` the active fraction of every step.
 
-``--bounds`` and ``--sweep-min-active`` run a diagnostic instead (:mod:`accel.bench.token_bounds`): where the
-allocation loses its quality, at equal token-steps and without timing; ours at several ``min_active`` values at
-equal runtime.
+``--bounds``, ``--sweep-min-active`` and ``--curve`` run a diagnostic instead (:mod:`accel.bench.token_bounds`):
+where the allocation loses its quality, at equal token-steps and without timing; ours at several ``min_active``
+values at equal runtime; ours and fewer steps at several settings, compared at equal measured speed.
 """
 
 from __future__ import annotations
@@ -339,6 +339,9 @@ def run(argv: list[str]) -> dict:
     diagnostic = parser.add_mutually_exclusive_group()
     diagnostic.add_argument("--bounds", action="store_true", help="the diagnostic at equal token-steps instead")
     diagnostic.add_argument(
+        "--curve", action="store_true", help="ours and fewer steps at several settings, compared at equal speed"
+    )
+    diagnostic.add_argument(
         "--sweep-min-active", action="store_true", help="ours at several min_active values and equal runtime instead"
     )
     args = parser.parse_args(argv)
@@ -348,14 +351,19 @@ def run(argv: list[str]) -> dict:
         raise ValueError("--skip-image and --skip-video together leave no model to run")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.bounds or args.sweep_min_active:
-        from accel.bench.token_bounds import bounds, min_active_sweep
+    if args.bounds or args.sweep_min_active or args.curve:
+        from accel.bench.token_bounds import bounds, min_active_sweep, speed_curve
 
         models = [] if args.skip_video else [_video_model(args.clips)]
         models += [] if args.skip_image else [_image_model(args.images)]
-        if args.bounds:
-            return {"bounds": {model.name: bounds(model, args.steps) for model in models}}
-        return {"min_active_sweep": {model.name: min_active_sweep(model, args.steps) for model in models}}
+        name, diagnostic = (
+            ("bounds", bounds)
+            if args.bounds
+            else ("curve", speed_curve)
+            if args.curve
+            else ("min_active_sweep", min_active_sweep)
+        )
+        return {name: {model.name: diagnostic(model, args.steps) for model in models}}
     result, details = {}, {}
     if not args.skip_video:
         details["video"] = evaluate(_video_model(args.clips), args.steps)
