@@ -33,14 +33,14 @@ run, a per-generation ``reset``), and undoes it on exit. A method that cannot ru
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from accel.eval.quant_methods import SCHEMES, apply_quant, parse_quantized
 
 
 class UnsupportedMethod(RuntimeError):
@@ -139,7 +139,13 @@ def _apply_steps(pipe: Any, params: dict, steps: int, instrument: bool) -> Itera
     yield Applied(steps=params["steps"], config={"type": "steps", "steps": params["steps"]})
 
 
-def _cache_config(pipe: Any, kind: str, params: dict, steps: int, instrument: bool):
+def cache_config(pipe: Any, kind: str, params: dict, steps: int, instrument: bool):
+    """The ``CacheConfig`` of one of accel's caching methods (``kind``: a form of :data:`FORMS` such as ``"fora"``,
+    ``"json"`` or ``"front"``, with its parsed ``params``) for a ``steps``-step call; ``instrument`` counts MACs.
+
+    Raises:
+        UnsupportedMethod: a front searched for another model.
+    """
     from accel.caching import CacheConfig, FirstBlockPolicy, Schedule, delta_dit, fora, layout_of, taylorseer, tgate
 
     if kind == "json":
@@ -188,7 +194,7 @@ def _apply_accel(kind: str) -> Apply:
     def apply(pipe: Any, params: dict, steps: int, instrument: bool) -> Iterator[Applied]:
         import accel
 
-        config = _cache_config(pipe, kind, params, steps, instrument)
+        config = cache_config(pipe, kind, params, steps, instrument)
         with accel.apply(pipe, config) as handle:
             stats = handle.stats
             yield Applied(
@@ -220,89 +226,6 @@ def _apply_tokens(pipe: Any, params: dict, steps: int, instrument: bool) -> Iter
             reset=handle.reset,
             stats=lambda: handle.stats().to_dict() if instrument else None,
         )
-
-
-#: the quantization schemes a method name may end in (accel.quant.SCHEMES, without importing torchao here)
-_SCHEMES = ("int8-weight", "int8-dynamic", "int8-static", "fp8")
-#: the methods a scheme may follow: accel's caching, whose CacheConfig the quantization calibrates under
-_CACHE_KINDS = ("fora", "taylorseer", "delta-dit", "tgate", "fbc", "json", "front")
-
-
-def _quantized(match: re.Match) -> dict:
-    """``METHOD+SCHEME``: the caching method's own parse, and the scheme."""
-    base = parse_method(match["base"])
-    if base.kind not in _CACHE_KINDS:
-        raise ValueError(f"{match['base']!r} is not one of accel's caching methods ({', '.join(_CACHE_KINDS)})")
-    return {"base": {"kind": base.kind, "params": base.params}, "scheme": match["scheme"]}
-
-
-#: plans a quantization method calibrated, per transformer, keyed by the method, step count and call arguments:
-#: the harness applies a method several times (generation, statistics, memory, timing); it calibrates once
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-@contextmanager
-def _apply_quant(
-    pipe: Any, params: dict, steps: int, instrument: bool, call_kwargs: dict | None = None
-) -> Iterator[Applied]:
-    """Quantization (``SCHEME``), or a caching method with it (``METHOD+SCHEME``) in one ``accel.apply`` call, so
-    the QuantConfig calibrates and corrects under the cache (its default), on the calibration prompts at the
-    generation's ``steps`` and ``call_kwargs``. A scheme this device cannot run is unsupported here, with
-    torchao's reason."""
-    import accel
-    from accel.quant import Calibration, QuantConfig, check_scheme
-
-    try:
-        check_scheme(params["scheme"], getattr(pipe, "device", "cpu"))
-    except (RuntimeError, ImportError) as error:
-        raise UnsupportedMethod(str(error)) from None
-    configs = []
-    if "base" in params:
-        configs.append(_cache_config(pipe, params["base"]["kind"], params["base"]["params"], steps, instrument))
-    kwargs = {k: v for k, v in (call_kwargs or {}).items() if k != "output_type"}  # calibration keeps latents
-    key = json.dumps([params, steps, {k: repr(v) for k, v in sorted(kwargs.items())}])
-    plans = _PLANS.setdefault(pipe.transformer, {})
-    if key in plans:  # calibrated at an earlier apply of the same method: its plan, with no calibration run
-        configs.append(QuantConfig(scheme=params["scheme"], plan=plans[key]))
-    elif configs:
-        calibration = Calibration(num_inference_steps=steps, call_kwargs=kwargs)
-        configs.append(QuantConfig(scheme=params["scheme"], calibration=calibration))
-    else:
-        configs.append(QuantConfig(scheme=params["scheme"]))
-    with accel.apply(pipe, *configs) as handle:
-        parts = [handle[type(config)] for config in configs]
-        plan = parts[-1].plan
-        if plan is not None:
-            plans[key] = plan
-        recorded = [_config_json(config, plan) for config in configs]
-        yield Applied(
-            steps=steps,
-            config={"type": "combined", "configs": recorded},
-            reset=handle.reset,
-            stats=lambda: (
-                {type(c).__name__: _stats_json(p.stats()) for c, p in zip(configs, parts)} if instrument else None
-            ),
-        )
-
-
-def _config_json(config: Any, plan: Any) -> dict:
-    """A config as JSON: its own ``to_dict`` (caching), else the quantization's scheme and what it did (whether
-    a correction was fitted and applied; ``plan``: the handle's calibrated plan, or None)."""
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    corrected = plan is not None and "corrected" in plan.channels
-    return {"type": type(config).__name__, "scheme": config.scheme, "corrected": corrected}
-
-
-def _stats_json(stats: Any) -> dict | None:
-    """A technique's stats as JSON: its ``to_dict``, else the quantization stats' headline fields."""
-    if stats is None or hasattr(stats, "to_dict"):
-        return None if stats is None else stats.to_dict()
-    return {
-        "weight_memory_ratio": stats.weight_memory_ratio,
-        "layers_per_scheme": stats.layers_per_scheme,
-        "corrected_components": stats.corrected_components,
-    }
 
 
 def _budget(match: re.Match) -> dict:
@@ -400,16 +323,16 @@ FORMS: dict[str, MethodForm] = {
     ),
     "quant": MethodForm(
         usage="SCHEME",
-        pattern=re.compile("|".join(_SCHEMES)),
+        pattern=re.compile("|".join(SCHEMES)),
         parse=lambda m: {"scheme": m[0]},
-        apply=_apply_quant,
+        apply=apply_quant,
         help="quantization alone (int8-weight, int8-dynamic, int8-static, fp8)",
     ),
     "quantized": MethodForm(
         usage="METHOD+SCHEME",
-        pattern=re.compile(rf"(?P<base>.+)\+(?P<scheme>{'|'.join(_SCHEMES)})"),
-        parse=_quantized,
-        apply=_apply_quant,
+        pattern=re.compile(rf"(?P<base>.+)\+(?P<scheme>{'|'.join(SCHEMES)})"),
+        parse=parse_quantized,
+        apply=apply_quant,
         help="a caching method with quantization, calibrated and corrected under its cache",
     ),
     "json": MethodForm(
@@ -532,7 +455,7 @@ def check_method(method: Method, pipe: Any, steps: int) -> None:
             kind, params = params["base"]["kind"], params["base"]["params"]
         from accel.caching import Schedule, layout_of
 
-        config = _cache_config(pipe, kind, params, steps, instrument=False)
+        config = cache_config(pipe, kind, params, steps, instrument=False)
         if isinstance(config.schedule, Schedule):
             config.schedule.check_layout(layout_of(pipe))
     except UnsupportedMethod:
@@ -553,5 +476,5 @@ def apply_method(
         UnsupportedMethod: the method cannot run on this pipeline (the message says why).
     """
     if method.kind in ("quant", "quantized"):
-        return _apply_quant(pipe, method.params, steps, instrument, call_kwargs)
+        return apply_quant(pipe, method.params, steps, instrument, call_kwargs)
     return FORMS[method.kind].apply(pipe, method.params, steps, instrument)
