@@ -23,7 +23,7 @@ import torch
 import accel
 from accel.adapters import patch_size
 from accel.bench.token_report import psnr_of
-from accel.bench.tokens import TARGETS, Model, _speedups, calibrate, ours
+from accel.bench.tokens import TARGETS, Model, calibrate, measured_speedups, ours
 from accel.caching import TokenStepConfig
 from accel.caching.token_select import TokenHistory, select, velocity_scores
 
@@ -170,7 +170,7 @@ def min_active_sweep(model: Model, steps: int, values: tuple[float, ...] = MIN_A
             samples = model.generate(model.prompts, row_steps, 0)
         reached = method not in chosen[target]["unreachable"]
         rows[name] = {"psnr": round(psnr_of(samples, full), 2), "reached": reached}
-    for name, speedup in _speedups(model, runs).items():
+    for name, speedup in measured_speedups(model, runs).items():
         if name in rows:
             rows[name]["speedup"] = round(speedup, 2)
     print(f"\n{model.name} model: ours at several min_active values, {steps} steps (PSNR vs full compute)")
@@ -200,7 +200,7 @@ def speed_curve(model: Model, steps: int) -> dict:
         if name != "full":
             with context():
                 rows[name] = {"psnr": round(psnr_of(model.generate(model.prompts, row_steps, 0), full), 2)}
-    for name, speedup in _speedups(model, runs).items():
+    for name, speedup in measured_speedups(model, runs).items():
         if name in rows:
             rows[name]["speedup"] = round(speedup, 2)
     plain = sorted((rows[n]["speedup"], rows[n]["psnr"]) for n in rows if n.startswith("steps-"))

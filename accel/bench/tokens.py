@@ -138,7 +138,7 @@ def _shares(config: TokenStepConfig | None, steps: int, model: Model, row_steps:
     return config.grid_steps(steps) / steps, config.planned_fraction(steps, model.tokens)
 
 
-def _speedups(model: Model, runs: dict[str, tuple], repeats: int = 3) -> dict[str, float]:
+def measured_speedups(model: Model, runs: dict[str, tuple], repeats: int = 3) -> dict[str, float]:
     """Per run ``name -> (context factory, steps)``, full compute's time over the run's on the probe prompts:
     interleaved rounds after one warm-up call, the fastest round of each (the machine is shared)."""
     probe = model.prompts[: model.probe]
@@ -174,7 +174,7 @@ def _runtime(model: Model, steps: int) -> dict[str, Callable]:
     macs = _front_macs(model.front) if model.front is not None else []
     ends = sorted({int(np.argmax(macs)), int(np.argmin(macs))}) if macs else []
     probes.update({f"front-{i}": (_applied(model, _front_cache(model, i, steps)), steps) for i in ends})
-    ratios = {name: 1 / speedup for name, speedup in _speedups(model, probes).items()}
+    ratios = {name: 1 / speedup for name, speedup in measured_speedups(model, probes).items()}
     shares = {"full": (1.0, 1.0), **{name: _shares(config, steps, model) for name, config in configs.items()}}
     shares.update({f"steps-{n}": (n / steps, n / steps) for n in (steps // 2, steps // 4)})
     fit = _fit(list(shares.values()), [ratios[name] for name in shares])
@@ -291,7 +291,7 @@ def evaluate(model: Model, steps: int) -> dict:
         if config is not None:
             rows[name]["token_steps"] = config.planned_fraction(row_steps, model.tokens) * row_steps / steps
             rows[name]["grid_steps"] = config.grid_steps(row_steps)
-    speedups = _speedups(model, {name: (context, n) for name, (_, context, n, *_) in every.items()})
+    speedups = measured_speedups(model, {name: (context, n) for name, (_, context, n, *_) in every.items()})
     for name, speedup in speedups.items():
         rows[name]["speedup"] = speedup
     print_table(model, steps, rows)
