@@ -80,17 +80,17 @@ class FluxTokenAttention(JointTokenAttentionBase):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         """Same signature and results as ``FluxAttnProcessor.__call__``."""
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
         self.refuse_mask(attention_mask)
         index = self.active.index
-        if attn.fused_projections:
-            qkv = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            qkv = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        *qkv, text_q, text_k, text_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         # (rows, sequence, heads * head_dim) -> (rows, sequence, heads, head_dim)
         query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv)
         query, key = attn.norm_q(query), attn.norm_k(key)
         if encoder_hidden_states is not None:  # double-stream: the text comes separately
-            text = _flux_text(attn, encoder_hidden_states)
+            text_q, text_k, text_v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (text_q, text_k, text_v))
+            text = (attn.norm_added_q(text_q), attn.norm_added_k(text_k), text_v)
             image = (query, key, value)
         else:  # single-stream: [text; active image] in one sequence
             count = hidden_states.shape[1] - index.shape[1]
@@ -113,17 +113,6 @@ def _heads(attn, to_q, to_k, to_v, states: torch.Tensor) -> Triple:
 def _norm(norm, states: torch.Tensor) -> torch.Tensor:
     """A per-head query/key norm (over ``head_dim``) if the module has one."""
     return states if norm is None else norm(states)
-
-
-def _flux_text(attn, encoder_hidden_states: torch.Tensor) -> Triple:
-    """FLUX's text queries, keys and values, ``(rows, text, heads, head_dim)``, normed."""
-    if attn.fused_projections:
-        qkv = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
-    else:
-        qkv = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
-               attn.add_v_proj(encoder_hidden_states))  # fmt: skip
-    query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv)
-    return attn.norm_added_q(query), attn.norm_added_k(key), value
 
 
 def _flux_positions(text: Triple, image: Triple, rotary, index: torch.Tensor) -> tuple[Triple, Triple]:

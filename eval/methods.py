@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accel.eval.quant_methods import SCHEMES, apply_quant, parse_quantized
+from accel.eval.quant_methods import apply_quant, parse_quantized
+from accel.quant.schemes import SCHEMES  # torch only: torchao loads when a scheme runs
 
 
 class UnsupportedMethod(RuntimeError):

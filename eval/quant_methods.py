@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from accel.eval.methods import Applied
 
-#: the quantization schemes a method name may end in (accel.quant.SCHEMES, without importing torchao here)
-SCHEMES = ("int8-weight", "int8-dynamic", "int8-static", "fp8")
 #: the methods a scheme may follow: accel's caching, whose CacheConfig the quantization calibrates under
 CACHE_KINDS = ("fora", "taylorseer", "delta-dit", "tgate", "fbc", "json", "front")
 
@@ -74,9 +72,7 @@ def apply_quant(
             steps=steps,
             config={"type": "combined", "configs": recorded},
             reset=handle.reset,
-            stats=lambda: (
-                {type(c).__name__: _stats_json(p.stats()) for c, p in zip(configs, parts)} if instrument else None
-            ),
+            stats=lambda: {type(c).__name__: _json(p.stats()) for c, p in zip(configs, parts)} if instrument else None,
         )
 
 
@@ -89,12 +85,6 @@ def _config_json(config: Any, plan: Any) -> dict:
     return {"type": type(config).__name__, "scheme": config.scheme, "corrected": corrected}
 
 
-def _stats_json(stats: Any) -> dict | None:
-    """A technique's stats as JSON: its ``to_dict``, else the quantization stats' headline fields."""
-    if stats is None or hasattr(stats, "to_dict"):
-        return None if stats is None else stats.to_dict()
-    return {
-        "weight_memory_ratio": stats.weight_memory_ratio,
-        "layers_per_scheme": stats.layers_per_scheme,
-        "corrected_components": stats.corrected_components,
-    }
+def _json(stats: Any) -> dict | None:
+    """A technique's stats as JSON (its ``to_dict``), or None."""
+    return None if stats is None else stats.to_dict()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -73,6 +73,10 @@ class QuantStats:
     def weight_memory_ratio(self) -> float:
         """``weight_bytes_after / weight_bytes_before``."""
         return self.weight_bytes_after / self.weight_bytes_before
+
+    def to_dict(self) -> dict:
+        """JSON-ready: every field and ``weight_memory_ratio``."""
+        return {**asdict(self), "weight_memory_ratio": self.weight_memory_ratio}
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:
