@@ -111,18 +111,23 @@ class DefaultTokenAttention(TokenAttention):
         """Same signature and result as ``AttnProcessor2_0.__call__`` for self-attention on token sequences."""
         self.refuse_mask(attention_mask)
         residual = hidden_states
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        # (rows, active, heads * head_dim) -> (rows, active, heads, head_dim)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        query, key, value = split_heads(attn, hidden_states, projections, attn.norm_q, attn.norm_k)
         out = self.attend(query, key, value).flatten(2, 3).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def split_heads(attn, states: torch.Tensor, projections, norm_q, norm_k) -> tuple[torch.Tensor, ...]:
+    """Queries, keys and values of ``states: (rows, sequence, width)`` by the three ``projections``, each split
+    into ``(rows, sequence, heads, head_dim)``, the queries and keys through their per-head norms where the
+    module has them (None: none), as diffusers' ``AttnProcessor2_0`` and ``JointAttnProcessor2_0`` compute them."""
+    query, key, value = (projection(states).unflatten(2, (attn.heads, -1)) for projection in projections)
+    query = query if norm_q is None else norm_q(query)
+    key = key if norm_k is None else norm_k(key)
+    return query, key, value
 
 
 def _check_default(attn: torch.nn.Module) -> None:

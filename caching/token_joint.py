@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from accel.caching.token_attention import TokenAttention
+from accel.caching.token_attention import TokenAttention, split_heads
 
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -58,13 +58,12 @@ class SD3TokenAttention(JointTokenAttentionBase):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         """Same signature and results as ``JointAttnProcessor2_0.__call__``."""
         self.refuse_mask(attention_mask)
-        image = _heads(attn, attn.to_q, attn.to_k, attn.to_v, hidden_states)
-        image = (_norm(attn.norm_q, image[0]), _norm(attn.norm_k, image[1]), image[2])
+        image = split_heads(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k)
         if encoder_hidden_states is None:
             out = self.attend(*image).flatten(2, 3).to(image[0].dtype)
             return attn.to_out[1](attn.to_out[0](out))
-        text = _heads(attn, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, encoder_hidden_states)
-        text = (_norm(attn.norm_added_q, text[0]), _norm(attn.norm_added_k, text[1]), text[2])
+        projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        text = split_heads(attn, encoder_hidden_states, projections, attn.norm_added_q, attn.norm_added_k)
         image_out, text_out = (t.flatten(2, 3).to(image[0].dtype) for t in self.attend_joint(image, text, False))
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
@@ -103,16 +102,6 @@ class FluxTokenAttention(JointTokenAttentionBase):
             return torch.cat([text_out, image_out], 1).flatten(2, 3).to(query.dtype)
         image_out = attn.to_out[1](attn.to_out[0](image_out.flatten(2, 3).to(query.dtype).contiguous()))
         return image_out, attn.to_add_out(text_out.flatten(2, 3).to(query.dtype).contiguous())
-
-
-def _heads(attn, to_q, to_k, to_v, states: torch.Tensor) -> Triple:
-    """Projections of ``states: (rows, sequence, width)`` split into ``(rows, sequence, heads, head_dim)``."""
-    return tuple(projection(states).unflatten(2, (attn.heads, -1)) for projection in (to_q, to_k, to_v))
-
-
-def _norm(norm, states: torch.Tensor) -> torch.Tensor:
-    """A per-head query/key norm (over ``head_dim``) if the module has one."""
-    return states if norm is None else norm(states)
 
 
 def _flux_positions(text: Triple, image: Triple, rotary, index: torch.Tensor) -> tuple[Triple, Triple]:
