@@ -104,17 +104,15 @@ def test_cli_quant_search_is_refused_before_the_model_loads(flags, message, tmp_
     assert message in capsys.readouterr().err
 
 
-def test_cli_searches_with_the_quantized_model_in_the_loop_and_marks_the_front(tmp_path):
+def test_cli_searches_with_the_quantized_model_in_the_loop_and_marks_the_front(tmp_path, model_dir):
     from accel.caching import load_front
     from accel.caching.schedule import Schedule
     from accel.cli import main
 
-    pipe = build_tiny_pixart_pipeline()
-    pipe.save_pretrained(tmp_path / "model")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "front"
-    argv = ["search", "--model", str(tmp_path / "model"), "--prompts", str(prompts), "--steps", "5", "--out", str(out)]
+    argv = ["search", "--model", str(model_dir), "--prompts", str(prompts), "--steps", "5", "--out", str(out)]
     argv += ["--algorithm", "dp", "--max-sequence-length", "16", "--quant-scheme", "int8-dynamic", "--cost", "latency"]
     assert main(argv) == 0
     front = load_front(out)
