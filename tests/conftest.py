@@ -35,15 +35,21 @@ def _word_tokenizer():
     )
 
 
+def tiny_t5_encoder():
+    """A random one-layer T5 encoder (width 16, 32 ids: :func:`_word_tokenizer`'s fit) from the global seed."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    )
+
+
 def build_tiny_pixart_pipeline(num_layers: int = 4):
     """A stock ``PixArtAlphaPipeline`` with tiny random T5, VAE and transformer; no download."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
-    )
+    text_encoder = tiny_t5_encoder()
     vae = AutoencoderKL(
         block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,

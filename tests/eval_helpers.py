@@ -29,14 +29,11 @@ def build_tiny_wan_pipeline():
     """A stock ``WanPipeline`` with a tiny random T5, Wan VAE and 2-block transformer; no download. Call it with
     :data:`TINY_VIDEO_KWARGS`: clips of 5 frames of 16 x 16 (latents 3 x 8 x 8, 48 tokens)."""
     import torch
-    from conftest import _word_tokenizer
+    from conftest import _word_tokenizer, tiny_t5_encoder
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
-    )
+    text_encoder = tiny_t5_encoder()
     vae = AutoencoderKLWan(
         base_dim=4,
         z_dim=4,
@@ -72,6 +69,45 @@ def build_tiny_wan_pipeline():
 
 #: call arguments of :func:`build_tiny_wan_pipeline`'s pipeline
 TINY_VIDEO_KWARGS = {"height": 16, "width": 16, "num_frames": 5}
+
+
+def build_tiny_ltx_pipeline():
+    """A stock ``LTXPipeline`` with a tiny random T5, LTX-Video VAE (8x spatial and temporal compression) and the
+    2-block transformer of ``tiny_models.LTX``; no download. Call it with :data:`TINY_LTX_KWARGS`: clips of 9
+    frames of 32 x 32 (the pipeline's least size; latents 2 x 4 x 4, 32 tokens)."""
+    import torch
+    from conftest import _word_tokenizer, tiny_t5_encoder
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+    from tiny_models import LTX
+
+    torch.manual_seed(0)
+    text_encoder = tiny_t5_encoder()
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=LTX.config["in_channels"],
+        block_out_channels=(8,) * 4,
+        decoder_block_out_channels=(8,) * 4,
+        layers_per_block=(1,) * 5,
+        decoder_layers_per_block=(1,) * 5,
+        spatio_temporal_scaling=(True, True, True, False),
+        decoder_spatio_temporal_scaling=(True, True, True, False),
+        decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4,
+        upsample_factor=(1,) * 4,
+        patch_size=1,
+    )
+    transformer = LTX.model_class(**{**LTX.config, "caption_channels": text_encoder.config.d_model})
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    pipe = LTXPipeline(
+        tokenizer=_word_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for module in (text_encoder, vae, transformer):
+        module.eval().requires_grad_(False)
+    return pipe
+
+
+#: call arguments of :func:`build_tiny_ltx_pipeline`'s pipeline (the word tokenizer's 16 tokens, not LTX's 128)
+TINY_LTX_KWARGS = {"height": 32, "width": 32, "num_frames": 9, "max_sequence_length": 16}
 
 
 def build_tiny_unet_pipeline():
