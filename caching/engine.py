@@ -35,7 +35,7 @@ from accel.caching.policy import FirstBlockPolicy
 from accel.caching.schedule import Schedule, layout_of
 from accel.caching.state import Feature, FeatureCache, map_feature, residual_of, sum_features
 from accel.caching.stats import CacheStats
-from accel.caching.token_features import TokenFeatures
+from accel.caching.token_features import Streams, TokenFeatures, block_streams, component_streams
 from accel.caching.tokens import TokenStepConfig
 from accel.compile import flop_counter
 from accel.hooks import MethodWrapper
@@ -230,11 +230,12 @@ class CacheEngine(PerSampleBlocks):
         handle = self.tracker.active.get(TokenStepConfig)
         return None if handle is None else handle.token_features()
 
-    def _update(self, cache: FeatureCache, step: int, value: Feature) -> None:
-        """Store ``value`` computed at ``step``: as it is, or merged into the full-length per-token value."""
+    def _update(self, cache: FeatureCache, step: int, value: Feature, streams: Streams) -> None:
+        """Store ``value`` computed at ``step``: as it is, or merged into the full-length per-token value (its
+        tensors running over the tokens as ``streams`` say)."""
         tokens = self._tokens()
         if tokens is not None:
-            value = tokens.merge(cache, value)
+            value = tokens.merge(cache, value, streams)
             if value is None:
                 return
         cache.update(step, value)
@@ -310,17 +311,18 @@ class CacheEngine(PerSampleBlocks):
         if block.index != self._stacks[path][0]:
             done = state.stack_skip.get(path)
             return self._skip(block, key, inputs, None) if done == (step, True) else None
-        total = self._stack_residual(state, path, step, inputs)
+        total = self._stack_residual(state, block.stack, step, inputs)
         state.stack_skip[path] = (step, total is not None)
         return None if total is None else self._skip(block, key, inputs, total)
 
-    def _stack_residual(self, state: _BranchState, path: str, step: int, inputs: tuple) -> Feature:
+    def _stack_residual(self, state: _BranchState, stack: BlockStack, step: int, inputs: tuple) -> Feature:
         """The sum of the cached residuals of the stack's blocks at ``step``, or None if one is missing, of
         another shape or lacks an output. When the blocks were computed at the same steps, their sum is cached
         once per change (:meth:`FeatureCache.sum_of`) and forecast like one block."""
+        path = stack.path
         caches = [state.blocks.get(i) for i in self._stacks[path]]
-        tokens = self._tokens()
-        like = inputs if tokens is None else tokens.like(inputs)
+        tokens, streams = self._tokens(), block_streams(stack)
+        like = inputs if tokens is None else tokens.like(inputs, streams)
         if any(cache is None or not cache.matches(like) or not cache.complete for cache in caches):
             return None
         versions = tuple(cache.version for cache in caches)
@@ -328,8 +330,9 @@ class CacheEngine(PerSampleBlocks):
         if kept is None or kept[0] != versions:
             kept = state.stack_sums[path] = (versions, FeatureCache.sum_of(caches))
         if kept[1] is not None:
-            return map_feature(lambda t, like: t.to(like.dtype), _gathered(tokens, kept[1].predict(step)), inputs)
-        return sum_features([_gathered(tokens, cache.predict(step)) for cache in caches])
+            predicted = _gathered(tokens, kept[1].predict(step), streams)
+            return map_feature(lambda t, like: t.to(like.dtype), predicted, inputs)
+        return sum_features([_gathered(tokens, cache.predict(step), streams) for cache in caches])
 
     # -- forwards: fenced frames that decide eagerly and compute in the caller's compiled region ------------
 
@@ -396,9 +399,10 @@ class CacheEngine(PerSampleBlocks):
         skippable = plan.may_skip[block.index]
         inputs = self._inputs(block, args, kwargs) if skippable else ()
         if skippable and not row[block.present].any():
-            cache, tokens = state.blocks.get(block.index), self._tokens()
-            if cache is not None and cache.matches(inputs if tokens is None else tokens.like(inputs)):
-                return BlockCall(self._skip(block, key, inputs, _gathered(tokens, cache.predict(ctx.step))))
+            cache, tokens, streams = state.blocks.get(block.index), self._tokens(), block_streams(block.stack)
+            if cache is not None and cache.matches(inputs if tokens is None else tokens.like(inputs, streams)):
+                predicted = _gathered(tokens, cache.predict(ctx.step), streams)
+                return BlockCall(self._skip(block, key, inputs, predicted))
             if cache is None or not len(cache):
                 self.notices.nothing_cached(ctx.step, block.index, "the whole block")
         previous, self._active = self._active, (state, ctx.step, block.index, row, plan.may_reuse[block.index])
@@ -420,7 +424,7 @@ class CacheEngine(PerSampleBlocks):
                 self._tally(int(c), reused=False)
         if call.store:
             cache = call.state.blocks.setdefault(block.index, self._new_cache(self.policy.forecast_order))
-            self._update(cache, call.step, residual_of(output, call.inputs))
+            self._update(cache, call.step, residual_of(output, call.inputs), block_streams(block.stack))
         return output
 
     @eager
@@ -435,7 +439,8 @@ class CacheEngine(PerSampleBlocks):
         if not row[component] and cache is not None and len(cache) and _same_batch(cache, args, kwargs):
             self.stats_data.add_call(name, step, reused=True)
             self._saved(key)
-            return ComponentCall(_gathered(self._tokens(), cache.predict(step)))
+            streams = component_streams(block.stack, name)
+            return ComponentCall(_gathered(self._tokens(), cache.predict(step), streams))
         if not row[component] and (cache is None or not len(cache)):
             self.notices.nothing_cached(step, block.index, name)
         self.stats_data.add_call(name, step, reused=False)
@@ -448,7 +453,7 @@ class CacheEngine(PerSampleBlocks):
         cache = call.state.components.get((block.index, component))
         if cache is None:
             cache = call.state.components[(block.index, component)] = self._new_cache(self.policy.forecast_order)
-        self._update(cache, call.step, output)
+        self._update(cache, call.step, output, component_streams(block.stack, self.components[component]))
 
 
 def _wraps(method, wrapper) -> bool:
@@ -461,9 +466,9 @@ def _wraps(method, wrapper) -> bool:
     return False
 
 
-def _gathered(tokens: TokenFeatures | None, feature: Feature) -> Feature:
+def _gathered(tokens: TokenFeatures | None, feature: Feature, streams: Streams) -> Feature:
     """A prediction at the current call's active tokens (as it is without per-token steps)."""
-    return feature if tokens is None else tokens.gather(feature)
+    return feature if tokens is None else tokens.gather(feature, streams)
 
 
 def _same_batch(cache: FeatureCache, args: tuple, kwargs: dict) -> bool:

@@ -368,7 +368,9 @@ class TokenStepHandle(Handle):
         """The tokens the blocks of the current transformer call see (for block caching underneath), or None
         outside a call."""
         index = self.active.index
-        return None if index is None else TokenFeatures(index, self.active.tokens)
+        if index is None:
+            return None
+        return TokenFeatures(index, self.active.tokens, text_first=self.target.spec.token_layout.text == "first")
 
     def stats(self) -> TokenStepStats:
         """Active fraction per step, token-steps computed and per-token heat maps; see :class:`TokenStepStats`."""
@@ -455,17 +457,10 @@ def _self_attention(target: Target, block: torch.nn.Module):
 def _check_caching(target: Target) -> None:
     """Block caching underneath (applied first, in an earlier phase) composes through per-token cached features
     (:mod:`accel.caching.token_features`), except a dynamic policy, whose decision compares a whole-sequence
-    first-block residual between steps that compute different tokens, and on joint-attention models."""
+    first-block residual between steps that compute different tokens."""
     from accel.caching.config import CacheConfig
 
     handle = target.tracker.active.get(CacheConfig)
-    joint = any(c.attention == "joint" for stack in target.spec.stacks for c in stack.components)
-    if handle is not None and joint:
-        raise ValueError(
-            f"TokenStepConfig does not compose with a CacheConfig on {type(target.transformer).__name__}: its "
-            "joint-attention blocks cache text and image features together (FLUX's single-stream blocks in one "
-            "sequence), which per-token features cannot keep apart; apply one of them"
-        )
     if handle is not None and handle.engine.dynamic:
         raise ValueError(
             "TokenStepConfig does not compose with a dynamic (first-block) CacheConfig policy: its decision "

@@ -230,12 +230,14 @@ def test_refuses_models_and_samplers_where_it_does_not_apply():
     assert TokenStepConfig(speedup=4.0).fraction == 0.25
 
 
-@pytest.mark.parametrize("family", CROSS_ATTENTION)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_block_caching_composes_in_one_apply_in_either_order(family):
     """FORA (every other step) under per-token steps at half the token-steps: the cached residuals are kept per
-    token, so the error adds up rather than compounds: within 1.25x the sum of each technique's own error vs
-    full compute (measured 0.97-1.1x on the tiny models) and within the half-budget bound; FORA at interval 1
-    with the full budget equals the unwrapped model; remove() is exact."""
+    token, so the errors about add up: within 1.25x the sum of each technique's own error vs full compute
+    (measured 0.97-1.12x on the tiny models; the tiny FLUX, 1.61x, within 1.8x: a token active at a reused
+    step but not at the block's last computed one gets the residual of its own last computed step, older than
+    either technique alone gives, and FLUX's four blocks add that up) and within the half-budget bound; FORA at
+    interval 1 with the full budget equals the unwrapped model; remove() is exact."""
     from accel.caching import CacheConfig, fora, layout_of
 
     tiny = TINY_MODELS[family]
@@ -252,7 +254,8 @@ def test_block_caching_composes_in_one_apply_in_either_order(family):
                 assert min(handle.stats()["TokenStepConfig"].active) == pytest.approx(0.5)
     assert torch.equal(outputs[2], outputs[3])  # phase order, whatever the argument order
     alone = errors[1, "TokenStepConfig"] + errors[1, "CacheConfig"]
-    assert errors[2, "TokenStepConfig"] <= 1.25 * alone and errors[2, "TokenStepConfig"] < 0.15, errors
+    ratio = 1.8 if family == "flux" else 1.25
+    assert errors[2, "TokenStepConfig"] <= ratio * alone and errors[2, "TokenStepConfig"] < 0.15, errors
     assert torch.equal(denoise(model, tiny, [1, 2], steps=STEPS, cfg=True), reference)
     every = CacheConfig(schedule=fora(layout_of(model), STEPS, 1))
     with accel.apply(model, every, _config(budget=1.0)):
@@ -260,11 +263,12 @@ def test_block_caching_composes_in_one_apply_in_either_order(family):
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-def test_block_caching_under_per_token_steps_compiles_to_bounded_frames():
+@pytest.mark.parametrize("family", ["wan", "flux"])
+def test_block_caching_under_per_token_steps_compiles_to_bounded_frames(family):
     from accel.caching import CacheConfig, fora, layout_of
 
     torch._dynamo.reset()
-    tiny = TINY_MODELS["wan"]
+    tiny = TINY_MODELS[family]
     model = tiny.build()
     counter = CompileCounter()
     accel.compile_blocks(model, backend=counter)
@@ -277,8 +281,10 @@ def test_block_caching_under_per_token_steps_compiles_to_bounded_frames():
             denoise(model, tiny, [1, 2], steps=steps, cfg=True)
         frames.append(counter.frame_count)
     at_12 = frames[0]
-    # as per-token steps alone: the swapped processors and the token counts (all and two bucket sizes)
-    assert at_12 - plain <= 4 and counter.frame_count == at_12, (plain, at_12, counter.frame_count)
+    # as per-token steps alone, per kind of block: the swapped processors and the token counts (all and two
+    # bucket sizes)
+    bound = 4 * len(accel.adapters.spec_for(model).stacks)
+    assert at_12 - plain <= bound and counter.frame_count == at_12, (plain, at_12, counter.frame_count)
 
 
 def test_block_caching_compositions_that_cannot_hold_are_refused_with_the_reason():
@@ -292,10 +298,6 @@ def test_block_caching_compositions_that_cannot_hold_are_refused_with_the_reason
     with pytest.raises(ValueError, match="dynamic .first-block. CacheConfig policy"):
         accel.apply(model, CacheConfig(schedule=FirstBlockPolicy()), _config(budget=0.5))
     assert torch.equal(denoise(model, tiny, [1], steps=4, cfg=False), reference)
-    flux = TINY_MODELS["flux"].build()
-    with pytest.raises(ValueError, match="joint-attention blocks cache text and image features together"):
-        accel.apply(flux, CacheConfig(schedule=fora(layout_of(flux), STEPS, 2)), _config(budget=0.5))
-    assert not any("forward" in m.__dict__ for m in flux.modules())
 
 
 @torch.no_grad()
@@ -349,3 +351,59 @@ def test_a_bare_transformer_says_its_reset_points_cannot_apply_and_per_token_tim
         with torch.no_grad():
             model(**kwargs)
     handle.remove()
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_per_token_features_keep_text_whole_and_visual_tokens_per_token(text_first):
+    """A (joint, visual, whole) feature stored at a dense call, then merged at a sparse one: the joint tensor's
+    text and the whole tensor take the new values, the visual entries change at the active tokens only, and
+    gathering gives back exactly what the sparse call computed."""
+    from accel.caching.state import FeatureCache
+    from accel.caching.token_features import TokenFeatures
+
+    rows, tokens, text, width = 2, 6, 3, 4
+    streams = ("joint", "visual", "whole")
+    dense = TokenFeatures(torch.arange(tokens).expand(rows, tokens), tokens, text_first)
+    first = (torch.randn(rows, text + tokens, width), torch.randn(rows, tokens, width), torch.randn(rows, text, 5))
+    cache = FeatureCache()
+    cache.update(0, dense.merge(cache, first, streams))
+    index = torch.tensor([[1, 4], [0, 5]])
+    sparse = TokenFeatures(index, tokens, text_first)
+    now = (torch.randn(rows, text + 2, width), torch.randn(rows, 2, width), torch.randn(rows, text, 5))
+    stored = sparse.merge(cache, now, streams)
+    cache.update(1, stored)
+    assert all(torch.equal(a, b) for a, b in zip(sparse.gather(cache.predict(2), streams), now))
+    joint, visual, whole = stored
+    assert torch.equal(whole, now[2])
+    text_part = slice(0, text) if text_first else slice(tokens, tokens + text)
+    image_part = slice(text, text + tokens) if text_first else slice(0, tokens)
+    assert torch.equal(joint[:, text_part], now[0][:, :text] if text_first else now[0][:, 2:])
+    for tensor, old in ((joint[:, image_part], first[0][:, image_part]), (visual, first[1])):
+        kept = torch.ones(rows, tokens, dtype=torch.bool).scatter_(1, index, False)
+        assert torch.equal(tensor[kept], old[kept]) and not torch.equal(tensor, old)
+    with pytest.raises(ValueError, match="token-major"):
+        sparse.merge(cache, (now[0], now[0], now[2]), streams)  # a visual tensor of the wrong length
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("schedule", ["output", "forecast"])
+def test_component_reuse_and_forecasts_compose_with_per_token_steps_on_joint_models(family, schedule):
+    """Reusing components inside running blocks (image, text and, in FLUX's single-stream blocks, joint
+    [text; image] outputs) and first-order forecasts of block residuals, under per-token steps at half the
+    token-steps: every component the schedule reuses is reused, and the final latents stay within the
+    half-budget bound of full compute."""
+    from accel.caching import CacheConfig, fora, layout_of, taylorseer
+
+    tiny = TINY_MODELS[family]
+    model = tiny.build()
+    reference = denoise(model, tiny, [1, 2], steps=STEPS, cfg=True)
+    layout = layout_of(model)
+    plan = fora(layout, STEPS, 2, reuse="output") if schedule == "output" else taylorseer(layout, STEPS, 2, 1)
+    with accel.apply(model, CacheConfig(schedule=plan), _config(budget=0.5)) as handle:
+        out = denoise(model, tiny, [1, 2], steps=STEPS, cfg=True)
+        stats = handle.stats()["CacheConfig"]
+    present = {name for name, count in stats.computed.items() if count}
+    assert {name for name, count in stats.reused.items() if count} == present and len(present) >= 3, stats
+    assert (stats.blocks_skipped > 0) == (schedule == "forecast"), stats
+    assert min(handle.stats()["TokenStepConfig"].active) == pytest.approx(0.5)
+    assert 0 < _relative(out, reference) < 0.15
