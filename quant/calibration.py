@@ -316,58 +316,19 @@ def calibrate(
         ValueError: ``cache`` holds a ``FirstBlockPolicy``, or a bare transformer without ``run``.
         RuntimeError: the scheme cannot run on the transformer's device (e.g. fp8 on a CPU).
     """
-    from accel.caching import FirstBlockPolicy
-
-    if cache is not None and isinstance(cache.schedule, FirstBlockPolicy):
-        raise ValueError(
-            "cache-aware quantization calibrates under a static Schedule, not a FirstBlockPolicy (it decides at run "
-            "time, so no trajectory stands for it): pass a Schedule (e.g. a front member) or cache=None"
-        )
+    _refuse_dynamic_cache(cache)
     target = resolve(pipe_or_transformer, spec)
     check_scheme(config.scheme, next(target.transformer.parameters()).device)  # before any calibration run
-    calibration = config.calibration or Calibration()
-    if config.calibration is None and cache is not None:  # the defaults, at the step count the schedule is for
-        calibration = Calibration(num_inference_steps=cache.schedule.num_steps)
-    if run is None:
-        if target.pipeline is None:
-            raise ValueError("calibrating a bare transformer needs run=..., a callable that drives its trajectories")
-        run = pipeline_runner(target.pipeline, calibration)
+    calibration = _calibration_settings(config, cache)
+    run = _runner(target, calibration, run)
     target.tracker.acquire()
     try:
         layers = candidate_layers(target.transformer, target.spec, config.scope)
         inputs, seen = record_layer_inputs(pipe_or_transformer, layers, run, cache, calibration.rows_per_call)
-        static = config.scheme in STATIC_SCHEMES
-        ranges = seen if static else {}
-        sqnrs = {
-            name: layer_sqnr(
-                linear, quantized_weight(linear, config.scheme, ranges.get(name)), inputs[name], seen[name].ndim
-            )
-            for name, linear in layers.items()
-            if name in inputs
-        }
-        bound = config.min_sqnr
-        decisions = {
-            name: FULL_PRECISION
-            if (bound is not None and sqnrs.get(name, float("inf")) < bound) or (static and name not in ranges)
-            else config.scheme
-            for name in layers
-        }
-        plan = Plan(
-            sizes={},
-            model_class=type(target.transformer).__name__,
-            settings={
-                "technique": "quant",
-                "scheme": config.scheme,
-                "layer_scope": config.scope,
-                "min_sqnr": bound,
-                "layers": decisions,
-                "schedule": None if cache is None else cache.schedule.to_dict(),
-                **({"activation_ranges": {name: r.to_list() for name, r in ranges.items()}} if static else {}),
-            },
-            provenance={"prompts": list(calibration.prompts), "seed": calibration.seed,
-                        "num_inference_steps": calibration.num_inference_steps},
-            metrics={"sqnr": {name: _finite(value) for name, value in sqnrs.items()}},
-        )  # fmt: skip
+        ranges = seen if config.scheme in STATIC_SCHEMES else {}
+        sqnrs = _layer_sqnrs(layers, inputs, seen, config.scheme, ranges)
+        decisions = _decisions(layers, sqnrs, config, ranges)
+        plan = _layer_plan(target, config, calibration, cache, decisions, sqnrs, ranges)
         if config.corrects(cache is not None):
             plan = _with_correction(plan, pipe_or_transformer, target, layers, decisions, config.scheme, ranges, run,
                                     cache)  # fmt: skip
@@ -376,6 +337,87 @@ def calibrate(
     logger.info("quantization plan: %d of %d layers quantized", sum(v != FULL_PRECISION for v in decisions.values()),
                 len(decisions))  # fmt: skip
     return plan
+
+
+def _refuse_dynamic_cache(cache: Any) -> None:
+    """Refuse a cache that decides at run time (a ``FirstBlockPolicy``): no calibration trajectory stands for it."""
+    from accel.caching import FirstBlockPolicy
+
+    if cache is not None and isinstance(cache.schedule, FirstBlockPolicy):
+        raise ValueError(
+            "cache-aware quantization calibrates under a static Schedule, not a FirstBlockPolicy (it decides at run "
+            "time, so no trajectory stands for it): pass a Schedule (e.g. a front member) or cache=None"
+        )
+
+
+def _calibration_settings(config: QuantConfig, cache: Any) -> Calibration:
+    """``config.calibration``, or the default settings, under a cache at the step count its schedule is for."""
+    if config.calibration is not None:
+        return config.calibration
+    if cache is not None:
+        return Calibration(num_inference_steps=cache.schedule.num_steps)
+    return Calibration()
+
+
+def _runner(target, calibration: Calibration, run: Runner | None) -> Runner:
+    """``run``, or (given a pipeline) the pipeline over ``calibration``'s prompts (:func:`pipeline_runner`)."""
+    if run is not None:
+        return run
+    if target.pipeline is None:
+        raise ValueError("calibrating a bare transformer needs run=..., a callable that drives its trajectories")
+    return pipeline_runner(target.pipeline, calibration)
+
+
+def _layer_sqnrs(
+    layers: dict[str, torch.nn.Linear],
+    inputs: dict[str, torch.Tensor],
+    seen: dict[str, ActivationRange],
+    scheme: str,
+    ranges: dict[str, ActivationRange],
+) -> dict[str, float]:
+    """The SQNR (dB) of every layer that saw calls, quantized with ``scheme`` (a static one at the layer's
+    calibrated ``ranges``), on its recorded ``inputs`` (see :func:`layer_sqnr`)."""
+    return {
+        name: layer_sqnr(linear, quantized_weight(linear, scheme, ranges.get(name)), inputs[name], seen[name].ndim)
+        for name, linear in layers.items()
+        if name in inputs
+    }
+
+
+def _decisions(
+    layers: dict[str, torch.nn.Linear], sqnrs: dict[str, float], config: QuantConfig, ranges: dict
+) -> dict[str, str]:
+    """Each candidate layer's scheme: ``config.scheme``, or full precision for a layer under ``config.min_sqnr``
+    and, with a static scheme, for a layer no calibration call reached (it has no activation range)."""
+    static, bound = config.scheme in STATIC_SCHEMES, config.min_sqnr
+    return {
+        name: FULL_PRECISION
+        if (bound is not None and sqnrs.get(name, float("inf")) < bound) or (static and name not in ranges)
+        else config.scheme
+        for name in layers
+    }
+
+
+def _layer_plan(target, config: QuantConfig, calibration: Calibration, cache, decisions, sqnrs, ranges) -> Plan:
+    """The plan of step 1 (see :func:`calibrate`'s Returns): each layer's scheme and SQNR, the schedule
+    calibrated under and, for a static scheme, the activation ranges; where the runs came from."""
+    static = config.scheme in STATIC_SCHEMES
+    return Plan(
+        sizes={},
+        model_class=type(target.transformer).__name__,
+        settings={
+            "technique": "quant",
+            "scheme": config.scheme,
+            "layer_scope": config.scope,
+            "min_sqnr": config.min_sqnr,
+            "layers": decisions,
+            "schedule": None if cache is None else cache.schedule.to_dict(),
+            **({"activation_ranges": {name: r.to_list() for name, r in ranges.items()}} if static else {}),
+        },
+        provenance={"prompts": list(calibration.prompts), "seed": calibration.seed,
+                    "num_inference_steps": calibration.num_inference_steps},
+        metrics={"sqnr": {name: _finite(value) for name, value in sqnrs.items()}},
+    )  # fmt: skip
 
 
 def _with_correction(plan: Plan, pipe_or_transformer, target, layers, decisions, scheme, ranges, run, cache) -> Plan:

@@ -9,8 +9,9 @@ fallback chain of kernels.
 """
 
 from accel.sparse.apply import SparseAttentionConfig, SparseHandle, SparseStats
+from accel.sparse.end_to_end import check_plans
 from accel.sparse.kernels import LayerAttention
-from accel.sparse.offline import best_uniform_plan, check_plans, search
+from accel.sparse.offline import best_uniform_plan, search
 from accel.sparse.patterns import HeadPattern, TokenGrid, density
 from accel.sparse.plan import (
     check_plan,

@@ -31,7 +31,8 @@ from accel.sparse import (
     trajectory_density,
     uniform_plan,
 )
-from accel.sparse.offline import compare_to_dense, run_pipeline, search
+from accel.sparse.end_to_end import compare_to_dense, run_pipeline
+from accel.sparse.offline import search
 from accel.sparse.patterns import dense_mask
 from accel.sparse.runs import CallGroup, SliceCall, group_calls, slice_calls
 from accel.sparse.search import ErrorRecorder, candidate_patterns, choose, fit_cost_model, tile_densities

@@ -194,7 +194,7 @@ def end_to_end(args) -> dict:
     from accel.api import apply
     from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS
     from accel.sparse import SparseAttentionConfig, best_uniform_plan, describe_plan, search
-    from accel.sparse.offline import run_pipeline
+    from accel.sparse.end_to_end import run_pipeline
 
     pipe = _pipeline(args)
     prompts, kwargs = list(PROMPTS[: args.prompts]), DEFAULT_VIDEO_CALL_KWARGS
@@ -251,7 +251,7 @@ def sensitivity(args) -> list[dict]:
     from accel.api import resolve
     from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS
     from accel.sparse import make_plan, sparse_layers, trajectory_density
-    from accel.sparse.offline import check_plans, compare_to_dense, grid_of_call, run_pipeline
+    from accel.sparse.end_to_end import check_plans, compare_to_dense, grid_of_call, run_pipeline
 
     pipe = _pipeline(args)
     prompts, kwargs = list(PROMPTS[: args.prompts]), DEFAULT_VIDEO_CALL_KWARGS
