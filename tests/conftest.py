@@ -44,6 +44,18 @@ def tiny_t5_encoder():
     )
 
 
+def tiny_pipeline(pipeline_class, text_encoder, vae, transformer, scheduler):
+    """``pipeline_class`` over tiny parts and :func:`_word_tokenizer`: no progress bar, every module in eval mode
+    without gradients."""
+    pipe = pipeline_class(
+        tokenizer=_word_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for module in (text_encoder, vae, transformer):
+        module.eval().requires_grad_(False)
+    return pipe
+
+
 def build_tiny_pixart_pipeline(num_layers: int = 4):
     """A stock ``PixArtAlphaPipeline`` with tiny random T5, VAE and transformer; no download."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
@@ -72,13 +84,7 @@ def build_tiny_pixart_pipeline(num_layers: int = 4):
         use_additional_conditions=False,
     )
     scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
-    pipe = PixArtAlphaPipeline(
-        tokenizer=_word_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-    )
-    pipe.set_progress_bar_config(disable=True)
-    for module in (text_encoder, vae, transformer):
-        module.eval().requires_grad_(False)
-    return pipe
+    return tiny_pipeline(PixArtAlphaPipeline, text_encoder, vae, transformer, scheduler)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def build_tiny_wan_pipeline():
     """A stock ``WanPipeline`` with a tiny random T5, Wan VAE and 2-block transformer; no download. Call it with
     :data:`TINY_VIDEO_KWARGS`: clips of 5 frames of 16 x 16 (latents 3 x 8 x 8, 48 tokens)."""
     import torch
-    from conftest import _word_tokenizer, tiny_t5_encoder
+    from conftest import tiny_pipeline, tiny_t5_encoder
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(0)
@@ -58,13 +58,7 @@ def build_tiny_wan_pipeline():
         rope_max_seq_len=32,
     )
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=2.0)
-    pipe = WanPipeline(
-        tokenizer=_word_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-    )
-    pipe.set_progress_bar_config(disable=True)
-    for module in (text_encoder, vae, transformer):
-        module.eval().requires_grad_(False)
-    return pipe
+    return tiny_pipeline(WanPipeline, text_encoder, vae, transformer, scheduler)
 
 
 #: call arguments of :func:`build_tiny_wan_pipeline`'s pipeline
@@ -76,7 +70,7 @@ def build_tiny_ltx_pipeline():
     2-block transformer of ``tiny_models.LTX``; no download. Call it with :data:`TINY_LTX_KWARGS`: clips of 9
     frames of 32 x 32 (the pipeline's least size; latents 2 x 4 x 4, 32 tokens)."""
     import torch
-    from conftest import _word_tokenizer, tiny_t5_encoder
+    from conftest import tiny_pipeline, tiny_t5_encoder
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
     from tiny_models import LTX
 
@@ -97,13 +91,7 @@ def build_tiny_ltx_pipeline():
     )
     transformer = LTX.model_class(**{**LTX.config, "caption_channels": text_encoder.config.d_model})
     scheduler = FlowMatchEulerDiscreteScheduler()
-    pipe = LTXPipeline(
-        tokenizer=_word_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-    )
-    pipe.set_progress_bar_config(disable=True)
-    for module in (text_encoder, vae, transformer):
-        module.eval().requires_grad_(False)
-    return pipe
+    return tiny_pipeline(LTXPipeline, text_encoder, vae, transformer, scheduler)
 
 
 #: call arguments of :func:`build_tiny_ltx_pipeline`'s pipeline (the word tokenizer's 16 tokens, not LTX's 128)
