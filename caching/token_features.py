@@ -153,7 +153,7 @@ class TokenFeatures:
         if old is None:
             visual = torch.empty_like(visual).scatter_(1, self._expanded(visual), visual)
         else:
-            old_text, old_visual = (None, old) if stream == "visual" else self._split(old, old.shape[1] - self.tokens)
+            old_visual = old if stream == "visual" else self._split(old, old.shape[1] - self.tokens)[1]
             visual = old_visual.scatter(1, self._expanded(visual), visual.to(old.dtype))
             text = None if text is None else text.to(old.dtype)
         return visual if text is None else self._join(text, visual)
