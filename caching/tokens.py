@@ -454,6 +454,14 @@ def _self_attention(target: Target, block: torch.nn.Module):
             yield component
 
 
+#: why per-token steps and sparse attention do not compose, said whichever is applied second
+SPARSE_REFUSAL = (
+    "TokenStepConfig does not compose with SparseAttentionConfig: both replace the model's self-attention "
+    "processors (per-token steps attend from the active tokens over cached keys and values, sparse attention "
+    "over a pattern of every token); apply one of them"
+)
+
+
 def _check_caching(target: Target) -> None:
     """Block caching underneath (applied first, in an earlier phase) composes through per-token cached features
     (:mod:`accel.caching.token_features`), except a dynamic policy, whose decision compares a whole-sequence
@@ -474,6 +482,10 @@ def _check_applies(target: Target, config: TokenStepConfig) -> None:
     model, spec = target.transformer, target.spec
     name = type(model).__name__
     _check_caching(target)
+    from accel.sparse.apply import SparseAttentionConfig
+
+    if SparseAttentionConfig in target.tracker.active:
+        raise ValueError(SPARSE_REFUSAL)
     if target.pipeline is not None and getattr(target.pipeline, "scheduler", None) is not None:
         if not is_flow_matching(target.pipeline, spec):
             scheduler = type(target.pipeline.scheduler).__name__

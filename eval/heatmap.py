@@ -1,6 +1,7 @@
 """Heat maps of per-token step counts in ``report.html``, one per per-token-steps method.
 
-A per-token-steps trial's ``technique_stats`` (:meth:`accel.caching.TokenStepStats.to_dict`) holds
+A per-token-steps trial's ``technique_stats`` (:meth:`accel.caching.TokenStepStats.to_dict`; under
+``"TokenStepConfig"`` for a combined method, ``fora-2+tokens-0.5``) holds
 ``heat_map``: each visual token's step count averaged over the timed call's rows and branches,
 ``[frame][row][column]`` on the transformer's token grid. It is drawn as inline SVG: one small grid of cells per
 frame (an image has one frame), white for no step and dark red for every step, so what the budget spent where is
@@ -73,6 +74,7 @@ def token_heat_maps(results: dict) -> str:
     blocks = []
     for trial in ok_trials(results):
         stats = trial.get("technique_stats") or {}
+        stats = stats.get("TokenStepConfig") or stats  # a combined method keeps each technique's stats by type
         heat = stats.get("heat_map")
         if not heat:
             continue

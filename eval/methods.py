@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accel.eval.quant_methods import apply_quant, parse_quantized
+from accel.eval.combined import apply_parts, parse_combined, part_configs
 from accel.quant.schemes import SCHEMES  # torch only: torchao loads when a scheme runs
 
 
@@ -70,14 +70,25 @@ class Method:
     def fingerprint(self) -> dict:
         """What identifies the method's output: name, kind, parameters, and a JSON file's content hash."""
         data = {"name": self.name, "kind": self.kind, "params": self.params}
-        if self.kind == "json":
-            data["sha256"] = hashlib.sha256(Path(self.params["path"]).read_bytes()).hexdigest()
+        files = [part["params"]["path"] for part in _parts_of(self.kind, self.params) if part["kind"] == "json"]
+        hashes = [_file_hash(Path(path)) for path in files]
+        if hashes:
+            data["sha256"] = hashes[0] if self.kind == "json" else hashes
         return data
 
     @property
     def slug(self) -> str:
         """A file-name-safe form of the name."""
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name.replace("/", "_")).strip("_") or "method"
+
+
+def _file_hash(path: Path) -> str:
+    """SHA-256 of a method file, and of the tensors a plan keeps beside it (``.safetensors``), if any."""
+    digest = hashlib.sha256(path.read_bytes())
+    sidecar = path.with_suffix(".safetensors")
+    if sidecar.exists():
+        digest.update(sidecar.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -149,8 +160,6 @@ def cache_config(pipe: Any, kind: str, params: dict, steps: int, instrument: boo
     """
     from accel.caching import CacheConfig, FirstBlockPolicy, Schedule, delta_dit, fora, layout_of, taylorseer, tgate
 
-    if kind == "json":
-        return _load_json_config(Path(params["path"]), instrument)
     if kind == "front":
         from accel.caching import load_front
         from accel.pipelines.default import DEFAULT_FRONT_DIR
@@ -172,22 +181,6 @@ def cache_config(pipe: Any, kind: str, params: dict, steps: int, instrument: boo
         "tgate": lambda: tgate(layout, steps, params.get("gate_step")),
     }
     return CacheConfig(schedule=makers[kind](), count_macs=instrument)
-
-
-def _load_json_config(path: Path, instrument: bool):
-    from dataclasses import replace
-
-    from accel.caching import CacheConfig, load_policy
-    from accel.caching.config import CONFIG_TYPE
-    from accel.caching.schedule import read_json
-
-    data = read_json(path, "method file")
-    try:
-        if isinstance(data, dict) and data.get("type") == CONFIG_TYPE:
-            return replace(CacheConfig.from_dict(data), count_macs=instrument)
-        return CacheConfig(schedule=load_policy(data), count_macs=instrument)
-    except ValueError as error:
-        raise ValueError(f"method file {path}: {error} (expected a Schedule or a CacheConfig JSON)") from None
 
 
 def _apply_accel(kind: str) -> Apply:
@@ -234,6 +227,20 @@ def _budget(match: re.Match) -> dict:
     if not 0 < value <= 1:
         raise ValueError(f"tokens-B: B is a fraction of token-steps in (0, 1], got {value}")
     return {"budget": value}
+
+
+def _parts_of(kind: str, params: dict) -> list[dict]:
+    return params["parts"] if kind == "combined" else [{"kind": kind, "params": params}]
+
+
+def _apply_parts(kind: str) -> Apply:
+    """The apply function of a form that :func:`accel.eval.combined.apply_parts` runs (without call arguments:
+    :func:`apply_method` passes the generation's)."""
+
+    def apply(pipe: Any, params: dict, steps: int, instrument: bool) -> AbstractContextManager[Applied]:
+        return apply_parts(pipe, {"parts": _parts_of(kind, params)}, steps, instrument)
+
+    return apply
 
 
 def _apply_diffusers(kind: str) -> Apply:
@@ -326,22 +333,22 @@ FORMS: dict[str, MethodForm] = {
         usage="SCHEME",
         pattern=re.compile("|".join(SCHEMES)),
         parse=lambda m: {"scheme": m[0]},
-        apply=apply_quant,
+        apply=_apply_parts("quant"),
         help="quantization alone (int8-weight, int8-dynamic, int8-static, fp8)",
     ),
-    "quantized": MethodForm(
-        usage="METHOD+SCHEME",
-        pattern=re.compile(rf"(?P<base>.+)\+(?P<scheme>{'|'.join(SCHEMES)})"),
-        parse=parse_quantized,
-        apply=apply_quant,
-        help="a caching method with quantization, calibrated and corrected under its cache",
+    "combined": MethodForm(
+        usage="METHOD+METHOD",
+        pattern=re.compile(r"[^+]+(?:\+[^+]+)+"),
+        parse=parse_combined,
+        apply=_apply_parts("combined"),
+        help="techniques in one accel.apply, one part each: caching, tokens-B, SCHEME, plan or schedule JSON",
     ),
     "json": MethodForm(
         usage="PATH.json",
         pattern=re.compile(r"(?P<path>.+\.json)"),
         parse=lambda m: {"path": m["path"]},
-        apply=_apply_accel("json"),
-        help="a Schedule or CacheConfig JSON file",
+        apply=_apply_parts("json"),
+        help="a Schedule, CacheConfig, sparse-attention plan or quantization plan JSON file",
     ),
     "front": MethodForm(
         usage="DIR@S",
@@ -451,19 +458,31 @@ def check_method(method: Method, pipe: Any, steps: int) -> None:
             )
         if kind.startswith("diffusers-") or kind in ("tokens", "quant"):
             return  # the technique says itself what it cannot do, recorded as unsupported in its turn
-        params = method.params
-        if kind == "quantized":  # its caching method's checks
-            kind, params = params["base"]["kind"], params["base"]["params"]
-        from accel.caching import Schedule, layout_of
-
-        config = cache_config(pipe, kind, params, steps, instrument=False)
-        if isinstance(config.schedule, Schedule):
-            config.schedule.check_layout(layout_of(pipe))
+        for config in part_configs(pipe, _parts(method), steps, False, None):
+            _check_config(config, pipe)
     except UnsupportedMethod:
         return  # a valid method this pipeline cannot run: the harness records why, in its turn
     except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"method {method.name!r}: {message}") from None
+
+
+def _parts(method: Method) -> list[dict]:
+    """A method's parts as the combined forms take them (one, or those of ``METHOD+METHOD``)."""
+    return _parts_of(method.kind, method.params)
+
+
+def _check_config(config: Any, pipe: Any) -> None:
+    """A config's plan or schedule against the pipeline's model, before any compute: a schedule's layout, a
+    sparse plan's layers and heads."""
+    from accel.caching import CacheConfig, Schedule, layout_of
+    from accel.sparse import SparseAttentionConfig
+    from accel.sparse.plan import check_plan
+
+    if isinstance(config, CacheConfig) and isinstance(config.schedule, Schedule):
+        config.schedule.check_layout(layout_of(pipe))
+    elif isinstance(config, SparseAttentionConfig):
+        check_plan(config.plan, pipe.transformer)
 
 
 def apply_method(
@@ -476,6 +495,6 @@ def apply_method(
     Raises:
         UnsupportedMethod: the method cannot run on this pipeline (the message says why).
     """
-    if method.kind in ("quant", "quantized"):
-        return apply_quant(pipe, method.params, steps, instrument, call_kwargs)
+    if method.kind in ("quant", "json", "combined"):
+        return apply_parts(pipe, {"parts": _parts(method)}, steps, instrument, call_kwargs)
     return FORMS[method.kind].apply(pipe, method.params, steps, instrument)

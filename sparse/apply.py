@@ -9,6 +9,7 @@ blocks see the same objects call after call and do not recompile.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +95,10 @@ class SparseStats:
     dense_step_calls: int
     sparse_calls: int
     passthrough_calls: int
+
+    def to_dict(self) -> dict:
+        """JSON-ready: every field, each grid as a dict of its fields."""
+        return {**dataclasses.asdict(self), "grids": [dataclasses.asdict(grid) for grid in self.grids]}
 
 
 def call_grid(target: Target, args: tuple, kwargs: dict) -> TokenGrid:
@@ -203,4 +208,8 @@ class SparseHandle(Handle):
 @register(SparseAttentionConfig, name="sparse_attention", phase="processors")
 def apply_sparse(target: Target, config: SparseAttentionConfig) -> SparseHandle:
     """Swap in sparse processors for ``config.plan``; see :class:`SparseHandle`."""
+    from accel.caching.tokens import SPARSE_REFUSAL, TokenStepConfig
+
+    if TokenStepConfig in target.tracker.active:
+        raise ValueError(SPARSE_REFUSAL)
     return SparseHandle(target, config)

@@ -30,8 +30,23 @@ EXAMPLES = {
     "front@2": ("front", {"front": "front", "target_speedup": 2.0}),
     "int8-dynamic": ("quant", {"scheme": "int8-dynamic"}),
     "fora-2+int8-dynamic": (
-        "quantized",
-        {"base": {"kind": "fora", "params": {"interval": 2}}, "scheme": "int8-dynamic"},
+        "combined",
+        {
+            "parts": [
+                {"kind": "fora", "params": {"interval": 2}},
+                {"kind": "quant", "params": {"scheme": "int8-dynamic"}},
+            ]
+        },
+    ),
+    "front@2+tokens-0.5+plans/sparse.json": (
+        "combined",
+        {
+            "parts": [
+                {"kind": "front", "params": {"front": "front", "target_speedup": 2.0}},
+                {"kind": "tokens", "params": {"budget": 0.5}},
+                {"kind": "json", "params": {"path": "plans/sparse.json"}},
+            ]
+        },
     ),
 }
 STEPS = 4
@@ -57,8 +72,13 @@ def test_parse(name):
         ("steps-0", "steps-N: N must be >= 1"),
         ("fbc-", "unknown method"),
         ("diffusers-firstblock", "unknown method"),
-        ("steps-3+int8-dynamic", "'steps-3' is not one of accel's caching methods"),
-        ("fora-2+int4", "unknown method"),
+        ("steps-3+int8-dynamic", "'steps-3' cannot be combined"),
+        ("full+tokens-0.5", "'full' cannot be combined"),
+        ("diffusers-pab+int8-dynamic", "'diffusers-pab' cannot be combined"),
+        ("fora-2+taylorseer-3", "one part per technique: CacheConfig given twice"),
+        ("int8-weight+fora-2+int8-dynamic", "QuantConfig given twice"),
+        ("fora-2+int4", "unknown method 'int4'"),
+        ("fora-2+", "unknown method"),
     ],
 )
 def test_parse_errors_list_the_valid_forms(name, message):
@@ -136,7 +156,7 @@ def test_json_method_errors(tmp_path, pipe):
             pass
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"type": "something.else"}))
-    with pytest.raises(ValueError, match="expected a Schedule or a CacheConfig JSON"):
+    with pytest.raises(ValueError, match="expected a Schedule, a CacheConfig, a sparse-attention plan or a quant"):
         with apply_method(parse_method(str(other)), pipe, STEPS):
             pass
     with pytest.raises(FileNotFoundError, match="method file not found"):

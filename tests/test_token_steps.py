@@ -325,16 +325,21 @@ def test_cfg_branches_in_separate_calls_are_paired_by_their_latents():
         assert not torch.equal(cond[0], cond[1])  # two prompts select apart either way
 
 
-def test_sparse_attention_underneath_is_refused_before_anything_changes():
+def test_sparse_attention_is_refused_in_any_order_before_anything_changes():
     from accel.sparse import HeadPattern, SparseAttentionConfig, uniform_plan
 
     tiny = TINY_MODELS["wan"]
     model = tiny.build()
     reference = denoise(model, tiny, [1], steps=4, cfg=False)
     sparse = SparseAttentionConfig(plan=uniform_plan(model, HeadPattern(windows=((0, 1, 1),))))
-    with pytest.raises(ValueError, match="no self-attention processor for WanSparseProcessor"):
+    said = "does not compose with SparseAttentionConfig: both replace the model's self-attention processors"
+    with pytest.raises(ValueError, match=said):
         accel.apply(model, sparse, _config(budget=0.5))
+    for first, second in ((sparse, _config(budget=0.5)), (_config(budget=0.5), sparse)):
+        with accel.apply(model, first), pytest.raises(ValueError, match=said):
+            accel.apply(model, second)
     assert torch.equal(denoise(model, tiny, [1], steps=4, cfg=False), reference)
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 def test_a_bare_transformer_says_its_reset_points_cannot_apply_and_per_token_timesteps_are_refused(caplog):
