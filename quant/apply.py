@@ -24,14 +24,9 @@ import torch
 from accel.api import Handle, Target, register
 from accel.context import StepContext
 from accel.plan import Plan
-from accel.quant.calibration import (
-    activation_ranges,
-    calibrate,
-    candidate_layers,
-    component_modules,
-    quantize_layers,
-)
+from accel.quant.calibration import activation_ranges, calibrate, candidate_layers, quantize_layers
 from accel.quant.config import QuantConfig
+from accel.quant.correction_recording import component_modules
 from accel.quant.schemes import (
     FULL_PRECISION,
     STATIC_SCHEMES,

@@ -9,11 +9,12 @@ trajectory the cache produces and not from the uncached one:
    where reused and extrapolated features feed the computed steps, the ranges differ from the uncached ones);
    each layer's SQNR is then ``linear(x)`` in full precision against the quantized layer on those rows. Layers
    under ``min_sqnr`` stay in full precision.
-2. *correction* (``correct=True``): with the chosen layers quantized, every block call first runs the block
-   once more with its full-precision weights on the same inputs (a forward pre-hook, so it sees the inputs of
-   the cached trajectory, whatever the cache does with the block) and records each component's full-precision
-   output ``y``; the quantized component's output ``x`` is recorded where it computes. Each step's ``(x, y)``
-   pair of a computing component feeds :class:`~accel.quant.correction.CorrectionStatistics`.
+2. *correction* (``correct=True``): with the chosen layers quantized, the recorders of
+   :mod:`accel.quant.correction_recording` pair each computing component's quantized output ``x`` with the
+   output ``y`` it gives when its block runs again on the same inputs with its full-precision weights (in a
+   forward pre-hook, so it sees the inputs of the cached trajectory, whatever the cache does with the block);
+   the pairs feed :class:`~accel.quant.correction.CorrectionStatistics`, whose fitted lines become the plan's
+   correction channels.
 
 The recorders are temporary: they go through a patch log (component wrappers, weight swaps) or torch hook
 handles (the block pre-hooks) that are undone before :func:`calibrate` returns.
@@ -31,10 +32,10 @@ import torch.nn.functional as F
 
 import accel
 from accel.api import resolve
-from accel.patches import PatchLog, eager
+from accel.patches import PatchLog
 from accel.plan import Plan
 from accel.quant.config import Calibration, QuantConfig
-from accel.quant.correction import CorrectionStatistics
+from accel.quant.correction_recording import CorrectionRecorder, with_correction
 from accel.quant.schemes import (
     FULL_PRECISION,
     STATIC_SCHEMES,
@@ -138,104 +139,6 @@ def layer_sqnr(linear: torch.nn.Linear, weight: torch.Tensor, inputs: torch.Tens
     return sqnr(reference, quantized.float())
 
 
-class _CorrectionRecorder:
-    """The recorders of step 2 (see the module docstring); :attr:`statistics` holds what they gathered."""
-
-    def __init__(self, target, components: list[tuple[int, int, torch.nn.Module]], swaps: dict[int, list]):
-        self.tracker = target.tracker
-        self.blocks = [module for _, module in target.spec.block_list(target.transformer)]
-        self.components = components
-        self.swaps = swaps  # block index -> [(linear, full-precision weight, quantized weight)]
-        self.statistics = CorrectionStatistics()
-        self.held: dict[tuple[int, int, int], tuple[int, torch.Tensor]] = {}  # what each component last computed
-        self.pending: dict[tuple[int, int, int], tuple[int, torch.Tensor]] = {}  # full-precision output, this step
-        self.reference = False
-        self.last_step = -1
-
-    def install(self, log: PatchLog) -> list:
-        for block, component, module in self.components:
-            log.wrap(module, "forward", self._component(block, component))
-        hooks = [
-            module.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True)
-            for index, module in enumerate(self.blocks)
-        ]
-        self.tracker.add_reset_listener(self.flush)
-        return hooks
-
-    def uninstall(self, hooks: list) -> None:
-        for hook in hooks:
-            hook.remove()
-        self.tracker.remove_reset_listener(self.flush)
-
-    def _component(self, block: int, component: int):
-        def forward(inner, *args, **kwargs):
-            output = inner(*args, **kwargs)
-            self._record(block, component, output)
-            return output
-
-        return forward
-
-    @eager
-    def _record(self, block: int, component: int, output: Any) -> None:
-        context = self.tracker.current
-        if context is None or not isinstance(output, torch.Tensor):
-            return
-        self.last_step = max(self.last_step, context.step)
-        store = self.pending if self.reference else self.held
-        store[(block, component, context.branch)] = (context.step, output.detach())
-
-    def _pre_hook(self, index: int):
-        @eager
-        def hook(module, args, kwargs):
-            context = self.tracker.current
-            if context is None:
-                return None
-            self._pair(lambda key: key[0] == index and key[2] == context.branch)
-            self._full_precision(index, module, args, kwargs)
-            return None
-
-        return hook
-
-    @torch.no_grad()
-    def _full_precision(self, index: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        """The block's forward (its class's, past any wrapper) with its full-precision weights, recording ``y``."""
-        swaps = self.swaps.get(index, [])
-        self.reference = True
-        try:
-            for linear, original, _ in swaps:
-                linear._parameters["weight"] = original
-            type(module).forward(module, *args, **kwargs)
-        finally:
-            for linear, _, quantized in swaps:
-                linear._parameters["weight"] = quantized
-            self.reference = False
-
-    def _pair(self, selects: Callable[[tuple], bool]) -> None:
-        """Pair the selected pending ``y`` with the ``x`` the component computed at the same step (a reused
-        component has no ``x`` of its own step and gives no pair)."""
-        for key in [key for key in self.pending if selects(key)]:
-            step, y = self.pending.pop(key)
-            held = self.held.get(key)
-            if held is not None and held[1].shape == y.shape and held[0] == step:
-                self.statistics.update((held[0], key[0], key[1]), held[1], y)
-
-    def flush(self) -> None:
-        """End of a trajectory: pair everything pending, forget what was computed."""
-        self._pair(lambda key: True)
-        self.held.clear()
-
-
-def component_modules(target, layout) -> list[tuple[int, int, torch.nn.Module]]:
-    """``(block index, component index in the schedule layout, module)`` of every component present."""
-    found = []
-    for index, (stack, block) in enumerate(target.spec.block_list(target.transformer)):
-        for component in stack.components:
-            module = getattr(block, component.module, None)
-            if isinstance(module, torch.nn.Module) and component.name in layout.components:
-                found.append((index, layout.components.index(component.name), module))
-    return found
-
-
 def quantize_layers(
     log: PatchLog, layers: dict, decisions: dict, scheme: str, ranges: dict
 ) -> dict[str, tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]:
@@ -250,31 +153,6 @@ def quantize_layers(
         log.replace_parameter(linear, "weight", weight)
         swapped[name] = (linear, original, weight)
     return swapped
-
-
-def _correction_statistics(
-    pipe_or_transformer, target, layers, decisions, scheme, ranges, run: Runner, cache
-) -> tuple[CorrectionStatistics, int]:
-    """Step 2 of the module docstring: the correction statistics, and the number of steps seen."""
-    from accel.caching import layout_of
-
-    layout = layout_of(target.transformer, target.spec)
-    log = PatchLog("quant-calibration")
-    hooks: list = []
-    recorder = None
-    try:
-        swapped = {id(entry[0]): entry for entry in quantize_layers(log, layers, decisions, scheme, ranges).values()}
-        swaps: dict[int, list] = {}
-        for index, (_, block) in enumerate(target.spec.block_list(target.transformer)):
-            swaps[index] = [swapped[id(m)] for m in block.modules() if id(m) in swapped]
-        recorder = _CorrectionRecorder(target, component_modules(target, layout), swaps)
-        hooks = recorder.install(log)
-        _under(pipe_or_transformer, cache, lambda: (run(), recorder.flush()))
-    finally:
-        if recorder is not None:
-            recorder.uninstall(hooks)
-        log.undo()
-    return recorder.statistics, recorder.last_step + 1
 
 
 def _finite(value: float) -> float | None:
@@ -421,20 +299,20 @@ def _layer_plan(target, config: QuantConfig, calibration: Calibration, cache, de
 
 
 def _with_correction(plan: Plan, pipe_or_transformer, target, layers, decisions, scheme, ranges, run, cache) -> Plan:
-    """``plan`` with the fitted correction channels (see :func:`calibrate`)."""
+    """``plan`` with the correction fitted along the trajectories ``run`` makes under ``cache`` (step 2 of the
+    module docstring), the layers ``decisions`` picks quantized for the duration."""
     from accel.caching import layout_of
 
-    statistics, steps = _correction_statistics(
-        pipe_or_transformer, target, layers, decisions, scheme, ranges, run, cache
-    )
-    if not statistics.sums:
-        raise ValueError("no component outputs were recorded for the correction: do the calibration runs call it?")
     layout = layout_of(target.transformer, target.spec)
-    width = max(sums.shape[1] for sums in statistics.sums.values())
-    blocks, components = layout.num_blocks, len(layout.components)
-    scale, shift, fitted = statistics.coefficients(steps, blocks, components, width)
-    axes = ("step", "block", "component", "channel")
-    sizes = {"step": steps, "block": blocks, "component": components, "channel": width}
-    plan = replace(plan, sizes=sizes, components=tuple(layout.components))
-    plan = plan.with_channel("correction_scale", axes, scale).with_channel("correction_shift", axes, shift)
-    return plan.with_channel("corrected", axes[:3], fitted)
+    log = PatchLog("quant-calibration")
+    hooks: list = []
+    recorder = None
+    try:
+        recorder = CorrectionRecorder(target, layout, quantize_layers(log, layers, decisions, scheme, ranges))
+        hooks = recorder.install(log)
+        _under(pipe_or_transformer, cache, lambda: (run(), recorder.flush()))
+    finally:
+        if recorder is not None:
+            recorder.uninstall(hooks)
+        log.undo()
+    return with_correction(plan, recorder.statistics, recorder.last_step + 1, layout)
