@@ -47,7 +47,8 @@ from accel.eval.generation import (
     save_sample,
     weights_checksum,
 )
-from accel.eval.methods import Method, UnsupportedMethod, apply_method, check_method, check_steps, parse_methods
+from accel.eval.method_checks import check_method, check_steps
+from accel.eval.methods import Method, UnsupportedMethod, apply_method, parse_methods
 from accel.eval.metrics import MetricInputs, MetricSuite, metric_keys
 from accel.eval.noise import run_to_run_noise
 from accel.eval.provenance import provenance

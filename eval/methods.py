@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accel.eval.combined import apply_parts, parse_combined, part_configs
+from accel.eval.combined import apply_parts, parse_combined
 from accel.quant.schemes import SCHEMES  # torch only: torchao loads when a scheme runs
 
 
@@ -415,74 +415,9 @@ def parse_methods(text: str | list[str] | tuple[str, ...]) -> list[Method]:
     return [parse_method("full")] + [m for m in methods if m.kind != "full"]
 
 
-#: pipelines whose ``__call__`` takes another branch at one step that stock schedulers cannot serve (PixArt-Alpha
-#: reads the scheduler's second output, made for one-step distilled models) -> why
-ONE_STEP_FAILS = {
-    "PixArtAlphaPipeline": "its one-step branch reads a second output of the scheduler's step, which "
-    "this scheduler does not return",
-}
-#: schedulers whose step returns that second output (the denoised sample), so one step works with them
-ONE_STEP_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
-
-
-def check_steps(pipe: Any, steps: int, what: str = "steps") -> None:
-    """Raise ``ValueError`` if ``pipe`` cannot denoise in ``steps`` steps (see :data:`ONE_STEP_FAILS`)."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{what} must be an int >= 1, got {steps!r}")
-    reason = ONE_STEP_FAILS.get(type(pipe).__name__)
-    scheduler = type(getattr(pipe, "scheduler", None)).__name__
-    if steps == 1 and reason is not None and scheduler not in ONE_STEP_SCHEDULERS:
-        raise ValueError(f"{what}: {type(pipe).__name__} cannot run 1 step ({reason}); use 2 or more")
-
-
-def check_method(method: Method, pipe: Any, steps: int) -> None:
-    """Everything that can be known about ``method`` on ``pipe`` without running it, checked before any compute:
-    its step count, its file (read and parsed), its schedule against the model's layout, a front's pick.
-
-    Raises:
-        ValueError: in one line, the method and what is wrong with it (a missing or bad file, a schedule made for
-            another model, a parameter out of range for ``steps`` steps, a model accel has no adapter for).
-    """
-    kind = method.kind
-    try:
-        check_steps(pipe, method.params["steps"] if kind == "steps" else steps)
-        if kind in ("full", "steps"):
-            return
-        if getattr(pipe, "transformer", None) is None:
-            import torch
-
-            parts = [name for name, c in getattr(pipe, "components", {}).items() if isinstance(c, torch.nn.Module)]
-            raise ValueError(
-                f"caching needs a transformer pipeline; {type(pipe).__name__} has no transformer (its modules: "
-                f"{', '.join(parts) or 'none'})"
-            )
-        if kind.startswith("diffusers-") or kind in ("tokens", "quant"):
-            return  # the technique says itself what it cannot do, recorded as unsupported in its turn
-        for config in part_configs(pipe, _parts(method), steps, False, None):
-            _check_config(config, pipe)
-    except UnsupportedMethod:
-        return  # a valid method this pipeline cannot run: the harness records why, in its turn
-    except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"method {method.name!r}: {message}") from None
-
-
-def _parts(method: Method) -> list[dict]:
+def method_parts(method: Method) -> list[dict]:
     """A method's parts as the combined forms take them (one, or those of ``METHOD+METHOD``)."""
     return _parts_of(method.kind, method.params)
-
-
-def _check_config(config: Any, pipe: Any) -> None:
-    """A config's plan or schedule against the pipeline's model, before any compute: a schedule's layout, a
-    sparse plan's layers and heads."""
-    from accel.caching import CacheConfig, Schedule, layout_of
-    from accel.sparse import SparseAttentionConfig
-    from accel.sparse.plan import check_plan
-
-    if isinstance(config, CacheConfig) and isinstance(config.schedule, Schedule):
-        config.schedule.check_layout(layout_of(pipe))
-    elif isinstance(config, SparseAttentionConfig):
-        check_plan(config.plan, pipe.transformer)
 
 
 def apply_method(
@@ -496,5 +431,5 @@ def apply_method(
         UnsupportedMethod: the method cannot run on this pipeline (the message says why).
     """
     if method.kind in ("quant", "json", "combined"):
-        return apply_parts(pipe, {"parts": _parts(method)}, steps, instrument, call_kwargs)
+        return apply_parts(pipe, {"parts": method_parts(method)}, steps, instrument, call_kwargs)
     return FORMS[method.kind].apply(pipe, method.params, steps, instrument)

@@ -208,7 +208,8 @@ class SparseHandle(Handle):
 @register(SparseAttentionConfig, name="sparse_attention", phase="processors")
 def apply_sparse(target: Target, config: SparseAttentionConfig) -> SparseHandle:
     """Swap in sparse processors for ``config.plan``; see :class:`SparseHandle`."""
-    from accel.caching.tokens import SPARSE_REFUSAL, TokenStepConfig
+    from accel.caching.token_checks import SPARSE_REFUSAL
+    from accel.caching.tokens import TokenStepConfig
 
     if TokenStepConfig in target.tracker.active:
         raise ValueError(SPARSE_REFUSAL)

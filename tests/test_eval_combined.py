@@ -10,7 +10,8 @@ from eval_helpers import TINY_VIDEO_KWARGS, build_tiny_wan_pipeline, small_confi
 import accel
 from accel.eval.generation import call_kwargs, generate, generates_video
 from accel.eval.harness import run_evaluation
-from accel.eval.methods import UnsupportedMethod, apply_method, check_method, parse_method
+from accel.eval.method_checks import check_method
+from accel.eval.methods import UnsupportedMethod, apply_method, parse_method
 from accel.sparse import HeadPattern, uniform_plan
 
 STEPS = 6

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the pipeline, search (with ``--quant-scheme``, quantized), save the front (and optionally the report)."""
     import torch
 
-    from accel.eval.methods import check_steps
+    from accel.eval.method_checks import check_steps
     from accel.eval.runtime import check_output_dir, report_interrupted
     from accel.pipelines.loading import default_steps
 

@@ -82,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Generate every prompt's images (or clips) with the method and save them."""
     from accel.eval.generation import generate, pipeline_defaults
-    from accel.eval.methods import UnsupportedMethod, apply_method, check_method, check_steps, parse_method
+    from accel.eval.method_checks import check_method, check_steps
+    from accel.eval.methods import UnsupportedMethod, apply_method, parse_method
     from accel.eval.runtime import check_output_dir, report_interrupted
     from accel.pipelines.loading import default_steps, is_bundled
 
