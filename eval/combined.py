@@ -107,7 +107,8 @@ def _plan_config(plan):
 
 def part_configs(pipe: Any, parts: list[dict], steps: int, instrument: bool, call_kwargs: dict | None) -> list:
     """The configs of ``parts`` (parsed ``{"kind", "params"}``) for a ``steps``-step generation with
-    ``call_kwargs``, the quantization last (it calibrates under the cache, if one comes).
+    ``call_kwargs``, the quantization last (it calibrates under the cache, if one comes). With a ``tokens-B``
+    part whose budget coarsens the step grid, a caching method's schedule is made for the coarse grid's steps.
 
     Raises:
         ValueError: a file part of a technique another part already gives.
@@ -118,6 +119,9 @@ def part_configs(pipe: Any, parts: list[dict], steps: int, instrument: bool, cal
     from accel.quant import QuantConfig
 
     configs, scheme = [], None
+    tokens = [TokenStepConfig(budget=part["params"]["budget"]) for part in parts if part["kind"] == "tokens"]
+    # a budget below min_active runs the pipeline on a coarser grid: a cache part is made for the steps that run
+    grid = tokens[0].grid_steps(steps) if tokens else steps
     for part in parts:
         kind, params = part["kind"], part["params"]
         if kind == "quant":
@@ -127,27 +131,28 @@ def part_configs(pipe: Any, parts: list[dict], steps: int, instrument: bool, cal
         elif kind == "json":
             configs.append(load_json_config(Path(params["path"]), instrument))
         else:
-            configs.append(cache_config(pipe, kind, params, steps, instrument))
+            configs.append(cache_config(pipe, kind, params, grid, instrument))
     _check_once([type(config).__name__ for config in configs] + (["QuantConfig"] * (scheme is not None)))
     if scheme is not None:
-        configs.append(_scheme_config(pipe, scheme, parts, steps, call_kwargs, configs))
+        configs.append(_scheme_config(pipe, scheme, parts, (steps, grid), call_kwargs, configs))
     quant = next((c for c in configs if isinstance(c, QuantConfig)), None)
     if quant is not None:
         _check_device(quant.scheme, pipe)
     return configs
 
 
-def _scheme_config(pipe: Any, scheme: str, parts: list[dict], steps: int, call_kwargs: dict | None, others: list):
+def _scheme_config(pipe: Any, scheme: str, parts: list[dict], steps: tuple[int, int], call_kwargs, others: list):
     """The ``QuantConfig`` of a scheme part: the plan calibrated at an earlier apply of the same method, else a
-    calibration at this generation's steps and call arguments when a cache comes (cache-aware), else none."""
+    calibration when a cache comes (cache-aware) with this generation's call arguments, on the grid the cache's
+    schedule was made for (``steps``: the generation's and that grid's), else none."""
     from accel.caching import CacheConfig
     from accel.quant import Calibration, QuantConfig
 
-    plan = PLANS.setdefault(pipe.transformer, {}).get(_plan_key(parts, steps, call_kwargs))
+    plan = PLANS.setdefault(pipe.transformer, {}).get(_plan_key(parts, steps[0], call_kwargs))
     if plan is not None:
         return QuantConfig(scheme=scheme, plan=plan)
     if any(isinstance(config, CacheConfig) for config in others):
-        calibration = Calibration(num_inference_steps=steps, call_kwargs=_calibration_kwargs(call_kwargs))
+        calibration = Calibration(num_inference_steps=steps[1], call_kwargs=_calibration_kwargs(call_kwargs))
         return QuantConfig(scheme=scheme, calibration=calibration)
     return QuantConfig(scheme=scheme)
 

@@ -55,15 +55,17 @@ def _untouched(pipe) -> bool:
     return not any("forward" in m.__dict__ for m in pipe.transformer.modules())
 
 
-def test_a_combined_method_applies_every_part_in_one_call_and_records_each(pipe):
+def test_a_combined_method_applies_every_part_in_one_call_and_records_each(pipe, caplog):
     reference = _generate(pipe)
     method = parse_method("fora-2+tokens-0.5")
-    with apply_method(method, pipe, STEPS, True, _calls(pipe)) as applied:
+    with caplog.at_level("WARNING"), apply_method(method, pipe, STEPS, True, _calls(pipe)) as applied:
         applied.reset()
         out = _generate(pipe, applied.steps)
         stats = applied.stats()
     assert applied.config["type"] == "combined"
     assert [c["type"] for c in applied.config["configs"]] == ["accel.caching.CacheConfig", "TokenStepConfig"]
+    # budget 0.5 under min_active 0.8 runs 6 steps on a grid of 4: FORA is made for those, not resampled
+    assert applied.config["configs"][0]["schedule"]["num_steps"] == 4 and "resampled" not in caplog.text
     assert stats["CacheConfig"]["blocks_skipped"] > 0
     assert min(stats["TokenStepConfig"]["active"]) < 1 and stats["TokenStepConfig"]["heat_map"]
     assert 0 < _relative(out, reference) < 0.5  # both techniques' errors, on random weights
@@ -136,12 +138,13 @@ def test_the_report_draws_the_heat_map_of_per_token_steps_in_a_combined_method(t
 
 
 def test_accel_apply_is_what_the_method_runs(pipe):
-    """The method equals applying the same configs by hand (no hidden extra behaviour)."""
+    """The method equals applying the same configs by hand (FORA made for the grid the budget runs on)."""
     from accel.caching import CacheConfig, TokenStepConfig, fora, layout_of
 
     with apply_method(parse_method("fora-2+tokens-0.5"), pipe, STEPS) as applied:
         applied.reset()
         through_method = _generate(pipe)
-    by_hand = CacheConfig(schedule=fora(layout_of(pipe), STEPS, 2), count_macs=False)
-    with accel.apply(pipe, by_hand, TokenStepConfig(budget=0.5)):
+    tokens = TokenStepConfig(budget=0.5)
+    by_hand = CacheConfig(schedule=fora(layout_of(pipe), tokens.grid_steps(STEPS), 2), count_macs=False)
+    with accel.apply(pipe, by_hand, tokens):
         assert torch.equal(_generate(pipe), through_method)
