@@ -132,11 +132,53 @@ def _checkpoint_forever(folder: str, ready) -> None:
     search.run(resume=False)  # (already resumed)
 
 
+def _with_own_progress_lock(target, *args) -> None:
+    """Run ``target`` in a forked child after giving tqdm a lock of the child's own. A forked child inherits
+    tqdm's write lock, whose multiprocessing half is a semaphore shared with the parent: a child killed while its
+    progress bar held it (the search's) left it held, and the parent's next progress bar waited forever (seen as a
+    whole-suite hang in a later test that loads a model with a progress bar)."""
+    import threading
+
+    import tqdm.auto
+    import tqdm.std
+
+    for bar in (tqdm.std.tqdm, tqdm.auto.tqdm):  # the class that first took a lock in the parent keeps its own
+        bar.set_lock(threading.RLock())
+    target(*args)
+
+
+def _hold_the_progress_lock(ready) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.get_lock().acquire()
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_child_killed_holding_the_progress_lock_leaves_the_parents_bars_working():
+    """The child's lock is its own (:func:`_with_own_progress_lock`): without it, the parent's next bar waits
+    forever (checked by hand in a separate process, not here: it would hang the rest of the session)."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    tqdm(total=1, disable=False).close()  # the parent's lock exists before the fork, as in a long session
+    ready = FORK.Event()
+    child = FORK.Process(target=_with_own_progress_lock, args=(_hold_the_progress_lock, ready))
+    child.start()
+    assert ready.wait(60)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    done = threading.Event()
+    threading.Thread(target=lambda: (tqdm(total=1, disable=False).close(), done.set()), daemon=True).start()
+    assert done.wait(30)
+
+
 def _kill_at_random_points(target, folder, check, kills: int = 6) -> None:
     rng = random.Random(0)
     for _ in range(kills):
         ready = FORK.Event()
-        child = FORK.Process(target=target, args=(str(folder), ready))
+        child = FORK.Process(target=_with_own_progress_lock, args=(target, str(folder), ready))
         child.start()
         assert ready.wait(60)
         time.sleep(rng.uniform(0.0, 0.3))
