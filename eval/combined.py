@@ -119,15 +119,15 @@ def part_configs(pipe: Any, parts: list[dict], steps: int, instrument: bool, cal
     from accel.quant import QuantConfig
 
     configs, scheme = [], None
-    tokens = [TokenStepConfig(budget=part["params"]["budget"]) for part in parts if part["kind"] == "tokens"]
+    tokens = next((TokenStepConfig(budget=p["params"]["budget"]) for p in parts if p["kind"] == "tokens"), None)
     # a budget below min_active runs the pipeline on a coarser grid: a cache part is made for the steps that run
-    grid = tokens[0].grid_steps(steps) if tokens else steps
+    grid = steps if tokens is None else tokens.grid_steps(steps)
     for part in parts:
         kind, params = part["kind"], part["params"]
         if kind == "quant":
             scheme = params["scheme"]
         elif kind == "tokens":
-            configs.append(TokenStepConfig(budget=params["budget"]))
+            configs.append(tokens)  # parse_combined allows one tokens part
         elif kind == "json":
             configs.append(load_json_config(Path(params["path"]), instrument))
         else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from accel.eval.combined import part_configs
-from accel.eval.methods import Method, UnsupportedMethod, method_parts
+from accel.eval.methods import Method, UnsupportedMethod
 
 #: pipelines whose ``__call__`` takes another branch at one step that stock schedulers cannot serve (PixArt-Alpha
 #: reads the scheduler's second output, made for one-step distilled models) -> why
@@ -52,7 +52,7 @@ def check_method(method: Method, pipe: Any, steps: int) -> None:
             )
         if kind.startswith("diffusers-") or kind in ("tokens", "quant"):
             return  # the technique says itself what it cannot do, recorded as unsupported in its turn
-        for config in part_configs(pipe, method_parts(method), steps, False, None):
+        for config in part_configs(pipe, method.parts, steps, False, None):
             _check_config(config, pipe)
     except UnsupportedMethod:
         return  # a valid method this pipeline cannot run: the harness records why, in its turn

@@ -70,11 +70,17 @@ class Method:
     def fingerprint(self) -> dict:
         """What identifies the method's output: name, kind, parameters, and a JSON file's content hash."""
         data = {"name": self.name, "kind": self.kind, "params": self.params}
-        files = [part["params"]["path"] for part in _parts_of(self.kind, self.params) if part["kind"] == "json"]
+        files = [part["params"]["path"] for part in self.parts if part["kind"] == "json"]
         hashes = [_file_hash(Path(path)) for path in files]
         if hashes:
             data["sha256"] = hashes[0] if self.kind == "json" else hashes
         return data
+
+    @property
+    def parts(self) -> list[dict]:
+        """The parts the combined forms apply, ``{"kind", "params"}`` each: those of ``METHOD+METHOD``, else the
+        method itself as one part."""
+        return _parts_of(self.kind, self.params)
 
     @property
     def slug(self) -> str:
@@ -152,8 +158,9 @@ def _apply_steps(pipe: Any, params: dict, steps: int, instrument: bool) -> Itera
 
 
 def cache_config(pipe: Any, kind: str, params: dict, steps: int, instrument: bool):
-    """The ``CacheConfig`` of one of accel's caching methods (``kind``: a form of :data:`FORMS` such as ``"fora"``,
-    ``"json"`` or ``"front"``, with its parsed ``params``) for a ``steps``-step call; ``instrument`` counts MACs.
+    """The ``CacheConfig`` of one of accel's caching methods (``kind``: a form of :data:`FORMS` such as ``"fora"``
+    or ``"front"``, with its parsed ``params``) for a ``steps``-step call; ``instrument`` counts MACs (a method
+    file's config: :func:`accel.eval.combined.load_json_config`).
 
     Raises:
         UnsupportedMethod: a front searched for another model.
@@ -201,32 +208,15 @@ def _apply_accel(kind: str) -> Apply:
     return apply
 
 
-@contextmanager
-def _apply_tokens(pipe: Any, params: dict, steps: int, instrument: bool) -> Iterator[Applied]:
-    """Per-token step allocation; its stats (:meth:`~accel.caching.TokenStepStats.to_dict`) hold the mean
-    per-token step-count map the report draws."""
-    import accel
-    from accel.caching import TokenStepConfig
-
-    config = TokenStepConfig(budget=params["budget"])
-    try:
-        handle = accel.apply(pipe, config)
-    except ValueError as error:  # a model or sampler where it does not apply: the harness records why
-        raise UnsupportedMethod(str(error)) from None
-    with handle:
-        yield Applied(
-            steps=steps,
-            config={"type": "TokenStepConfig", "budget": config.budget},
-            reset=handle.reset,
-            stats=lambda: handle.stats().to_dict() if instrument else None,
-        )
-
-
 def _budget(match: re.Match) -> dict:
     value = float(match["t"])
     if not 0 < value <= 1:
         raise ValueError(f"tokens-B: B is a fraction of token-steps in (0, 1], got {value}")
     return {"budget": value}
+
+
+#: the forms :func:`accel.eval.combined.apply_parts` runs, with the generation's call arguments
+PARTS_FORMS = ("tokens", "quant", "json", "combined")
 
 
 def _parts_of(kind: str, params: dict) -> list[dict]:
@@ -326,7 +316,7 @@ FORMS: dict[str, MethodForm] = {
         usage="tokens-B",
         pattern=re.compile(rf"tokens-{_NUMBER}"),
         parse=_budget,
-        apply=_apply_tokens,
+        apply=_apply_parts("tokens"),
         help="per-token step allocation computing the fraction B of the token-steps",
     ),
     "quant": MethodForm(
@@ -415,11 +405,6 @@ def parse_methods(text: str | list[str] | tuple[str, ...]) -> list[Method]:
     return [parse_method("full")] + [m for m in methods if m.kind != "full"]
 
 
-def method_parts(method: Method) -> list[dict]:
-    """A method's parts as the combined forms take them (one, or those of ``METHOD+METHOD``)."""
-    return _parts_of(method.kind, method.params)
-
-
 def apply_method(
     method: Method, pipe: Any, steps: int, instrument: bool = False, call_kwargs: dict | None = None
 ) -> AbstractContextManager[Applied]:
@@ -430,6 +415,6 @@ def apply_method(
     Raises:
         UnsupportedMethod: the method cannot run on this pipeline (the message says why).
     """
-    if method.kind in ("quant", "json", "combined"):
-        return apply_parts(pipe, {"parts": method_parts(method)}, steps, instrument, call_kwargs)
+    if method.kind in PARTS_FORMS:
+        return apply_parts(pipe, {"parts": method.parts}, steps, instrument, call_kwargs)
     return FORMS[method.kind].apply(pipe, method.params, steps, instrument)
