@@ -64,11 +64,23 @@ def compiled_code_eager() -> Iterator[None]:
         yield
 
 
+def _int_mm_flops(a_shape: torch.Size, b_shape: torch.Size, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """``torch._int_mm`` (the int8 x int8 matmul of torchao's W8A8 layers) does a float matmul's ``2 m k n``."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+#: FLOP formulas ``FlopCounterMode`` lacks: without them a torchao int8-dynamic or int8-static model counts no
+#: linear MACs (int8 weight-only dequantizes and runs a float matmul, which it counts already)
+EXTRA_FLOP_FORMULAS = {torch.ops.aten._int_mm: _int_mm_flops}
+
+
 @contextmanager
 def flop_counter(**kwargs: Any) -> Iterator[FlopCounterMode]:
-    """``FlopCounterMode(display=False, **kwargs)`` under :func:`compiled_code_eager` (the count is the same).
-    Every MAC count in the package goes through this."""
-    with compiled_code_eager(), FlopCounterMode(display=False, **kwargs) as counter:
+    """``FlopCounterMode(display=False, **kwargs)`` under :func:`compiled_code_eager` (the count is the same),
+    with :data:`EXTRA_FLOP_FORMULAS` added to any ``custom_mapping``. Every MAC count in the package goes through
+    this, so quantized models count their int8 matmuls everywhere."""
+    mapping = {**EXTRA_FLOP_FORMULAS, **kwargs.pop("custom_mapping", {})}
+    with compiled_code_eager(), FlopCounterMode(display=False, custom_mapping=mapping, **kwargs) as counter:
         yield counter
 
 

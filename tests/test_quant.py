@@ -425,3 +425,19 @@ def test_the_search_cost_model_counts_the_int8_matmuls(scheme):
         quantized = count_macs(model, components, (), kwargs)
     assert full.call_macs > 0 and quantized.call_macs == pytest.approx(full.call_macs, rel=1e-9)
     assert (quantized.component_macs == full.component_macs).all()
+
+
+@pytest.mark.parametrize("scheme", ["int8-weight", "int8-dynamic"])
+def test_the_caching_stats_count_the_int8_matmuls(scheme):
+    """The caching engine's own MAC count (``count_macs=True``) sees a quantized model's matmuls, the int8 x int8
+    ones of W8A8 included, so its saved share means the same with and without quantization."""
+    model = TINY.build()
+    cache = CacheConfig(schedule=fora(layout_of(model), STEPS, 3))
+    with accel.apply(model, cache) as handle:
+        _run(model, prompts=[5])
+        full = handle.stats()
+    with accel.apply(model, QuantConfig(scheme=scheme), cache) as handle:
+        _run(model, prompts=[5])
+        quantized = handle.stats()["CacheConfig"]
+    assert full.macs_blocks > 0 and quantized.macs_blocks == pytest.approx(full.macs_blocks, rel=1e-9)
+    assert quantized.macs_saved == pytest.approx(full.macs_saved, rel=1e-9) and full.macs_saved > 0

@@ -88,22 +88,13 @@ def _scheduled_modules(transformer: torch.nn.Module, components: tuple[str, ...]
     return found, [block for _, block in blocks]
 
 
-def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    """``torch._int_mm`` (the int8 x int8 matmul of torchao's W8A8 layers) does a float matmul's ``2 m k n``."""
-    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-
-#: FLOP formulas ``FlopCounterMode`` lacks (without them a torchao int8-dynamic model counts no linear MACs)
-EXTRA_FLOP_FORMULAS = {torch.ops.aten._int_mm: _int_mm_flops}
-
-
 def count_macs(transformer: torch.nn.Module, components: tuple[str, ...], args: tuple, kwargs: dict) -> CostModel:
     """Count the MACs of one ``transformer(*args, **kwargs)`` call per block and component (torchao's int8
-    matmuls included: :data:`EXTRA_FLOP_FORMULAS`)."""
+    matmuls included: :data:`accel.compile.EXTRA_FLOP_FORMULAS`)."""
     found, blocks = _scheduled_modules(transformer, components)
     root = type(transformer).__name__
     names = {id(module): f"{root}.{name}" if name else root for name, module in transformer.named_modules()}
-    with torch.no_grad(), flop_counter(custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         transformer(*args, **kwargs)
     per_module = {name: sum(counts.values()) / 2 for name, counts in counter.get_flop_counts().items()}
     block_macs = np.array([per_module.get(names[id(block)], 0.0) for block in blocks])
