@@ -43,10 +43,18 @@ def test_calibration_picks_a_knob_per_method_and_the_rows_follow_it(capsys):
     for target, knobs in chosen.items():
         assert 0.05 <= knobs["ours"] <= 1 and 0.05 <= knobs["ras"] <= 1 and 2 <= knobs["steps"] <= 8
         assert 2 <= knobs["fora"] <= 8 and knobs["steps"] <= {0.5: 8, 0.25: 6}[target]
-        assert set(knobs["predicted"]) == {"ours", "ours-all-steps", "ras", "steps", "fora"}  # no front here
+        assert set(knobs["predicted"]) == {"ours", "ours-all-steps", "ras", "steps", "fora", "ours-at-steps"}
+        # ours at the fewer-steps row's runtime: the budget whose predicted runtime is nearest that row's
+        matched = knobs["predicted"]["ours-at-steps"]
+        budgets = [round(b, 2) for b in np.arange(0.05, 1.0001, 0.01)]
+        assert knobs["ours-at-steps"] in budgets
+        assert abs(matched - knobs["predicted"]["steps"]) <= abs(
+            knobs["predicted"]["ours"] - knobs["predicted"]["steps"]
+        )
         assert set(knobs["unreachable"]) <= set(knobs["predicted"])
     rows = bench.methods(model, 8, chosen)
     assert [name.split("@")[0] for name in rows][:5] == ["full", "ours", "ours-own", "ours-all-steps", "ras"]
+    assert rows["ours-at-steps@25"][3].budget == chosen[0.25]["ours-at-steps"]
     ours = rows["ours@25"][3]
     assert ours.min_active == 0.8 and rows["ours-all-steps@25"][3].min_active == 0
     assert ours.grid_steps(8) == (8 if ours.budget >= 0.8 else max(3, round(8 * ours.budget / 0.8)))
@@ -300,6 +308,9 @@ def _check_reachability(result: dict, prefix: str) -> None:
     assert rows["ras@25"]["reached"] is False and result[f"{prefix}ras_psnr_at_25"] is None
     assert math.isfinite(rows["ras@25"]["psnr"]) and result[f"{prefix}ras_speedup_at_25"] > 0
     assert rows["ours@50"]["reached"] and result[f"{prefix}psnr_at_50"] == round(rows["ours@50"]["psnr"], 2)
+    matched = rows["ours-at-steps@50"]
+    assert result[f"{prefix}matched_psnr_at_50"] == (round(matched["psnr"], 2) if matched["reached"] else None)
+    assert result[f"{prefix}matched_speedup_at_50"] == round(matched["speedup"], 2)
 
 
 def _check_active(rows: dict, out: str, name: str) -> None:

@@ -14,6 +14,9 @@ compute), timed as it goes:
   its default ``min_active=0.8``: a budget below it also coarsens the step grid (both levers at once);
 * ``ours-own``: the same with every row and branch selecting alone (the issue's per-branch requirement);
 * ``ours-all-steps``: ours with ``min_active=0``, every step of the grid and fewer tokens (HSA's form);
+* ``ours-at-steps``: ours with its budget picked for the fewer-steps row's predicted runtime instead of the
+  target's: fewer steps take whole numbers of steps, so their row can run up to 10% off the target, and ours,
+  whose budget is continuous, is compared with them here at the same runtime (the ``matched_*`` keys);
 * ``ras``: RAS's released rule and dense schedule (:func:`~accel.caching.ras_config`) in the same machinery;
 * ``steps-N``: fewer flow-matching steps; ``fora-k``: block caching every k steps (FORA);
 * ``front-i``: the image model's bundled caching front (searched schedules), its best-quality member at the
@@ -226,10 +229,13 @@ def calibrate(model: Model, steps: int, min_actives: tuple[float, ...] = ()) -> 
     for target in TARGETS:
         picked = {name: knob.pick(target) for name, knob in knobs.items()}
         predicted = {name: knobs[name].predict(value) for name, value in picked.items()}
+        knob_of = {**knobs, "ours-at-steps": knobs["ours"]}  # ours aimed at the fewer-steps row's runtime
+        picked["ours-at-steps"] = knobs["ours"].pick(predicted["steps"])
+        predicted["ours-at-steps"] = knobs["ours"].predict(picked["ours-at-steps"])
         missed = [name for name in picked if not reaches(predicted[name], target)]
         chosen[target] = {**picked, "predicted": predicted, "unreachable": missed}
         said = [
-            f"{name} ({predicted[name]:.2f}{' clamped' * (picked[name] == knobs[name].fastest)})" for name in missed
+            f"{name} ({predicted[name]:.2f}{' clamped' * (picked[name] == knob_of[name].fastest)})" for name in missed
         ]
         print(f"  at {target:g}: chosen {picked}; unreachable within {TOLERANCE:.0%}: {', '.join(said) or 'none'}")
     return chosen
@@ -247,6 +253,7 @@ def methods(model: Model, steps: int, chosen: dict[float, dict]) -> dict[str, tu
             ("ours-own", "ours", ours(knobs["ours"], steps, "own")),
             ("ours-all-steps", "ours-all-steps", ours(knobs["ours-all-steps"], steps, min_active=0)),
             ("ras", "ras", ras(knobs["ras"], steps)),
+            ("ours-at-steps", "ours-at-steps", ours(knobs["ours-at-steps"], steps)),
         ):
             rows[f"{name}{tag}"] = (target, _applied(model, config), steps, config, method)
         rows[f"steps-{knobs['steps']}{tag}"] = (target, nullcontext, knobs["steps"], None, "steps")
