@@ -47,6 +47,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
+from tqdm import tqdm
 
 import accel
 from accel.caching import CacheConfig, Schedule, load_front
@@ -226,7 +227,7 @@ def video_rows(
         return torch.as_tensor(out.frames).float()
 
     frames = {}
-    for name, context in contexts.items():
+    for name, context in tqdm(contexts.items(), desc="video methods", unit="method"):
         with context():
             frames[name] = torch.cat([clips(i, min(batch, len(prompts) - i)) for i in range(0, len(prompts), batch)])
     timings = time_interleaved(
