@@ -76,8 +76,9 @@ class Scorers:
 def load_scorers(reference: torch.Tensor, prompts: Sequence[str]) -> Scorers:
     """FID on EfficientNet-Lite0 features against ``reference``, and the prompt score (CLIP where its weights
     are on disk, else the bundled alignment scorer) of each image against its own prompt."""
+    from accel.eval.feature_metrics import load_prompt_scorer
     from accel.eval.fid import EfficientNetLite0Features, extract_features, frechet_distance
-    from accel.eval.metrics import MetricWeights, load_prompt_scorer
+    from accel.eval.metrics import MetricWeights
 
     feature = EfficientNetLite0Features()
     real = extract_features(reference, feature)

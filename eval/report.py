@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from accel.eval.decision import beaten_by_fewer_steps, family, floors, noise_dominated, value_noise
-from accel.eval.metrics import stand_in_note
+from accel.eval.feature_metrics import stand_in_note
 from accel.eval.noise import within
 from accel.eval.pareto import pareto_front
 

@@ -197,7 +197,7 @@ def test_fid_and_kid_take_every_frame():
 
 
 def test_prompt_score_takes_every_frame_with_its_clips_prompt(monkeypatch):
-    import accel.eval.metrics as metrics
+    import accel.eval.feature_metrics as feature_metrics
 
     class Scorer:
         metric_name = "alignment-test"
@@ -207,7 +207,7 @@ def test_prompt_score_takes_every_frame_with_its_clips_prompt(monkeypatch):
             return torch.arange(len(prompts), dtype=torch.float32)
 
     seen = {}
-    monkeypatch.setattr(metrics, "load_prompt_scorer", lambda weights: (Scorer(), "a stub"))
+    monkeypatch.setattr(feature_metrics, "load_prompt_scorer", lambda weights: (Scorer(), "a stub"))
     clips = torch.zeros(2, 3, 3, 8, 8, dtype=torch.uint8)
     result = MetricSuite(["clip"]).compute(MetricInputs(images=clips, reference=clips, prompts=("a", "b")))
     assert seen == {"shape": (6, 3, 8, 8), "prompts": ["a", "a", "a", "b", "b", "b"]}

@@ -6,7 +6,8 @@ import types
 
 import torch
 
-from accel.eval.metrics import MetricInputs, MetricSuite, MetricWeights, load_prompt_scorer, stand_in_note
+from accel.eval.feature_metrics import load_prompt_scorer, stand_in_note
+from accel.eval.metrics import MetricInputs, MetricSuite, MetricWeights
 from accel.eval.report import run_summary
 
 
@@ -87,7 +88,7 @@ def test_offline_the_stand_in_scores_and_the_report_headline_says_so(monkeypatch
 
 
 def test_inception_download_failure_falls_back_with_the_reason(monkeypatch):
-    from accel.eval import fid, metrics
+    from accel.eval import feature_metrics, fid
 
     asked = []
 
@@ -96,7 +97,7 @@ def test_inception_download_failure_falls_back_with_the_reason(monkeypatch):
         raise FileNotFoundError("Inception-V3 FID weights are not at X and downloading them failed (URLError)")
 
     monkeypatch.setattr(fid, "load_inception_features", load_inception_features)
-    extractor, reason = metrics._feature_extractor(MetricWeights())
+    extractor, reason = feature_metrics._feature_extractor(MetricWeights())
     assert asked == [True] and "downloading them failed" in reason and "EffNet" in extractor.metric_suffix
-    metrics._feature_extractor(MetricWeights(download=False))
+    feature_metrics._feature_extractor(MetricWeights(download=False))
     assert asked == [True, False]
