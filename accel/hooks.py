@@ -49,6 +49,15 @@ class MethodWrapper:
         """The function installed on the instance."""
         return self._method
 
+    def in_chain_of(self, method: Any) -> bool:
+        """Whether this wrapper's installed method is ``method`` or in the chain of wrappers below it (a wrapper
+        added later on the same attribute sits above it)."""
+        while method is not None:
+            if method is self._method:
+                return True
+            method = getattr(method, "__wrapped__", None)
+        return False
+
     @property
     def active(self) -> bool:
         """Whether the wrapper still intercepts calls."""

@@ -9,26 +9,30 @@ count. Every block is wrapped; a component only where the plan reuses it inside 
 State lives per branch (see :mod:`accel.context`): a pipeline that calls the transformer separately for
 the conditional and unconditional prediction gets separate caches, and every cached tensor keeps its batch
 rows, so samples never share entries. The dynamic (first-block) policy's per-sample path is the
-:class:`~accel.caching.per_sample.PerSampleBlocks` mixin.
+:class:`~accel.caching.per_sample.PerSampleBlocks` mixin; the records the engine keeps (its blocks, the schedule's
+plan for a step count, each branch's caches) and MAC counting are in :mod:`accel.caching.engine_plan`.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-from dataclasses import dataclass, field
 from functools import partial
-from typing import NamedTuple
 
 import numpy as np
-import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._pytree import tree_map_only
 
 from accel.adapters import BlockStack
 from accel.api import Handle, Target, register
-from accel.caching.calls import COMPUTE, BlockCall, ComponentCall, RowDecision, StackCall
+from accel.caching.calls import COMPUTE, BlockCall, ComponentCall
 from accel.caching.config import CacheConfig
+from accel.caching.engine_plan import (
+    BranchState,
+    EngineBlock,
+    SchedulePlan,
+    count_call_macs,
+    same_batch,
+    schedule_plan,
+    shape_key,
+)
 from accel.caching.notices import Notices
 from accel.caching.per_sample import Decision, PerSampleBlocks
 from accel.caching.policy import FirstBlockPolicy
@@ -37,54 +41,10 @@ from accel.caching.state import Feature, FeatureCache, map_feature, residual_of,
 from accel.caching.stats import CacheStats
 from accel.caching.token_features import Streams, TokenFeatures, block_streams, component_streams
 from accel.caching.tokens import TokenStepConfig
-from accel.compile import flop_counter
 from accel.hooks import MethodWrapper
 from accel.patches import PatchLog, eager
 
 logger = logging.getLogger(__name__)
-
-
-class _Plan(NamedTuple):
-    mask: np.ndarray  # (steps, blocks, components) compute decisions
-    may_skip: np.ndarray  # (blocks,) whether the block is ever reused whole
-    may_reuse: np.ndarray  # (blocks, components) whether the component is ever reused
-    partial: np.ndarray  # (blocks, components) whether it is ever reused inside a block that runs
-    whole_stack: dict[str, np.ndarray]  # stack path -> (steps,) whether every block of the stack is reused whole
-
-
-@dataclass
-class _BranchState:
-    components: dict[tuple[int, int], FeatureCache] = field(default_factory=dict)
-    blocks: dict[int, FeatureCache] = field(default_factory=dict)
-    stack_skip: dict[str, tuple[int, bool]] = field(default_factory=dict)  # path -> (step, skipped at once)
-    stack_sums: dict[str, tuple[tuple, FeatureCache | None]] = field(default_factory=dict)  # path -> (versions, sum)
-    rows: RowDecision | None = None  # the dynamic policy's decision of the current call
-    first_residual: FeatureCache | None = None
-    consecutive_reuse: torch.Tensor | None = None
-    stack_residuals: dict[str, FeatureCache] = field(default_factory=dict)  # dynamic: path -> stack residual
-    stack_calls: dict[str, StackCall] = field(default_factory=dict)  # dynamic: path -> this call's stack pass
-
-    def caches(self):
-        yield from self.components.values()
-        yield from self.blocks.values()
-        yield from self.stack_residuals.values()
-        if self.first_residual is not None:
-            yield self.first_residual
-
-
-@dataclass(frozen=True)
-class _Block:
-    index: int
-    stack: BlockStack
-    module: torch.nn.Module
-    present: np.ndarray  # indices of the schedule components this block has
-    input_positions: tuple[int | None, ...]  # positional index of each output-named forward argument
-
-
-def _shape_key(args: tuple, kwargs: dict) -> tuple:
-    shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
-    shapes += [(k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)]
-    return tuple(shapes)
 
 
 class CacheEngine(PerSampleBlocks):
@@ -104,14 +64,14 @@ class CacheEngine(PerSampleBlocks):
             self.policy.check_layout(layout)
         self.components = layout.components
         self.blocks = [
-            self._describe(i, stack, module)
+            EngineBlock.describe(i, stack, module, self.components)
             for i, (stack, module) in enumerate(target.spec.block_list(target.transformer))
         ]
         self.stats_data = CacheStats.empty(self.components)
         self.decision_log: list[Decision] = []
         self.notices = Notices(self.policy)
-        self._branches: dict[int, _BranchState] = {}
-        self._plans: dict[int, _Plan] = {}
+        self._branches: dict[int, BranchState] = {}
+        self._plans: dict[int, SchedulePlan] = {}
         self._stacks: dict[str, list[int]] = {}  # stack path -> its block indices, in order
         for block in self.blocks:
             self._stacks.setdefault(block.stack.path, []).append(block.index)
@@ -128,7 +88,7 @@ class CacheEngine(PerSampleBlocks):
         self.tracker.add_reset_listener(self.reset)
         self.tracker.add_call_listener(self._check_wrappers)
 
-    def _install(self, plan: _Plan | None) -> None:
+    def _install(self, plan: SchedulePlan | None) -> None:
         """Wrap every block (to store residuals, reuse them, and count what ran) and the components the plan
         may reuse inside a running block: a component that is only ever reused with its whole block, or
         never, runs unwrapped."""
@@ -152,24 +112,13 @@ class CacheEngine(PerSampleBlocks):
         name = self.components[component]
         return next(c.module for c in stack.components if c.name == name)
 
-    def _describe(self, index: int, stack: BlockStack, module: torch.nn.Module) -> _Block:
-        present = [
-            i
-            for i, name in enumerate(self.components)
-            for c in stack.components
-            if c.name == name and isinstance(getattr(module, c.module, None), torch.nn.Module)
-        ]
-        parameters = list(inspect.signature(module.forward).parameters)
-        positions = tuple(parameters.index(n) if n in parameters else None for n in stack.outputs)
-        return _Block(index, stack, module, np.array(present, dtype=int), positions)
-
     def _check_wrappers(self, args: tuple = (), kwargs: dict | None = None) -> None:
         """At each transformer call: a block compiled in place after its compiled call was wrapped (a new
         ``module.compile()``) has replaced the wrapper; wrap the new compiled call, saying so once."""
         for index, wrapper in list(self._call_wrappers.items()):
             module = self.blocks[index].module
             current = module.__dict__.get(wrapper.name)
-            if wrapper.name == "_compiled_call_impl" and not _wraps(current, wrapper.method):
+            if wrapper.name == "_compiled_call_impl" and not wrapper.in_chain_of(current):
                 logger.info(
                     "accel: block %d was compiled again after accel.apply; wrapping its new compiled call", index
                 )
@@ -197,24 +146,14 @@ class CacheEngine(PerSampleBlocks):
 
     # -- decisions ---------------------------------------------------------------------------------------
 
-    def _plan(self, num_steps: int | None) -> _Plan:
+    def _plan(self, num_steps: int | None) -> SchedulePlan:
         """The schedule's decisions for a step count, and which blocks and stacks may be reused whole."""
         key = num_steps or 0
         if key not in self._plans:
             schedule = self.policy.resample(num_steps) if num_steps else self.policy
             if schedule.num_steps != self.policy.num_steps:
                 self.notices.resampled(self.policy, schedule)
-            mask = schedule.mask
-            may_skip = np.zeros(len(self.blocks), dtype=bool)
-            reused_whole = np.zeros((mask.shape[0], len(self.blocks)), dtype=bool)
-            if schedule.reuse == "residual":
-                for block in self.blocks:
-                    if block.stack.skippable and len(block.present):
-                        reused_whole[:, block.index] = (~mask[:, block.index, block.present]).all(axis=1)
-                        may_skip[block.index] = reused_whole[:, block.index].any()
-            whole_stack = {path: reused_whole[:, indices].all(axis=1) for path, indices in self._stacks.items()}
-            partial_reuse = (~mask & ~reused_whole[:, :, None]).any(axis=0)
-            self._plans[key] = _Plan(mask, may_skip, ~mask.all(axis=0), partial_reuse, whole_stack)
+            self._plans[key] = schedule_plan(schedule, self.blocks, self._stacks)
         return self._plans[key]
 
     def _row(self, step: int, mask: np.ndarray, block: int) -> np.ndarray:
@@ -240,25 +179,16 @@ class CacheEngine(PerSampleBlocks):
                 return
         cache.update(step, value)
 
-    def _state(self, branch: int) -> _BranchState:
+    def _state(self, branch: int) -> BranchState:
         if branch not in self._branches:
-            self._branches[branch] = _BranchState()
+            self._branches[branch] = BranchState()
         return self._branches[branch]
 
     def _new_cache(self, order: int = 0) -> FeatureCache:
         return FeatureCache(order=order, dtype=self.config.cache_dtype)
 
-    def _inputs(self, block: _Block, args: tuple, kwargs: dict) -> tuple:
-        values = []
-        for name, position in zip(block.stack.outputs, block.input_positions):
-            if name in kwargs:
-                values.append(kwargs[name])
-            else:
-                values.append(args[position] if position is not None and position < len(args) else None)
-        return tuple(values)
-
-    def _block_key(self, block: _Block, args: tuple, kwargs: dict) -> tuple:
-        return ("block", block.stack.path, _shape_key(args, kwargs)) if self.config.count_macs else ()
+    def _block_key(self, block: EngineBlock, args: tuple, kwargs: dict) -> tuple:
+        return ("block", block.stack.path, shape_key(args, kwargs)) if self.config.count_macs else ()
 
     def _saved(self, key: tuple) -> None:
         self.stats_data.macs_saved += self._macs.get(key, 0.0)
@@ -274,7 +204,7 @@ class CacheEngine(PerSampleBlocks):
         expects = self.dynamic or bool(self._plan(ctx.num_steps).may_reuse.any())
         self.notices.start_call(ctx.trajectory, ctx.num_steps, self.stats_data, len(self.decision_log), expects)
 
-    def _after_block(self, block: _Block, key: tuple) -> None:
+    def _after_block(self, block: EngineBlock, key: tuple) -> None:
         self.stats_data.block_calls += 1
         self.stats_data.macs_blocks += self._macs.get(key, 0.0)
         if block.index == len(self.blocks) - 1:
@@ -288,7 +218,7 @@ class CacheEngine(PerSampleBlocks):
             if ctx is not None and ctx.num_steps and ctx.step >= ctx.num_steps - 1:
                 self.notices.end_call(self.stats_data, self.decision_log)
 
-    def _skip(self, block: _Block, key: tuple, inputs: tuple, residual: Feature):
+    def _skip(self, block: EngineBlock, key: tuple, inputs: tuple, residual: Feature):
         """The block reused whole: ``inputs + residual``, or ``inputs`` as they are when ``residual`` is None
         (its residual was already added at the first block of a stack skipped at once)."""
         self.stats_data.blocks_skipped += 1
@@ -302,12 +232,12 @@ class CacheEngine(PerSampleBlocks):
             output = map_feature(lambda r, x: x + r.to(x.dtype), residual, inputs)
         return output[0] if len(output) == 1 else output
 
-    def _skip_stack(self, block: _Block, key: tuple, state: _BranchState, step: int, args, kwargs):
+    def _skip_stack(self, block: EngineBlock, key: tuple, state: BranchState, step: int, args, kwargs):
         """At a step that reuses every block of the stack whole, add the sum of their residuals once, at the
         first block, and pass the result through the others: one addition instead of one per block. None
         when it cannot (a block has no cached residual of this shape yet): then each block decides alone."""
         path = block.stack.path
-        inputs = self._inputs(block, args, kwargs)
+        inputs = block.inputs(args, kwargs)
         if block.index != self._stacks[path][0]:
             done = state.stack_skip.get(path)
             return self._skip(block, key, inputs, None) if done == (step, True) else None
@@ -315,7 +245,7 @@ class CacheEngine(PerSampleBlocks):
         state.stack_skip[path] = (step, total is not None)
         return None if total is None else self._skip(block, key, inputs, total)
 
-    def _stack_residual(self, state: _BranchState, stack: BlockStack, step: int, inputs: tuple) -> Feature:
+    def _stack_residual(self, state: BranchState, stack: BlockStack, step: int, inputs: tuple) -> Feature:
         """The sum of the cached residuals of the stack's blocks at ``step``, or None if one is missing, of
         another shape or lacks an output. When the blocks were computed at the same steps, their sum is cached
         once per change (:meth:`FeatureCache.sum_of`) and forecast like one block."""
@@ -336,7 +266,7 @@ class CacheEngine(PerSampleBlocks):
 
     # -- forwards: fenced frames that decide eagerly and compute in the caller's compiled region ------------
 
-    def _block_forward(self, block: _Block, inner, *args, **kwargs):
+    def _block_forward(self, block: EngineBlock, inner, *args, **kwargs):
         call = self._enter_block(block, args, kwargs)
         if call.output is not COMPUTE:
             return call.output
@@ -349,7 +279,7 @@ class CacheEngine(PerSampleBlocks):
             raise
         return self._exit_block(block, call, output)
 
-    def _component_forward(self, block: _Block, component: int, inner, *args, **kwargs):
+    def _component_forward(self, block: EngineBlock, component: int, inner, *args, **kwargs):
         call = self._enter_component(block, component, args, kwargs)
         if call.output is not COMPUTE:
             return call.output
@@ -368,19 +298,15 @@ class CacheEngine(PerSampleBlocks):
         call follows, compiled where the caller is, so counting never changes an output."""
         previous, self._active = self._active, None
         try:
-            with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-                fake_args, fake_kwargs = tree_map_only(torch.Tensor, fake.from_tensor, (args, kwargs))
-                with flop_counter() as counter, torch.no_grad():
-                    inner(*fake_args, **fake_kwargs)
+            self._macs[key] = count_call_macs(inner, args, kwargs)
         finally:
             self._active = previous
-        self._macs[key] = counter.get_total_flops() / 2
 
     def _must_count(self, key: tuple) -> bool:
         return self.config.count_macs and key not in self._macs
 
     @eager
-    def _enter_block(self, block: _Block, args: tuple, kwargs: dict) -> BlockCall:
+    def _enter_block(self, block: EngineBlock, args: tuple, kwargs: dict) -> BlockCall:
         """What to do about one block call: a reused output, or the arguments to run it on."""
         ctx = self.tracker.current
         if ctx is None:
@@ -397,7 +323,7 @@ class CacheEngine(PerSampleBlocks):
                 return BlockCall(output)
         row = self._row(ctx.step, plan.mask, block.index)
         skippable = plan.may_skip[block.index]
-        inputs = self._inputs(block, args, kwargs) if skippable else ()
+        inputs = block.inputs(args, kwargs) if skippable else ()
         if skippable and not row[block.present].any():
             cache, tokens, streams = state.blocks.get(block.index), self._tokens(), block_streams(block.stack)
             if cache is not None and cache.matches(inputs if tokens is None else tokens.like(inputs, streams)):
@@ -411,7 +337,7 @@ class CacheEngine(PerSampleBlocks):
         )
 
     @eager
-    def _exit_block(self, block: _Block, call: BlockCall, output):
+    def _exit_block(self, block: EngineBlock, call: BlockCall, output):
         """Store what the computed block's call left behind; returns the block's output."""
         self._active = call.previous
         if call.state is None:
@@ -428,15 +354,15 @@ class CacheEngine(PerSampleBlocks):
         return output
 
     @eager
-    def _enter_component(self, block: _Block, component: int, args: tuple, kwargs: dict) -> ComponentCall:
+    def _enter_component(self, block: EngineBlock, component: int, args: tuple, kwargs: dict) -> ComponentCall:
         active = self._active
         if active is None or active[2] != block.index:
             return ComponentCall(COMPUTE)
         state, step, _, row, store = active
         name = self.components[component]
-        key = ("component", block.stack.path, name, _shape_key(args, kwargs)) if self.config.count_macs else ()
+        key = ("component", block.stack.path, name, shape_key(args, kwargs)) if self.config.count_macs else ()
         cache = state.components.get((block.index, component))
-        if not row[component] and cache is not None and len(cache) and _same_batch(cache, args, kwargs):
+        if not row[component] and cache is not None and len(cache) and same_batch(cache, args, kwargs):
             self.stats_data.add_call(name, step, reused=True)
             self._saved(key)
             streams = component_streams(block.stack, name)
@@ -447,7 +373,7 @@ class CacheEngine(PerSampleBlocks):
         return ComponentCall(COMPUTE, key, self._must_count(key), state if store[component] else None, step)
 
     @eager
-    def _exit_component(self, block: _Block, component: int, call: ComponentCall, output) -> None:
+    def _exit_component(self, block: EngineBlock, component: int, call: ComponentCall, output) -> None:
         if call.state is None:
             return
         cache = call.state.components.get((block.index, component))
@@ -456,24 +382,9 @@ class CacheEngine(PerSampleBlocks):
         self._update(cache, call.step, output, component_streams(block.stack, self.components[component]))
 
 
-def _wraps(method, wrapper) -> bool:
-    """Whether ``wrapper`` is ``method`` or in the chain of wrappers below it (a later technique's wrapper, e.g.
-    per-token steps', sits above ours and is no recompile)."""
-    while method is not None:
-        if method is wrapper:
-            return True
-        method = getattr(method, "__wrapped__", None)
-    return False
-
-
 def _gathered(tokens: TokenFeatures | None, feature: Feature, streams: Streams) -> Feature:
     """A prediction at the current call's active tokens (as it is without per-token steps)."""
     return feature if tokens is None else tokens.gather(feature, streams)
-
-
-def _same_batch(cache: FeatureCache, args: tuple, kwargs: dict) -> bool:
-    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-    return first is None or cache.batch_size in (None, first.shape[0])
 
 
 class CacheHandle(Handle):

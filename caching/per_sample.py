@@ -25,8 +25,8 @@ from accel.caching.calls import COMPUTE, BlockCall, RowDecision, StackCall
 from accel.caching.policy import first_block_decision, relative_change
 from accel.caching.state import as_tuple, map_feature, residual_of
 
-if TYPE_CHECKING:  # the engine's private records, for annotations only
-    from accel.caching.engine import _Block, _BranchState
+if TYPE_CHECKING:  # the engine's records, for annotations only
+    from accel.caching.engine_plan import BranchState, EngineBlock
 
 
 class Decision(NamedTuple):
@@ -48,15 +48,15 @@ class Decision(NamedTuple):
 class PerSampleBlocks:
     """The dynamic-policy methods of the cache engine (a mixin: it uses the engine's state and helpers)."""
 
-    def _stack_span(self, block: _Block) -> tuple[int, int]:
+    def _stack_span(self, block: EngineBlock) -> tuple[int, int]:
         """First and last block index of ``block``'s stack that the stack residual covers."""
         indices = self._stacks[block.stack.path]
         return (indices[0] + 1 if indices[0] == 0 else indices[0]), indices[-1]
 
-    def _enter_dynamic(self, block: _Block, key: tuple, state: _BranchState, ctx, args, kwargs) -> BlockCall:
+    def _enter_dynamic(self, block: EngineBlock, key: tuple, state: BranchState, ctx, args, kwargs) -> BlockCall:
         """Called eagerly by the engine before a block under the dynamic policy."""
         skippable = block.stack.skippable and len(block.present) > 0
-        inputs = self._inputs(block, args, kwargs) if skippable else ()
+        inputs = block.inputs(args, kwargs) if skippable else ()
         compute = BlockCall(COMPUTE, args, kwargs, key, self._must_count(key), self._active, state, ctx.step)
         if not skippable:
             return compute
@@ -81,7 +81,7 @@ class PerSampleBlocks:
         self.stats_data.macs_saved += self._macs.get(key, 0.0) * (1 - len(picked) / batch)
         return compute._replace(args=sub_args, kwargs=sub_kwargs, finish=finish)
 
-    def _open_stack(self, block: _Block, state: _BranchState, step: int, inputs: tuple) -> None:
+    def _open_stack(self, block: EngineBlock, state: BranchState, step: int, inputs: tuple) -> None:
         """At a stack's first block: this call's mode for the stack, and what its samples start from."""
         decision, cache = state.rows, state.stack_residuals.get(block.stack.path)
         mode = "all" if decision is None or decision.step != step else decision.mode
@@ -119,7 +119,7 @@ class PerSampleBlocks:
             stack.cache.update(stack.step, merged)
         return full[0] if len(full) == 1 else full
 
-    def _decide(self, block: _Block, key: tuple, state: _BranchState, ctx, inputs: tuple, output):
+    def _decide(self, block: EngineBlock, key: tuple, state: BranchState, ctx, inputs: tuple, output):
         """After the first block: which samples compute the later blocks at this call."""
         self._after_block(block, key)
         for c in block.present:
