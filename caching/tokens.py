@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from accel.adapters import token_grid
 from accel.api import Handle, Target, register
 from accel.caching.notices import SaidOnce
 from accel.caching.token_attention import ActiveTokens, token_processor_for
@@ -52,6 +51,7 @@ from accel.caching.token_select import (
     sparse_fraction,
     velocity_scores,
 )
+from accel.geometry import token_grid
 from accel.patches import eager
 
 logger = logging.getLogger(__name__)

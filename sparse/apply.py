@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from accel.adapters import token_grid
 from accel.api import Handle, Target, register
 from accel.context import StepContext
+from accel.geometry import token_grid
 from accel.plan import Plan
 from accel.sparse.kernels import BACKENDS, Backend, LayerAttention, check_backend, shared_layer_attention
 from accel.sparse.patterns import TokenGrid

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from accel.adapters import AttentionGeometry, ModelSpec, spec_for
+from accel.adapters import ModelSpec, spec_for
+from accel.geometry import AttentionGeometry
 from accel.plan import Plan
 from accel.sparse.patterns import HeadPattern, TokenGrid, density
 

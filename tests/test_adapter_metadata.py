@@ -28,12 +28,10 @@ from accel.adapters import (
     Component,
     ModelSpec,
     TokenLayout,
-    attention_geometry,
     is_flow_matching,
-    patch_size,
     spec_for,
-    token_grid,
 )
+from accel.geometry import attention_geometry, patch_size, token_grid
 
 TINY = list(TINY_MODELS.values())
 

@@ -21,11 +21,11 @@ from typing import Literal
 import torch
 
 import accel
-from accel.adapters import patch_size
 from accel.bench.token_report import psnr_of
 from accel.bench.tokens import TARGETS, Model, calibrate, measured_speedups, ours
 from accel.caching import TokenStepConfig
 from accel.caching.token_select import TokenHistory, select, velocity_scores
+from accel.geometry import patch_size
 
 #: the token shares of the bounds and the first steps that compute every token there
 BOUND_SHARES = (0.5, 0.25)
