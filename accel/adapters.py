@@ -358,16 +358,3 @@ def is_flow_matching(pipe: Any, spec: ModelSpec | None = None) -> bool:
     if spec is None or spec.flow_matching is None:
         raise ValueError(f"Cannot tell whether {type(pipe).__name__} is flow matching: no scheduler or spec says")
     return spec.flow_matching
-
-
-#: Names that moved to :mod:`accel.geometry` and are still importable from here, as documented before the move.
-_MOVED_TO_GEOMETRY = ("attention_geometry", "token_grid")
-
-
-def __getattr__(name: str) -> Any:
-    # Resolved on first use: accel.geometry imports this module, so importing it at the top would be a cycle.
-    if name in _MOVED_TO_GEOMETRY:
-        import accel.geometry
-
-        return getattr(accel.geometry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
