@@ -39,18 +39,12 @@ import torch
 
 from accel.api import Handle, Target, register
 from accel.caching.notices import SaidOnce
+from accel.caching.token_allocation import TokenBranch, TokenSelection
 from accel.caching.token_attention import ActiveTokens, token_processor_for
 from accel.caching.token_checks import check_applies
 from accel.caching.token_config import TokenStepConfig, TokenStepStats, is_count, ras_config
 from accel.caching.token_features import TokenFeatures
-from accel.caching.token_select import (
-    TokenHistory,
-    active_count,
-    ras_scores,
-    select,
-    sparse_fraction,
-    velocity_scores,
-)
+from accel.caching.token_select import TokenHistory
 from accel.geometry import token_grid
 from accel.patches import eager
 
@@ -59,16 +53,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["TokenStepConfig", "TokenStepHandle", "TokenStepStats", "apply_token_steps", "ras_config"]
 
 
-class _Branch:
-    """The state of one branch (one transformer call within each step): history and attention caches."""
-
-    def __init__(self, rows: int, tokens: int):
-        self.rows, self.tokens = rows, tokens
-        self.history: TokenHistory | None = None
-        self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-
-class TokenStepHandle(Handle):
+class TokenStepHandle(TokenSelection, Handle):
     """Handle of :class:`TokenStepConfig`; see the module docstring."""
 
     def __init__(self, target: Target, config: TokenStepConfig):
@@ -98,7 +83,7 @@ class TokenStepHandle(Handle):
         self._geometry = [(heads, dim) for *_, heads, dim in layers]
         self._params = [list(inspect.signature(block.forward).parameters) for _, block in self.blocks]
         self._timestep_position = _position(model, target.spec.timestep_arg)
-        self._branches: dict[int, _Branch] = {}
+        self._branches: dict[int, TokenBranch] = {}
         self._call: dict[str, Any] = {}
         self._fractions: dict[int, list[float]] = {}
         self._ras_index: tuple[int, torch.Tensor] | None = None
@@ -220,7 +205,7 @@ class TokenStepHandle(Handle):
         rows, tokens = hidden.shape[:2]
         branch = self._branches.get(context.branch)
         if branch is None or (branch.rows, branch.tokens) != (rows, tokens):
-            branch = self._branches[context.branch] = _Branch(rows, tokens)
+            branch = self._branches[context.branch] = TokenBranch(rows, tokens)
         if not branch.caches:
             branch.caches = [
                 tuple(hidden.new_zeros(rows, tokens, heads, dim) for _ in range(2)) for heads, dim in self._geometry
@@ -241,61 +226,6 @@ class TokenStepHandle(Handle):
         elif self._first_input and self._first_input[0] == context.step and isinstance(latents, torch.Tensor):
             first = self._first_input[1]
             self._paired_calls = first.shape == latents.shape and torch.equal(first, latents)
-
-    def _index(self, branch: _Branch, context, time: torch.Tensor, device) -> torch.Tensor:
-        config, rows, tokens = self.config, branch.rows, branch.tokens
-        num_steps = context.num_steps
-        if branch.history is None or config.dense_at(context.step, num_steps):
-            return torch.arange(tokens, device=device).expand(rows, tokens)
-        dense = config.dense_count(num_steps) if num_steps else config.dense_steps
-        fraction = sparse_fraction(self._grid_budget, num_steps, dense)
-        sparse_index = context.step - sum(config.dense_at(s, num_steps) for s in range(context.step))
-        count = active_count(sparse_index, fraction, tokens, config.buckets)
-        if config.selector == "ras":
-            return self._ras_index_for(context, count).expand(rows, count)
-        return self._velocity_index(branch, context, time, count)
-
-    def _scores(self, branch: _Branch, time: torch.Tensor, count: int) -> torch.Tensor:
-        """Each row's velocity-rule scores, as multiples of the row's mean (so rows can be averaged)."""
-        skipped = self.config.max_skipped_steps or max(2, math.ceil(2 * branch.tokens / count))
-        scores = velocity_scores(branch.history, time, self.config.rate_floor, skipped)
-        return scores / scores.mean(-1, keepdim=True)
-
-    def _velocity_index(self, branch: _Branch, context, time: torch.Tensor, count: int) -> torch.Tensor:
-        """Our rule. ``branches="paired"``: the CFG branches of one prompt share a selection from their mean
-        scores, whether batched (the two halves of the rows take the same latents) or in separate calls (a
-        later call of the step takes the latents of the step's first call); other prompts select alone."""
-        paired = self.config.branches == "paired"
-        shared = self._shared
-        if paired and context.branch > 0 and self._paired_calls and shared and shared[0] == context.step:
-            if shared[1].shape[0] == branch.rows:
-                return shared[1]
-        scores = self._scores(branch, time, count)
-        if paired and context.branch == 0 and self._paired_calls:
-            others = [b for key, b in self._branches.items() if key != 0 and b.history is not None]
-            others = [b for b in others if (b.rows, b.tokens) == (branch.rows, branch.tokens)]
-            scores = sum([scores] + [self._scores(b, time, count) for b in others]) / (1 + len(others))
-        if paired and self._call.get("halves"):
-            half = (scores[: branch.rows // 2] + scores[branch.rows // 2 :]) / 2
-            scores = torch.cat([half, half])
-        index = select(scores, count)
-        if context.branch == 0:
-            self._shared = (context.step, index)
-        return index
-
-    def _ras_index_for(self, context, count: int) -> torch.Tensor:
-        """RAS: one selection per step, made at the step's first call from every branch's last velocities."""
-        if self._ras_index is None or self._ras_index[0] != context.step:
-            histories = [b.history for b in self._branches.values() if b.history is not None]
-            channels = int(self.target.transformer.config.out_channels)
-            width = histories[0].last.shape[-1]
-            channels = channels if width % channels == 0 else width
-            scores = ras_scores(histories, channels, self.config.ras_starvation)
-            index = select(scores[None], count, highest=False)
-            histories[0].drops += 1
-            histories[0].drops.scatter_(0, index[0], -1, reduce="add")  # the cached ones count one more drop
-            self._ras_index = (context.step, index)
-        return self._ras_index[1]
 
     def _gather_argument(self, value: Any, index: torch.Tensor) -> Any:
         if isinstance(value, tuple):
@@ -353,7 +283,7 @@ class TokenStepHandle(Handle):
         call = self._call
         if self.target.tracker.current is None or "mask" not in call:
             return out
-        branch: _Branch = call["branch"]
+        branch: TokenBranch = call["branch"]
         if branch.history is None:
             branch.history = TokenHistory.start(out, call["time"], self.target.tracker.num_steps)
             result = branch.history.last

@@ -10,7 +10,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from tiny_models import TINY_MODELS, denoise
 
 import accel
-import accel.caching.tokens as token_handle
+import accel.caching.token_allocation as token_allocation
 from accel.caching import TokenStepConfig
 from accel.caching.token_select import TokenHistory, select, velocity_scores
 
@@ -56,7 +56,7 @@ def _selections(monkeypatch) -> list[torch.Tensor]:
         made.append(select(scores, count, highest))
         return made[-1]
 
-    monkeypatch.setattr(token_handle, "select", recording)
+    monkeypatch.setattr(token_allocation, "select", recording)
     return made
 
 
