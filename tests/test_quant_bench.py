@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from accel.bench import quant
+from accel.bench import quant, quant_gpu, quant_video
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_scheme_rows_quantize_compile_and_time_each_model_and_skip_what_the_devi
         return pixart_workload(layers=2, heads=2, head_dim=16, sample_size=8, steps=2, text_dim=32)
 
     schemes = {"fp32": None, "fp8": "fp8", "int8-dynamic": "int8-dynamic"}
-    result = quant.compare_schemes(tiny, schemes, repeats=1, backend="eager")
+    result = quant_gpu.compare_schemes(tiny, schemes, repeats=1, backend="eager")
     out = capsys.readouterr().out
     assert set(result) == {"fp32", "int8-dynamic"} and "fp8: skipped" in out
     assert result["fp32"]["speedup"] == 1.0 and result["int8-dynamic"]["weight_ratio"] < 0.5
@@ -144,7 +144,7 @@ def test_video_rows_on_a_tiny_wan(capsys, one_thread):
     originals = {name: p for name, p in pipe.transformer.named_parameters()}
     calibration = Calibration(prompts=("a red apple", "a blue car"), num_inference_steps=4, batch=2,
                               call_kwargs=TINY_VIDEO_KWARGS)  # fmt: skip
-    rows = quant.video_rows(
+    rows = quant_video.video_rows(
         pipe, ["a green tree", "the moon"], steps=4, call_kwargs=TINY_VIDEO_KWARGS, batch=2, repeats=1,
         calibration=calibration,
     )  # fmt: skip

@@ -19,10 +19,8 @@ seed each), latency interleaved (one warm-up round, ``--repeats`` timed ones, sp
   cache + int8 against full precision, cost from a latency model fitted on the quantized model) on the
   calibration prompts, then calibrated cache-aware under it.
 
-With ``--video``, the same comparison on the bundled video model (Wan, 576 tokens per clip) follows in the same run,
-on ``--video-prompts`` of the search's prompts with FORA-``--video-interval`` as the schedule (the bundled caching
-front is the image model's): ``full``, ``int8-weight``, ``int8-dynamic``, ``cache``, ``cache+int8``, ``naive``,
-``aware``, each with its speedup, weight memory and PSNR of the decoded frames vs full (no FID for clips).
+With ``--video``, the same comparison on the bundled video model follows in the same run
+(:mod:`accel.bench.quant_video`).
 
 Per row: measured speedup, weight memory of the transformer (bytes, ratio to full), PSNR of the decoded images
 vs full compute (same seeds), FID and KID (EfficientNet-Lite0 features, against the emoji set) and the
@@ -32,8 +30,8 @@ one JSON line.
 ``--compile`` times and scores every row with the transformer's blocks compiled (inductor; calibration and
 searches run eagerly before), so every row, ``full`` included, is compiled alike.
 
-``--device cuda`` instead times fp8, int8-dynamic and int8-weight against bf16 on a random-weight PixArt-XL-sized
-transformer (28 blocks, width 1152, 4096 tokens) in a 20-step loop with every block compiled (inductor).
+``--device cuda`` instead times fp8, int8-dynamic and int8-weight against bf16 on a PixArt-XL-sized transformer
+(:mod:`accel.bench.quant_gpu`).
 """
 
 from __future__ import annotations
@@ -42,14 +40,14 @@ import argparse
 import logging
 import re
 import tempfile
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
-from tqdm import tqdm
 
 import accel
+from accel.bench.quant_gpu import run_gpu
 from accel.caching import CacheConfig, Schedule, load_front
 from accel.caching.search.command import DEFAULT_PROMPTS, model_defaults
 from accel.caching.search.config import SearchConfig
@@ -135,7 +133,8 @@ def check_arguments(args: argparse.Namespace) -> list[float]:
 
 def run(argv: list[str]) -> dict:
     """Measure, print the table; return the headline numbers. Every argument is checked first
-    (:func:`check_arguments`); ``--device cuda`` runs the GPU rows (:func:`run_gpu`) instead of the CPU ones."""
+    (:func:`check_arguments`); ``--device cuda`` runs the GPU rows (:func:`~accel.bench.quant_gpu.run_gpu`) instead
+    of the CPU ones; ``--video`` adds the video rows (:mod:`accel.bench.quant_video`)."""
     args = _parser().parse_args(argv)
     targets = check_arguments(args)
     if args.device.startswith("cuda"):
@@ -183,70 +182,10 @@ def run(argv: list[str]) -> dict:
         result["compiled_graphs"] = _compiled_graphs()
         print(f"compiled blocks (inductor): {result['compiled_graphs']} graphs compiled over all rows")
     if args.video:
+        from accel.bench.quant_video import _video  # inside: quant_video imports this module's helpers
+
         result["video"] = _video(args, calibration)
     return result
-
-
-def _video(args, calibration: Calibration) -> dict:
-    """The video rows on the bundled video model (see the module docstring)."""
-    from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
-
-    pipe = load_default_video_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(DEFAULT_VIDEO_CALL_KWARGS)
-    prompts = list(DEFAULT_PROMPTS[: args.video_prompts])
-    calibration = replace(calibration, call_kwargs=kwargs)
-    print(f"bundled video model, {args.steps} steps, {len(prompts)} clips, FORA-{args.video_interval}")
-    return video_rows(
-        pipe, prompts, steps=args.steps, call_kwargs=kwargs, batch=args.batch, repeats=args.repeats,
-        calibration=calibration, min_sqnr=args.min_sqnr, interval=args.video_interval, scheme=args.scheme,
-    )  # fmt: skip
-
-
-def video_rows(
-    pipe, prompts: list[str], *, steps: int, call_kwargs: dict, batch: int, repeats: int, calibration: Calibration,
-    min_sqnr: float | None = None, interval: int = 2, seed: int = SEED_SETS[0], scheme: str = "int8-static",
-) -> dict:  # fmt: skip
-    """full, int8-weight, int8-dynamic (and ``scheme`` calibrated, if static), FORA-``interval`` alone, with plain
-    int8-dynamic, naive (``scheme`` calibrated without the cache) and aware (calibrated under it) on a video
-    pipeline: decoded clips of ``prompts`` (prompt ``i`` from seed ``seed + i``), PSNR of their frames vs full,
-    speedup of one ``batch``-clip call (interleaved, fastest repeats), weight memory. Prints a table; returns
-    ``{row: {"psnr", "speedup", "weight_memory_ratio"}}``."""
-    from accel.caching import fora, layout_of
-    from accel.eval.metrics import psnr
-    from accel.eval.timing import time_interleaved
-
-    schedule = fora(layout_of(pipe), steps, interval)
-    contexts, memory, _ = _contexts(pipe, {"": schedule}, calibration, min_sqnr, scheme)  # rows without an @
-
-    @torch.no_grad()
-    def clips(start: int, n: int) -> torch.Tensor:
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(start, start + n)]
-        out = pipe(prompts[start : start + n], num_inference_steps=steps, generator=generators, output_type="pt",
-                   **call_kwargs)  # fmt: skip
-        return torch.as_tensor(out.frames).float()
-
-    frames = {}
-    for name, context in tqdm(contexts.items(), desc="video methods", unit="method"):
-        with context():
-            frames[name] = torch.cat([clips(i, min(batch, len(prompts) - i)) for i in range(0, len(prompts), batch)])
-    timings = time_interleaved(
-        {name: (lambda: clips(0, min(batch, len(prompts)))) for name in contexts}, repeats=repeats, warmup=1,
-        around=contexts,
-    )  # fmt: skip
-    fastest_full = min(timings["full"].samples)
-    rows = {}
-    print(f"{'method':<14}{'speedup':>9}{'weights MB':>11}{'ratio':>7}{'PSNR':>8}")
-    for name in contexts:
-        rows[name] = {
-            "psnr": round(float(psnr(frames[name].flatten(1), frames["full"].flatten(1), 1.0).mean()), 3),
-            "speedup": round(fastest_full / min(timings[name].samples), 3),
-            "weight_memory_ratio": round(memory[name] / memory["full"], 4),
-        }
-        row = rows[name]
-        print(f"{name:<14}{row['speedup']:>8.2f}x{memory[name] / 2**20:>11.2f}{row['weight_memory_ratio']:>7.3f}"
-              f"{row['psnr']:>8.2f}")  # fmt: skip
-    return rows
 
 
 def _compile(pipe) -> None:
@@ -440,71 +379,3 @@ def _print_table(rows: dict, noise: dict | None, args) -> None:
             f"(values {', '.join(f'{v:.2f}' for v in noise['full_fids'])}), {noise['prompt_metric']} "
             f"{noise['prompt_score']:.3f}"
         )
-
-
-# -- GPU: fp8 / int8 on a PixArt-XL-sized transformer under compile --------------------------------------------------
-
-
-@contextmanager
-def _quantized(model: torch.nn.Module, scheme: str | None):
-    with ExitStack() as stack:
-        if scheme is not None:
-            stack.enter_context(accel.apply(model, QuantConfig(scheme=scheme)))
-        yield
-
-
-def run_gpu(args) -> dict:
-    """bf16 vs fp8, int8-dynamic and int8-weight on a random PixArt-XL-sized transformer, blocks compiled."""
-    from accel.bench.caching import pixart_workload
-
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available")
-
-    def make_workload():
-        return pixart_workload(
-            layers=28, heads=16, head_dim=72, sample_size=128, steps=args.gpu_steps, text_dim=4096,
-            device=args.device, dtype=torch.bfloat16,
-        )  # fmt: skip
-
-    schemes = {"bf16": None, "fp8": "fp8", "int8-dynamic": "int8-dynamic", "int8-weight": "int8-weight"}
-    print(f"PixArt-XL-sized DiT (28 blocks, width 1152, 4096 tokens), {args.gpu_steps} steps, bf16, blocks compiled")
-    return {"device": torch.cuda.get_device_name(), "gpu": compare_schemes(make_workload, schemes, args.repeats)}
-
-
-def compare_schemes(make_workload, schemes: dict[str, str | None], repeats: int, backend: str = "inductor") -> dict:
-    """One workload per scheme (quantized once, every block compiled with ``backend``), timed interleaved; the
-    first scheme is the baseline. A scheme the device cannot run is skipped, saying why. Each scheme's first
-    call (compilation, when the backend compiles) is timed and printed as it ends, so a run stopped early still
-    shows how far it got. Prints a table; returns ``{scheme: {"seconds", "speedup", "weight_ratio",
-    "first_call_seconds"}}``."""
-    from accel.eval.timing import time_interleaved, timed
-    from accel.quant.apply import _weight_bytes
-
-    loops, memory, first = {}, {}, {}
-    with ExitStack() as stack:
-        for name, scheme in schemes.items():
-            work = make_workload()
-            try:
-                stack.enter_context(_quantized(work.model, scheme))
-            except RuntimeError as error:  # e.g. fp8 on a device without float8 matmuls
-                print(f"{name}: skipped ({error})")
-                continue
-            accel.compile_blocks(work.model, backend=backend)
-            first[name] = timed(work.loop)[1]
-            print(f"{name}: first call (quantize done, blocks compiled) {first[name]:.1f} s", flush=True)
-            loops[name], memory[name] = work.loop, _weight_bytes(work.model)
-        timings = time_interleaved(loops, repeats=repeats, warmup=0)
-    baseline = next(iter(timings))
-    print(f"{'scheme':<14}{'seconds':>9}{'speedup':>9}{'weights GB':>11}{'ratio':>7}")
-    result = {}
-    for name, timing in timings.items():
-        speedup = timings[baseline].median / timing.median
-        ratio = memory[name] / memory[baseline]
-        print(f"{name:<14}{timing.median:>9.3f}{speedup:>8.2f}x{memory[name] / 2**30:>11.3f}{ratio:>7.3f}")
-        result[name] = {
-            "seconds": round(timing.median, 4),
-            "speedup": round(speedup, 3),
-            "weight_ratio": ratio,
-            "first_call_seconds": round(first[name], 2),
-        }
-    return result
