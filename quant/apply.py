@@ -74,7 +74,8 @@ class QuantStats:
         return {**asdict(self), "weight_memory_ratio": self.weight_memory_ratio}
 
 
-def _weight_bytes(module: torch.nn.Module) -> int:
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes ``module``'s parameters hold, a torchao quantized weight counted by its inner tensors."""
     return sum(tensor_bytes(parameter) for parameter in module.parameters())
 
 
@@ -167,7 +168,7 @@ class QuantHandle(Handle):
                     f"scheme {self.config.scheme!r} needs a calibrated activation range for every quantized "
                     f"layer; the plan has none for {missing[:5]} (calibrate with this scheme)"
                 )
-        before = _weight_bytes(transformer)
+        before = weight_bytes(transformer)
         swapped = quantize_layers(self.patch_log, layers, decisions, self.config.scheme, ranges)
         weight_sqnr = {name: sqnr(old.detach().float(), dequantized(new)) for name, (_, old, new) in swapped.items()}
         corrected = self._install_correction(plan) if plan is not None and "corrected" in plan.channels else 0
@@ -175,7 +176,7 @@ class QuantHandle(Handle):
         self._stats = QuantStats(
             scheme=self.config.scheme,
             weight_bytes_before=before,
-            weight_bytes_after=_weight_bytes(transformer),
+            weight_bytes_after=weight_bytes(transformer),
             layers={name: decisions.get(name, FULL_PRECISION) for name in layers},
             layers_per_scheme=dict(Counter(decisions.get(name, FULL_PRECISION) for name in layers)),
             sqnr=dict(plan.metrics.get("sqnr", {})) if plan is not None else {},

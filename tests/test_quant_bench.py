@@ -257,7 +257,7 @@ def test_the_searched_row_is_the_dp_schedule_of_the_quantized_models_changes(sea
     assert len(seen) == 1 and np.allclose(seen[0], quantized) and not np.allclose(seen[0], full)
     updates = max(2, round(schedules["2"].mask.mean() * 6))
     assert (schedule.mask == real(quantized, updates)).all() and "int8-dynamic" in schedule.provenance["method"]
-    contexts, memory, plans = quant._contexts(pipe, {"searched": schedule}, calibration, None, "int8-dynamic")
+    contexts, memory, plans = quant.method_contexts(pipe, {"searched": schedule}, calibration, None, "int8-dynamic")
     assert list(contexts) == ["full", "int8-weight", "int8-dynamic", "searched"]
     assert plans["searched"].settings["schedule"] == schedule.to_dict()  # calibrated cache-aware under it
     rows, _ = measure_methods(evaluator, contexts, batch=2, repeats=1)
@@ -288,7 +288,7 @@ def test_the_nsga_row_is_searched_with_the_quantized_model_in_the_loop(searched_
     assert search.generations == 1 and search.evaluation.cost == "fitted"  # what the bench asks for
     assert schedule.num_steps == 6 and not schedule.mask.all()
     assert schedule.metrics["latent_psnr"] < 80  # scored with int8 weights against full precision
-    contexts, memory, _ = quant._contexts(pipe, {"nsga": schedule}, calibration, None, "int8-dynamic")
+    contexts, memory, _ = quant.method_contexts(pipe, {"nsga": schedule}, calibration, None, "int8-dynamic")
     rows, _ = measure_methods(evaluator, {"full": contexts["full"], "nsga": contexts["nsga"]}, batch=2, repeats=1)
     _finite_rows(rows, ["nsga"], evaluator, {"nsga": schedule})
     assert memory["nsga"] < 0.5 * memory["full"]

@@ -140,7 +140,7 @@ def run(argv: list[str]) -> dict:
     if args.device.startswith("cuda"):
         return run_gpu(args)
     torch.set_num_threads(args.threads)
-    from accel.bench.search import _prompts_and_reference
+    from accel.bench.search import prompts_and_reference
     from accel.eval.runtime import RuntimeConfig
     from accel.pipelines.default import DEFAULT_FRONT_DIR
 
@@ -148,7 +148,7 @@ def run(argv: list[str]) -> dict:
     pipe.set_progress_bar_config(disable=True)
     call_kwargs, defaults = model_defaults(None)
     guidance = defaults.get("guidance_scale", EvaluatorConfig().guidance_scale)
-    prompts, reference = _prompts_and_reference(SimpleNamespace(eval_prompts=None, model=None, images=args.images))
+    prompts, reference = prompts_and_reference(SimpleNamespace(eval_prompts=None, model=None, images=args.images))
     evaluator = Evaluator(
         pipe, prompts, EvaluatorConfig(num_steps=args.steps, seed=SEED_SETS[0], guidance_scale=guidance), call_kwargs
     )
@@ -164,7 +164,7 @@ def run(argv: list[str]) -> dict:
         schedules["searched"] = _searched_schedule(pipe, calibration, evaluator, schedules, args)
     if args.nsga_generations:
         schedules["nsga"] = _nsga_schedule(pipe, calibration, call_kwargs, guidance, targets, args)
-    contexts, memory, plans = _contexts(pipe, schedules, calibration, args.min_sqnr, args.scheme)
+    contexts, memory, plans = method_contexts(pipe, schedules, calibration, args.min_sqnr, args.scheme)
     if args.compile:
         _compile(pipe)
     rows, images = measure_methods(evaluator, contexts, args.batch, args.repeats)
@@ -182,9 +182,9 @@ def run(argv: list[str]) -> dict:
         result["compiled_graphs"] = _compiled_graphs()
         print(f"compiled blocks (inductor): {result['compiled_graphs']} graphs compiled over all rows")
     if args.video:
-        from accel.bench.quant_video import _video  # inside: quant_video imports this module's helpers
+        from accel.bench.quant_video import run_video  # inside: quant_video imports this module's helpers
 
-        result["video"] = _video(args, calibration)
+        result["video"] = run_video(args, calibration)
     return result
 
 
@@ -213,7 +213,7 @@ def _ideal(evaluator: Evaluator, name: str, schedules: dict[str, Schedule]) -> f
     return 1 / evaluator.cost_model.relative_macs(schedules[key].mask)
 
 
-def _contexts(
+def method_contexts(
     pipe, schedules: dict[str, Schedule], calibration: Calibration, min_sqnr, scheme: str
 ) -> tuple[dict, dict, dict]:
     """Context factories of every row, the transformer's weight bytes under each, and the calibrated plans
@@ -221,7 +221,7 @@ def _contexts(
 
     A schedule's rows are named ``cache@KEY``, ``cache+int8@KEY``, ``naive@KEY`` and ``aware@KEY`` (without the
     suffix for the key ``""``); a searched schedule's key names its one row, calibrated under it."""
-    from accel.quant.apply import _weight_bytes
+    from accel.quant.apply import weight_bytes
 
     def applied(*configs):
         return lambda: accel.apply(pipe, *configs)
@@ -251,7 +251,7 @@ def _contexts(
     memory = {}
     for name, context in contexts.items():
         with context():
-            memory[name] = _weight_bytes(pipe.transformer)
+            memory[name] = weight_bytes(pipe.transformer)
     return contexts, memory, plans
 
 

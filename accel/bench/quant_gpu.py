@@ -49,7 +49,7 @@ def compare_schemes(make_workload, schemes: dict[str, str | None], repeats: int,
     shows how far it got. Prints a table; returns ``{scheme: {"seconds", "speedup", "weight_ratio",
     "first_call_seconds"}}``."""
     from accel.eval.timing import time_interleaved, timed
-    from accel.quant.apply import _weight_bytes
+    from accel.quant.apply import weight_bytes
 
     loops, memory, first = {}, {}, {}
     with ExitStack() as stack:
@@ -63,7 +63,7 @@ def compare_schemes(make_workload, schemes: dict[str, str | None], repeats: int,
             accel.compile_blocks(work.model, backend=backend)
             first[name] = timed(work.loop)[1]
             print(f"{name}: first call (quantize done, blocks compiled) {first[name]:.1f} s", flush=True)
-            loops[name], memory[name] = work.loop, _weight_bytes(work.model)
+            loops[name], memory[name] = work.loop, weight_bytes(work.model)
         timings = time_interleaved(loops, repeats=repeats, warmup=0)
     baseline = next(iter(timings))
     print(f"{'scheme':<14}{'seconds':>9}{'speedup':>9}{'weights GB':>11}{'ratio':>7}")

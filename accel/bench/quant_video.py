@@ -14,12 +14,12 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
-from accel.bench.quant import SEED_SETS, _contexts  # no cycle: quant imports this module inside run
+from accel.bench.quant import SEED_SETS, method_contexts  # no cycle: quant imports this module inside run
 from accel.caching.search.command import DEFAULT_PROMPTS
 from accel.quant import Calibration
 
 
-def _video(args, calibration: Calibration) -> dict:
+def run_video(args, calibration: Calibration) -> dict:
     """The video rows on the bundled video model (see the module docstring)."""
     from accel.pipelines.video import DEFAULT_VIDEO_CALL_KWARGS, load_default_video_pipeline
 
@@ -49,7 +49,7 @@ def video_rows(
     from accel.eval.timing import time_interleaved
 
     schedule = fora(layout_of(pipe), steps, interval)
-    contexts, memory, _ = _contexts(pipe, {"": schedule}, calibration, min_sqnr, scheme)  # rows without an @
+    contexts, memory, _ = method_contexts(pipe, {"": schedule}, calibration, min_sqnr, scheme)  # rows without an @
 
     @torch.no_grad()
     def clips(start: int, n: int) -> torch.Tensor:

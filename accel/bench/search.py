@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prompts_and_reference(args) -> tuple[list[str], torch.Tensor | None]:
+def prompts_and_reference(args) -> tuple[list[str], torch.Tensor | None]:
     """Held-out prompts (``--images`` of them) and the FID reference images (None: generate one)."""
     if args.eval_prompts:
         pool, reference = read_prompts(args.eval_prompts), None
@@ -162,7 +162,7 @@ def run(argv: list[str]) -> dict:
     guidance = args.guidance_scale or evaluation_defaults.get("guidance_scale", EvaluatorConfig().guidance_scale)
     front, reused = _front(args, pipe, call_kwargs, guidance)
     steps = args.steps
-    prompts, reference = _prompts_and_reference(args)
+    prompts, reference = prompts_and_reference(args)
 
     def scorer(num_steps: int, seed: int, prompt_list: list[str] = prompts) -> Evaluator:
         config = EvaluatorConfig(num_steps=num_steps, seed=seed, guidance_scale=guidance, sketch_size=16)
