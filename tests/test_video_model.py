@@ -15,7 +15,11 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import render_clips  # noqa: E402
+import train_default_model  # noqa: E402
 import train_video_model  # noqa: E402
+import video_data  # noqa: E402
+import video_dit  # noqa: E402
+import video_vae  # noqa: E402
 
 from accel.pipelines.video import (  # noqa: E402
     DEFAULT_VIDEO_CALL_KWARGS,
@@ -105,7 +109,7 @@ def test_an_object_subset_keeps_its_held_out_pairs_and_unknown_names_are_refused
     _, names, split = emoji
     objects = tmp_path / "objects.json"
     objects.write_text(json.dumps(["red apple", "ghost"]))
-    subset = train_video_model.object_split(split, names, objects)
+    subset = video_data.object_split(split, names, objects)
     full, part = render_clips.split_pairs(split), render_clips.split_pairs(subset)
     kept = {names.index("red apple"), names.index("ghost")}
     assert {index for index, _ in part["train"]} == kept
@@ -113,21 +117,21 @@ def test_an_object_subset_keeps_its_held_out_pairs_and_unknown_names_are_refused
     assert part["test"] == full["test"]
     objects.write_text(json.dumps(["red apple", "unicorn with a hat"]))
     with pytest.raises(ValueError, match="unicorn with a hat"):
-        train_video_model.object_split(split, names, objects)
+        video_data.object_split(split, names, objects)
 
 
 def test_configs_give_a_long_token_sequence_and_a_small_transformer(emoji):
     images, _, split = emoji
-    vae = train_video_model.new_vae(base_dim=4).eval()  # the real layout, narrower
-    clips = train_video_model.render_batch(images, render_clips.clip_specs(split, "train", 1)[:1])
+    vae = video_vae.new_vae(base_dim=4).eval()  # the real layout, narrower
+    clips = video_data.render_batch(images, render_clips.clip_specs(split, "train", 1)[:1])
     with torch.no_grad():
         latents = vae.encode(clips).latent_dist.mean
     assert latents.shape == (1, 8, 9, 16, 16)  # 17 frames of 64 x 64: temporal factor 2, spatial factor 4
     assert (vae.config.scale_factor_temporal, vae.config.scale_factor_spatial) == (2, 4)
-    patch = train_video_model.DIT_CONFIG["patch_size"]
+    patch = video_dit.DIT_CONFIG["patch_size"]
     tokens = latents.shape[2] // patch[0] * (latents.shape[3] // patch[1]) * (latents.shape[4] // patch[2])
     assert tokens == 576
-    model = train_video_model.new_transformer()
+    model = video_dit.new_transformer()
     assert sum(p.numel() for p in model.parameters()) <= 20e6
 
 
@@ -137,21 +141,21 @@ def test_tiny_untrained_model_trains_one_step_and_runs_in_wan_pipeline(emoji):
 
     images, names, split = emoji
     specs = render_clips.clip_specs(split, "train", 1)[:2]
-    vae = train_video_model.new_vae(base_dim=4).eval()
-    model = train_video_model.new_transformer(num_layers=1, num_attention_heads=2, attention_head_dim=24, ffn_dim=64)
-    clips = train_video_model.render_batch(images, specs)[:, :, :5]
+    vae = video_vae.new_vae(base_dim=4).eval()
+    model = video_dit.new_transformer(num_layers=1, num_attention_heads=2, attention_head_dim=24, ffn_dim=64)
+    clips = video_data.render_batch(images, specs)[:, :, :5]
     with torch.no_grad():
         latents = vae.encode(clips).latent_dist.mean  # (2, 8, 3, 16, 16)
-        unclamped = train_video_model.decode_unclamped(vae, latents)  # what the VAE stage trains on
+        unclamped = video_vae.decode_unclamped(vae, latents)  # what the VAE stage trains on
         torch.testing.assert_close(unclamped.clamp(-1, 1), vae.decode(latents).sample)
     captions = [render_clips.caption(names[s.index], s.motion) for s in specs]
-    data = {"latents": latents, "text": train_video_model.encode_text(captions), "empty_text": torch.zeros(1, 32, 384)}
-    batch = train_video_model.flow_batch(data, 2, 0.5, torch.Generator().manual_seed(0))
-    loss = train_video_model.flow_loss(model, *batch)
+    data = {"latents": latents, "text": video_data.encode_text(captions), "empty_text": torch.zeros(1, 32, 384)}
+    batch = video_dit.flow_batch(data, 2, 0.5, torch.Generator().manual_seed(0))
+    loss = video_dit.flow_loss(model, *batch)
     loss.backward()
     assert torch.isfinite(loss) and model.patch_embedding.weight.grad.abs().sum() > 0
 
-    text_dir = train_video_model.TEXT_DIR
+    text_dir = video_data.TEXT_DIR
     pipe = WanPipeline(
         tokenizer=AutoTokenizer.from_pretrained(text_dir / "tokenizer"),
         text_encoder=BertModel.from_pretrained(text_dir / "text_encoder", torch_dtype=torch.float32),
@@ -246,7 +250,7 @@ def test_frames_stage_caches_first_latent_frames_and_dit_trains_on_them_jointly(
     images, _, split = emoji
     init, work = tmp_path / "init", tmp_path / "work"
     work.mkdir()
-    vae = train_video_model.new_vae(base_dim=4).eval()
+    vae = video_vae.new_vae(base_dim=4).eval()
     vae.save_pretrained(init / "vae")
     mean, std = torch.linspace(-1, 1, 8), torch.linspace(0.5, 2, 8)
     stats = {"latents_mean": json.dumps(mean.tolist()), "latents_std": json.dumps(std.tolist())}
@@ -256,25 +260,25 @@ def test_frames_stage_caches_first_latent_frames_and_dit_trains_on_them_jointly(
     args = train_video_model.build_parser().parse_args(
         ["frames", "--work", str(work), "--init", str(init), "--max-clips", "3"]
     )
-    train_video_model.encode_frames(args)
+    video_vae.encode_frames(args)
 
     frames = load_file(work / "frames.safetensors")
     assert frames["latents"].shape == (3, 8, 1, 16, 16) and frames["text"].shape == (3, 32, 384)
     # a one-frame clip is the first latent frame of the whole clip (the causal VAE encodes frame 0 alone)
     index, motion = render_clips.split_pairs(split)["train"][0]
-    clip = train_video_model.render_batch(images, [render_clips.ClipSpec(index, motion, 5)])
+    clip = video_data.render_batch(images, [render_clips.ClipSpec(index, motion, 5)])
     with torch.no_grad():
         whole, first = (vae.encode(x).latent_dist.mean for x in (clip, clip[:, :, :1]))
     torch.testing.assert_close(first, whole[:, :, :1])
     # and the cache holds such latents, normalised with the clip statistics
     raw = frames["latents"][:1].float() * std.view(1, -1, 1, 1, 1) + mean.view(1, -1, 1, 1, 1)
     seed = int(np.random.default_rng(args.seed + 1).integers(2**31))
-    clip = train_video_model.render_batch(images, [render_clips.ClipSpec(index, motion, seed)])[:, :, :1]
+    clip = video_data.render_batch(images, [render_clips.ClipSpec(index, motion, seed)])[:, :, :1]
     with torch.no_grad():
         torch.testing.assert_close(raw, vae.encode(clip).latent_dist.mean, atol=0.02, rtol=0.01)  # fp16 cache
 
     argv = ["dit", "--work", str(work), "--batch", "1", "--frame-batch", "2", "--max-steps", "1", "--warmup", "1"]
-    train_video_model.train_dit(train_video_model.build_parser().parse_args(argv))
+    video_dit.train_dit(train_video_model.build_parser().parse_args(argv))
     assert load_file(work / "dit.safetensors")["generator"].numel() > 0
 
 
@@ -283,7 +287,7 @@ def test_reinit_text_starts_the_caption_path_afresh_and_loads_the_rest(tmp_path)
 
     init, work = tmp_path / "init", tmp_path / "work"
     work.mkdir()
-    exported = train_video_model.new_transformer()
+    exported = video_dit.new_transformer()
     with torch.no_grad():  # unlike any fresh initialisation, whatever the seed
         for parameter in exported.parameters():
             parameter.add_(1.0)
@@ -291,10 +295,10 @@ def test_reinit_text_starts_the_caption_path_afresh_and_loads_the_rest(tmp_path)
     encoded = {"latents": torch.randn(2, 8, 9, 16, 16).half(), "text": torch.randn(2, 32, 384).half()}
     save_file({**encoded, "empty_text": torch.zeros(1, 32, 384)}, work / "encoded.safetensors")
     argv = ["dit", "--work", str(work), "--init", str(init), "--reinit-text", "--batch", "1", "--max-steps", "1"]
-    train_video_model.train_dit(train_video_model.build_parser().parse_args([*argv, "--lr", "0", "--warmup", "1"]))
+    video_dit.train_dit(train_video_model.build_parser().parse_args([*argv, "--lr", "0", "--warmup", "1"]))
 
     trained = {k[6:]: v for k, v in load_file(work / "dit.safetensors").items() if k.startswith("model.")}
-    text = {k for k in trained if train_video_model.is_text_path(k)}
+    text = {k for k in trained if video_dit.is_text_path(k)}
     assert any(".attn2." in k for k in text) and any("text_embedder" in k for k in text)
     for name, value in exported.state_dict().items():  # lr 0: what was loaded is still there
         assert torch.equal(trained[name], value) != (name in text), name
@@ -322,22 +326,22 @@ def test_caption_gap_is_zero_for_a_model_that_ignores_the_name_and_large_for_one
     values = torch.tensor([float(o) for o in objects])
     data = {"latents": values.view(-1, 1, 1, 1, 1).expand(-1, 8, 2, 4, 4).clone(),
             "text": values.view(-1, 1, 1).expand(-1, 32, 384).clone()}  # fmt: skip
-    ignoring = train_video_model.caption_gap(_KnowsTheObject(False), data, objects, motions, count=16)
-    reading = train_video_model.caption_gap(_KnowsTheObject(True), data, objects, motions, count=16)
+    ignoring = video_dit.caption_gap(_KnowsTheObject(False), data, objects, motions, count=16)
+    reading = video_dit.caption_gap(_KnowsTheObject(True), data, objects, motions, count=16)
     assert ignoring["rows"] == reading["rows"] == 16
     assert ignoring["gap"] == pytest.approx(0.0, abs=1e-9) and reading["own"] == pytest.approx(0.01, rel=1e-4)
     assert reading["gap"] > 1000  # another object's caption puts the clean latents 2 away instead of 0.1
     with pytest.raises(ValueError, match="another object with the same motion"):
-        train_video_model.caption_gap(_KnowsTheObject(True), data, [0] * 24, motions)
+        video_dit.caption_gap(_KnowsTheObject(True), data, [0] * 24, motions)
 
 
 def test_exports_drop_the_paths_components_were_loaded_from(tmp_path):
-    train_video_model.new_vae(base_dim=4).save_pretrained(tmp_path / "init" / "vae")
+    video_vae.new_vae(base_dim=4).save_pretrained(tmp_path / "init" / "vae")
     from diffusers import AutoencoderKLWan
 
     AutoencoderKLWan.from_pretrained(tmp_path / "init" / "vae").save_pretrained(tmp_path / "out" / "vae")
     assert "_name_or_path" in json.loads((tmp_path / "out" / "vae" / "config.json").read_text())  # what it fixes
-    train_video_model.strip_load_paths(tmp_path / "out")
+    train_default_model.strip_load_paths(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "vae" / "config.json").read_text())
     assert "_name_or_path" not in config and config["z_dim"] == 8
 
@@ -352,8 +356,8 @@ def test_exports_drop_the_paths_components_were_loaded_from(tmp_path):
 )
 def test_a_stage_whose_input_is_missing_names_the_stage_to_run_first(tmp_path, argv, missing):
     args = train_video_model.build_parser().parse_args([*argv, "--work", str(tmp_path)])
-    stages = {"dit": train_video_model.train_dit, "frames": train_video_model.encode_frames,
-              "export": train_video_model.export}  # fmt: skip
+    stages = {"dit": video_dit.train_dit, "frames": video_vae.encode_frames,
+              "export": video_dit.export}  # fmt: skip
     with pytest.raises(FileNotFoundError, match=missing):
         stages[argv[0]](args)
 
@@ -361,14 +365,14 @@ def test_a_stage_whose_input_is_missing_names_the_stage_to_run_first(tmp_path, a
 def test_reinit_text_without_an_export_to_start_from_is_refused_before_any_compute(tmp_path):
     args = train_video_model.build_parser().parse_args(["dit", "--work", str(tmp_path), "--reinit-text"])
     with pytest.raises(ValueError, match="--init"):
-        train_video_model.train_dit(args)
+        video_dit.train_dit(args)
 
 
 def test_roundtrip_strip_puts_each_rendered_held_out_clip_above_its_vae_reconstruction(emoji, tmp_path, caplog):
     images, names, split = emoji
     argv = ["roundtrip", "--work", str(tmp_path), "--out", str(DEFAULT_VIDEO_MODEL_DIR), "--samples", "2"]
-    with caplog.at_level("INFO", logger=train_video_model.logger.name):
-        train_video_model.roundtrip(train_video_model.build_parser().parse_args(argv))
+    with caplog.at_level("INFO", logger=video_dit.logger.name):
+        video_dit.roundtrip(train_video_model.build_parser().parse_args(argv))
     from PIL import Image
 
     strip = np.asarray(Image.open(tmp_path / "roundtrip.png"))
@@ -392,7 +396,7 @@ def test_roundtrip_refuses_more_samples_than_held_out_pairs_before_loading(tmp_p
     argv = ["roundtrip", "--work", str(tmp_path), "--out", str(tmp_path / "none"), "--samples", "3"]
     args = train_video_model.build_parser().parse_args([*argv, "--objects", str(tmp_path / "objects.json")])
     with pytest.raises(ValueError, match=r"--samples must be in 1\.\.2"):
-        train_video_model.roundtrip(args)
+        video_dit.roundtrip(args)
 
 
 def test_captions_table_stands_in_for_the_text_encoder_and_workers_render_the_same_clips(emoji, tmp_path):
@@ -401,16 +405,16 @@ def test_captions_table_stands_in_for_the_text_encoder_and_workers_render_the_sa
     pairs = render_clips.split_pairs(split)["train"]
     objects.write_text(json.dumps([names[pairs[0][0]]]))
     args = train_video_model.build_parser().parse_args(["captions", "--work", str(tmp_path), "--objects", str(objects)])
-    train_video_model.write_captions(args)
+    video_data.write_captions(args)
     captions = [render_clips.caption(names[pairs[0][0]], pairs[0][1]), ""]
-    looked_up = train_video_model.caption_states(args, captions)
-    torch.testing.assert_close(looked_up, train_video_model.encode_text(captions), atol=4e-3, rtol=4e-3)  # fp16
+    looked_up = video_data.caption_states(args, captions)
+    torch.testing.assert_close(looked_up, video_data.encode_text(captions), atol=4e-3, rtol=4e-3)  # fp16
     with pytest.raises(KeyError, match="captions"):
-        train_video_model.caption_states(args, ["a caption of no pair"])
+        video_data.caption_states(args, ["a caption of no pair"])
 
     specs = render_clips.clip_specs(split, "train", 1)[:5]
-    rendered = torch.cat(list(train_video_model.rendered_batches(images, specs, 2, workers=2)))
-    assert torch.equal(rendered, train_video_model.render_batch(images, specs))
+    rendered = torch.cat(list(video_data.rendered_batches(images, specs, 2, workers=2)))
+    assert torch.equal(rendered, video_data.render_batch(images, specs))
 
 
 def test_dit_without_a_frames_cache_trains_on_the_clips_first_latent_frames(tmp_path, caplog):
@@ -420,7 +424,7 @@ def test_dit_without_a_frames_cache_trains_on_the_clips_first_latent_frames(tmp_
     save_file({**encoded, "empty_text": torch.zeros(1, 32, 384)}, tmp_path / "encoded.safetensors")
     argv = ["dit", "--work", str(tmp_path), "--batch", "1", "--frame-batch", "2", "--max-steps", "2"]
     with caplog.at_level("INFO", logger="train_video_model"):
-        train_video_model.train_dit(train_video_model.build_parser().parse_args([*argv, "--decay-at-deadline"]))
+        video_dit.train_dit(train_video_model.build_parser().parse_args([*argv, "--decay-at-deadline"]))
     assert "first latent frames of the 2 clips" in caplog.text
     assert (tmp_path / "dit.safetensors").is_file()
 
@@ -489,7 +493,7 @@ def test_dit_resumed_from_its_checkpoint_equals_an_uninterrupted_seeded_run(tmp_
         save_file({**encoded, "empty_text": torch.zeros(1, 32, 384)}, work / "encoded.safetensors")
         for stop in stops:
             argv = ["dit", "--work", str(work), "--batch", "2", "--max-steps", str(stop), "--warmup", "2"]
-            train_video_model.train_dit(train_video_model.build_parser().parse_args(argv))
+            video_dit.train_dit(train_video_model.build_parser().parse_args(argv))
         runs[name] = load_file(work / "dit.safetensors")
     straight, resumed = runs["straight"], runs["resumed"]
     assert set(straight) == set(resumed) and any(k.startswith("ema.") for k in straight)
