@@ -27,12 +27,12 @@ from accel.eval.metrics import (
     MetricInputs,
     MetricSuite,
     MetricWeights,
-    _floats,
-    _per_clip,
-    _per_sample_result,
+    clip_means,
+    per_sample_result,
     register_metric,
     result,
     unavailable,
+    unit_floats,
 )
 
 
@@ -122,20 +122,20 @@ def clip(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
             raise
         reason = f"neither CLIP score nor the bundled alignment scorer is available: {error}"
         return {"alignment": unavailable("higher", "prompt-image alignment", reason)}
-    scores = torch.as_tensor(scorer.score(_floats(inputs.frame_images), inputs.frame_prompts)).float()
+    scores = torch.as_tensor(scorer.score(unit_floats(inputs.frame_images), inputs.frame_prompts)).float()
     name = getattr(scorer, "metric_name", "alignment")
     if inputs.frames is not None:
-        scores = _per_clip(scores, inputs)
+        scores = clip_means(scores, inputs)
     if fallback is None:
         computed = f"mean CLIP score over {inputs.samples()}, max(100 cos, 0), open-clip {name} (Hessel et al. 2021)"
-        return {name: _per_sample_result(scores, better="higher", computed=computed)}
+        return {name: per_sample_result(scores, better="higher", computed=computed)}
     computed = (
         f"mean prompt-image alignment score over {inputs.samples()} of the bundled offline scorer {name} "
         "(accel.eval.alignment; "
         "comparable with itself only, not with CLIP scores)"
     )
     stand_in = f"{name} instead of CLIP score: {fallback}"
-    return {name: _per_sample_result(scores, better="higher", computed=computed, note=fallback, stand_in=stand_in)}
+    return {name: per_sample_result(scores, better="higher", computed=computed, note=fallback, stand_in=stand_in)}
 
 
 def _first_line(error: BaseException) -> str:
@@ -176,7 +176,7 @@ def motion(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
         return {MOTION_NAME: unavailable("higher", computed, reason)}
     try:
         scorer = suite.cached("motion", load_motion_scorer)
-        values = motion_accuracy(scorer, _floats(inputs.images), list(inputs.prompts))
+        values = motion_accuracy(scorer, unit_floats(inputs.images), list(inputs.prompts))
     except (ImportError, FileNotFoundError, OSError, RuntimeError, ValueError) as error:
         reason = f"the motion classifier of accel.eval.motion could not score these clips: {error}"
         return {MOTION_NAME: unavailable("higher", computed, reason)}

@@ -223,7 +223,8 @@ class MetricSuite:
         return value
 
 
-def _floats(images: torch.Tensor) -> torch.Tensor:
+def unit_floats(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] as float32 in [0, 1]."""
     return images.float() / 255.0
 
 
@@ -250,7 +251,7 @@ def psnr(candidate: torch.Tensor, reference: torch.Tensor, peak: torch.Tensor | 
     return (10 * torch.log10(peak**2 / mse)).clamp(max=PSNR_CAP_DB)  # mse 0 -> inf -> the cap
 
 
-def _per_sample_result(values: torch.Tensor, *, better: str, computed: str, **details) -> dict:
+def per_sample_result(values: torch.Tensor, *, better: str, computed: str, **details) -> dict:
     """A metric's mean over samples with its spread: the worst sample (``min``/``max``), the standard error of the
     mean (``se``) and every sample's value (``per_sample``, in prompt order), from which the report draws its
     noise and per-image values."""
@@ -263,7 +264,7 @@ def _per_sample_result(values: torch.Tensor, *, better: str, computed: str, **de
     )
 
 
-def _per_clip(per_frame: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+def clip_means(per_frame: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
     """``(N * F,)`` per-frame values -> ``(N,)`` each clip's mean over its frames."""
     return per_frame.reshape(len(inputs.images), inputs.frames).mean(dim=1)
 
@@ -272,20 +273,20 @@ def _per_clip(per_frame: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
 def psnr_metric(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
     """PSNR against full compute: per image, or per clip averaged over its frames."""
     if inputs.frames is not None:
-        per_frame = psnr(_floats(inputs.frame_images), _floats(inputs.frame_reference))
-        per_clip = _per_clip(per_frame, inputs)
+        per_frame = psnr(unit_floats(inputs.frame_images), unit_floats(inputs.frame_reference))
+        per_clip = clip_means(per_frame, inputs)
         computed = (
             f"mean over {len(per_clip)} clips of the clip's PSNR (dB, 8-bit frames) against the full-compute clip with "
             f"the same prompt and seed, frame by frame, averaged over its {inputs.frames} frames; identical frames "
             f"count as {PSNR_CAP_DB:g} dB"
         )
-        return {"PSNR": _per_sample_result(per_clip, better="higher", computed=computed)}
-    per_image = psnr(_floats(inputs.images), _floats(inputs.reference))
+        return {"PSNR": per_sample_result(per_clip, better="higher", computed=computed)}
+    per_image = psnr(unit_floats(inputs.images), unit_floats(inputs.reference))
     computed = (
         f"mean over {len(per_image)} images of PSNR (dB, 8-bit images) against the full-compute image with the same "
         f"prompt and seed; identical images count as {PSNR_CAP_DB:g} dB"
     )
-    return {"PSNR": _per_sample_result(per_image, better="higher", computed=computed)}
+    return {"PSNR": per_sample_result(per_image, better="higher", computed=computed)}
 
 
 @register_metric("ssim")
@@ -302,14 +303,14 @@ def ssim(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
     except ImportError as error:
         return {"SSIM": unavailable("higher", computed, f"SSIM needs torchmetrics ({error}): {EVAL_EXTRA}")}
     if inputs.frames is not None:  # float64: in float32 identical near-white frames score 0.9995
-        frames, reference = _floats(inputs.frame_images).double(), _floats(inputs.frame_reference).double()
+        frames, reference = unit_floats(inputs.frame_images).double(), unit_floats(inputs.frame_reference).double()
         per_frame = structural_similarity_index_measure(frames, reference, data_range=1.0, reduction="none")
-        per_clip = _per_clip(per_frame, inputs).float()
-        return {"SSIM": _per_sample_result(per_clip, better="higher", computed=computed)}
+        per_clip = clip_means(per_frame, inputs).float()
+        return {"SSIM": per_sample_result(per_clip, better="higher", computed=computed)}
     per_image = structural_similarity_index_measure(
-        _floats(inputs.images), _floats(inputs.reference), data_range=1.0, reduction="none"
+        unit_floats(inputs.images), unit_floats(inputs.reference), data_range=1.0, reduction="none"
     )
-    return {"SSIM": _per_sample_result(per_image, better="higher", computed=computed)}
+    return {"SSIM": per_sample_result(per_image, better="higher", computed=computed)}
 
 
 def _lpips_model(net: str):
@@ -339,7 +340,7 @@ def lpips(suite: MetricSuite, inputs: MetricInputs) -> dict[str, dict]:
     try:
         model = suite.cached("lpips", lambda: _lpips_model(net))
         with torch.no_grad():
-            value = model(_floats(inputs.frame_images), _floats(inputs.frame_reference))
+            value = model(unit_floats(inputs.frame_images), unit_floats(inputs.frame_reference))
     except (ImportError, FileNotFoundError, RuntimeError, ValueError) as error:
         return {name: unavailable("lower", computed, str(error))}
     return {name: result(value, better="lower", computed=computed)}
