@@ -126,14 +126,15 @@ class MethodForm:
         pattern: full-match regular expression for the name.
         parse: match -> parameters (raises ``ValueError`` for out-of-range values).
         apply: ``(pipe, params, steps, instrument) -> context manager yielding Applied``; ``instrument`` asks for
-            technique statistics (slower), off while timing.
+            technique statistics (slower), off while timing. None: the form's parts run through
+            :func:`accel.eval.combined.apply_parts`, with the generation's call arguments.
         help: one line for error messages and ``--help``.
     """
 
     usage: str
     pattern: re.Pattern
     parse: Callable[[re.Match], dict]
-    apply: Apply
+    apply: Apply | None
     help: str
 
 
@@ -215,22 +216,8 @@ def _budget(match: re.Match) -> dict:
     return {"budget": value}
 
 
-#: the forms :func:`accel.eval.combined.apply_parts` runs, with the generation's call arguments
-PARTS_FORMS = ("tokens", "quant", "json", "combined")
-
-
 def _parts_of(kind: str, params: dict) -> list[dict]:
     return params["parts"] if kind == "combined" else [{"kind": kind, "params": params}]
-
-
-def _apply_parts(kind: str) -> Apply:
-    """The apply function of a form that :func:`accel.eval.combined.apply_parts` runs (without call arguments:
-    :func:`apply_method` passes the generation's)."""
-
-    def apply(pipe: Any, params: dict, steps: int, instrument: bool) -> AbstractContextManager[Applied]:
-        return apply_parts(pipe, {"parts": _parts_of(kind, params)}, steps, instrument)
-
-    return apply
 
 
 def _apply_diffusers(kind: str) -> Apply:
@@ -316,28 +303,28 @@ FORMS: dict[str, MethodForm] = {
         usage="tokens-B",
         pattern=re.compile(rf"tokens-{_NUMBER}"),
         parse=_budget,
-        apply=_apply_parts("tokens"),
+        apply=None,
         help="per-token step allocation computing the fraction B of the token-steps",
     ),
     "quant": MethodForm(
         usage="SCHEME",
         pattern=re.compile("|".join(SCHEMES)),
         parse=lambda m: {"scheme": m[0]},
-        apply=_apply_parts("quant"),
+        apply=None,
         help="quantization alone (int8-weight, int8-dynamic, int8-static, fp8)",
     ),
     "combined": MethodForm(
         usage="METHOD+METHOD",
         pattern=re.compile(r"[^+]+(?:\+[^+]+)+"),
         parse=parse_combined,
-        apply=_apply_parts("combined"),
+        apply=None,
         help="techniques in one accel.apply, one part each: caching, tokens-B, SCHEME, plan or schedule JSON",
     ),
     "json": MethodForm(
         usage="PATH.json",
         pattern=re.compile(r"(?P<path>.+\.json)"),
         parse=lambda m: {"path": m["path"]},
-        apply=_apply_parts("json"),
+        apply=None,
         help="a Schedule, CacheConfig, sparse-attention plan or quantization plan JSON file",
     ),
     "front": MethodForm(
@@ -415,6 +402,7 @@ def apply_method(
     Raises:
         UnsupportedMethod: the method cannot run on this pipeline (the message says why).
     """
-    if method.kind in PARTS_FORMS:
+    apply = FORMS[method.kind].apply
+    if apply is None:
         return apply_parts(pipe, {"parts": method.parts}, steps, instrument, call_kwargs)
-    return FORMS[method.kind].apply(pipe, method.params, steps, instrument)
+    return apply(pipe, method.params, steps, instrument)

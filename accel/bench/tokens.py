@@ -225,11 +225,11 @@ def calibrate(model: Model, steps: int, min_actives: tuple[float, ...] = ()) -> 
     method's predicted runtime ratio there, ``"unreachable"``: the methods that miss the target
     (:func:`~accel.bench.token_report.reaches`)."""
     knobs = _knobs(model, steps, _runtime(model, steps), min_actives)
+    knob_of = {**knobs, "ours-at-steps": knobs["ours"]}  # ours aimed at the fewer-steps row's runtime
     chosen = {}
     for target in TARGETS:
         picked = {name: knob.pick(target) for name, knob in knobs.items()}
         predicted = {name: knobs[name].predict(value) for name, value in picked.items()}
-        knob_of = {**knobs, "ours-at-steps": knobs["ours"]}  # ours aimed at the fewer-steps row's runtime
         picked["ours-at-steps"] = knobs["ours"].pick(predicted["steps"])
         predicted["ours-at-steps"] = knobs["ours"].predict(picked["ours-at-steps"])
         missed = [name for name in picked if not reaches(predicted[name], target)]
