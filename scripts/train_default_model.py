@@ -85,6 +85,11 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(path), meta
 
 
+def model_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own weights among a checkpoint's tensors: its ``model.`` entries, without the prefix."""
+    return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
 def _flat_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -128,7 +133,7 @@ def train_vae(args: argparse.Namespace) -> None:
     step = 0
     if path.exists():
         tensors, meta = load_checkpoint(path)
-        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        vae.load_state_dict(model_weights(tensors))
         _restore_optimizer(optimizer, tensors, meta["optimizer"])
         torch.set_rng_state(tensors["rng"])
         step = meta["step"]
@@ -163,7 +168,7 @@ def load_vae(work: Path, init: Path | None = None):
         return AutoencoderKL.from_pretrained(init / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
     vae = AutoencoderKL(**VAE_CONFIG)
     tensors, _ = load_checkpoint(work / "vae.safetensors")
-    vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    vae.load_state_dict(model_weights(tensors))
     return vae.eval().requires_grad_(False)
 
 
@@ -238,7 +243,7 @@ def train_dit(args: argparse.Namespace) -> None:
     path, step, losses, warmup_start = args.work / "dit.safetensors", 0, [], 0
     if path.exists():
         tensors, meta = load_checkpoint(path)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        model.load_state_dict(model_weights(tensors))
         ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
         _restore_optimizer(optimizer, tensors, meta["optimizer"])
         torch.set_rng_state(tensors["rng"])
@@ -311,7 +316,7 @@ def export(args: argparse.Namespace) -> None:
 
     tensors, meta = load_checkpoint(args.work / "dit.safetensors")
     transformer = PixArtTransformer2DModel(**DIT_CONFIG)
-    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    weights = model_weights(tensors)
     weights.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     transformer.load_state_dict(weights)
     vae = load_vae(args.work, args.init)

@@ -36,6 +36,7 @@ from train_default_model import (
     _flat_optimizer,
     _restore_optimizer,
     load_checkpoint,
+    model_weights,
     save_checkpoint,
     strip_load_paths,
 )
@@ -126,7 +127,7 @@ def _dit_state(args: argparse.Namespace):
     path, step, losses, start = args.work / "dit.safetensors", 0, [], 0
     if path.exists():
         tensors, meta = load_checkpoint(path)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        model.load_state_dict(model_weights(tensors))
         ema = {k[4:]: v.to(args.device) for k, v in tensors.items() if k.startswith("ema.")}
         _restore_optimizer(optimizer, {k: v.to(args.device) for k, v in tensors.items()}, meta["optimizer"])
         try:
@@ -223,7 +224,7 @@ def export(args: argparse.Namespace) -> None:
     statistics = latent_statistics(args)
     tensors, meta = load_checkpoint(args.work / "dit.safetensors")
     transformer = new_transformer()
-    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    weights = model_weights(tensors)
     weights.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     transformer.load_state_dict(weights)
     vae = load_vae(args.work, init=args.init)

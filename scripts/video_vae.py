@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from render_clips import FRAMES, ClipSpec, caption, clip_specs, load_emoji, split_pairs
 from safetensors.torch import save_file
 from tqdm import tqdm
-from train_default_model import _flat_optimizer, _restore_optimizer, load_checkpoint, save_checkpoint
+from train_default_model import _flat_optimizer, _restore_optimizer, load_checkpoint, model_weights, save_checkpoint
 from video_data import caption_states, latent_statistics, object_split, render_batch, rendered_batches
 
 logger = logging.getLogger("train_video_model")  # every stage logs under the script's name
@@ -111,7 +111,7 @@ def _vae_state(args: argparse.Namespace):
     generator = torch.Generator().manual_seed(args.seed)
     if path.exists():
         tensors, meta = load_checkpoint(path)
-        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        vae.load_state_dict(model_weights(tensors))
         _restore_optimizer(optimizer, tensors, meta["optimizer"])
         generator.set_state(tensors["generator"])
         step = meta["step"]
@@ -165,7 +165,7 @@ def load_vae(work: Path, device: str = "cpu", init: Path | None = None):
         return AutoencoderKLWan.from_pretrained(init / "vae", torch_dtype=torch.float32).to(device).eval()
     vae = new_vae()
     tensors, _ = load_checkpoint(found or candidates[1])
-    vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    vae.load_state_dict(model_weights(tensors))
     return vae.to(device).eval().requires_grad_(False)
 
 
