@@ -35,7 +35,8 @@ def check_method(method: Method, pipe: Any, steps: int) -> None:
 
     Raises:
         ValueError: in one line, the method and what is wrong with it (a missing or bad file, a schedule made for
-            another model, a parameter out of range for ``steps`` steps, a model accel has no adapter for).
+            another model, a parameter out of range for ``steps`` steps, a model accel has no adapter for, a peer's
+            package not installed).
     """
     kind = method.kind
     try:
@@ -50,6 +51,14 @@ def check_method(method: Method, pipe: Any, steps: int) -> None:
                 f"caching needs a transformer pipeline; {type(pipe).__name__} has no transformer (its modules: "
                 f"{', '.join(parts) or 'none'})"
             )
+        if kind == "cache-dit":
+            from accel.eval.cache_dit_peer import import_cache_dit
+
+            try:
+                import_cache_dit()
+            except ImportError as error:
+                raise ValueError(str(error)) from None
+            return  # cache-dit says itself whether it can cache this pipeline, recorded in its turn
         if kind.startswith("diffusers-") or kind in ("tokens", "quant"):
             return  # the technique says itself what it cannot do, recorded as unsupported in its turn
         for config in part_configs(pipe, method.parts, steps, False, None):

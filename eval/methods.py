@@ -22,6 +22,9 @@ form                       meaning
 ``diffusers-pab``          diffusers' Pyramid Attention Broadcast (self-attention every 2nd step in t 100..800)
 ``diffusers-fastercache``  diffusers' FasterCache (default config, image tensor layout)
 ``diffusers-magcache``     diffusers' MagCache (needs magnitude ratios: diffusers ships them for Flux only)
+``cache-dit-T``            cache-dit's DBCache, threshold ``T``, first block computed (F1B0); ``cache-dit-FnBm-T``
+                           computes the first ``n`` and last ``m`` blocks; a ``-taylorseer`` suffix adds its
+                           TaylorSeer calibrator (order 1). Needs ``diffusers-accel[peers]``
 =========================  =====================================================================================
 
 :func:`parse_method` turns a name into a :class:`Method` (a frozen value); :func:`apply_method` applies it to
@@ -220,6 +223,20 @@ def _parts_of(kind: str, params: dict) -> list[dict]:
     return params["parts"] if kind == "combined" else [{"kind": kind, "params": params}]
 
 
+def _apply_cache_dit(pipe: Any, params: dict, steps: int, instrument: bool) -> AbstractContextManager[Applied]:
+    from accel.eval.cache_dit_peer import apply_cache_dit
+
+    return apply_cache_dit(pipe, params, steps, instrument)
+
+
+def _cache_dit(match: re.Match) -> dict:
+    params = _threshold(match)
+    first, last = int(match["f"] or 1), int(match["b"] or 0)
+    if first < 1:
+        raise ValueError(f"cache-dit-FnBm-T: n (the blocks computed first) must be >= 1, got {first}")
+    return {**params, "first": first, "last": last, "taylorseer": match["ts"] is not None}
+
+
 def _apply_diffusers(kind: str) -> Apply:
     def apply(pipe: Any, params: dict, steps: int, instrument: bool) -> AbstractContextManager[Applied]:
         from accel.eval.diffusers_cache import apply_diffusers_cache
@@ -350,6 +367,13 @@ FORMS: dict[str, MethodForm] = {
             ("diffusers-magcache", "diffusers' MagCache"),
         )
     },
+    "cache-dit": MethodForm(
+        usage="cache-dit[-FnBm]-T",
+        pattern=re.compile(rf"cache-dit(?:-F(?P<f>\d+)B(?P<b>\d+))?-{_NUMBER}(?P<ts>-taylorseer)?"),
+        parse=_cache_dit,
+        apply=_apply_cache_dit,
+        help="cache-dit's DBCache, threshold T, F1B0 unless FnBm; -taylorseer: its calibrator (extra: peers)",
+    ),
 }
 
 

@@ -26,6 +26,7 @@ EXAMPLES = {
     "diffusers-pab": ("diffusers-pab", {}),
     "diffusers-fastercache": ("diffusers-fastercache", {}),
     "diffusers-magcache": ("diffusers-magcache", {}),
+    "cache-dit-F1B0-0.12": ("cache-dit", {"threshold": 0.12, "first": 1, "last": 0, "taylorseer": False}),
     "runs/best.json": ("json", {"path": "runs/best.json"}),
     "front@2": ("front", {"front": "front", "target_speedup": 2.0}),
     "int8-dynamic": ("quant", {"scheme": "int8-dynamic"}),
