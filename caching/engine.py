@@ -141,6 +141,7 @@ class CacheEngine(PerSampleBlocks):
         transformer call of the trajectory."""
         self.notices.end_call(self.stats_data, self.decision_log)
         self._branches.clear()
+        self._first_call = None  # the dynamic policy's decision at a step's first call, for the CFG branch after it
         if not self.dynamic and self.tracker.num_steps and self.patch_log.records:
             self._install(self._plan(self.tracker.num_steps))
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from accel.caching.calls import COMPUTE, BlockCall, RowDecision, StackCall
-from accel.caching.policy import first_block_decision, relative_change
+from accel.caching.policy import first_block_decision, paired_change, relative_change, same_halves
 from accel.caching.state import as_tuple, map_feature, residual_of
 
 if TYPE_CHECKING:  # the engine's records, for annotations only
@@ -128,11 +128,16 @@ class PerSampleBlocks:
         cache = state.first_residual
         previous = cache.predict(ctx.step) if cache is not None and cache.matches(residual) else None
         change = relative_change(residual, previous)
+        paired, latents = self.policy.branches == "paired", _stream(block, inputs)
+        if paired and change is not None and same_halves(latents):
+            change = paired_change(change)
         change = None if change is None else change.cpu()  # the one host-device synchronisation of the call
         batch = residual.shape[0]
         if state.consecutive_reuse is None or state.consecutive_reuse.shape[0] != batch:
             state.consecutive_reuse = torch.zeros(batch, dtype=torch.long)
         rows = first_block_decision(self.policy, ctx.step, ctx.num_steps, change, state.consecutive_reuse, batch)
+        if paired:
+            rows = self._follow_first_call(ctx, latents, rows)
         mode = "all" if bool(rows.all()) else "none" if not bool(rows.any()) else "mixed"
         decision = RowDecision(ctx.step, rows, mode)
         if mode == "mixed":
@@ -154,6 +159,18 @@ class PerSampleBlocks:
         self.decision_log.append(Decision(ctx.step, ctx.branch, tuple(rows.tolist()), changes))
         self.stats_data.add_samples(ctx.step, int(rows.sum()), int((~rows).sum()))
         return output
+
+    def _follow_first_call(self, ctx, latents: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``rows``, or at a later call of the step whose first-block input equals the step's first call's (the
+        other CFG branch of the same latents, run in its own call), the first call's decision."""
+        if ctx.branch == 0:
+            self._first_call = (ctx.step, latents, rows)
+            return rows
+        first = getattr(self, "_first_call", None)
+        if first is not None and first[0] == ctx.step and first[1].shape == latents.shape:
+            if torch.equal(first[1], latents):
+                return first[2].clone()
+        return rows
 
 
 def _stream(block, residual: tuple) -> torch.Tensor:

@@ -5,23 +5,26 @@ FirstBlockCache), decided per sample rather than per batch: the first block alwa
 cached residuals of all later blocks when its first-block residual changed, relative to the last step at
 which the sample was computed, by less than ``threshold``. The later blocks run on the computing samples only
 (their batch-major arguments sliced), so a batch saves compute whenever some of its samples reuse. The
-decision functions are pure, so the search and
-the tests can evaluate them without a model.
+classifier-free-guidance branches of one prompt decide together (``branches="paired"``, the default): a fresh
+conditional output beside a reused unconditional one (or the reverse) is amplified by the guidance scale, and
+on a small model computing one of two rows costs about what computing both does. The decision functions are
+pure, so the search and the tests can evaluate them without a model.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 
 from accel.serialization import json_type
 
 POLICY_TYPE = "accel.caching.FirstBlockPolicy"
-POLICY_VERSION = 1
+POLICY_VERSION = 2  # 2: ``branches``; version 1 objects load as ``branches="own"``, how they decided
 
 
-@json_type(POLICY_TYPE, POLICY_VERSION)
+@json_type(POLICY_TYPE, (1, POLICY_VERSION))
 @dataclass(frozen=True, kw_only=True)
 class FirstBlockPolicy:
     """Per-sample first-block-residual caching.
@@ -31,12 +34,17 @@ class FirstBlockPolicy:
         warmup_steps: the first steps always compute (at least 1: nothing is cached before step 0).
         final_steps: the last steps always compute (needs the step count, known inside a pipeline call).
         max_consecutive_reuse: a sample is recomputed after this many reused steps in a row (None: no cap).
+        branches: ``"paired"``: the rows of one transformer call whose first-block inputs are the same latents
+            (the two halves of a batch that holds both CFG branches) decide together, from their mean change,
+            and a later call of a step whose first-block input equals the step's first call's (CFG in separate
+            calls, as Wan runs it) takes that call's decision; ``"own"``: every row and call decides alone.
     """
 
     threshold: float = 0.08
     warmup_steps: int = 1
     final_steps: int = 0
     max_consecutive_reuse: int | None = None
+    branches: Literal["paired", "own"] = "paired"
 
     def __post_init__(self):
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
@@ -50,6 +58,8 @@ class FirstBlockPolicy:
             raise ValueError(f"warmup_steps must be >= 1 (step 0 has nothing cached), got {self.warmup_steps}")
         if self.final_steps < 0:
             raise ValueError(f"final_steps must be >= 0, got {self.final_steps}")
+        if self.branches not in ("paired", "own"):
+            raise ValueError(f"branches must be 'paired' or 'own', got {self.branches!r}")
         if self.max_consecutive_reuse is not None and self.max_consecutive_reuse < 1:
             raise ValueError(f"max_consecutive_reuse must be >= 1 or None, got {self.max_consecutive_reuse}")
 
@@ -59,10 +69,12 @@ class FirstBlockPolicy:
 
     @classmethod
     def from_dict(cls, data: dict) -> FirstBlockPolicy:
-        """Parse :meth:`to_dict` output."""
-        if data.get("type") != POLICY_TYPE or data.get("version") != POLICY_VERSION:
-            raise ValueError(f"not a {POLICY_TYPE} version {POLICY_VERSION} object")
+        """Parse :meth:`to_dict` output (version 1, from before ``branches``, as ``branches="own"``)."""
+        if data.get("type") != POLICY_TYPE or data.get("version") not in (1, POLICY_VERSION):
+            raise ValueError(f"not a {POLICY_TYPE} version 1 or {POLICY_VERSION} object")
         fields = {k: v for k, v in data.items() if k not in ("type", "version")}
+        if data["version"] == 1:
+            fields.setdefault("branches", "own")
         try:
             return cls(**fields)
         except TypeError as error:
@@ -77,6 +89,21 @@ def relative_change(current: torch.Tensor, previous: torch.Tensor | None) -> tor
     difference = (current.float() - previous.float()).abs().mean(dim=dims)
     scale = previous.float().abs().mean(dim=dims).clamp_min(1e-12)
     return difference / scale
+
+
+def same_halves(rows: torch.Tensor) -> bool:
+    """Whether the two halves of ``rows`` (batch first) are equal: one batch holding both CFG branches of the
+    same latents."""
+    half = rows.shape[0] // 2
+    return rows.shape[0] % 2 == 0 and half > 0 and torch.equal(rows[:half], rows[half:])
+
+
+def paired_change(change: torch.Tensor) -> torch.Tensor:
+    """``(batch,)`` per-row changes with each row of the first half and its partner in the second half given
+    their mean, so the pair decides together."""
+    half = change.shape[0] // 2
+    mean = (change[:half] + change[half:]) / 2
+    return torch.cat([mean, mean])
 
 
 def first_block_decision(
