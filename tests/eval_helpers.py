@@ -1,4 +1,5 @@
-"""Helpers of the evaluation tests: a small, fast run on the tiny PixArt pipeline."""
+"""Helpers of the evaluation tests: a small, fast run on the tiny PixArt pipeline, tiny video pipelines, and a
+counter of self-attention calls."""
 
 from __future__ import annotations
 
@@ -170,3 +171,17 @@ def build_tiny_wan22_pipeline(boundary_ratio: float = 0.5):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def self_attention_calls(pipe, run) -> int:
+    """Calls of ``pipe``'s blocks' self-attention query projections while ``run()`` runs (made only when
+    self-attention computes)."""
+    calls = []
+    blocks = pipe.transformer.transformer_blocks
+    handles = [b.attn1.to_q.register_forward_pre_hook(lambda *_: calls.append(1)) for b in blocks]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return len(calls)

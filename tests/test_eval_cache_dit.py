@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from eval_helpers import self_attention_calls
 
 from accel.eval.generation import call_kwargs, generate
 from accel.eval.method_checks import check_method
@@ -19,17 +20,6 @@ STEPS = 12  # cache-dit always computes its first 8 warm-up steps: 4 steps left 
 
 def _generate(pipe, steps: int = STEPS) -> torch.Tensor:
     return generate(pipe, ["a red apple", "a blue car"], [0, 1], steps, 4.5, call_kwargs(pipe))
-
-
-def _block_calls(pipe, run) -> int:
-    calls = []
-    handles = [b.register_forward_hook(lambda *a: calls.append(1)) for b in pipe.transformer.transformer_blocks]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return len(calls)
 
 
 @pytest.mark.parametrize(
@@ -54,10 +44,10 @@ def test_cache_dit_skips_blocks_within_its_error_bound_and_comes_off_exactly(tin
     pytest.importorskip("cache_dit")
     pipe = tiny_pixart_pipeline
     full = _generate(pipe)
-    full_calls = _block_calls(pipe, lambda: _generate(pipe))
+    full_calls = self_attention_calls(pipe, lambda: _generate(pipe))
     with apply_method(parse_method("cache-dit-1.0"), pipe, STEPS) as applied:  # every step after warm-up reuses
         cached = _generate(pipe)
-        calls = _block_calls(pipe, lambda: _generate(pipe))
+        calls = self_attention_calls(pipe, lambda: _generate(pipe))
         again = _generate(pipe)
         stats = applied.stats()
     assert applied.config["type"] == "cache_dit.DBCacheConfig"

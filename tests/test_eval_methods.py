@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import build_tiny_pixart_pipeline
+from eval_helpers import self_attention_calls
 
 from accel.caching import CacheConfig, FirstBlockPolicy, fora, layout_of
 from accel.eval.generation import call_kwargs, generate
@@ -173,25 +174,11 @@ def test_a_diffusers_hook_failing_inside_the_pipeline_is_unsupported_not_fatal(p
     assert _instance_state(pipe.transformer) == [] and torch.equal(_generate(pipe), reference)
 
 
-def _block_calls(pipe, run) -> int:
-    """Calls of the blocks' self-attention query projections (made only when self-attention computes)."""
-    calls = []
-    handles = [
-        b.attn1.to_q.register_forward_pre_hook(lambda *_: calls.append(1)) for b in pipe.transformer.transformer_blocks
-    ]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return len(calls)
-
-
 def test_diffusers_context_hooks_skip_blocks_on_a_pipeline_without_cache_context(pipe, one_thread):  # noqa: F811
     from accel.eval.diffusers_cache import calibrate_mag_ratios, pipeline_enters_cache_context
 
     assert not pipeline_enters_cache_context(pipe)  # the harness supplies the context
-    full_calls = _block_calls(pipe, lambda: _generate(pipe, 8))
+    full_calls = self_attention_calls(pipe, lambda: _generate(pipe, 8))
     assert full_calls == 8 * len(pipe.transformer.transformer_blocks)
     ratios = calibrate_mag_ratios(pipe.transformer, lambda: _generate(pipe, 8))
     assert len(ratios) == 8 and ratios[0] == 1.0 and all(r > 0 for r in ratios)
@@ -205,9 +192,9 @@ def test_diffusers_context_hooks_skip_blocks_on_a_pipeline_without_cache_context
     for name, method in methods.items():
         with apply_method(method, pipe, 8) as applied:
             assert applied.config["harness_cache_context"] is True
-            calls = _block_calls(pipe, lambda: _generate(pipe, 8))
+            calls = self_attention_calls(pipe, lambda: _generate(pipe, 8))
             applied.reset()
-            again = _block_calls(pipe, lambda: _generate(pipe, 8))
+            again = self_attention_calls(pipe, lambda: _generate(pipe, 8))
         assert 0 < calls < full_calls, f"{name} computed {calls} of {full_calls} block calls"
         assert again == calls, f"{name}: a reset generation runs the same way"
     assert _instance_state(pipe.transformer) == []
