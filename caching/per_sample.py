@@ -129,15 +129,18 @@ class PerSampleBlocks:
         previous = cache.predict(ctx.step) if cache is not None and cache.matches(residual) else None
         change = relative_change(residual, previous)
         paired, latents = self.policy.branches == "paired", _stream(block, inputs)
-        if paired and change is not None and same_halves(latents):
+        flags = self._pair_flags(ctx, latents) if paired else None
+        change, flags = _to_host(change, flags)  # the one host-device synchronisation of the call
+        if flags is not None and change is not None and flags[0]:
             change = paired_change(change)
-        change = None if change is None else change.cpu()  # the one host-device synchronisation of the call
         batch = residual.shape[0]
         if state.consecutive_reuse is None or state.consecutive_reuse.shape[0] != batch:
             state.consecutive_reuse = torch.zeros(batch, dtype=torch.long)
         rows = first_block_decision(self.policy, ctx.step, ctx.num_steps, change, state.consecutive_reuse, batch)
-        if paired:
-            rows = self._follow_first_call(ctx, latents, rows)
+        if paired and ctx.branch == 0:
+            self._first_call = (ctx.step, latents, rows)
+        elif flags is not None and flags[1]:  # the other CFG branch of the step's first call, in its own call
+            rows = self._first_call[2].clone()
         mode = "all" if bool(rows.all()) else "none" if not bool(rows.any()) else "mixed"
         decision = RowDecision(ctx.step, rows, mode)
         if mode == "mixed":
@@ -160,17 +163,23 @@ class PerSampleBlocks:
         self.stats_data.add_samples(ctx.step, int(rows.sum()), int((~rows).sum()))
         return output
 
-    def _follow_first_call(self, ctx, latents: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``rows``, or at a later call of the step whose first-block input equals the step's first call's (the
-        other CFG branch of the same latents, run in its own call), the first call's decision."""
-        if ctx.branch == 0:
-            self._first_call = (ctx.step, latents, rows)
-            return rows
+    def _pair_flags(self, ctx, latents: torch.Tensor) -> torch.Tensor:
+        """``(2,)`` bool on the latents' device: the call's two halves take the same latents (both CFG branches
+        batched); a later call of the step takes the latents of the step's first call (the other branch)."""
         first = getattr(self, "_first_call", None)
-        if first is not None and first[0] == ctx.step and first[1].shape == latents.shape:
-            if torch.equal(first[1], latents):
-                return first[2].clone()
-        return rows
+        follows = first is not None and ctx.branch > 0 and first[0] == ctx.step and first[1].shape == latents.shape
+        same = (first[1] == latents).all() if follows else torch.zeros((), dtype=torch.bool, device=latents.device)
+        return torch.stack([same_halves(latents), same])
+
+
+def _to_host(change: torch.Tensor | None, flags: torch.Tensor | None) -> tuple:
+    """``change`` (float, ``(batch,)``) and ``flags`` (bool) copied to the host in one transfer."""
+    parts = [t.float() for t in (change, flags) if t is not None]
+    if not parts:
+        return None, None
+    host = torch.cat(parts).cpu()
+    split = 0 if change is None else change.shape[0]
+    return (None if change is None else host[:split]), (None if flags is None else host[split:].bool().tolist())
 
 
 def _stream(block, residual: tuple) -> torch.Tensor:

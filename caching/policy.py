@@ -91,11 +91,13 @@ def relative_change(current: torch.Tensor, previous: torch.Tensor | None) -> tor
     return difference / scale
 
 
-def same_halves(rows: torch.Tensor) -> bool:
-    """Whether the two halves of ``rows`` (batch first) are equal: one batch holding both CFG branches of the
-    same latents."""
+def same_halves(rows: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor on ``rows``' device: whether the two halves of ``rows`` (batch first) are equal, one
+    batch holding both CFG branches of the same latents (read on the host with the decision's other values)."""
     half = rows.shape[0] // 2
-    return rows.shape[0] % 2 == 0 and half > 0 and torch.equal(rows[:half], rows[half:])
+    if rows.shape[0] % 2 or half == 0:
+        return torch.zeros((), dtype=torch.bool, device=rows.device)
+    return (rows[:half] == rows[half:]).all()
 
 
 def paired_change(change: torch.Tensor) -> torch.Tensor:
