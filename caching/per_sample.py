@@ -9,7 +9,8 @@ residual at the stack's first block and passes through the others, and the compu
 alone (every batch-major argument sliced) and refresh their rows of the stack residual at its last block.
 
 GPU-friendly: the decision reads the per-sample change once per transformer call (one host-device
-synchronisation, in :meth:`PerSampleBlocks._decide`); the row indices are copied to the device once per call;
+synchronisation, in :meth:`PerSampleBlocks._decide`, which also brings back whether the call's rows pair as CFG
+branches of the same latents, or follow the step's first call); the row indices are copied to the device once per call;
 every later block decides from host values. When every sample computes, a block costs what it costs
 unwrapped, plus one subtraction per stack to refresh its residual.
 """
