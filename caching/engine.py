@@ -77,6 +77,7 @@ class CacheEngine(PerSampleBlocks):
             self._stacks.setdefault(block.stack.path, []).append(block.index)
         self._macs: dict[tuple, float] = {}
         self._active: tuple | None = None
+        self._first_call: tuple | None = None  # the dynamic policy's (step, latents, rows) at a step's first call
         self.patch_log = patch_log
         self._wrapped_components: set[tuple[int, int]] = set()  # (block, component) with a wrapper installed
         self._call_wrappers: dict[int, MethodWrapper] = {}  # block -> the wrapper of its forward or compiled call
@@ -141,7 +142,7 @@ class CacheEngine(PerSampleBlocks):
         transformer call of the trajectory."""
         self.notices.end_call(self.stats_data, self.decision_log)
         self._branches.clear()
-        self._first_call = None  # the dynamic policy's decision at a step's first call, for the CFG branch after it
+        self._first_call = None
         if not self.dynamic and self.tracker.num_steps and self.patch_log.records:
             self._install(self._plan(self.tracker.num_steps))
 

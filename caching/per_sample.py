@@ -167,7 +167,7 @@ class PerSampleBlocks:
     def _pair_flags(self, ctx, latents: torch.Tensor) -> torch.Tensor:
         """``(2,)`` bool on the latents' device: the call's two halves take the same latents (both CFG branches
         batched); a later call of the step takes the latents of the step's first call (the other branch)."""
-        first = getattr(self, "_first_call", None)
+        first = self._first_call
         follows = first is not None and ctx.branch > 0 and first[0] == ctx.step and first[1].shape == latents.shape
         same = (first[1] == latents).all() if follows else torch.zeros((), dtype=torch.bool, device=latents.device)
         return torch.stack([same_halves(latents), same])

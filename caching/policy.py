@@ -101,8 +101,8 @@ def same_halves(rows: torch.Tensor) -> torch.Tensor:
 
 
 def paired_change(change: torch.Tensor) -> torch.Tensor:
-    """``(batch,)`` per-row changes with each row of the first half and its partner in the second half given
-    their mean, so the pair decides together."""
+    """``(batch, ...)`` per-row values (changes, scores) with each row of the first half and its partner in the
+    second half given their mean, so the pair decides together."""
     half = change.shape[0] // 2
     mean = (change[:half] + change[half:]) / 2
     return torch.cat([mean, mean])

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from accel.caching.policy import paired_change
 from accel.caching.token_select import TokenHistory, active_count, ras_scores, select, sparse_fraction, velocity_scores
 
 
@@ -63,8 +64,7 @@ class TokenSelection:
             others = [b for b in others if (b.rows, b.tokens) == (branch.rows, branch.tokens)]
             scores = sum([scores] + [self._scores(b, time, count) for b in others]) / (1 + len(others))
         if paired and self._call.get("halves"):
-            half = (scores[: branch.rows // 2] + scores[branch.rows // 2 :]) / 2
-            scores = torch.cat([half, half])
+            scores = paired_change(scores)
         index = select(scores, count)
         if context.branch == 0:
             self._shared = (context.step, index)

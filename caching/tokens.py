@@ -39,6 +39,7 @@ import torch
 
 from accel.api import Handle, Target, register
 from accel.caching.notices import SaidOnce
+from accel.caching.policy import same_halves
 from accel.caching.token_allocation import TokenBranch, TokenSelection
 from accel.caching.token_attention import ActiveTokens, token_processor_for
 from accel.caching.token_checks import check_applies
@@ -192,8 +193,7 @@ class TokenStepHandle(TokenSelection, Handle):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         self._call = {"timestep": timestep}
         if isinstance(hidden, torch.Tensor):
-            rows = hidden.shape[0]
-            self._call["halves"] = rows % 2 == 0 and rows > 0 and torch.equal(hidden[: rows // 2], hidden[rows // 2 :])
+            self._call["halves"] = bool(same_halves(hidden))
             self._call["input"] = hidden
             inputs = {**kwargs, "hidden_states": hidden}
             self._grid = tuple(token_grid(self.target.transformer, self.target.spec, inputs))

@@ -64,7 +64,7 @@ def _config_dict(config: Any) -> dict:
 
 
 @contextmanager
-def _quiet(cache_dit_module: Any) -> Iterator[None]:
+def _quiet() -> Iterator[None]:
     """cache-dit's loggers at ERROR (DEBUG when accel logs at DEBUG) for the block, restored after."""
     level = logging.DEBUG if logging.getLogger("accel").isEnabledFor(logging.DEBUG) else logging.ERROR
     names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in ("cache_dit", "CACHE_DIT")]
@@ -80,10 +80,9 @@ def _quiet(cache_dit_module: Any) -> Iterator[None]:
 
 
 def _stats(cache_dit_module: Any, pipe: Any, steps: int) -> dict:
-    """The steps cache-dit reused at the pipeline's last call, per cached block stack (its own summary)."""
+    """The steps cache-dit reused at the pipeline's last call (its own summary of the first cached block stack)."""
     summaries = cache_dit_module.summary(pipe, logging=False)
-    cached = [sorted(int(s) for s in summary.cached_steps) for summary in summaries[:1]]
-    reused = cached[0] if cached else []
+    reused = sorted(int(s) for s in summaries[0].cached_steps) if summaries else []
     if not reused:
         logger.warning("cache-dit reused no step of %d: its threshold never let a step skip blocks here", steps)
     return {"type": "cache_dit.summary", "cached_steps": reused, "cached_fraction": round(len(reused) / steps, 4)}
@@ -131,7 +130,7 @@ def apply_cache_dit(pipe: Any, params: dict, steps: int, instrument: bool) -> It
     )
     calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if params["taylorseer"] else None
     had_own = {name for name, module in _modules(pipe).items() if "forward" in module.__dict__}
-    with _quiet(cache_dit):
+    with _quiet():
         try:
             cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
         except Exception as error:  # cache-dit has no adapter for this pipeline, or refuses its options
