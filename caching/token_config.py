@@ -33,6 +33,14 @@ class TokenStepConfig:
             guidance scale; different prompts still select alone. ``"own"``: every row and branch selects alone.
         dense_steps: the first steps compute every token (they fill the caches; at least 2 for the velocity
             rule, which needs two computed velocities to rate a token, at least 1 for RAS's).
+        dense_share: in a pipeline (whose step count is known), the first ``dense_share`` of the grid's steps
+            compute every token too, when that is more than ``dense_steps``; capped at half the share of tokens
+            the grid's steps compute on average, so that the sparse steps keep the larger part of the budget.
+            The velocity rule then rates tokens from velocities past the trajectory's first, fastest-changing
+            steps. At the same grid and token-steps, 0.3 keeps 0.4-2.3 dB more PSNR than RAS's shape (3/20 of
+            the grid dense, resets at 0.4 and 0.73) in 10 of 12 model, budget and seed cells on the bundled
+            models, and 0.4-0.5 dB less on video on an 8-step grid (``python -m accel.bench tokens
+            --dense-shapes``, docs/bench-tokens.txt). ``0``: ``dense_steps`` alone.
         reset_points: further steps that compute every token, as fractions of the trajectory (RAS resets at
             about 0.4 and 0.73); used when the pipeline's step count is known.
         buckets: sparse steps use active counts ``ceil(k * tokens / buckets)``, so compiled blocks see at most
@@ -61,6 +69,7 @@ class TokenStepConfig:
     selector: Selector = "velocity"
     branches: Literal["paired", "own"] = "paired"
     dense_steps: int = 2
+    dense_share: float = 0.3
     reset_points: tuple[float, ...] = ()
     buckets: int = 8
     max_skipped_steps: int | None = None
@@ -91,6 +100,8 @@ class TokenStepConfig:
             )
         if any(not 0 < p < 1 for p in self.reset_points):
             raise ValueError(f"TokenStepConfig.reset_points are fractions in (0, 1), got {self.reset_points}")
+        if not 0 <= self.dense_share < 1:
+            raise ValueError(f"TokenStepConfig.dense_share must be in [0, 1), got {self.dense_share}")
         if self.max_skipped_steps is not None and self.max_skipped_steps < 1:
             raise ValueError("TokenStepConfig.max_skipped_steps must be >= 1 or None")
         if self.rate_floor < 0:
@@ -102,7 +113,7 @@ class TokenStepConfig:
     def _check_types(self) -> None:
         """Numbers where numbers belong (no bools, strings or infinities), counts that are integers, and the
         reset points a sequence: checked first, so the range checks compare numbers."""
-        for name in ("budget", "speedup", "rate_floor", "ras_starvation", "min_active"):
+        for name in ("budget", "speedup", "dense_share", "rate_floor", "ras_starvation", "min_active"):
             value = getattr(self, name)
             if value is None and name in ("budget", "speedup"):
                 continue
@@ -142,9 +153,17 @@ class TokenStepConfig:
         """The budget on the grid of :meth:`grid_steps`: the same token-steps as ``fraction`` of the full grid."""
         return min(1.0, self.fraction * num_steps / self.grid_steps(num_steps))
 
+    def leading_dense(self, num_steps: int | None) -> int:
+        """How many steps at the start of a ``num_steps``-step grid compute every token (``None``: a bare
+        transformer, whose step count is unknown: ``dense_steps``)."""
+        if num_steps is None:
+            return self.dense_steps
+        share = min(self.dense_share, min(1.0, max(self.fraction, self.min_active)) / 2)
+        return max(self.dense_steps, round(share * num_steps))
+
     def dense_at(self, step: int, num_steps: int | None) -> bool:
-        """Whether ``step`` computes every token."""
-        if step < self.dense_steps:
+        """Whether ``step`` (of a grid of ``num_steps``) computes every token."""
+        if step < self.leading_dense(num_steps):
             return True
         return num_steps is not None and step in {round(p * num_steps) for p in self.reset_points}
 
@@ -180,6 +199,7 @@ def ras_config(budget: float, num_steps: int) -> TokenStepConfig:
         budget=budget,
         selector="ras",
         dense_steps=max(1, round(4 * num_steps / 30)),
+        dense_share=0.0,
         reset_points=(0.4, 0.733),
         min_active=0,
     )

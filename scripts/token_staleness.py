@@ -1,7 +1,7 @@
 """Which staleness costs per-token step allocation its quality: a diagnostic on the bundled models.
 
-At equal token-steps (``TokenStepConfig(budget=share, dense_steps=2, buckets=16, min_active=0)``, every step of
-the grid), the model computes every token and the tokens a step skips get their cached velocity, as in
+At equal token-steps (``TokenStepConfig(budget=share, dense_steps=2, dense_share=0, buckets=16, min_active=0)``,
+every step of the grid), the model computes every token and the tokens a step skips get their cached velocity, as in
 ``python -m accel.bench tokens --bounds``; what the computed tokens attend to is emulated, per mode:
 
 * ``current``: every token's keys and values current (the bound ``current-context``);
@@ -136,7 +136,7 @@ def main() -> None:
     model = _video_model(4) if args.which == "video" else _image_model(8)
     full = model.generate(model.prompts, args.steps, 0)
     for share in (0.5, 0.25):
-        config = TokenStepConfig(budget=share, dense_steps=2, buckets=16, min_active=0)
+        config = TokenStepConfig(budget=share, dense_steps=2, dense_share=0.0, buckets=16, min_active=0)
         fewer = round(share * args.steps)
         row = {f"steps-{fewer}": psnr_of(model.generate(model.prompts, fewer, 0), full)}
         with accel.apply(model.pipe, config):

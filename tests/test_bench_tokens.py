@@ -58,8 +58,8 @@ def test_calibration_picks_a_knob_per_method_and_the_rows_follow_it(capsys):
     ours = rows["ours@25"][3]
     assert ours.min_active == 0.8 and rows["ours-all-steps@25"][3].min_active == 0
     assert ours.grid_steps(8) == (8 if ours.budget >= 0.8 else max(3, round(8 * ours.budget / 0.8)))
-    assert ours.dense_steps == 2  # 3/20 of a grid of at most 8 steps, but the two the velocity rule needs
-    assert ours.reset_points == ((0.4, 0.733) if ours.grid_steps(8) >= 8 else ())
+    assert ours.reset_points == () and ours.dense_share == 0.3
+    assert ours.leading_dense(ours.grid_steps(8)) == 2  # 0.3 of a grid of at most 8 steps: the two the rule needs
 
 
 @pytest.mark.parametrize(
@@ -100,6 +100,21 @@ def test_bounds_print_every_row_at_each_share(capsys):
                              "token_steps"]  # fmt: skip
         assert all(math.isfinite(v) for v in row.values()) and abs(row["token_steps"] - float(share)) < 0.1
     assert "PSNR vs full compute at equal token-steps" in capsys.readouterr().out
+
+
+def test_dense_shapes_share_grid_and_token_steps_and_differ_in_their_dense_steps(capsys):
+    found = token_bounds.shapes(0.4, 20)  # a grid of 10 steps at 0.8 of the tokens
+    assert {config.grid_steps(20) for config in found.values()} == {10}
+    dense = {name: [config.dense_at(step, 10) for step in range(10)] for name, config in found.items()}
+    assert [i for i, d in enumerate(dense["ras-shape"]) if d] == [0, 1, 4, 7]
+    assert [sum(d) for d in dense.values()] == [4, 2, 3, 4]
+    assert all(abs(c.planned_fraction(20, 576) - 0.4) <= 1 / 16 for c in found.values())
+    table = token_bounds.dense_shapes(_tiny_model(), steps=8)
+    assert list(table) == [f"{b:g}" for b in token_bounds.SHAPE_BUDGETS]
+    for row in table.values():
+        assert all(len(row[name]) == len(token_bounds.SHAPE_SEEDS) for name in found)
+        assert all(math.isfinite(v) for name in found for v in row[name])
+    assert "ours with other dense schedules" in capsys.readouterr().out
 
 
 class _RecordingScheduler:

@@ -69,6 +69,21 @@ def test_a_budget_below_min_active_runs_a_coarser_grid_with_the_same_token_steps
         TokenStepConfig(budget=0.5, min_active=1.5)
 
 
+def test_dense_share_sets_the_leading_dense_steps_of_a_pipeline_grid_within_half_the_budget():
+    config = TokenStepConfig(budget=0.4)  # the default min_active 0.8: a grid of 10 at 0.8 of the tokens
+    counts = config.active_counts(20, 576)
+    assert config.leading_dense(10) == 3 and counts[:3] == [576] * 3 and max(counts[3:]) < 576 and len(counts) == 10
+    assert abs(config.planned_fraction(20, 576) - 0.4) < 1 / 16 / 2
+    assert config.leading_dense(None) == 2  # a bare transformer: its step count is unknown
+    assert TokenStepConfig(budget=0.4, dense_share=0).leading_dense(10) == 2
+    assert TokenStepConfig(budget=0.4, dense_share=0.6).leading_dense(10) == 4  # half the grid's 0.8
+    assert TokenStepConfig(budget=0.2, min_active=0).leading_dense(20) == 2  # half of 0.2 of 20 steps
+    assert ras_config(0.5, 20).leading_dense(20) == 3  # RAS's own 4/30 of the steps
+    for bad in (1.0, -0.1, True, "0.3"):
+        with pytest.raises(ValueError, match="dense_share"):
+            TokenStepConfig(budget=0.5, dense_share=bad)
+
+
 def test_a_token_skipped_too_long_is_taken_first_whatever_its_velocity():
     speeds = torch.tensor([[0.1, 1.0, 2.0, 3.0]])  # token 0 is the slowest
     history = TokenHistory.start(torch.zeros(1, 4, 2), torch.tensor([1000.0]), 10)

@@ -7,6 +7,8 @@
 * ``--sweep-min-active`` (:func:`min_active_sweep`): ours at several ``min_active`` values, each at the budget
   whose predicted runtime is 50% and 25% of full compute's, beside fewer steps, with measured speed-ups: what
   the default ``min_active`` rests on.
+* ``--dense-shapes`` (:func:`dense_shapes`): ours with other dense schedules (RAS's shape, two, 0.3 and 0.4
+  of the grid's steps dense) at equal token-steps and grid, on two seeds: what ``dense_share`` rests on.
 * ``--curve`` (:func:`speed_curve`): ours at several budgets and fewer steps at several step counts, every run
   timed in one interleaved round, and each of ours compared with fewer steps at its own measured speed-up
   (the PSNR of the steps curve interpolated there): equal speed without a calibration's misses.
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from typing import Literal
@@ -128,7 +131,7 @@ def bounds(model: Model, steps: int) -> dict:
 
     table = {}
     for share in BOUND_SHARES:
-        config = TokenStepConfig(budget=share, dense_steps=BOUND_DENSE_STEPS, buckets=16, min_active=0)
+        config = TokenStepConfig(budget=share, dense_steps=BOUND_DENSE_STEPS, dense_share=0.0, buckets=16, min_active=0)
         row = {f"steps-{round(share * steps)}": score(model.generate(model.prompts, round(share * steps), 0))}
         with accel.apply(model.pipe, config):
             row["ours"] = score(model.generate(model.prompts, steps, 0))
@@ -227,3 +230,45 @@ def _at_speed(curve: list[tuple[float, float]], speedup: float) -> float | None:
             share = 0.0 if high == low else (speedup - low) / (high - low)
             return round(low_psnr + share * (high_psnr - low_psnr), 2)
     return None
+
+
+#: the budgets of :func:`dense_shapes` (on the default ``min_active`` 0.8: grids of 8, 10 and 11 of 20 steps)
+SHAPE_BUDGETS = (0.3, 0.4, 0.45)
+SHAPE_SEEDS = (0, 1)
+
+
+def shapes(budget: float, steps: int) -> dict[str, TokenStepConfig]:
+    """Ours at ``budget`` for calls of ``steps`` steps with other dense schedules, the same grid and token-steps:
+    ``ras-shape`` (the first 3/20 of the grid's steps, at least 2, and resets at 0.4 and 0.73 of it), ``dense-2``
+    (``dense_share=0``), ``dense-0.3`` (the default) and ``dense-0.4``."""
+    base = ours(budget, steps)
+    grid = base.grid_steps(steps)
+    ras_shape = dict(dense_steps=max(2, round(0.15 * grid)), reset_points=(0.4, 0.733))
+    return {
+        "ras-shape": dataclasses.replace(base, dense_share=0.0, **ras_shape),
+        "dense-2": dataclasses.replace(base, dense_share=0.0),
+        "dense-0.3": base,
+        "dense-0.4": dataclasses.replace(base, dense_share=0.4),
+    }
+
+
+def dense_shapes(model: Model, steps: int) -> dict:
+    """PSNR against full compute of ours under each schedule of :func:`shapes`, per budget of
+    :data:`SHAPE_BUDGETS` and seed of :data:`SHAPE_SEEDS` (no timing: the schedules share the grid and, within a
+    bucket, the token-steps, which set the runtime; ``token_steps`` lists each one's planned share)."""
+    table: dict[str, dict] = {}
+    for seed in SHAPE_SEEDS:
+        full = model.generate(model.prompts, steps, seed)
+        for budget in SHAPE_BUDGETS:
+            row = table.setdefault(f"{budget:g}", {"token_steps": {}})
+            for name, config in shapes(budget, steps).items():
+                with accel.apply(model.pipe, config):
+                    psnr = round(psnr_of(model.generate(model.prompts, steps, seed), full), 2)
+                row.setdefault(name, []).append(psnr)
+                row["token_steps"][name] = round(config.planned_fraction(steps, model.tokens), 3)
+    print(f"\n{model.name} model: ours with other dense schedules, {steps}-step calls, PSNR vs full per seed")
+    for budget, row in table.items():
+        grid = ours(float(budget), steps).grid_steps(steps)
+        cells = "  ".join(f"{name} {'/'.join(f'{v:.2f}' for v in row[name])}" for name in row if name != "token_steps")
+        print(f"  budget {budget} ({grid} grid steps): {cells}  token-steps {sorted(set(row['token_steps'].values()))}")
+    return table

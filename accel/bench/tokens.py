@@ -28,9 +28,10 @@ each), PSNR and SSIM against full compute, FID and KID (EfficientNet-Lite0 featu
 with other seeds (so the full row shows the noise floor), the alignment score of each image (or frame) with
 its prompt, and on video the motion accuracy; for ``ours`` the active fraction of every step.
 
-``--bounds``, ``--sweep-min-active`` and ``--curve`` run a diagnostic instead (:mod:`accel.bench.token_bounds`):
-where the allocation loses its quality, at equal token-steps and without timing; ours at several ``min_active``
-values at equal runtime; ours and fewer steps at several settings, compared at equal measured speed.
+``--bounds``, ``--sweep-min-active``, ``--dense-shapes`` and ``--curve`` run a diagnostic instead
+(:mod:`accel.bench.token_bounds`): where the allocation loses its quality, at equal token-steps and without timing;
+ours at several ``min_active`` values at equal runtime; ours with other dense schedules at equal token-steps; ours
+and fewer steps at several settings, compared at equal measured speed.
 """
 
 from __future__ import annotations
@@ -97,26 +98,11 @@ class Model:
 
 
 def ours(budget: float, steps: int, branches: str = "paired", min_active: float = 0.8) -> TokenStepConfig:
-    """Our configuration at ``budget`` for calls of ``steps`` steps, 16 buckets. Its dense schedule follows the
-    budget each step of the grid spends (``max(budget, min_active)``) and the grid's length: from 0.4, RAS's
-    shape (the first 3/20 of the grid's steps, at least the two the velocity rule needs, and resets at 0.4 and
-    0.73 of the trajectory where the grid has at least 8 steps: on a shorter one they leave few sparse steps,
-    on 3 steps none); below, two steps first and one reset at 0.5 from 0.25, none lower (low budgets cannot pay
-    for them)."""
-    grid_budget = max(budget, min_active)
-    if grid_budget >= 0.4:
-        grid = TokenStepConfig(budget=budget, min_active=min_active).grid_steps(steps)
-        dense, resets = max(2, round(0.15 * grid)), (0.4, 0.733) if grid >= 8 else ()
-    else:
-        dense, resets = 2, (0.5,) if grid_budget >= 0.25 else ()
-    return TokenStepConfig(
-        budget=budget,
-        dense_steps=dense,
-        reset_points=resets,
-        buckets=16,
-        branches=branches,
-        min_active=min_active,
-    )
+    """Our configuration at ``budget`` for calls of ``steps`` steps, 16 buckets, the library's defaults otherwise:
+    the first 0.3 of the grid's steps dense (at least 2, at most half the grid's budget), no reset points.
+    RAS's shape (the first 3/20 of the grid dense, resets at 0.4 and 0.73 of the trajectory), which this used
+    before, mostly keeps less at the same grid and token-steps (``--dense-shapes``, docs/bench-tokens.txt)."""
+    return TokenStepConfig(budget=budget, buckets=16, branches=branches, min_active=min_active)
 
 
 def ras(budget: float, steps: int) -> TokenStepConfig:
@@ -349,6 +335,9 @@ def run(argv: list[str]) -> dict:
         "--curve", action="store_true", help="ours and fewer steps at several settings, compared at equal speed"
     )
     diagnostic.add_argument(
+        "--dense-shapes", action="store_true", help="ours with other dense schedules at equal token-steps instead"
+    )
+    diagnostic.add_argument(
         "--sweep-min-active", action="store_true", help="ours at several min_active values and equal runtime instead"
     )
     args = parser.parse_args(argv)
@@ -358,18 +347,20 @@ def run(argv: list[str]) -> dict:
         raise ValueError("--skip-image and --skip-video together leave no model to run")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.bounds or args.sweep_min_active or args.curve:
-        from accel.bench.token_bounds import bounds, min_active_sweep, speed_curve
+    flags = ("bounds", "curve", "dense_shapes", "sweep_min_active")
+    chosen = next((flag for flag in flags if getattr(args, flag)), None)
+    if chosen:
+        from accel.bench import token_bounds
 
+        diagnostic = {
+            "bounds": token_bounds.bounds,
+            "curve": token_bounds.speed_curve,
+            "dense_shapes": token_bounds.dense_shapes,
+            "sweep_min_active": token_bounds.min_active_sweep,
+        }[chosen]
+        name = "min_active_sweep" if chosen == "sweep_min_active" else chosen  # the JSON key earlier runs wrote
         models = [] if args.skip_video else [_video_model(args.clips)]
         models += [] if args.skip_image else [_image_model(args.images)]
-        name, diagnostic = (
-            ("bounds", bounds)
-            if args.bounds
-            else ("curve", speed_curve)
-            if args.curve
-            else ("min_active_sweep", min_active_sweep)
-        )
         return {name: {model.name: diagnostic(model, args.steps) for model in models}}
     result, details = {}, {}
     if not args.skip_video:
