@@ -57,9 +57,9 @@ class TokenStepConfig:
             steps, as with a smaller ``num_inference_steps``), and spends the budget on that grid; the handle
             logs the grid it ran. ``0`` never coarsens: every step of the pipeline's grid, fewer tokens (HSA's
             form). On both bundled models, at half of full compute's runtime, PSNR rises with ``min_active``
-            from 0 to about 0.8 (a coarser grid, fewer tokens skipped) and there ties plain fewer steps; below,
-            the skipped tokens' stale keys and values cost more than a coarser grid (``python -m accel.bench
-            tokens --sweep-min-active`` and ``--bounds``, docs/bench-tokens.txt). A bare transformer has no
+            from 0 to about 0.8 (a coarser grid, fewer tokens skipped) and there meets or passes plain fewer
+            steps; below, the skipped tokens' stale keys and values cost more than a coarser grid (``python -m
+            accel.bench tokens --sweep-min-active`` and ``--bounds``, docs/bench-tokens.txt). A bare transformer has no
             scheduler to coarsen: its budget is spent on every step it is called at, and the handle says so. The
             handle also says when the dense steps leave no token to skip on the grid, or alone exceed the budget.
     """
