@@ -158,7 +158,8 @@ class TokenStepConfig:
         transformer, whose step count is unknown: ``dense_steps``)."""
         if num_steps is None:
             return self.dense_steps
-        share = min(self.dense_share, min(1.0, max(self.fraction, self.min_active)) / 2)
+        grid_budget = min(1.0, max(self.fraction, self.min_active))  # grid_fraction up to its whole-step rounding
+        share = min(self.dense_share, grid_budget / 2)
         return max(self.dense_steps, round(share * num_steps))
 
     def dense_at(self, step: int, num_steps: int | None) -> bool:

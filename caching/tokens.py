@@ -10,8 +10,7 @@ no model evaluation. How it runs:
   steps that remain compute at least that share of the tokens on average;
 * at every transformer call, eagerly and outside compiled code, the handle picks each row's active tokens:
   every token at the leading dense steps (``dense_steps``, or ``dense_share`` of the grid) and the reset
-  points, else a bucketed count
-  (:func:`~accel.caching.token_select.active_count`) of each row's highest scores;
+  points, else a bucketed count (:func:`~accel.caching.token_select.active_count`) of each row's highest scores;
 * the first block gathers the active tokens of ``hidden_states`` (and of the arguments the adapter says run
   over the tokens, e.g. Wan's rotary embedding, so positions stay right); every block runs on
   ``(rows, active, width)``: the linear, norm and feed-forward cost shrink with the count; modulation is per
@@ -175,8 +174,7 @@ class TokenStepHandle(TokenSelection, Handle):
                 logging.WARNING,
                 f"TokenStepConfig(budget={config.fraction:g}): every step of the {grid}-step grid computes every "
                 f"token (dense_steps={config.dense_steps}, dense_share={config.dense_share:g}, "
-                f"reset_points={config.reset_points}): no token is "
-                f"skipped, this is {grid} plain steps",
+                f"reset_points={config.reset_points}): no token is skipped, this is {grid} plain steps",
             )
         elif dense / requested > config.fraction + 1e-9:
             self._notices.once(

@@ -242,10 +242,9 @@ def shapes(budget: float, steps: int) -> dict[str, TokenStepConfig]:
     ``ras-shape`` (the first 3/20 of the grid's steps, at least 2, and resets at 0.4 and 0.73 of it), ``dense-2``
     (``dense_share=0``), ``dense-0.3`` (the default) and ``dense-0.4``."""
     base = ours(budget, steps)
-    grid = base.grid_steps(steps)
-    ras_shape = dict(dense_steps=max(2, round(0.15 * grid)), reset_points=(0.4, 0.733))
+    ras_shape = max(2, round(0.15 * base.grid_steps(steps)))
     return {
-        "ras-shape": dataclasses.replace(base, dense_share=0.0, **ras_shape),
+        "ras-shape": dataclasses.replace(base, dense_share=0.0, dense_steps=ras_shape, reset_points=(0.4, 0.733)),
         "dense-2": dataclasses.replace(base, dense_share=0.0),
         "dense-0.3": base,
         "dense-0.4": dataclasses.replace(base, dense_share=0.4),
@@ -255,20 +254,26 @@ def shapes(budget: float, steps: int) -> dict[str, TokenStepConfig]:
 def dense_shapes(model: Model, steps: int) -> dict:
     """PSNR against full compute of ours under each schedule of :func:`shapes`, per budget of
     :data:`SHAPE_BUDGETS` and seed of :data:`SHAPE_SEEDS` (no timing: the schedules share the grid and, within a
-    bucket, the token-steps, which set the runtime; ``token_steps`` lists each one's planned share)."""
-    table: dict[str, dict] = {}
+    bucket, the token-steps, which set the runtime; each budget's ``grid_steps`` and ``token_steps``, each
+    schedule's planned share, say so)."""
+    configs = {f"{budget:g}": shapes(budget, steps) for budget in SHAPE_BUDGETS}
+    table = {
+        key: {
+            "grid_steps": found["dense-0.3"].grid_steps(steps),
+            "token_steps": {name: round(c.planned_fraction(steps, model.tokens), 3) for name, c in found.items()},
+        }
+        for key, found in configs.items()
+    }
     for seed in SHAPE_SEEDS:
         full = model.generate(model.prompts, steps, seed)
-        for budget in SHAPE_BUDGETS:
-            row = table.setdefault(f"{budget:g}", {"token_steps": {}})
-            for name, config in shapes(budget, steps).items():
+        for key, found in configs.items():
+            for name, config in found.items():
                 with accel.apply(model.pipe, config):
                     psnr = round(psnr_of(model.generate(model.prompts, steps, seed), full), 2)
-                row.setdefault(name, []).append(psnr)
-                row["token_steps"][name] = round(config.planned_fraction(steps, model.tokens), 3)
+                table[key].setdefault(name, []).append(psnr)
     print(f"\n{model.name} model: ours with other dense schedules, {steps}-step calls, PSNR vs full per seed")
-    for budget, row in table.items():
-        grid = ours(float(budget), steps).grid_steps(steps)
-        cells = "  ".join(f"{name} {'/'.join(f'{v:.2f}' for v in row[name])}" for name in row if name != "token_steps")
-        print(f"  budget {budget} ({grid} grid steps): {cells}  token-steps {sorted(set(row['token_steps'].values()))}")
+    for key, row in table.items():
+        cells = "  ".join(f"{name} {'/'.join(f'{v:.2f}' for v in row[name])}" for name in configs[key])
+        shares = sorted(set(row["token_steps"].values()))
+        print(f"  budget {key} ({row['grid_steps']} grid steps): {cells}  token-steps {shares}")
     return table
