@@ -92,14 +92,37 @@ def test_the_sampler_allocation_at_full_budget_is_the_pipeline_and_skips_at_half
         token_bounds.SamplerAllocation(model.pipe, half, 6, "best")
 
 
-def test_bounds_print_every_row_at_each_share(capsys):
+def test_the_sampler_allocation_runs_on_the_coarser_grid_of_its_configuration():
+    model = _tiny_model("latent")
+    config = TokenStepConfig(budget=0.4, buckets=4)  # min_active 0.8: a grid of 4 of the 8 steps, 0.8 of the tokens
+    allocation = token_bounds.SamplerAllocation(model.pipe, config, 8, "velocity")
+    assert allocation.grid == config.grid_steps(8) == 4
+    with allocation, pytest.raises(ValueError, match="runs on 4 steps; the pipeline was called with 8"):
+        model.generate(model.prompts, 8, 0)
+    grid = model.generate(model.prompts, 4, 0)
+    with allocation:
+        skipped = model.generate(model.prompts, 4, 0)
+    error = (skipped - grid).square().mean() / grid.square().mean()
+    assert 0 < error < 0.5
+
+
+def test_bounds_print_every_row_at_each_share_and_at_each_runtime_target(capsys):
     table = token_bounds.bounds(_tiny_model(), steps=8)
-    assert list(table) == ["0.5", "0.25"]
-    for share, row in table.items():
+    assert list(table) == ["token_steps", "runtime"]
+    assert list(table["token_steps"]) == ["0.5", "0.25"]
+    for share, row in table["token_steps"].items():
         assert list(row) == [f"steps-{round(float(share) * 8)}", "ours", "current-context", "oracle", "random",
                              "token_steps"]  # fmt: skip
         assert all(math.isfinite(v) for v in row.values()) and abs(row["token_steps"] - float(share)) < 0.1
-    assert "PSNR vs full compute at equal token-steps" in capsys.readouterr().out
+    assert list(table["runtime"]) == ["0.5", "0.25"]
+    for row in table["runtime"].values():
+        names = list(row)
+        assert names[0].startswith("steps-") and names[1] == f"grid-{row['grid_steps']}"
+        assert names[2:] == ["ours", "current-context", "oracle", "random", "token_steps", "grid_steps"]
+        assert all(math.isfinite(v) for v in row.values())
+        assert 2 <= row["grid_steps"] <= 8 and 0 < row["token_steps"] <= row["grid_steps"] / 8
+    out = capsys.readouterr().out
+    assert "PSNR vs full compute at equal token-steps" in out and "at the benchmark's runtime targets" in out
 
 
 def test_dense_shapes_share_grid_and_token_steps_and_differ_in_their_dense_steps(capsys):
@@ -120,8 +143,9 @@ def test_dense_shapes_share_grid_and_token_steps_and_differ_in_their_dense_steps
 class _RecordingScheduler:
     """Stands in for a pipeline's scheduler: records the velocity each step receives."""
 
-    def __init__(self):
+    def __init__(self, steps: int):
         self.step_index, self.received = None, []
+        self.timesteps = torch.linspace(1000, 0, steps + 1)[:-1]
 
     def step(self, model_output, timestep, sample):
         self.received.append(model_output.clone())
@@ -131,7 +155,7 @@ class _RecordingScheduler:
 def test_the_sampler_allocation_feeds_the_scheduler_fresh_velocities_of_the_fastest_changing_tokens_only():
     from types import SimpleNamespace
 
-    scheduler = _RecordingScheduler()
+    scheduler = _RecordingScheduler(4)
     pipe = SimpleNamespace(scheduler=scheduler, transformer=build_tiny_wan_pipeline().transformer)  # patch (1, 2, 2)
     config = TokenStepConfig(budget=0.75, dense_steps=2, min_active=0, buckets=2)  # 4 steps: 2 dense, then 1 of 2
     velocities = [torch.zeros(1, 1, 1, 2, 4)]
@@ -143,7 +167,7 @@ def test_the_sampler_allocation_feeds_the_scheduler_fresh_velocities_of_the_fast
     with token_bounds.SamplerAllocation(pipe, config, 4, "velocity"):
         for index, velocity in enumerate(velocities):
             scheduler.step_index = index
-            pipe.scheduler.step(velocity, torch.tensor(1000.0 - 250 * index), torch.zeros_like(velocity))
+            pipe.scheduler.step(velocity, scheduler.timesteps[index], torch.zeros_like(velocity))
     received = scheduler.received
     assert torch.equal(received[1], velocities[1])  # dense
     assert torch.equal(received[2][..., :2], velocities[2][..., :2])  # token 0 computed

@@ -3,7 +3,9 @@
 * ``--bounds`` (:func:`bounds`): where the allocation loses its quality. At equal token-steps (no timing), the
   allocation as built (the skipped tokens' keys and values come from the per-layer cache) beside the same
   allocation with every token's context current (:class:`SamplerAllocation`: the model computes every token,
-  only the skipped tokens' velocities are the cached ones), an oracle selection, a random one, and fewer steps.
+  only the skipped tokens' velocities are the cached ones), an oracle selection, a random one, and fewer steps;
+  then the same at the benchmark's runtime targets, with ours in its default form and its calibrated budget,
+  beside full compute on ours' grid (the best any allocation on that grid can approach).
 * ``--sweep-min-active`` (:func:`min_active_sweep`): ours at several ``min_active`` values, each at the budget
   whose predicted runtime is 50% and 25% of full compute's, beside fewer steps, with measured speed-ups: what
   the default ``min_active`` rests on.
@@ -66,7 +68,9 @@ class SamplerAllocation:
     Args:
         pipe: the pipeline (its ``scheduler.step`` is wrapped while the context is open).
         config: the allocation's schedule (:meth:`TokenStepConfig.active_counts`) and velocity rule settings.
-        steps: the pipeline call's step count.
+        steps: the step count of the call the allocation is planned for. A configuration that coarsens the grid
+            (``min_active > 0`` below its budget) runs on :meth:`TokenStepConfig.grid_steps` of it: call the
+            pipeline with :attr:`grid` steps.
         selection: ``"velocity"`` (our rule on the guided velocity of each prompt), ``"oracle"`` (the tokens whose
             velocity changed most since cached, known only after computing them) or ``"random"``.
     """
@@ -75,6 +79,7 @@ class SamplerAllocation:
         if selection not in ("velocity", "oracle", "random"):
             raise ValueError(f"selection must be 'velocity', 'oracle' or 'random', got {selection!r}")
         self.pipe, self.config, self.steps, self.selection = pipe, config, steps, selection
+        self.grid = config.grid_steps(steps)
         dims = patch_size(pipe.transformer)
         self.patches = {4: dims[1:], 5: dims}  # images (rows, C, H, W), clips (rows, C, F, H, W)
 
@@ -89,9 +94,12 @@ class SamplerAllocation:
             rows, tokens, _ = velocity.shape
             index = scheduler.step_index or 0
             time = torch.as_tensor(timestep, dtype=torch.float32).flatten()[:1].expand(rows)
+            if len(scheduler.timesteps) != self.grid:
+                raise ValueError(f"the allocation runs on {self.grid} steps; the pipeline was called with "
+                                 f"{len(scheduler.timesteps)}")  # fmt: skip
             count = self.config.active_counts(self.steps, tokens)[index]
             if not history or index == 0:  # a pipeline call starts
-                history[:] = [TokenHistory.start(velocity, time, self.steps)]
+                history[:] = [TokenHistory.start(velocity, time, self.grid)]
                 return original(model_output, timestep, sample, *args, **kwargs)
             past = history[0]
             if count == tokens:
@@ -116,8 +124,25 @@ class SamplerAllocation:
 
 
 def bounds(model: Model, steps: int) -> dict:
-    """Where per-token steps lose quality, at equal token-steps (no timing), PSNR against full compute, per share
-    of :data:`BOUND_SHARES` on every step of the grid (``min_active=0``, the first steps dense):
+    """Where per-token steps lose quality: :func:`bounds_at_token_steps` (``"token_steps"``) and
+    :func:`bounds_at_runtime` (``"runtime"``)."""
+    return {"token_steps": bounds_at_token_steps(model, steps), "runtime": bounds_at_runtime(model, steps)}
+
+
+def _bound_rows(model: Model, config: TokenStepConfig, steps: int, score) -> dict[str, float]:
+    """``ours`` (``config`` as built) and :class:`SamplerAllocation` of the same schedule with our rule
+    (``current-context``), the oracle and random selections, each scored by ``score``."""
+    with accel.apply(model.pipe, config):
+        row = {"ours": score(model.generate(model.prompts, steps, 0))}
+    for name, selection in (("current-context", "velocity"), ("oracle", "oracle"), ("random", "random")):
+        with SamplerAllocation(model.pipe, config, steps, selection) as allocation:
+            row[name] = score(model.generate(model.prompts, allocation.grid, 0))
+    return row
+
+
+def bounds_at_token_steps(model: Model, steps: int) -> dict:
+    """At equal token-steps (no timing), PSNR against full compute, per share of :data:`BOUND_SHARES` on every
+    step of the grid (``min_active=0``, the first steps dense):
 
     * ``steps-N``: fewer steps with the same token-steps;
     * ``ours``: :class:`~accel.caching.TokenStepConfig` itself (skipped tokens' keys and values from the cache);
@@ -133,16 +158,41 @@ def bounds(model: Model, steps: int) -> dict:
     for share in BOUND_SHARES:
         config = TokenStepConfig(budget=share, dense_steps=BOUND_DENSE_STEPS, dense_share=0.0, buckets=16, min_active=0)
         row = {f"steps-{round(share * steps)}": score(model.generate(model.prompts, round(share * steps), 0))}
-        with accel.apply(model.pipe, config):
-            row["ours"] = score(model.generate(model.prompts, steps, 0))
-        for name, selection in (("current-context", "velocity"), ("oracle", "oracle"), ("random", "random")):
-            with SamplerAllocation(model.pipe, config, steps, selection):
-                row[name] = score(model.generate(model.prompts, steps, 0))
+        row.update(_bound_rows(model, config, steps, score))
         row["token_steps"] = round(config.planned_fraction(steps, model.tokens), 3)
         table[str(share)] = row
     print(f"\n{model.name} model: PSNR vs full compute at equal token-steps, {steps} steps, {model.tokens} tokens")
     for share, row in table.items():
         print(f"  share {share}: " + "  ".join(f"{name} {value}" for name, value in row.items()))
+    return table
+
+
+def bounds_at_runtime(model: Model, steps: int) -> dict:
+    """The benchmark's own rows (the calibration times its runs; the rows are not timed): per target of
+    :data:`~accel.bench.tokens.TARGETS`, ours (the library's default form, its budget calibrated to the target
+    like the benchmark's) beside the same allocation with every token's context current, the oracle and random
+    selections, fewer steps at the target (``steps-N``) and full compute on ours' grid (``grid-G``: what any
+    allocation on that grid approaches as its context and velocities get current). PSNR against full compute;
+    ``token_steps`` and ``grid_steps``: ours' plan."""
+    chosen = calibrate(model, steps)
+    full = model.generate(model.prompts, steps, 0)
+
+    def score(samples: torch.Tensor) -> float:
+        return round(psnr_of(samples, full), 2)
+
+    table = {}
+    for target in TARGETS:
+        knobs = chosen[target]
+        config = ours(knobs["ours"], steps)
+        grid = config.grid_steps(steps)
+        row = {f"steps-{knobs['steps']}": score(model.generate(model.prompts, knobs["steps"], 0))}
+        row[f"grid-{grid}"] = score(model.generate(model.prompts, grid, 0))
+        row.update(_bound_rows(model, config, steps, score))
+        row.update(token_steps=round(config.planned_fraction(steps, model.tokens), 3), grid_steps=grid)
+        table[f"{target:g}"] = row
+    print(f"\n{model.name} model: PSNR vs full compute at the benchmark's runtime targets, {steps} steps")
+    for target, row in table.items():
+        print(f"  at {target}: " + "  ".join(f"{name} {value}" for name, value in row.items()))
     return table
 
 

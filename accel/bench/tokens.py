@@ -29,9 +29,10 @@ with other seeds (so the full row shows the noise floor), the alignment score of
 its prompt, and on video the motion accuracy; for ``ours`` the active fraction of every step.
 
 ``--bounds``, ``--sweep-min-active``, ``--dense-shapes`` and ``--curve`` run a diagnostic instead
-(:mod:`accel.bench.token_bounds`): where the allocation loses its quality, at equal token-steps and without timing;
-ours at several ``min_active`` values at equal runtime; ours with other dense schedules at equal token-steps; ours
-and fewer steps at several settings, compared at equal measured speed.
+(:mod:`accel.bench.token_bounds`): where the allocation loses its quality, at equal token-steps and at the
+benchmark's runtime points, beside bounds that compute every token; ours at several ``min_active`` values at
+equal runtime; ours with other dense schedules at equal token-steps; ours and fewer steps at several settings,
+compared at equal measured speed.
 """
 
 from __future__ import annotations
@@ -330,7 +331,9 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--skip-video", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     diagnostic = parser.add_mutually_exclusive_group()
-    diagnostic.add_argument("--bounds", action="store_true", help="the diagnostic at equal token-steps instead")
+    diagnostic.add_argument(
+        "--bounds", action="store_true", help="where the quality goes, beside bounds that compute every token, instead"
+    )
     diagnostic.add_argument(
         "--curve", action="store_true", help="ours and fewer steps at several settings, compared at equal speed"
     )
