@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Literal
 
@@ -94,7 +95,7 @@ class SamplerAllocation:
             rows, tokens, _ = velocity.shape
             index = scheduler.step_index or 0
             time = torch.as_tensor(timestep, dtype=torch.float32).flatten()[:1].expand(rows)
-            if len(scheduler.timesteps) != self.grid:
+            if index == 0 and len(scheduler.timesteps) != self.grid:  # a call's steps share its timesteps
                 raise ValueError(f"the allocation runs on {self.grid} steps; the pipeline was called with "
                                  f"{len(scheduler.timesteps)}")  # fmt: skip
             count = self.config.active_counts(self.steps, tokens)[index]
@@ -125,11 +126,24 @@ class SamplerAllocation:
 
 def bounds(model: Model, steps: int) -> dict:
     """Where per-token steps lose quality: :func:`bounds_at_token_steps` (``"token_steps"``) and
-    :func:`bounds_at_runtime` (``"runtime"``)."""
-    return {"token_steps": bounds_at_token_steps(model, steps), "runtime": bounds_at_runtime(model, steps)}
+    :func:`bounds_at_runtime` (``"runtime"``), against one full-compute run."""
+    full = model.generate(model.prompts, steps, 0)
+    return {
+        "token_steps": bounds_at_token_steps(model, steps, full),
+        "runtime": bounds_at_runtime(model, steps, full),
+    }
 
 
-def _bound_rows(model: Model, config: TokenStepConfig, steps: int, score) -> dict[str, float]:
+def _scorer(model: Model, steps: int, full: torch.Tensor | None) -> Callable[[torch.Tensor], float]:
+    """PSNR (dB, two decimals) of samples against ``full`` (full compute of the prompts at seed 0; generated
+    when None)."""
+    full = model.generate(model.prompts, steps, 0) if full is None else full
+    return lambda samples: round(psnr_of(samples, full), 2)
+
+
+def _bound_rows(
+    model: Model, config: TokenStepConfig, steps: int, score: Callable[[torch.Tensor], float]
+) -> dict[str, float]:
     """``ours`` (``config`` as built) and :class:`SamplerAllocation` of the same schedule with our rule
     (``current-context``), the oracle and random selections, each scored by ``score``."""
     with accel.apply(model.pipe, config):
@@ -140,20 +154,16 @@ def _bound_rows(model: Model, config: TokenStepConfig, steps: int, score) -> dic
     return row
 
 
-def bounds_at_token_steps(model: Model, steps: int) -> dict:
-    """At equal token-steps (no timing), PSNR against full compute, per share of :data:`BOUND_SHARES` on every
-    step of the grid (``min_active=0``, the first steps dense):
+def bounds_at_token_steps(model: Model, steps: int, full: torch.Tensor | None = None) -> dict:
+    """At equal token-steps (no timing), PSNR against full compute (``full``, or generated), per share of
+    :data:`BOUND_SHARES` on every step of the grid (``min_active=0``, the first steps dense):
 
     * ``steps-N``: fewer steps with the same token-steps;
     * ``ours``: :class:`~accel.caching.TokenStepConfig` itself (skipped tokens' keys and values from the cache);
     * ``current-context``: :class:`SamplerAllocation` with our rule (the same allocation, every token computed);
     * ``oracle``, ``random``: :class:`SamplerAllocation` choosing by the true change of velocity, or at random.
     """
-    full = model.generate(model.prompts, steps, 0)
-
-    def score(samples: torch.Tensor) -> float:
-        return round(psnr_of(samples, full), 2)
-
+    score = _scorer(model, steps, full)
     table = {}
     for share in BOUND_SHARES:
         config = TokenStepConfig(budget=share, dense_steps=BOUND_DENSE_STEPS, dense_share=0.0, buckets=16, min_active=0)
@@ -167,19 +177,15 @@ def bounds_at_token_steps(model: Model, steps: int) -> dict:
     return table
 
 
-def bounds_at_runtime(model: Model, steps: int) -> dict:
+def bounds_at_runtime(model: Model, steps: int, full: torch.Tensor | None = None) -> dict:
     """The benchmark's own rows (the calibration times its runs; the rows are not timed): per target of
     :data:`~accel.bench.tokens.TARGETS`, ours (the library's default form, its budget calibrated to the target
     like the benchmark's) beside the same allocation with every token's context current, the oracle and random
     selections, fewer steps at the target (``steps-N``) and full compute on ours' grid (``grid-G``: what any
-    allocation on that grid approaches as its context and velocities get current). PSNR against full compute;
-    ``token_steps`` and ``grid_steps``: ours' plan."""
+    allocation on that grid approaches as its context and velocities get current). PSNR against full compute
+    (``full``, or generated); ``token_steps`` and ``grid_steps``: ours' plan."""
     chosen = calibrate(model, steps)
-    full = model.generate(model.prompts, steps, 0)
-
-    def score(samples: torch.Tensor) -> float:
-        return round(psnr_of(samples, full), 2)
-
+    score = _scorer(model, steps, full)
     table = {}
     for target in TARGETS:
         knobs = chosen[target]
